@@ -1,0 +1,1 @@
+"""Durable task stores behind one protocol (storage.base.Store); SQLite is the default."""

@@ -1,0 +1,450 @@
+"""The embedded SQLite store: one writer thread with group commit, WAL readers.
+
+Every write of a batch runs in one transaction (a savepoint each, so one failing unit
+rolls back alone), committed with synchronous=FULL before any caller hears back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from storage.base import (
+    AgentBacklog,
+    Change,
+    ConcurrentModification,
+    OnCommit,
+    QueriedTask,
+    StoreClosed,
+    StoredTask,
+    StoreError,
+    TaskQuery,
+    WriteTransaction,
+    assignee_entity_id,
+)
+from task_manager.v1.task_manager_pb2 import StatusUpdate, Task, TaskHistoryEntry
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512
+"""Writes committed together at most; bounds the latency one batch adds to the next."""
+READER_THREADS = 2
+
+
+def _migrate_to_1(db: sqlite_utils.Database) -> None:
+    db["tasks"].create(
+        {
+            "task_id": str,
+            "cursor": int,  # the revision that created the task: creation order
+            "parent_task_id": str,
+            "assignee_entity_id": str,
+            "status": int,
+            "status_version": int,
+            "last_update_ns": int,
+            "agent_status": int,
+            "agent_last_update_ns": int,
+            "task": bytes,
+            "agent_task": bytes,
+            "last_update": bytes,
+        },
+        pk="task_id",
+        not_null={"cursor", "status", "status_version", "last_update_ns", "task"},
+    )
+    db["tasks"].create_index(["cursor"], unique=True)
+    db["tasks"].create_index(["assignee_entity_id", "status"])
+    db["tasks"].create_index(["parent_task_id", "cursor"])
+    db["history"].create(
+        {"revision": int, "task_id": str, "entry": bytes},
+        pk="revision",
+        not_null={"task_id", "entry"},
+    )
+    db["history"].create_index(["task_id", "revision"])
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_migrate_to_1,)
+"""MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        # isolation_level=None: transactions are begun and ended explicitly below.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk (the WAL is fsynced) before the call returns.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open database {path}: {exc}") from exc
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    db = sqlite_utils.Database(conn)
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"database {path} has schema version {version}, newer than this server "
+            f"knows ({len(MIGRATIONS)}): upgrade the server"
+        )
+    for target, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migration(db)
+            conn.execute(f"PRAGMA user_version = {target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _parse_task(blob: bytes | None) -> Task | None:
+    return None if blob is None else Task.FromString(blob)
+
+
+def _entry_for(task: Task, revision: int, reason: str) -> TaskHistoryEntry:
+    return TaskHistoryEntry(
+        revision=revision,
+        task_id=task.version.task_id,
+        status_version=task.version.status_version,
+        definition_version=task.version.definition_version,
+        status=task.status,
+        author=task.last_updated_by,
+        time=task.last_update_time,
+        reason=reason,
+    )
+
+
+def _ns(timestamp: Any) -> int:
+    return int(timestamp.ToNanoseconds())
+
+
+class _Transaction:
+    """WriteTransaction over the writer's connection, inside one savepoint."""
+
+    def __init__(self, conn: sqlite3.Connection, next_revision: int) -> None:
+        self._conn = conn
+        self.next_revision = next_revision
+        self.changes: list[Change] = []
+
+    def load(self, task_id: str) -> StoredTask | None:
+        row = self._conn.execute(
+            "SELECT task, agent_task, last_update FROM tasks WHERE task_id = ?", (task_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredTask(
+            task=Task.FromString(row[0]),
+            agent_task=_parse_task(row[1]),
+            last_update=None if row[2] is None else StatusUpdate.FromString(row[2]),
+        )
+
+    def insert(self, stored: StoredTask, reason: str = "") -> Change:
+        change = self._append(stored.task, reason)
+        self._conn.execute(
+            "INSERT INTO tasks (task_id, cursor, parent_task_id, assignee_entity_id, status,"
+            " status_version, last_update_ns, agent_status, agent_last_update_ns, task,"
+            " agent_task, last_update) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (stored.task.version.task_id, change.revision, *self._columns(stored)),
+        )
+        return change
+
+    def replace(self, stored: StoredTask, expected_status_version: int, reason: str = "") -> Change:
+        task_id = stored.task.version.task_id
+        updated = self._conn.execute(
+            "UPDATE tasks SET parent_task_id = ?, assignee_entity_id = ?, status = ?,"
+            " status_version = ?, last_update_ns = ?, agent_status = ?,"
+            " agent_last_update_ns = ?, task = ?, agent_task = ?, last_update = ?"
+            " WHERE task_id = ? AND status_version = ?",
+            (*self._columns(stored), task_id, expected_status_version),
+        ).rowcount
+        if updated != 1:
+            row = self._conn.execute(
+                "SELECT status_version FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            raise ConcurrentModification(task_id, row[0] if row else 0)
+        return self._append(stored.task, reason)
+
+    def _append(self, task: Task, reason: str) -> Change:
+        entry = _entry_for(task, self.next_revision, reason)
+        self._conn.execute(
+            "INSERT INTO history (revision, task_id, entry) VALUES (?, ?, ?)",
+            (entry.revision, entry.task_id, entry.SerializeToString()),
+        )
+        self.next_revision += 1
+        change = Change(entry=entry, task=task)
+        self.changes.append(change)
+        return change
+
+    @staticmethod
+    def _columns(stored: StoredTask) -> tuple[object, ...]:
+        task, agent_task = stored.task, stored.agent_task
+        return (
+            task.relations.parent_task_id or None,
+            assignee_entity_id(task),
+            task.status.status,
+            task.version.status_version,
+            _ns(task.last_update_time),
+            None if agent_task is None else agent_task.status.status,
+            None if agent_task is None else _ns(agent_task.last_update_time),
+            task.SerializeToString(),
+            None if agent_task is None else agent_task.SerializeToString(),
+            None if stored.last_update is None else stored.last_update.SerializeToString(),
+        )
+
+
+@dataclass(slots=True)
+class _WriteJob:
+    unit: Callable[[WriteTransaction], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    job: _WriteJob
+    value: Any = None
+    error: BaseException | None = None
+
+
+class SqliteStore:
+    """Store backed by one SQLite file. Create it with `await SqliteStore.open(...)`."""
+
+    def __init__(
+        self,
+        path: Path,
+        writer_conn: sqlite3.Connection,
+        on_commit: OnCommit,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.path = path
+        # FULL (2) or EXTRA (3): every commit of the writer is fsynced before it returns.
+        self.durable: bool = writer_conn.execute("PRAGMA synchronous").fetchone()[0] >= 2
+        self._on_commit = on_commit
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[_WriteJob | None] = queue.SimpleQueue()
+        self._closed = False
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="sqlite-reader")
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(writer_conn,), name="sqlite-writer", daemon=True
+        )
+        self._writer.start()
+
+    @classmethod
+    async def open(cls, path: Path | str, on_commit: OnCommit) -> SqliteStore:
+        """Opens (creating or migrating) the database at path.
+
+        Raises StoreError with a readable message if it cannot be opened.
+        """
+        path = Path(path)
+
+        def prepare() -> sqlite3.Connection:
+            conn = _connect(path)
+            try:
+                _migrate(conn, path)
+            except sqlite3.Error as exc:
+                conn.close()
+                raise StoreError(f"cannot prepare database {path}: {exc}") from exc
+            return conn
+
+        conn = await asyncio.to_thread(prepare)
+        return cls(path, conn, on_commit, asyncio.get_running_loop())
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def write(self, unit: Callable[[WriteTransaction], T]) -> T:
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._jobs.put(_WriteJob(unit, future))
+        return await future
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        next_revision = self._last_revision(conn) + 1
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._jobs.put(None)  # finish this batch, then stop
+                    break
+                batch.append(more)
+            next_revision = self._commit_batch(conn, batch, next_revision)
+        conn.close()
+
+    def _commit_batch(
+        self, conn: sqlite3.Connection, batch: list[_WriteJob], next_revision: int
+    ) -> int:
+        outcomes: list[_Outcome] = []
+        changes: list[Change] = []
+        revision = next_revision
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT unit")
+                tx = _Transaction(conn, revision)
+                try:
+                    value = job.unit(tx)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("RELEASE unit")
+                    outcomes.append(_Outcome(job, error=exc))
+                    continue
+                conn.execute("RELEASE unit")
+                revision = tx.next_revision
+                changes.extend(tx.changes)
+                outcomes.append(_Outcome(job, value=value))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.exception("write batch of %d failed to commit", len(batch))
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreError(f"the database could not commit: {exc}")
+            outcomes = [_Outcome(job, error=error) for job in batch]
+            changes, revision = [], next_revision
+        self._loop.call_soon_threadsafe(self._announce, outcomes, changes)
+        return revision
+
+    def _announce(self, outcomes: list[_Outcome], changes: list[Change]) -> None:
+        # Runs on the event loop, after the commit: publish first, in revision order,
+        # then answer the callers.
+        if changes:
+            try:
+                self._on_commit(changes)
+            except Exception:
+                log.exception("publishing %d committed changes failed", len(changes))
+        for outcome in outcomes:
+            future = outcome.job.future
+            if future.done():  # the caller went away; the write stands
+                continue
+            if outcome.error is not None:
+                future.set_exception(outcome.error)
+            else:
+                future.set_result(outcome.value)
+
+    @staticmethod
+    def _last_revision(conn: sqlite3.Connection) -> int:
+        value: int = conn.execute("SELECT COALESCE(MAX(revision), 0) FROM history").fetchone()[0]
+        return value
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        return await self._loop.run_in_executor(self._readers, self._with_reader, fn)
+
+    def _with_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA query_only=1")
+            self._local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        conn.execute("BEGIN")  # one snapshot for every statement of fn
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    async def get(self, task_id: str) -> StoredTask | None:
+        def read(conn: sqlite3.Connection) -> StoredTask | None:
+            return _Transaction(conn, 0).load(task_id)
+
+        return await self._read(read)
+
+    async def query(self, query: TaskQuery) -> Sequence[QueriedTask]:
+        prefix = "agent_" if query.agent_view else ""
+        where = ["cursor > ?"]
+        params: list[object] = [query.after_cursor]
+        if query.agent_view:
+            where.append("agent_task IS NOT NULL")
+        if query.parent_task_id is not None:
+            where.append("parent_task_id = ?")
+            params.append(query.parent_task_id)
+        if query.statuses:
+            marks = ", ".join("?" * len(query.statuses))
+            negation = "NOT " if query.exclude_statuses else ""
+            where.append(f"{prefix}status {negation}IN ({marks})")
+            params.extend(sorted(query.statuses))
+        if query.updated_from_ns is not None:
+            where.append(f"{prefix}last_update_ns >= ?")
+            params.append(query.updated_from_ns)
+        if query.updated_to_ns is not None:
+            where.append(f"{prefix}last_update_ns <= ?")
+            params.append(query.updated_to_ns)
+        sql = (
+            f"SELECT cursor, {'agent_task' if query.agent_view else 'task'} FROM tasks"
+            f" WHERE {' AND '.join(where)} ORDER BY cursor LIMIT ?"
+        )
+        params.append(query.limit)
+
+        def read(conn: sqlite3.Connection) -> list[QueriedTask]:
+            return [
+                QueriedTask(cursor=row[0], task=Task.FromString(row[1]))
+                for row in conn.execute(sql, params)
+            ]
+
+        return await self._read(read)
+
+    async def history(
+        self, task_id: str, after_revision: int, limit: int
+    ) -> Sequence[TaskHistoryEntry]:
+        def read(conn: sqlite3.Connection) -> list[TaskHistoryEntry]:
+            rows = conn.execute(
+                "SELECT entry FROM history WHERE task_id = ? AND revision > ?"
+                " ORDER BY revision LIMIT ?",
+                (task_id, after_revision, limit),
+            )
+            return [TaskHistoryEntry.FromString(row[0]) for row in rows]
+
+        return await self._read(read)
+
+    async def agent_backlog(
+        self, assignee_entity_ids: Collection[str], statuses: Collection[int]
+    ) -> AgentBacklog:
+        ids, wanted = sorted(assignee_entity_ids), sorted(statuses)
+        sql = (
+            "SELECT task FROM tasks"
+            f" WHERE assignee_entity_id IN ({', '.join('?' * len(ids))})"
+            f" AND status IN ({', '.join('?' * len(wanted))}) ORDER BY cursor"
+        )
+
+        def read(conn: sqlite3.Connection) -> AgentBacklog:
+            tasks = [Task.FromString(row[0]) for row in conn.execute(sql, (*ids, *wanted))]
+            return AgentBacklog(tasks=tasks, revision=self._last_revision(conn))
+
+        return await self._read(read)
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        await asyncio.to_thread(self._writer.join)
+        await asyncio.to_thread(self._readers.shutdown)
+        with self._reader_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()

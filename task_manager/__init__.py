@@ -1,0 +1,5 @@
+"""The Task Manager: a gRPC gateway that hands tasks to agents and tracks their status.
+
+Layers, outside in: server.py (process) -> service.py (gRPC) -> lifecycle.py (rules)
+-> storage (the durable store). dispatch.py routes committed changes to agent streams.
+"""

@@ -1,0 +1,67 @@
+"""The `task-manager` command: `task-manager serve --listen HOST:PORT --db PATH`.
+
+Runs until SIGTERM or SIGINT, then stops gracefully and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from task_manager.config import Settings
+from task_manager.server import ServerStartError, TaskManagerServer
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(prog="task-manager", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the Task Manager gRPC service")
+    serve.add_argument(
+        "--listen",
+        default=defaults.listen,
+        help="HOST:PORT to listen on; port 0 picks a free one (env TASK_MANAGER_LISTEN,"
+        " default %(default)s)",
+    )
+    serve.add_argument(
+        "--db",
+        type=Path,
+        default=defaults.db,
+        help="SQLite database file (env TASK_MANAGER_DB, default %(default)s)",
+    )
+    return parser
+
+
+async def _serve(settings: Settings) -> int:
+    try:
+        server = await TaskManagerServer.start(settings)
+    except ServerStartError as exc:
+        print(f"task-manager: {exc}", file=sys.stderr)
+        return 2
+    # The first line on stdout says where we listen (tests and scripts read it).
+    print(f"task-manager: serving on {server.address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings(listen=args.listen, db=args.db)
+    return asyncio.run(_serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Server settings: flags, then environment, then defaults.
+
+One dataclass carries them from the command line to the server.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DB = "taskmanager.db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = field(default_factory=lambda: os.environ.get("TASK_MANAGER_LISTEN", DEFAULT_LISTEN))
+    db: Path = field(
+        default_factory=lambda: Path(os.environ.get("TASK_MANAGER_DB", DEFAULT_DB))
+    )
+    shutdown_grace_s: float = 5.0
+    """How long in-flight calls may take to finish after SIGTERM."""
+    stream_buffer: int = 1_024
+    """Requests queued for one agent stream before it counts as fallen behind."""
+    keepalive_time_ms: int = 30_000
+    """Ping idle connections this often, to notice dead agents."""
+    keepalive_timeout_ms: int = 10_000

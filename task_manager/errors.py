@@ -1,0 +1,67 @@
+"""Domain errors: what went wrong, in the protocol's words.
+
+Raised by validation, lifecycle and dispatch; service.py maps each to one gRPC status in
+one table. Every message says what was wrong, for the client to read.
+"""
+
+from __future__ import annotations
+
+
+class TaskManagerError(Exception):
+    """A request the rules refuse. The message is meant for the client."""
+
+
+class InvalidArgument(TaskManagerError):
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"{field}: {why}")
+        self.field = field
+
+
+class TaskNotFound(TaskManagerError):
+    def __init__(self, task_id: str, detail: str = "") -> None:
+        super().__init__(detail or f"task {task_id} does not exist")
+        self.task_id = task_id
+
+
+class TaskIdTaken(TaskManagerError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task_id {task_id} is already taken by another task")
+        self.task_id = task_id
+
+
+class VersionConflict(TaskManagerError):
+    """The update was based on another status_version than the stored one."""
+
+    def __init__(self, task_id: str, sent: int, current: int) -> None:
+        super().__init__(
+            f"task {task_id} is at status_version {current}, the update was based on "
+            f"status_version {sent}: read the task again and retry"
+        )
+        self.task_id = task_id
+        self.current = current
+
+
+class TerminalTask(TaskManagerError):
+    def __init__(self, task_id: str, status_name: str) -> None:
+        super().__init__(f"task {task_id} is finished ({status_name}) and takes no more changes")
+        self.task_id = task_id
+
+
+class FailedPrecondition(TaskManagerError):
+    """The task is not in a state where this request makes sense."""
+
+
+class Unsupported(TaskManagerError):
+    """A well-formed request for something this server does not do (yet)."""
+
+
+class StreamEnded(TaskManagerError):
+    """An agent stream was ended by the server; the agent should reconnect."""
+
+
+class StreamFellBehind(StreamEnded):
+    pass
+
+
+class ServerShuttingDown(StreamEnded):
+    pass

@@ -1,0 +1,117 @@
+"""Process wiring: the store, the dispatcher and the servicer behind one grpc.aio server.
+
+Start with `await TaskManagerServer.start(settings)`; `stop()` ends agent streams with
+UNAVAILABLE, lets in-flight calls finish, then closes the store.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from storage.sqlite import SqliteStore
+from task_manager.clock import Clock, SystemClock
+from task_manager.config import Settings
+from task_manager.dispatch import Dispatcher
+from task_manager.service import SERVICE_NAMES, TaskManagerService, generic_handlers
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 << 20
+"""Bigger requests are refused by gRPC itself (RESOURCE_EXHAUSTED); field limits are lower."""
+
+
+class ServerStartError(Exception):
+    """The server could not start; the message says why, in one line."""
+
+
+def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        # Without this, two servers may bind the same port and split the traffic.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Let agents ping as often as every 10 s so they notice a dead server too.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+class TaskManagerServer:
+    """A running Task Manager: the gRPC server and what it owns."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        store: SqliteStore,
+        dispatcher: Dispatcher,
+        health_servicer: health.aio.HealthServicer,
+        address: str,
+        settings: Settings,
+    ) -> None:
+        self._server = server
+        self.store = store
+        self.dispatcher = dispatcher
+        self._health = health_servicer
+        self.address = address
+        self._settings = settings
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    @classmethod
+    async def start(cls, settings: Settings, clock: Clock | None = None) -> TaskManagerServer:
+        """Opens the database, binds the address and starts serving.
+
+        Raises ServerStartError for a port in use or a database that cannot be opened.
+        """
+        dispatcher = Dispatcher(settings.stream_buffer)
+        try:
+            store = await SqliteStore.open(settings.db, on_commit=dispatcher.publish)
+        except Exception as exc:
+            raise ServerStartError(str(exc)) from exc
+        server = grpc.aio.server(options=_grpc_options(settings))
+        servicer = TaskManagerService(store, dispatcher, clock or SystemClock())
+        server.add_generic_rpc_handlers(generic_handlers(servicer))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            port = server.add_insecure_port(settings.listen)
+        except RuntimeError as exc:
+            await store.close()
+            raise ServerStartError(
+                f"cannot listen on {settings.listen}: the address is in use or not available"
+            ) from exc
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in SERVICE_NAMES:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = settings.listen.rsplit(":", 1)[0]
+        address = f"{host}:{port}"
+        log.info("serving on %s (database %s)", address, settings.db)
+        return cls(server, store, dispatcher, health_servicer, address, settings)
+
+    async def stop(self) -> None:
+        """Graceful stop: agent streams end with UNAVAILABLE (agents reconnect elsewhere),
+        new calls are refused, in-flight calls and queued writes finish."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._health.enter_graceful_shutdown()
+        self.dispatcher.close()
+        await self._server.stop(self._settings.shutdown_grace_s)
+        await self.store.close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()

@@ -1,0 +1,298 @@
+"""The gRPC servicer: decode a request, call the lifecycle, encode the reply.
+
+Also the ONE place where domain errors become gRPC status codes, and where the handlers
+are registered under both service names with deserializers that never fail opaquely.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from storage.base import Store, StoreClosed, StoreError
+from task_manager import lifecycle, validation
+from task_manager.clock import Clock
+from task_manager.dispatch import Dispatcher, agent_request_for
+from task_manager.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ServerShuttingDown,
+    StreamFellBehind,
+    TaskIdTaken,
+    TaskNotFound,
+    TerminalTask,
+    Unsupported,
+    VersionConflict,
+)
+from task_manager.v1 import lattice_compat_pb2, task_manager_pb2
+from task_manager.v1.task_manager_pb2 import (
+    CancelTaskRequest,
+    CancelTaskResponse,
+    CompleteTaskRequest,
+    CompleteTaskResponse,
+    CreateTaskRequest,
+    CreateTaskResponse,
+    GetTaskHistoryRequest,
+    GetTaskHistoryResponse,
+    GetTaskRequest,
+    GetTaskResponse,
+    ListenAsAgentRequest,
+    ListenAsAgentResponse,
+    QueryTasksRequest,
+    QueryTasksResponse,
+    UpdateStatusRequest,
+    UpdateStatusResponse,
+)
+
+log = logging.getLogger(__name__)
+
+CURRENT_STATUS_VERSION_KEY = "x-current-status-version"
+SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = (
+    task_manager_pb2.DESCRIPTOR.services_by_name["TaskManager"],
+    lattice_compat_pb2.DESCRIPTOR.services_by_name["TaskManagerAPI"],
+)
+SERVICE_NAMES = tuple(service.full_name for service in SERVICE_DESCRIPTORS)
+
+
+class TaskManagerService:
+    """One method per RPC; the same methods serve both service names."""
+
+    def __init__(self, store: Store, dispatcher: Dispatcher, clock: Clock) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._clock = clock
+
+    async def CreateTask(
+        self, request: CreateTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> CreateTaskResponse:
+        validation.check_create_task(request)
+        task_id = request.task_id or str(uuid.uuid4())
+        task = await self._store.write(
+            lambda tx: lifecycle.create_task(tx, request, task_id, self._clock.now_ns())
+        )
+        return CreateTaskResponse(task=task)
+
+    async def GetTask(
+        self, request: GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> GetTaskResponse:
+        task_id = validation.task_id(request.task_id)
+        view = validation.task_view(request.task_view, "task_view")
+        stored = await self._store.get(task_id)
+        if stored is None:
+            raise TaskNotFound(task_id)
+        return GetTaskResponse(task=lifecycle.task_view(stored, view, request.definition_version))
+
+    async def QueryTasks(
+        self, request: QueryTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> QueryTasksResponse:
+        query = validation.task_query(request)
+        found = list(await self._store.query(query))
+        page_size = query.limit - 1
+        response = QueryTasksResponse(tasks=[row.task for row in found[:page_size]])
+        if len(found) > page_size:
+            response.page_token = validation.encode_page_token(found[page_size - 1].cursor)
+        return response
+
+    async def UpdateStatus(
+        self, request: UpdateStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> UpdateStatusResponse:
+        if not request.HasField("status_update"):
+            raise InvalidArgument("status_update", "is required")
+        update = request.status_update
+        validation.check_status_update(update)
+        task = await self._store.write(
+            lambda tx: lifecycle.update_status(tx, update, self._clock.now_ns())
+        )
+        return UpdateStatusResponse(task=task)
+
+    async def ListenAsAgent(
+        self, request: ListenAsAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[ListenAsAgentResponse]:
+        entity_ids = validation.agent_selector(request)
+        # Subscribe first, then read the backlog, then skip what the backlog covered:
+        # a change committed between the two is queued here, never lost.
+        with self._dispatcher.open_stream(entity_ids) as stream:
+            backlog = await self._store.agent_backlog(entity_ids, lifecycle.DELIVERABLE_STATUSES)
+            for task in backlog.tasks:
+                request_for_task = agent_request_for(task)
+                if request_for_task is not None:
+                    yield request_for_task
+            async for agent_request in stream.requests_after(backlog.revision):
+                yield agent_request
+
+    async def CancelTask(
+        self, request: CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> CancelTaskResponse:
+        validation.check_operator_request(request)
+        author = request.author if request.HasField("author") else None
+        task = await self._store.write(
+            lambda tx: lifecycle.cancel_task(
+                tx, request.task_id, author, request.reason, self._clock.now_ns()
+            )
+        )
+        return CancelTaskResponse(task=task)
+
+    async def CompleteTask(
+        self, request: CompleteTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> CompleteTaskResponse:
+        validation.check_operator_request(request)
+        author = request.author if request.HasField("author") else None
+        task = await self._store.write(
+            lambda tx: lifecycle.complete_task(
+                tx, request.task_id, author, request.reason, self._clock.now_ns()
+            )
+        )
+        return CompleteTaskResponse(task=task)
+
+    async def GetTaskHistory(
+        self, request: GetTaskHistoryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> GetTaskHistoryResponse:
+        task_id = validation.task_id(request.task_id)
+        after = validation.decode_page_token(request.page_token)
+        page_size = validation.page_size(
+            request.page_size, validation.MAX_HISTORY_PAGE_SIZE, validation.MAX_HISTORY_PAGE_SIZE
+        )
+        entries = list(await self._store.history(task_id, after, page_size + 1))
+        if not entries and after == 0:
+            raise TaskNotFound(task_id)
+        response = GetTaskHistoryResponse(entries=entries[:page_size])
+        if len(entries) > page_size:
+            response.page_token = validation.encode_page_token(entries[page_size - 1].revision)
+        return response
+
+
+# -- errors: the one table ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Status:
+    code: grpc.StatusCode
+    details: str
+    trailers: tuple[tuple[str, str], ...] = ()
+
+
+_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (TaskNotFound, grpc.StatusCode.NOT_FOUND),
+    (TaskIdTaken, grpc.StatusCode.ALREADY_EXISTS),
+    (VersionConflict, grpc.StatusCode.ABORTED),
+    (TerminalTask, grpc.StatusCode.FAILED_PRECONDITION),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
+    (StreamFellBehind, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ServerShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (StoreClosed, grpc.StatusCode.UNAVAILABLE),
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(error: Exception) -> _Status:
+    """The gRPC status a failed call answers with."""
+    for kind, code in _CODES:
+        if isinstance(error, kind):
+            trailers: tuple[tuple[str, str], ...] = ()
+            if isinstance(error, VersionConflict):
+                trailers = ((CURRENT_STATUS_VERSION_KEY, str(error.current)),)
+            return _Status(code, str(error), trailers)
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s", error_id, exc_info=error)
+    return _Status(grpc.StatusCode.INTERNAL, f"internal error (id {error_id})")
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+    status = status_for(error)
+    await context.abort(status.code, status.details, trailing_metadata=status.trailers)
+
+
+# -- registration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands for request bytes that are not a valid message of the method's type."""
+
+    type_name: str
+    error: str
+
+
+def _safe_deserializer(message_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def deserialize(data: bytes) -> Message | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            return Undecodable(message_type.DESCRIPTOR.full_name, str(exc) or "bad bytes")
+
+    return deserialize
+
+
+def _decoded(request: Message | Undecodable) -> Message:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument("request", f"is not a valid {request.type_name}: {request.error}")
+    return request
+
+
+UnaryMethod = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]
+StreamMethod = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message]]
+
+
+def _unary_handler(method: UnaryMethod) -> UnaryMethod:
+    async def handle(
+        request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Message:
+        try:
+            return await method(_decoded(request), context)
+        except Exception as error:
+            await _abort(context, error)
+            raise  # not reached: abort raises
+
+    return handle
+
+
+def _stream_handler(method: StreamMethod) -> StreamMethod:
+    async def handle(
+        request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Message]:
+        try:
+            async for response in method(_decoded(request), context):
+                yield response
+        except Exception as error:
+            await _abort(context, error)
+
+    return handle
+
+
+def _method_handler(servicer: TaskManagerService, method: MethodDescriptor) -> grpc.RpcMethodHandler:
+    request_type = message_factory.GetMessageClass(method.input_type)
+    response_type = message_factory.GetMessageClass(method.output_type)
+    behaviour = getattr(servicer, method.name)
+    deserializer = _safe_deserializer(request_type)
+    if method.server_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _stream_handler(behaviour),
+            request_deserializer=deserializer,
+            response_serializer=response_type.SerializeToString,
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        _unary_handler(behaviour),
+        request_deserializer=deserializer,
+        response_serializer=response_type.SerializeToString,
+    )
+
+
+def generic_handlers(servicer: TaskManagerService) -> list[grpc.GenericRpcHandler]:
+    """Handlers for every method of both service names, bound to the same servicer."""
+    return [
+        grpc.method_handlers_generic_handler(
+            service.full_name,
+            {method.name: _method_handler(servicer, method) for method in service.methods},
+        )
+        for service in SERVICE_DESCRIPTORS
+    ]

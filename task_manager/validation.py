@@ -1,0 +1,226 @@
+"""Input checks: the shape and limits of every request, decoded into domain values.
+
+Runs before anything touches the store, so bad input changes nothing. Each failure is an
+InvalidArgument naming the field and what was wrong with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from storage.base import TaskQuery
+from task_manager.errors import InvalidArgument, Unsupported
+from task_manager.v1.task_manager_pb2 import (
+    CancelTaskRequest,
+    CompleteTaskRequest,
+    CreateTaskRequest,
+    ListenAsAgentRequest,
+    Principal,
+    QueryTasksRequest,
+    Status,
+    StatusUpdate,
+    TaskView,
+)
+
+TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{5,36}")
+MAX_DISPLAY_NAME_CHARS = 256
+MAX_DESCRIPTION_CHARS = 16_384
+MAX_REASON_CHARS = 16_384
+MAX_SPECIFICATION_BYTES = 1 << 20
+MAX_STATUS_BYTES = 1 << 20
+MAX_PRINCIPAL_BYTES = 16_384
+MAX_ENTITY_ID_CHARS = 256
+MAX_ENTITY_IDS = 1_000
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1_000
+MAX_HISTORY_PAGE_SIZE = 1_000
+
+# Set by the task manager itself; an UpdateStatus may not claim them.
+MANAGER_SET_STATUSES = frozenset(
+    {Status.STATUS_CREATED, Status.STATUS_SCHEDULED_IN_MANAGER, Status.STATUS_SENT}
+)
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799  # years 0001 to 9999
+
+
+def task_id(value: str, field: str = "task_id") -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if not TASK_ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(
+            field, f"{_quote(value)} is not a task id: use 5 to 36 of A-Z a-z 0-9 _ . -"
+        )
+    return value
+
+
+def check_create_task(request: CreateTaskRequest) -> None:
+    if request.task_id:
+        task_id(request.task_id)
+    _max_chars(request.display_name, MAX_DISPLAY_NAME_CHARS, "display_name")
+    _max_chars(request.description, MAX_DESCRIPTION_CHARS, "description")
+    if request.HasField("specification"):
+        _max_bytes(request.specification, MAX_SPECIFICATION_BYTES, "specification")
+    if request.HasField("author"):
+        _check_principal(request.author, "author")
+    relations = request.relations
+    if relations.parent_task_id:
+        task_id(relations.parent_task_id, "relations.parent_task_id")
+    if relations.HasField("assignee"):
+        _check_assignee(relations.assignee)
+
+
+def check_status_update(update: StatusUpdate) -> None:
+    """Checks an UpdateStatusRequest.status_update (the caller checks it is present)."""
+    task_id(update.version.task_id, "status_update.version.task_id")
+    if update.version.status_version == 0:
+        raise InvalidArgument(
+            "status_update.version.status_version",
+            "is missing: send the status_version of the task you last saw",
+        )
+    status = update.status.status
+    if status == Status.STATUS_INVALID:
+        raise InvalidArgument("status_update.status.status", "is missing (STATUS_INVALID)")
+    _enum(Status, status, "status_update.status.status")
+    if status in MANAGER_SET_STATUSES:
+        raise InvalidArgument(
+            "status_update.status.status",
+            f"{Status.Name(status)} is set by the task manager, not reported",
+        )
+    _max_bytes(update.status, MAX_STATUS_BYTES, "status_update.status")
+    _max_chars(update.status.task_error.message, MAX_REASON_CHARS, "status.task_error.message")
+    if update.HasField("author"):
+        _check_principal(update.author, "status_update.author")
+    if update.HasField("scheduled_time"):
+        _timestamp(update.scheduled_time, "status_update.scheduled_time")
+
+
+def check_operator_request(request: CancelTaskRequest | CompleteTaskRequest) -> None:
+    task_id(request.task_id)
+    _max_chars(request.reason, MAX_REASON_CHARS, "reason")
+    if request.HasField("author"):
+        _check_principal(request.author, "author")
+
+
+def task_view(value: int, field: str) -> int:
+    """The view asked for; TASK_VIEW_INVALID (unset) means the manager view."""
+    _enum(TaskView, value, field)
+    return TaskView.TASK_VIEW_MANAGER if value == TaskView.TASK_VIEW_INVALID else value
+
+
+def task_query(request: QueryTasksRequest) -> TaskQuery:
+    """The store query for one page; its limit is one more than the page size, so the
+    caller can tell whether another page follows."""
+    view = task_view(request.view, "view")
+    status_filter = request.status_filter
+    statuses = frozenset(status_filter.status)
+    for status in statuses:
+        _enum(Status, status, "status_filter.status")
+    _enum(QueryTasksRequest.FilterType, status_filter.filter_type, "status_filter.filter_type")
+    time_range = request.update_time_range
+    updated_from = updated_to = None
+    if time_range.HasField("update_start_time"):
+        updated_from = _timestamp(time_range.update_start_time, "update_time_range.start")
+    if time_range.HasField("update_end_time"):
+        updated_to = _timestamp(time_range.update_end_time, "update_time_range.end")
+    if updated_from is not None and updated_to is not None and updated_from > updated_to:
+        raise InvalidArgument("update_time_range", "update_start_time is after update_end_time")
+    parent = None
+    if request.parent_task_id:
+        parent = task_id(request.parent_task_id, "parent_task_id")
+    return TaskQuery(
+        after_cursor=decode_page_token(request.page_token),
+        limit=page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE) + 1,
+        parent_task_id=parent,
+        statuses=statuses,
+        exclude_statuses=status_filter.filter_type == QueryTasksRequest.FILTER_TYPE_EXCLUSIVE,
+        updated_from_ns=updated_from,
+        updated_to_ns=updated_to,
+        agent_view=view == TaskView.TASK_VIEW_AGENT,
+    )
+
+
+def agent_selector(request: ListenAsAgentRequest) -> frozenset[str]:
+    entity_ids = request.entity_ids.entity_ids
+    if not entity_ids:
+        raise InvalidArgument("entity_ids", "name at least one agent entity id to listen for")
+    if len(entity_ids) > MAX_ENTITY_IDS:
+        raise InvalidArgument("entity_ids", f"at most {MAX_ENTITY_IDS} entity ids per stream")
+    for entity_id in entity_ids:
+        _entity_id(entity_id, "entity_ids")
+    return frozenset(entity_ids)
+
+
+def page_size(value: int, default: int, maximum: int, field: str = "page_size") -> int:
+    if value > maximum:
+        raise InvalidArgument(field, f"{value} is more than the maximum of {maximum}")
+    return value or default
+
+
+def encode_page_token(position: int) -> str:
+    return base64.urlsafe_b64encode(f"p1:{position}".encode()).decode()
+
+
+def decode_page_token(token: str, field: str = "page_token") -> int:
+    """The position after which the next page starts; 0 for no token."""
+    if not token:
+        return 0
+    try:
+        kind, _, position = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind == "p1" and position.isdigit():
+            return int(position)
+    except (binascii.Error, UnicodeError, ValueError):
+        pass
+    raise InvalidArgument(field, "is not a page token from this server")
+
+
+def _check_assignee(assignee: Principal) -> None:
+    kind = assignee.WhichOneof("agent")
+    if kind == "team":
+        raise Unsupported(
+            "relations.assignee: team (pool) assignees are not supported yet; "
+            "assign the task to one agent's system.entity_id"
+        )
+    if kind == "system":
+        _entity_id(assignee.system.entity_id, "relations.assignee.system.entity_id")
+    _check_principal(assignee, "relations.assignee")
+
+
+def _check_principal(principal: Principal, field: str) -> None:
+    _max_bytes(principal, MAX_PRINCIPAL_BYTES, field)
+
+
+def _entity_id(value: str, field: str) -> None:
+    if not value:
+        raise InvalidArgument(field, "an entity id is empty")
+    _max_chars(value, MAX_ENTITY_ID_CHARS, field)
+
+
+def _max_chars(value: str, limit: int, field: str) -> None:
+    if len(value) > limit:
+        raise InvalidArgument(field, f"is {len(value)} characters long, more than {limit}")
+
+
+def _max_bytes(message: Message, limit: int, field: str) -> None:
+    size = message.ByteSize()
+    if size > limit:
+        raise InvalidArgument(field, f"is {size} bytes, more than {limit}")
+
+
+def _enum(enum: EnumTypeWrapper, value: int, field: str) -> None:
+    if value not in enum.values():
+        raise InvalidArgument(field, f"{value} is not a known value")
+
+
+def _timestamp(stamp: Timestamp, field: str) -> int:
+    if not (0 <= stamp.nanos < 1_000_000_000 and _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS):
+        raise InvalidArgument(field, "is not a valid timestamp")
+    return int(stamp.ToNanoseconds())
+
+
+def _quote(value: str, limit: int = 40) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")

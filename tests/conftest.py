@@ -1,0 +1,38 @@
+"""Fixtures: a real Task Manager on a free local port with a temp SQLite file."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from task_manager.config import Settings
+from task_manager.server import TaskManagerServer
+from task_manager.v1 import task_manager_pb2_grpc
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[TaskManagerServer]:
+    running = await TaskManagerServer.start(
+        Settings(listen="127.0.0.1:0", db=tmp_path / "tasks.db", shutdown_grace_s=1.0)
+    )
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def channel(server: TaskManagerServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(server.address) as open_channel:
+        yield open_channel
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> task_manager_pb2_grpc.TaskManagerStub:
+    return task_manager_pb2_grpc.TaskManagerStub(channel)

@@ -1,0 +1,115 @@
+"""Test helpers: builders for requests, and a real server in a subprocess.
+
+Everything here talks to a real Task Manager over real gRPC; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from task_manager.v1 import task_manager_pb2 as pb
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def agent(entity_id: str) -> pb.Principal:
+    return pb.Principal(system=pb.System(entity_id=entity_id))
+
+
+def create_request(
+    entity_id: str | None = "agent-1", task_id: str = "", **fields: object
+) -> pb.CreateTaskRequest:
+    request = pb.CreateTaskRequest(task_id=task_id, display_name="test task", **fields)  # type: ignore[arg-type]
+    if entity_id is not None:
+        request.relations.assignee.CopyFrom(agent(entity_id))
+    return request
+
+
+def status_update(
+    task: pb.Task, status: pb.Status.ValueType, version: int | None = None, **status_fields: object
+) -> pb.UpdateStatusRequest:
+    """An update of task to status, based on the version given (default: the task's)."""
+    return pb.UpdateStatusRequest(
+        status_update=pb.StatusUpdate(
+            version=pb.TaskVersion(
+                task_id=task.version.task_id,
+                status_version=task.version.status_version if version is None else version,
+            ),
+            status=pb.TaskStatus(status=status, **status_fields),  # type: ignore[arg-type]
+            author=agent(task.relations.assignee.system.entity_id or "someone"),
+        )
+    )
+
+
+def wait_until(condition: Callable[[], T | None], timeout: float = 20.0, what: str = "") -> T:
+    """Polls condition until it returns something other than None/False, or fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+class ServerProcess:
+    """`task-manager serve` as a child process on a free port, for crash and restart tests."""
+
+    def __init__(self, db: Path, port: int = 0) -> None:
+        self.db = db
+        self.port = port
+        self.process: subprocess.Popen[str] | None = None
+        self.address = ""
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "task_manager", "serve",
+             "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()  # blocks until serving, or exit
+        if not line.startswith("task-manager: serving on "):
+            self.process.wait(timeout)
+            raise AssertionError(f"server did not start: {line!r} {self.process.stderr.read()!r}")  # type: ignore[union-attr]
+        self.address = line.rsplit(" ", 1)[1].strip()
+        self.port = int(self.address.rsplit(":", 1)[1])
+        channel = grpc.insecure_channel(self.address)
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        channel.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(30)
+        self._close_pipes()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self._close_pipes()
+        return code
+
+    def _close_pipes(self) -> None:
+        assert self.process is not None
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
