@@ -43,7 +43,7 @@ READER_THREADS = 2
 
 
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
-    db["tasks"].create(
+    db.table("tasks").create(
         {
             "task_id": str,
             "cursor": int,  # the revision that created the task: creation order
@@ -61,15 +61,15 @@ def _migrate_to_1(db: sqlite_utils.Database) -> None:
         pk="task_id",
         not_null={"cursor", "status", "status_version", "last_update_ns", "task"},
     )
-    db["tasks"].create_index(["cursor"], unique=True)
-    db["tasks"].create_index(["assignee_entity_id", "status"])
-    db["tasks"].create_index(["parent_task_id", "cursor"])
-    db["history"].create(
+    db.table("tasks").create_index(["cursor"], unique=True)
+    db.table("tasks").create_index(["assignee_entity_id", "status"])
+    db.table("tasks").create_index(["parent_task_id", "cursor"])
+    db.table("history").create(
         {"revision": int, "task_id": str, "entry": bytes},
         pk="revision",
         not_null={"task_id", "entry"},
     )
-    db["history"].create_index(["task_id", "revision"])
+    db.table("history").create_index(["task_id", "revision"])
 
 
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_migrate_to_1,)

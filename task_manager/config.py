@@ -15,10 +15,10 @@ DEFAULT_DB = "taskmanager.db"
 
 @dataclass(frozen=True)
 class Settings:
-    listen: str = field(default_factory=lambda: os.environ.get("TASK_MANAGER_LISTEN", DEFAULT_LISTEN))
-    db: Path = field(
-        default_factory=lambda: Path(os.environ.get("TASK_MANAGER_DB", DEFAULT_DB))
+    listen: str = field(
+        default_factory=lambda: os.environ.get("TASK_MANAGER_LISTEN", DEFAULT_LISTEN)
     )
+    db: Path = field(default_factory=lambda: Path(os.environ.get("TASK_MANAGER_DB", DEFAULT_DB)))
     shutdown_grace_s: float = 5.0
     """How long in-flight calls may take to finish after SIGTERM."""
     stream_buffer: int = 1_024

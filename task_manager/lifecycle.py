@@ -214,9 +214,7 @@ def _record_operator_change(
     return task
 
 
-def _with_status(
-    current: Task, status: TaskStatus, author: Principal | None, now_ns: int
-) -> Task:
+def _with_status(current: Task, status: TaskStatus, author: Principal | None, now_ns: int) -> Task:
     """The next status version of current: one more, with status, author and time."""
     task = Task()
     task.CopyFrom(current)

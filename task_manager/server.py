@@ -10,6 +10,9 @@ import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+# health.aio is the documented async servicer; grpc-stubs predates it.
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
 from storage.sqlite import SqliteStore
@@ -50,7 +53,7 @@ class TaskManagerServer:
         server: grpc.aio.Server,
         store: SqliteStore,
         dispatcher: Dispatcher,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: health_aio.HealthServicer,
         address: str,
         settings: Settings,
     ) -> None:
@@ -80,7 +83,7 @@ class TaskManagerServer:
         server = grpc.aio.server(options=_grpc_options(settings))
         servicer = TaskManagerService(store, dispatcher, clock or SystemClock())
         server.add_generic_rpc_handlers(generic_handlers(servicer))
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -269,7 +269,9 @@ def _stream_handler(method: StreamMethod) -> StreamMethod:
     return handle
 
 
-def _method_handler(servicer: TaskManagerService, method: MethodDescriptor) -> grpc.RpcMethodHandler:
+def _method_handler(
+    servicer: TaskManagerService, method: MethodDescriptor
+) -> grpc.RpcMethodHandler[Any, Any]:
     request_type = message_factory.GetMessageClass(method.input_type)
     response_type = message_factory.GetMessageClass(method.output_type)
     behaviour = getattr(servicer, method.name)
@@ -287,7 +289,7 @@ def _method_handler(servicer: TaskManagerService, method: MethodDescriptor) -> g
     )
 
 
-def generic_handlers(servicer: TaskManagerService) -> list[grpc.GenericRpcHandler]:
+def generic_handlers(servicer: TaskManagerService) -> list[grpc.GenericRpcHandler[Any, Any]]:
     """Handlers for every method of both service names, bound to the same servicer."""
     return [
         grpc.method_handlers_generic_handler(

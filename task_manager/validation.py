@@ -10,7 +10,6 @@ import base64
 import binascii
 import re
 
-from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -45,6 +44,9 @@ MAX_HISTORY_PAGE_SIZE = 1_000
 MANAGER_SET_STATUSES = frozenset(
     {Status.STATUS_CREATED, Status.STATUS_SCHEDULED_IN_MANAGER, Status.STATUS_SENT}
 )
+_STATUSES = frozenset(Status.values())
+_TASK_VIEWS = frozenset(TaskView.values())
+_FILTER_TYPES = frozenset(QueryTasksRequest.FilterType.values())
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799  # years 0001 to 9999
 
 
@@ -85,7 +87,7 @@ def check_status_update(update: StatusUpdate) -> None:
     status = update.status.status
     if status == Status.STATUS_INVALID:
         raise InvalidArgument("status_update.status.status", "is missing (STATUS_INVALID)")
-    _enum(Status, status, "status_update.status.status")
+    _enum(_STATUSES, status, "status_update.status.status")
     if status in MANAGER_SET_STATUSES:
         raise InvalidArgument(
             "status_update.status.status",
@@ -108,7 +110,7 @@ def check_operator_request(request: CancelTaskRequest | CompleteTaskRequest) -> 
 
 def task_view(value: int, field: str) -> int:
     """The view asked for; TASK_VIEW_INVALID (unset) means the manager view."""
-    _enum(TaskView, value, field)
+    _enum(_TASK_VIEWS, value, field)
     return TaskView.TASK_VIEW_MANAGER if value == TaskView.TASK_VIEW_INVALID else value
 
 
@@ -119,8 +121,8 @@ def task_query(request: QueryTasksRequest) -> TaskQuery:
     status_filter = request.status_filter
     statuses = frozenset(status_filter.status)
     for status in statuses:
-        _enum(Status, status, "status_filter.status")
-    _enum(QueryTasksRequest.FilterType, status_filter.filter_type, "status_filter.filter_type")
+        _enum(_STATUSES, status, "status_filter.status")
+    _enum(_FILTER_TYPES, status_filter.filter_type, "status_filter.filter_type")
     time_range = request.update_time_range
     updated_from = updated_to = None
     if time_range.HasField("update_start_time"):
@@ -211,8 +213,8 @@ def _max_bytes(message: Message, limit: int, field: str) -> None:
         raise InvalidArgument(field, f"is {size} bytes, more than {limit}")
 
 
-def _enum(enum: EnumTypeWrapper, value: int, field: str) -> None:
-    if value not in enum.values():
+def _enum(known: frozenset[int], value: int, field: str) -> None:
+    if value not in known:
         raise InvalidArgument(field, f"{value} is not a known value")
 
 

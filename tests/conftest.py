@@ -10,7 +10,7 @@ import pytest
 
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
-from task_manager.v1 import task_manager_pb2_grpc
+from tests.helpers import AsyncStub
 
 
 @pytest.fixture(scope="session")
@@ -34,5 +34,5 @@ async def channel(server: TaskManagerServer) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture
-def stub(channel: grpc.aio.Channel) -> task_manager_pb2_grpc.TaskManagerStub:
-    return task_manager_pb2_grpc.TaskManagerStub(channel)
+def stub(channel: grpc.aio.Channel) -> AsyncStub:
+    return AsyncStub(channel)

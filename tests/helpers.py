@@ -10,13 +10,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from task_manager.v1 import task_manager_pb2 as pb
+from task_manager.v1 import task_manager_pb2_grpc
+
+if TYPE_CHECKING:
+    # The async stub type exists only in the generated .pyi; at run time
+    # TaskManagerStub(aio_channel) is that stub.
+    AsyncStub = task_manager_pb2_grpc.TaskManagerAsyncStub
+else:
+    AsyncStub = task_manager_pb2_grpc.TaskManagerStub
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +59,13 @@ def status_update(
     )
 
 
+def trailer(error: grpc.aio.AioRpcError, key: str) -> str | None:
+    """A trailing metadata value of a failed call."""
+    # aio gives (key, value) pairs; grpc-stubs types them as objects with .key/.value.
+    pairs: Iterable[tuple[str, str]] = error.trailing_metadata() or ()  # type: ignore[assignment]
+    return dict(pairs).get(key)
+
+
 def wait_until(condition: Callable[[], T | None], timeout: float = 20.0, what: str = "") -> T:
     """Polls condition until it returns something other than None/False, or fails."""
     deadline = time.monotonic() + timeout
@@ -74,8 +89,16 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "task_manager", "serve",
-             "--listen", f"127.0.0.1:{self.port}", "--db", str(self.db)],
+            [
+                sys.executable,
+                "-m",
+                "task_manager",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--db",
+                str(self.db),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -10,23 +10,22 @@ from google.protobuf.any_pb2 import Any
 from google.protobuf.wrappers_pb2 import StringValue
 
 from task_manager.v1 import task_manager_pb2 as pb
-from task_manager.v1.task_manager_pb2_grpc import TaskManagerStub
-from tests.helpers import agent, create_request, status_update
+from tests.helpers import AsyncStub, agent, create_request, status_update, trailer
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
 
 
-async def create(stub: TaskManagerStub, **kwargs: object) -> pb.Task:
+async def create(stub: AsyncStub, **kwargs: object) -> pb.Task:
     response = await stub.CreateTask(create_request(**kwargs))  # type: ignore[arg-type]
     return response.task
 
 
-async def get(stub: TaskManagerStub, task_id: str) -> pb.Task:
+async def get(stub: AsyncStub, task_id: str) -> pb.Task:
     return (await stub.GetTask(pb.GetTaskRequest(task_id=task_id))).task
 
 
-async def history(stub: TaskManagerStub, task_id: str) -> list[pb.TaskHistoryEntry]:
+async def history(stub: AsyncStub, task_id: str) -> list[pb.TaskHistoryEntry]:
     response = await stub.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task_id))
     return list(response.entries)
 
@@ -41,7 +40,7 @@ async def rpc_error(call: object) -> grpc.aio.AioRpcError:
 
 
 async def test_new_task_starts_at_definition_version_1_and_status_version_1(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     task = await create(stub, entity_id=None)
     assert task.status.status == S.STATUS_CREATED
@@ -50,7 +49,7 @@ async def test_new_task_starts_at_definition_version_1_and_status_version_1(
 
 
 async def test_each_accepted_update_increments_status_version_by_exactly_one(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     task = await create(stub)
     for status in (S.STATUS_MACHINE_RECEIPT, S.STATUS_ACK, S.STATUS_EXECUTING):
@@ -64,7 +63,9 @@ async def test_each_accepted_update_increments_status_version_by_exactly_one(
 # -- optimistic check ---------------------------------------------------------------------
 
 
-async def test_update_with_the_stored_version_returns_the_new_task(stub: TaskManagerStub) -> None:
+async def test_update_with_the_stored_version_returns_the_new_task(
+    stub: AsyncStub,
+) -> None:
     task = await create(stub)
     response = await stub.UpdateStatus(status_update(task, S.STATUS_MACHINE_RECEIPT))
     assert response.task.status.status == S.STATUS_MACHINE_RECEIPT
@@ -73,9 +74,7 @@ async def test_update_with_the_stored_version_returns_the_new_task(stub: TaskMan
 
 
 @pytest.mark.parametrize("offset", [-1, +1, +5])
-async def test_stale_status_version_is_rejected_with_aborted(
-    stub: TaskManagerStub, offset: int
-) -> None:
+async def test_stale_status_version_is_rejected_with_aborted(stub: AsyncStub, offset: int) -> None:
     task = await create(stub)
     task = (await stub.UpdateStatus(status_update(task, S.STATUS_MACHINE_RECEIPT))).task
     current = task.version.status_version
@@ -85,13 +84,12 @@ async def test_stale_status_version_is_rejected_with_aborted(
     assert error.code() == grpc.StatusCode.ABORTED
     assert f"status_version {current}" in (error.details() or "")
     assert f"status_version {current + offset}" in (error.details() or "")
-    trailers = dict(error.trailing_metadata() or ())
-    assert trailers["x-current-status-version"] == str(current)
+    assert trailer(error, "x-current-status-version") == str(current)
     assert await get(stub, task.version.task_id) == task
 
 
 async def test_worked_example_sent_machine_receipt_ack_wilco_executing_done_ok(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     # "the agent receives a task at STATUS_SENT with status_version N; it reports
     # STATUS_MACHINE_RECEIPT with version N; then STATUS_ACK with N+1; STATUS_WILCO with
@@ -114,7 +112,7 @@ async def test_worked_example_sent_machine_receipt_ack_wilco_executing_done_ok(
 
 
 async def test_retried_update_whose_answer_was_lost_returns_ok_with_the_current_task(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     task = await create(stub)
     update = status_update(task, S.STATUS_MACHINE_RECEIPT)
@@ -125,7 +123,7 @@ async def test_retried_update_whose_answer_was_lost_returns_ok_with_the_current_
 
 
 async def test_retry_with_other_content_at_the_old_version_is_still_aborted(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     task = await create(stub)
     await stub.UpdateStatus(status_update(task, S.STATUS_MACHINE_RECEIPT))
@@ -134,7 +132,7 @@ async def test_retry_with_other_content_at_the_old_version_is_still_aborted(
 
 
 async def test_32_concurrent_updates_with_the_same_version_exactly_one_wins(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     task = await create(stub)
     updates = [
@@ -154,7 +152,7 @@ async def test_32_concurrent_updates_with_the_same_version_exactly_one_wins(
 
 
 async def test_32_concurrent_identical_updates_all_succeed_and_apply_once(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     task = await create(stub)
     update = status_update(task, S.STATUS_EXECUTING)
@@ -169,7 +167,7 @@ async def test_32_concurrent_identical_updates_all_succeed_and_apply_once(
 @pytest.mark.parametrize("terminal", [S.STATUS_DONE_OK, S.STATUS_DONE_NOT_OK])
 @pytest.mark.parametrize("later", [S.STATUS_EXECUTING, S.STATUS_DONE_OK, S.STATUS_CANCEL_REQUESTED])
 async def test_update_after_a_terminal_status_is_rejected_and_changes_nothing(
-    stub: TaskManagerStub, terminal: pb.Status.ValueType, later: pb.Status.ValueType
+    stub: AsyncStub, terminal: pb.Status.ValueType, later: pb.Status.ValueType
 ) -> None:
     task = await create(stub)
     done = (await stub.UpdateStatus(status_update(task, terminal))).task
@@ -179,7 +177,9 @@ async def test_update_after_a_terminal_status_is_rejected_and_changes_nothing(
     assert await get(stub, task.version.task_id) == done
 
 
-async def test_cancel_and_complete_of_a_finished_task_are_rejected(stub: TaskManagerStub) -> None:
+async def test_cancel_and_complete_of_a_finished_task_are_rejected(
+    stub: AsyncStub,
+) -> None:
     task = await create(stub)
     done = (await stub.UpdateStatus(status_update(task, S.STATUS_DONE_OK))).task
     task_id = task.version.task_id
@@ -194,14 +194,18 @@ async def test_cancel_and_complete_of_a_finished_task_are_rejected(stub: TaskMan
 # -- errors are recorded ------------------------------------------------------------------
 
 
-async def test_task_error_is_stored_and_returned_exactly_as_sent(stub: TaskManagerStub) -> None:
+async def test_task_error_is_stored_and_returned_exactly_as_sent(
+    stub: AsyncStub,
+) -> None:
     task = await create(stub)
     error = pb.TaskError(
         code=pb.ErrorCode.ERROR_CODE_FAILED,
         message="rotor 3 overheated",
         error_details=_any("temperature 131C"),
     )
-    done = (await stub.UpdateStatus(status_update(task, S.STATUS_DONE_NOT_OK, task_error=error))).task
+    done = (
+        await stub.UpdateStatus(status_update(task, S.STATUS_DONE_NOT_OK, task_error=error))
+    ).task
     assert done.status.task_error == error
     assert (await get(stub, task.version.task_id)).status.task_error == error
     queried = await stub.QueryTasks(pb.QueryTasksRequest())
@@ -212,7 +216,7 @@ async def test_task_error_is_stored_and_returned_exactly_as_sent(stub: TaskManag
 # -- flexible status model ----------------------------------------------------------------
 
 
-async def test_agent_may_skip_steps_sent_straight_to_executing(stub: TaskManagerStub) -> None:
+async def test_agent_may_skip_steps_sent_straight_to_executing(stub: AsyncStub) -> None:
     task = await create(stub)
     task = (await stub.UpdateStatus(status_update(task, S.STATUS_EXECUTING))).task
     task = (await stub.UpdateStatus(status_update(task, S.STATUS_WAITING_FOR_UPDATE))).task
@@ -221,7 +225,7 @@ async def test_agent_may_skip_steps_sent_straight_to_executing(stub: TaskManager
 
 
 async def test_repeating_the_current_status_with_new_progress_is_a_new_version(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     task = await create(stub)
     task = (await stub.UpdateStatus(status_update(task, S.STATUS_EXECUTING))).task
@@ -236,7 +240,7 @@ async def test_repeating_the_current_status_with_new_progress_is_a_new_version(
 
 
 async def test_task_with_an_agent_assignee_is_released_to_sent_at_status_version_2(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     task = await create(stub, entity_id="drone-7")
     assert task.status.status == S.STATUS_SENT
@@ -248,19 +252,19 @@ async def test_task_with_an_agent_assignee_is_released_to_sent_at_status_version
     ]
 
 
-async def test_task_executed_elsewhere_stays_created(stub: TaskManagerStub) -> None:
+async def test_task_executed_elsewhere_stays_created(stub: AsyncStub) -> None:
     task = await create(stub, is_executed_elsewhere=True)
     assert (task.status.status, task.version.status_version) == (S.STATUS_CREATED, 1)
 
 
-async def test_task_assigned_to_a_user_stays_created(stub: TaskManagerStub) -> None:
+async def test_task_assigned_to_a_user_stays_created(stub: AsyncStub) -> None:
     request = create_request(entity_id=None)
     request.relations.assignee.user.user_id = "alice"
     task = (await stub.CreateTask(request)).task
     assert task.status.status == S.STATUS_CREATED
 
 
-async def test_created_task_keeps_every_field_it_was_given(stub: TaskManagerStub) -> None:
+async def test_created_task_keeps_every_field_it_was_given(stub: AsyncStub) -> None:
     parent = await create(stub, entity_id=None)
     request = create_request(
         task_id="my-task.01",
@@ -279,7 +283,7 @@ async def test_created_task_keeps_every_field_it_was_given(stub: TaskManagerStub
     assert task.last_update_time.ToNanoseconds() >= task.create_time.ToNanoseconds()
 
 
-async def test_supplied_task_id_already_taken_is_already_exists(stub: TaskManagerStub) -> None:
+async def test_supplied_task_id_already_taken_is_already_exists(stub: AsyncStub) -> None:
     first = await create(stub, task_id="task-00001")
     error = await rpc_error(stub.CreateTask(create_request(task_id="task-00001")))
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
@@ -290,7 +294,9 @@ async def test_supplied_task_id_already_taken_is_already_exists(stub: TaskManage
 # -- operator requests --------------------------------------------------------------------
 
 
-async def test_cancel_of_a_sent_task_requests_cancel_from_the_agent(stub: TaskManagerStub) -> None:
+async def test_cancel_of_a_sent_task_requests_cancel_from_the_agent(
+    stub: AsyncStub,
+) -> None:
     task = await create(stub)
     cancelled = (await stub.CancelTask(pb.CancelTaskRequest(task_id=task.version.task_id))).task
     assert cancelled.status.status == S.STATUS_CANCEL_REQUESTED
@@ -309,10 +315,12 @@ async def test_cancel_of_a_sent_task_requests_cancel_from_the_agent(stub: TaskMa
     assert done.status.task_error.code == pb.ErrorCode.ERROR_CODE_CANCELLED
 
 
-async def test_cancel_before_release_ends_the_task_cancelled(stub: TaskManagerStub) -> None:
+async def test_cancel_before_release_ends_the_task_cancelled(stub: AsyncStub) -> None:
     task = await create(stub, entity_id=None)
     done = (
-        await stub.CancelTask(pb.CancelTaskRequest(task_id=task.version.task_id, reason="no longer needed"))
+        await stub.CancelTask(
+            pb.CancelTaskRequest(task_id=task.version.task_id, reason="no longer needed")
+        )
     ).task
     assert done.status.status == S.STATUS_DONE_NOT_OK
     assert done.status.task_error.code == pb.ErrorCode.ERROR_CODE_CANCELLED
@@ -321,7 +329,7 @@ async def test_cancel_before_release_ends_the_task_cancelled(stub: TaskManagerSt
 
 
 async def test_update_to_cancel_requested_before_release_ends_the_task_cancelled(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     task = await create(stub, entity_id=None)
     done = (await stub.UpdateStatus(status_update(task, S.STATUS_CANCEL_REQUESTED))).task
@@ -330,26 +338,26 @@ async def test_update_to_cancel_requested_before_release_ends_the_task_cancelled
 
 
 async def test_complete_requests_completion_and_the_agent_ends_the_task(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     task = await create(stub)
     task = (await stub.UpdateStatus(status_update(task, S.STATUS_EXECUTING))).task
-    requested = (
-        await stub.CompleteTask(pb.CompleteTaskRequest(task_id=task.version.task_id))
-    ).task
+    requested = (await stub.CompleteTask(pb.CompleteTaskRequest(task_id=task.version.task_id))).task
     assert requested.status.status == S.STATUS_COMPLETE_REQUESTED
     done = (await stub.UpdateStatus(status_update(requested, S.STATUS_DONE_OK))).task
     assert done.status.status == S.STATUS_DONE_OK
 
 
-async def test_complete_of_a_task_never_sent_is_failed_precondition(stub: TaskManagerStub) -> None:
+async def test_complete_of_a_task_never_sent_is_failed_precondition(
+    stub: AsyncStub,
+) -> None:
     task = await create(stub, entity_id=None)
     error = await rpc_error(stub.CompleteTask(pb.CompleteTaskRequest(task_id=task.version.task_id)))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert await get(stub, task.version.task_id) == task
 
 
-async def test_cancel_of_an_unknown_task_is_not_found(stub: TaskManagerStub) -> None:
+async def test_cancel_of_an_unknown_task_is_not_found(stub: AsyncStub) -> None:
     error = await rpc_error(stub.CancelTask(pb.CancelTaskRequest(task_id="no-such-task")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
@@ -358,7 +366,7 @@ async def test_cancel_of_an_unknown_task_is_not_found(stub: TaskManagerStub) -> 
 
 
 async def test_every_accepted_change_is_in_history_with_strictly_increasing_revisions(
-    stub: TaskManagerStub,
+    stub: AsyncStub,
 ) -> None:
     first = await create(stub)
     second = await create(stub)
@@ -387,7 +395,7 @@ async def test_every_accepted_change_is_in_history_with_strictly_increasing_revi
     assert all(e.time.seconds > 0 for e in after)
 
 
-async def test_history_pages_cover_every_entry_once(stub: TaskManagerStub) -> None:
+async def test_history_pages_cover_every_entry_once(stub: AsyncStub) -> None:
     task = await create(stub)
     for _ in range(7):
         task = (await stub.UpdateStatus(status_update(task, S.STATUS_EXECUTING))).task

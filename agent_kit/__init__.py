@@ -1,0 +1,1 @@
+"""Client SDKs for the Task Manager (placeholder)."""

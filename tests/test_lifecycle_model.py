@@ -1,0 +1,233 @@
+"""Hypothesis stateful test: the server against a simple model of the lifecycle rules.
+
+Random creates, updates with right and wrong versions, retries, cancels, completes and
+agent reconnects; after every step GetTask must agree with the model for every task.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from task_manager.v1 import task_manager_pb2 as pb
+from task_manager.v1.task_manager_pb2_grpc import TaskManagerStub
+from tests.helpers import ServerProcess, agent
+
+S = pb.Status
+TERMINAL = {S.STATUS_DONE_OK, S.STATUS_DONE_NOT_OK}
+UNRELEASED = {S.STATUS_CREATED}
+DELIVERABLE = {S.STATUS_SENT, S.STATUS_CANCEL_REQUESTED, S.STATUS_COMPLETE_REQUESTED}
+REPORTABLE = [
+    S.STATUS_MACHINE_RECEIPT,
+    S.STATUS_ACK,
+    S.STATUS_WILCO,
+    S.STATUS_EXECUTING,
+    S.STATUS_WAITING_FOR_UPDATE,
+    S.STATUS_DONE_OK,
+    S.STATUS_DONE_NOT_OK,
+    S.STATUS_CANCEL_REQUESTED,
+    S.STATUS_COMPLETE_REQUESTED,
+]
+CALL_TIMEOUT = 30.0
+
+
+@dataclass
+class ModelTask:
+    task_id: str
+    entity: str | None
+    status: int
+    version: int
+    created_order: int
+    last_request: pb.UpdateStatusRequest | None = field(default=None)
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskManagerStub]:
+    db: Path = tmp_path_factory.mktemp("model") / "tasks.db"
+    server = ServerProcess(db).start()
+    channel = grpc.insecure_channel(server.address)
+    yield TaskManagerStub(channel)
+    channel.close()
+    assert server.terminate() == 0
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    stub: TaskManagerStub
+    tasks = Bundle("tasks")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: dict[str, ModelTask] = {}
+        prefix = uuid.uuid4().hex[:8]  # the server outlives examples: keep agents apart
+        self.entities = [f"{prefix}-a", f"{prefix}-b"]
+        self.created = 0
+
+    @initialize()
+    def start(self) -> None:
+        self.created = 0
+
+    def _create(self, entity: str | None, elsewhere: bool) -> ModelTask:
+        request = pb.CreateTaskRequest(display_name="model", is_executed_elsewhere=elsewhere)
+        if entity is not None:
+            request.relations.assignee.CopyFrom(agent(entity))
+        task = self.stub.CreateTask(request, timeout=CALL_TIMEOUT).task
+        released = entity is not None and not elsewhere
+        expected = (S.STATUS_SENT, 2) if released else (S.STATUS_CREATED, 1)
+        assert (task.status.status, task.version.status_version) == expected
+        self.created += 1
+        model = ModelTask(task.version.task_id, entity, *expected, created_order=self.created)
+        self.model[model.task_id] = model
+        return model
+
+    @rule(target=tasks, entity=st.sampled_from([0, 1, None]), elsewhere=st.booleans())
+    def create(self, entity: int | None, elsewhere: bool) -> str:
+        return self._create(None if entity is None else self.entities[entity], elsewhere).task_id
+
+    @rule(
+        task_id=tasks, status=st.sampled_from(REPORTABLE), skew=st.sampled_from([0, 0, 0, 1, 3, -2])
+    )
+    def update(self, task_id: str, status: int, skew: int) -> None:
+        model = self.model[task_id]
+        version = model.version + skew
+        if version <= 0:
+            return
+        request = pb.UpdateStatusRequest(
+            status_update=pb.StatusUpdate(
+                version=pb.TaskVersion(task_id=task_id, status_version=version),
+                status=pb.TaskStatus(status=status),  # type: ignore[arg-type]
+                author=agent("model"),
+            )
+        )
+        is_retry = model.last_request == request
+        try:
+            task = self.stub.UpdateStatus(request, timeout=CALL_TIMEOUT).task
+        except grpc.RpcError as error:
+            code = error.code()
+            assert not is_retry
+            if model.status in TERMINAL:
+                assert code == grpc.StatusCode.FAILED_PRECONDITION
+            elif skew != 0:
+                assert code == grpc.StatusCode.ABORTED
+            else:
+                assert status == S.STATUS_COMPLETE_REQUESTED and model.status in UNRELEASED
+                assert code == grpc.StatusCode.FAILED_PRECONDITION
+            return
+        if is_retry:
+            assert task.version.status_version == model.version
+            return
+        assert skew == 0 and model.status not in TERMINAL
+        if status == S.STATUS_CANCEL_REQUESTED and model.status in UNRELEASED:
+            assert task.status.task_error.code == pb.ERROR_CODE_CANCELLED
+            status = S.STATUS_DONE_NOT_OK
+        model.status, model.version, model.last_request = status, model.version + 1, request
+
+    @rule(task_id=tasks)
+    def retry_last_update(self, task_id: str) -> None:
+        model = self.model[task_id]
+        if model.last_request is None:
+            return
+        task = self.stub.UpdateStatus(model.last_request, timeout=CALL_TIMEOUT).task
+        assert (task.status.status, task.version.status_version) == (model.status, model.version)
+
+    @rule(task_id=tasks)
+    def cancel(self, task_id: str) -> None:
+        model = self.model[task_id]
+        try:
+            task = self.stub.CancelTask(
+                pb.CancelTaskRequest(task_id=task_id), timeout=CALL_TIMEOUT
+            ).task
+        except grpc.RpcError as error:
+            assert model.status in TERMINAL
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            return
+        assert model.status not in TERMINAL
+        if model.status == S.STATUS_CANCEL_REQUESTED:
+            assert task.version.status_version == model.version
+            return
+        model.status = (
+            S.STATUS_DONE_NOT_OK if model.status in UNRELEASED else S.STATUS_CANCEL_REQUESTED
+        )
+        model.version += 1
+        model.last_request = None
+
+    @rule(task_id=tasks)
+    def complete(self, task_id: str) -> None:
+        model = self.model[task_id]
+        request = pb.CompleteTaskRequest(task_id=task_id)
+        try:
+            task = self.stub.CompleteTask(request, timeout=CALL_TIMEOUT).task
+        except grpc.RpcError as error:
+            assert model.status in TERMINAL | UNRELEASED | {S.STATUS_CANCEL_REQUESTED}
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            return
+        if model.status == S.STATUS_COMPLETE_REQUESTED:
+            assert task.version.status_version == model.version
+            return
+        model.status, model.version, model.last_request = (
+            S.STATUS_COMPLETE_REQUESTED,
+            model.version + 1,
+            None,
+        )
+
+    @rule(entity=st.sampled_from([0, 1]))
+    def reconnect(self, entity: int) -> None:
+        entity_id = self.entities[entity]
+        expected = [
+            (m.task_id, m.status)
+            for m in sorted(self.model.values(), key=lambda m: m.created_order)
+            if m.entity == entity_id and m.status in DELIVERABLE
+        ]
+        request = pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=[entity_id]))
+        call = self.stub.ListenAsAgent(request, timeout=CALL_TIMEOUT)
+        messages: Iterator[pb.ListenAsAgentResponse] = iter(call)
+        try:
+            received = [_describe(next(messages)) for _ in expected]
+            assert received == expected
+            marker = self._create(entity_id, elsewhere=False)  # nothing else may come first
+            assert _describe(next(messages)) == (marker.task_id, S.STATUS_SENT)
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]
+
+    @invariant()
+    def server_agrees_with_model(self) -> None:
+        for model in self.model.values():
+            task = self.stub.GetTask(
+                pb.GetTaskRequest(task_id=model.task_id), timeout=CALL_TIMEOUT
+            ).task
+            assert (task.status.status, task.version.status_version) == (
+                model.status,
+                model.version,
+            )
+
+
+def _describe(message: pb.ListenAsAgentResponse) -> tuple[str, int]:
+    kind = message.WhichOneof("request")
+    if kind == "execute_request":
+        return message.execute_request.task.version.task_id, S.STATUS_SENT
+    if kind == "cancel_request":
+        return message.cancel_request.task_id, S.STATUS_CANCEL_REQUESTED
+    assert kind == "complete_request", message
+    return message.complete_request.task_id, S.STATUS_COMPLETE_REQUESTED
+
+
+def test_server_follows_the_lifecycle_model(stub: TaskManagerStub) -> None:
+    LifecycleMachine.stub = stub
+    run_state_machine_as_test(
+        LifecycleMachine,
+        settings=settings(max_examples=25, stateful_step_count=30, deadline=None),
+    )

@@ -1,0 +1,138 @@
+"""The server as a process: durability across SIGKILL, graceful SIGTERM, startup errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from task_manager.v1 import task_manager_pb2 as pb
+from tests.helpers import REPO_ROOT, AsyncStub, ServerProcess, create_request, status_update
+
+S = pb.Status
+
+
+@pytest.mark.anyio
+async def test_every_acknowledged_change_survives_sigkill(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "tasks.db").start()
+    acknowledged: dict[str, pb.Task] = {}  # task id -> latest task the server confirmed
+    enough = asyncio.Event()
+
+    async def writer(stub: AsyncStub, worker: int) -> None:
+        n = 0
+        while True:
+            n += 1
+            task = (await stub.CreateTask(create_request(task_id=f"w{worker}-t{n}"))).task
+            acknowledged[task.version.task_id] = task
+            for status in (S.STATUS_MACHINE_RECEIPT, S.STATUS_EXECUTING, S.STATUS_DONE_OK):
+                task = (await stub.UpdateStatus(status_update(task, status))).task
+                acknowledged[task.version.task_id] = task
+            if len(acknowledged) >= 40:
+                enough.set()
+
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = AsyncStub(channel)
+        workers = [asyncio.create_task(writer(stub, w)) for w in range(8)]
+        await asyncio.wait_for(enough.wait(), 60)
+        server.kill()  # while the writers are still writing
+        results = await asyncio.gather(*workers, return_exceptions=True)
+    assert all(isinstance(r, grpc.aio.AioRpcError) for r in results), results
+    confirmed = dict(acknowledged)  # only what was acknowledged before the kill counts
+
+    restarted = ServerProcess(tmp_path / "tasks.db").start()
+    try:
+        async with grpc.aio.insecure_channel(restarted.address) as channel:
+            stub = AsyncStub(channel)
+            for task_id, task in confirmed.items():
+                stored = (await stub.GetTask(pb.GetTaskRequest(task_id=task_id))).task
+                assert stored.version.status_version >= task.version.status_version
+                history = await stub.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task_id))
+                entry = history.entries[task.version.status_version - 1]
+                assert entry.status_version == task.version.status_version
+                assert entry.status == task.status
+    finally:
+        assert restarted.terminate() == 0
+
+
+@pytest.mark.anyio
+async def test_sigterm_ends_agent_streams_with_unavailable_and_exits_0(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "tasks.db").start()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = AsyncStub(channel)
+        stream = stub.ListenAsAgent(
+            pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=["agent-1"]))
+        )
+        task = (await stub.CreateTask(create_request())).task
+        message = await asyncio.wait_for(stream.read(), 20)
+        assert isinstance(message, pb.ListenAsAgentResponse)
+        assert message.execute_request.task == task
+        code = await asyncio.to_thread(server.terminate)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(stream.read(), 20)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert code == 0
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "task_manager", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+
+
+def test_port_in_use_is_a_one_line_error_and_nonzero_exit(tmp_path: Path) -> None:
+    first = ServerProcess(tmp_path / "a.db").start()
+    try:
+        result = _serve("--listen", first.address, "--db", str(tmp_path / "b.db"))
+    finally:
+        first.terminate()
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("task-manager:")]
+    assert len(lines) == 1, result.stderr
+    assert "cannot listen on" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_database_path_that_cannot_be_a_file_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("a file where a directory should be")
+    result = _serve("--listen", "127.0.0.1:0", "--db", str(tmp_path / "not-a-dir" / "tasks.db"))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("task-manager:")]
+    assert len(lines) == 1, result.stderr
+    assert "cannot open database" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_settings_come_from_the_environment(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "TASK_MANAGER_LISTEN": "127.0.0.1:0",
+        "TASK_MANAGER_DB": str(tmp_path / "env.db"),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "task_manager", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("task-manager: serving on 127.0.0.1:")
+        assert (tmp_path / "env.db").exists()
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
