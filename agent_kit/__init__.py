@@ -1,1 +1,21 @@
-"""Client SDKs for the Task Manager (placeholder)."""
+"""Client SDKs for the Task Manager.
+
+- `Agent`: runs your async handler for each task sent to an agent entity; reports,
+  versions, duplicates, cancellation and reconnects are handled for you.
+- `OperatorClient` (async) and `SyncOperatorClient`: create, query, cancel, complete.
+"""
+
+from agent_kit._agent import Agent, AgentError, Handler, TaskContext
+from agent_kit._backoff import Backoff
+from agent_kit._operator import OperatorClient, SyncOperatorClient, assignee
+
+__all__ = [
+    "Agent",
+    "AgentError",
+    "Backoff",
+    "Handler",
+    "OperatorClient",
+    "SyncOperatorClient",
+    "TaskContext",
+    "assignee",
+]

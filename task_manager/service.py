@@ -120,6 +120,8 @@ class TaskManagerService:
         # Subscribe first, then read the backlog, then skip what the backlog covered:
         # a change committed between the two is queued here, never lost.
         with self._dispatcher.open_stream(entity_ids) as stream:
+            # Headers now tell the agent it is subscribed, before any task arrives.
+            await context.send_initial_metadata(())
             backlog = await self._store.agent_backlog(entity_ids, lifecycle.DELIVERABLE_STATUSES)
             for task in backlog.tasks:
                 request_for_task = agent_request_for(task)

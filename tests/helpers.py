@@ -12,19 +12,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import grpc
 
+from agent_kit._grpc import AsyncStub as AsyncStub
 from task_manager.v1 import task_manager_pb2 as pb
-from task_manager.v1 import task_manager_pb2_grpc
-
-if TYPE_CHECKING:
-    # The async stub type exists only in the generated .pyi; at run time
-    # TaskManagerStub(aio_channel) is that stub.
-    AsyncStub = task_manager_pb2_grpc.TaskManagerAsyncStub
-else:
-    AsyncStub = task_manager_pb2_grpc.TaskManagerStub
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent

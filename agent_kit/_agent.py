@@ -1,0 +1,420 @@
+"""The agent runtime: listen, de-duplicate, run handlers, report, reconnect.
+
+The user writes one async handler per task (or per specification type). The runtime
+reports MACHINE_RECEIPT, ACK, WILCO, EXECUTING and the outcome, keeps status_version,
+resyncs after ABORTED, and reconnects forever until stopped.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import anyio
+import anyio.abc
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from agent_kit._backoff import Backoff
+from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, open_channel
+from task_manager.v1 import task_manager_pb2 as pb
+
+log = logging.getLogger(__name__)
+S = pb.Status
+
+REPORT_TIMEOUT_S = 30.0
+TERMINAL = frozenset({S.STATUS_DONE_OK, S.STATUS_DONE_NOT_OK})
+STEPS_BEFORE_HANDLER = (
+    S.STATUS_MACHINE_RECEIPT,
+    S.STATUS_ACK,
+    S.STATUS_WILCO,
+    S.STATUS_EXECUTING,
+)
+# The stream cannot work with these; retrying would only hide the problem.
+PERMANENT_STREAM_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a handler gets: the task, and its specification unpacked."""
+
+    task: pb.Task
+    specification: Message | None
+    """An instance of the type the handler was registered for, or the raw Any for the
+    default handler; None if the task has no specification."""
+
+    @property
+    def task_id(self) -> str:
+        return self.task.version.task_id
+
+
+Handler = Callable[[TaskContext], Awaitable[Message | None]]
+"""Returns the result (packed into the task's result), or None."""
+H = TypeVar("H", bound=Handler)
+
+
+class AgentError(Exception):
+    """The agent cannot go on (for example the server refused its selector)."""
+
+
+class _Stop(enum.Enum):
+    CANCEL = "cancel"
+    COMPLETE = "complete"
+
+
+class _TaskGone(Exception):
+    """The task was finished or removed elsewhere: nothing left to report."""
+
+
+class _StopRequested(Exception):
+    def __init__(self, reason: _Stop) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+@dataclass
+class _RunningTask:
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    stop: _Stop | None = None
+
+    def request_stop(self, reason: _Stop) -> None:
+        if self.stop is None:
+            self.stop = reason
+            self.scope.cancel()
+
+
+class _Reporter:
+    """Sends one task's status reports in order, keeping its status_version."""
+
+    def __init__(
+        self, stub: AsyncStub, task_id: str, status_version: int, author: pb.Principal
+    ) -> None:
+        self._stub = stub
+        self._task_id = task_id
+        self.status_version = status_version
+        self._author = author
+
+    async def report(self, status: pb.TaskStatus, *, final: bool) -> None:
+        """Retries until the server accepts the report. Raises _TaskGone if the task is
+        finished elsewhere, and, for a non-final report, _StopRequested if an operator
+        asked for cancel/complete (never overwrite that request with a progress step)."""
+        backoff = Backoff(initial=0.05, maximum=5.0)
+        while True:
+            update = pb.StatusUpdate(
+                version=pb.TaskVersion(task_id=self._task_id, status_version=self.status_version),
+                status=status,
+                author=self._author,
+            )
+            try:
+                response = await self._stub.UpdateStatus(
+                    pb.UpdateStatusRequest(status_update=update), timeout=REPORT_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                if code == grpc.StatusCode.ABORTED:
+                    await self._resync(final)
+                elif code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                    raise _TaskGone(error.details() or "") from error
+                elif code in RETRYABLE_CODES:
+                    await backoff.wait()
+                else:
+                    raise
+                continue
+            self.status_version = response.task.version.status_version
+            return
+
+    async def _resync(self, final: bool) -> None:
+        current = await self.read_task()
+        status = current.status.status
+        if status in TERMINAL:
+            raise _TaskGone(f"task {self._task_id} is already {S.Name(status)}")
+        if not final and status == S.STATUS_CANCEL_REQUESTED:
+            raise _StopRequested(_Stop.CANCEL)
+        if not final and status == S.STATUS_COMPLETE_REQUESTED:
+            raise _StopRequested(_Stop.COMPLETE)
+        self.status_version = current.version.status_version
+
+    async def read_task(self) -> pb.Task:
+        backoff = Backoff(initial=0.05, maximum=5.0)
+        while True:
+            try:
+                request = pb.GetTaskRequest(task_id=self._task_id)
+                response = await self._stub.GetTask(request, timeout=REPORT_TIMEOUT_S)
+                return response.task
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    raise _TaskGone(error.details() or "") from error
+                if error.code() not in RETRYABLE_CODES:
+                    raise
+                await backoff.wait()
+
+
+class Agent:
+    """Runs handlers for the tasks the Task Manager sends to one agent entity.
+
+    Example::
+
+        agent = Agent("127.0.0.1:50051", entity_id="drone-1")
+
+        @agent.handler()
+        async def fly(task: TaskContext) -> None:
+            ...
+
+        await agent.run()
+    """
+
+    def __init__(
+        self,
+        target: str,
+        entity_id: str,
+        handler: Handler | None = None,
+        *,
+        reconnect_backoff: Backoff | None = None,
+        remember_finished: int = 10_000,
+    ) -> None:
+        self.target = target
+        self.entity_id = entity_id
+        self._author = pb.Principal(system=pb.System(entity_id=entity_id))
+        self._handlers: dict[str, tuple[type[Message], Handler]] = {}
+        self._default_handler = handler
+        self._backoff = reconnect_backoff or Backoff(initial=0.1, maximum=10.0)
+        self._remember_finished = remember_finished
+        self._running: dict[str, _RunningTask] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._connected = anyio.Event()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._stub: AsyncStub | None = None
+
+    def handler(self, specification_type: type[Message] | None = None) -> Callable[[H], H]:
+        """Registers a handler for tasks whose specification is of this message type,
+        or the default handler (no type)."""
+
+        def register(function: H) -> H:
+            if specification_type is None:
+                self._default_handler = function
+            else:
+                full_name = specification_type.DESCRIPTOR.full_name
+                self._handlers[full_name] = (specification_type, function)
+            return function
+
+        return register
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        """Returns once the agent's stream is subscribed on the server."""
+        await self._connected.wait()
+
+    async def run(self) -> None:
+        """Listens and runs handlers until stop() or cancellation. Raises AgentError if
+        the server refuses the agent for good (for example an invalid entity id)."""
+        try:
+            async with open_channel(self.target) as channel, anyio.create_task_group() as group:
+                self._stub = AsyncStub(channel)
+                self._task_group = group
+                await self._listen_forever(self._stub)
+        except ExceptionGroup as group:
+            # Users expect the one reason the agent stopped, not the task group's wrapper.
+            refused = _first_leaf(group.subgroup(AgentError))
+            if refused is None:
+                raise
+            raise refused from None
+
+    def stop(self) -> None:
+        """Stops listening and cancels running handlers (their tasks are left as they
+        are: no further report is sent)."""
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+
+    async def _listen_forever(self, stub: AsyncStub) -> None:
+        selector = pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=[self.entity_id]))
+        while True:
+            call = stub.ListenAsAgent(selector)
+            try:
+                await call.initial_metadata()
+                if not call.done():
+                    self._connected.set()
+                    self._backoff.reset()
+                async for message in call:
+                    self._on_request(message)
+                log.info("agent %s: stream ended; reconnecting", self.entity_id)
+            except grpc.aio.AioRpcError as error:
+                if error.code() in PERMANENT_STREAM_CODES:
+                    raise AgentError(
+                        f"the task manager refused agent {self.entity_id}: "
+                        f"{error.code().name}: {error.details()}"
+                    ) from error
+                log.info(
+                    "agent %s: stream failed (%s: %s); reconnecting",
+                    self.entity_id,
+                    error.code().name,
+                    error.details(),
+                )
+            finally:
+                call.cancel()
+                if self._connected.is_set():
+                    self._connected = anyio.Event()
+            await self._backoff.wait()
+
+    def _on_request(self, message: pb.ListenAsAgentResponse) -> None:
+        kind = message.WhichOneof("request")
+        if kind == "execute_request":
+            self._on_execute(message.execute_request.task)
+        elif kind == "cancel_request":
+            self._on_stop(message.cancel_request.task_id, _Stop.CANCEL)
+        elif kind == "complete_request":
+            self._on_stop(message.complete_request.task_id, _Stop.COMPLETE)
+
+    def _on_execute(self, task: pb.Task) -> None:
+        task_id = task.version.task_id
+        if task_id in self._running or task_id in self._finished:
+            return  # delivery is at least once: a repeat is a no-op
+        running = _RunningTask()
+        self._running[task_id] = running
+        assert self._task_group is not None
+        self._task_group.start_soon(self._execute, task, running, name=f"task {task_id}")
+
+    def _on_stop(self, task_id: str, reason: _Stop) -> None:
+        running = self._running.get(task_id)
+        if running is not None:
+            running.request_stop(reason)
+        elif task_id not in self._finished:
+            # Not ours in this process (e.g. we restarted): end it as asked.
+            self._remember(task_id)
+            assert self._task_group is not None
+            self._task_group.start_soon(self._end_unknown_task, task_id, reason)
+
+    async def _execute(self, task: pb.Task, running: _RunningTask) -> None:
+        task_id = task.version.task_id
+        assert self._stub is not None
+        reporter = _Reporter(self._stub, task_id, task.version.status_version, self._author)
+        try:
+            final = await self._steps_and_handler(task, running, reporter)
+            await self._report_final(reporter, final)
+        except _TaskGone as gone:
+            log.info("agent %s: task %s ended elsewhere: %s", self.entity_id, task_id, gone)
+        except grpc.aio.AioRpcError as error:
+            log.error("agent %s: giving up on task %s: %s", self.entity_id, task_id, error)
+        finally:
+            del self._running[task_id]
+            self._remember(task_id)
+
+    async def _steps_and_handler(
+        self, task: pb.Task, running: _RunningTask, reporter: _Reporter
+    ) -> pb.TaskStatus:
+        try:
+            for step in STEPS_BEFORE_HANDLER:
+                if running.stop is not None:
+                    return _status_for_stop(running.stop)
+                await reporter.report(pb.TaskStatus(status=step), final=False)
+        except _StopRequested as requested:
+            return _status_for_stop(requested.reason)
+        return await self._run_handler(task, running)
+
+    async def _run_handler(self, task: pb.Task, running: _RunningTask) -> pb.TaskStatus:
+        found = self._handler_for(task)
+        if found is None:
+            type_name = task.specification.TypeName() or "(none)"
+            return _done_not_ok(
+                pb.ERROR_CODE_REJECTED, f"agent has no handler for specification {type_name}"
+            )
+        handler, specification = found
+        result: Message | None = None
+        try:
+            with running.scope:
+                result = await handler(TaskContext(task=task, specification=specification))
+        except Exception as exc:
+            if running.stop is not None:
+                return _status_for_stop(running.stop)
+            log.info("agent %s: task %s failed: %r", self.entity_id, task.version.task_id, exc)
+            return _done_not_ok(pb.ERROR_CODE_FAILED, f"{type(exc).__name__}: {exc}")
+        if running.stop is not None:
+            return _status_for_stop(running.stop)
+        return _done_ok(result)
+
+    def _handler_for(self, task: pb.Task) -> tuple[Handler, Message | None] | None:
+        if not task.HasField("specification"):
+            return None if self._default_handler is None else (self._default_handler, None)
+        registered = self._handlers.get(task.specification.TypeName())
+        if registered is not None:
+            message_type, handler = registered
+            specification = message_type()
+            task.specification.Unpack(specification)
+            return handler, specification
+        if self._default_handler is None:
+            return None
+        return self._default_handler, task.specification
+
+    async def _report_final(self, reporter: _Reporter, final: pb.TaskStatus) -> None:
+        try:
+            await reporter.report(final, final=True)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # The server refused the outcome itself (e.g. a result over the size
+            # limit): the task must still end, so say why it could not.
+            refused = f"the task manager refused the outcome: {error.details()}"
+            await reporter.report(_done_not_ok(pb.ERROR_CODE_FAILED, refused), final=True)
+
+    async def _end_unknown_task(self, task_id: str, reason: _Stop) -> None:
+        assert self._stub is not None
+        reporter = _Reporter(self._stub, task_id, 0, self._author)
+        try:
+            current = await reporter.read_task()
+            if current.status.status in TERMINAL:
+                return
+            reporter.status_version = current.version.status_version
+            await reporter.report(_status_for_stop(reason), final=True)
+        except _TaskGone:
+            pass
+        except grpc.aio.AioRpcError as error:
+            log.error("agent %s: could not end task %s: %s", self.entity_id, task_id, error)
+
+    def _remember(self, task_id: str) -> None:
+        self._finished[task_id] = None
+        while len(self._finished) > self._remember_finished:
+            self._finished.popitem(last=False)
+
+
+def _first_leaf(group: BaseExceptionGroup[AgentError] | None) -> AgentError | None:
+    while group is not None:
+        first = group.exceptions[0]
+        if not isinstance(first, BaseExceptionGroup):
+            return first
+        group = first
+    return None
+
+
+def _status_for_stop(reason: _Stop) -> pb.TaskStatus:
+    if reason is _Stop.COMPLETE:
+        return pb.TaskStatus(status=S.STATUS_DONE_OK)
+    return _done_not_ok(pb.ERROR_CODE_CANCELLED, "cancelled at the operator's request")
+
+
+def _done_ok(result: Message | None) -> pb.TaskStatus:
+    status = pb.TaskStatus(status=S.STATUS_DONE_OK)
+    if isinstance(result, any_pb2.Any):
+        status.result.CopyFrom(result)
+    elif result is not None:
+        status.result.Pack(result)
+    return status
+
+
+def _done_not_ok(code: pb.ErrorCode.ValueType, message: str) -> pb.TaskStatus:
+    return pb.TaskStatus(
+        status=S.STATUS_DONE_NOT_OK, task_error=pb.TaskError(code=code, message=message)
+    )
