@@ -1,0 +1,51 @@
+"""The README walkthrough: examples/agent.py and examples/operator.py against a server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import REPO_ROOT, ServerProcess
+
+
+def test_example_operator_sees_the_example_agent_finish_a_task(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "tasks.db").start()
+    agent = subprocess.Popen(
+        [sys.executable, "examples/agent.py", "--target", server.address],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert agent.stdout is not None
+        assert agent.stdout.readline().startswith("agent: listening as drone-1")
+        operator = subprocess.run(
+            [sys.executable, "examples/operator.py", "--target", server.address],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        agent.terminate()
+        agent.wait(30)
+        if agent.stdout is not None:
+            agent.stdout.close()
+        assert server.terminate() == 0
+    assert operator.returncode == 0, operator.stdout + operator.stderr
+    lines = operator.stdout.splitlines()
+    history_rows = [line.split() for line in lines if line.startswith("  ") and "STATUS_" in line]
+    walked = [row[-1] for row in history_rows]
+    assert [int(row[1]) for row in history_rows] == list(range(1, 8))  # status versions
+    assert walked == [
+        "STATUS_CREATED",
+        "STATUS_SENT",
+        "STATUS_MACHINE_RECEIPT",
+        "STATUS_ACK",
+        "STATUS_WILCO",
+        "STATUS_EXECUTING",
+        "STATUS_DONE_OK",
+    ]
+    assert "operator: result: surveyed: the north field" in lines
