@@ -1,6 +1,6 @@
 """Generates the Python code for protos/ into task_manager/v1/ (or any output root).
 
-`make protos` runs it; tests/test_generated_code.py runs it into a temp dir to prove the
+`make protos` runs it; tests/test_protocol_surface.py runs it into a temp dir to prove the
 committed files are not stale.
 """
 
