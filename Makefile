@@ -28,5 +28,12 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Benchmarks are not tests: real server and client processes, JSON in bench/results/.
+bench: install
+	$(PY) -m bench.run
+
+bench-quick: install
+	$(PY) -m bench.run --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -232,6 +232,9 @@ class SqliteStore:
         self._on_commit = on_commit
         self._loop = loop
         self._jobs: queue.SimpleQueue[_WriteJob | None] = queue.SimpleQueue()
+        self.commits = 0
+        """Transactions committed; with `writes`, shows how much group commit batches."""
+        self.writes = 0
         self._closed = False
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
@@ -313,6 +316,8 @@ class SqliteStore:
                 changes.extend(tx.changes)
                 outcomes.append(_Outcome(job, value=value))
             conn.execute("COMMIT")
+            self.commits += 1
+            self.writes += len(batch)
         except sqlite3.Error as exc:
             log.exception("write batch of %d failed to commit", len(batch))
             if conn.in_transaction:

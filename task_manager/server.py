@@ -101,7 +101,9 @@ class TaskManagerServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = settings.listen.rsplit(":", 1)[0]
         address = f"{host}:{port}"
-        log.info("serving on %s (database %s)", address, settings.db)
+        log.info(
+            "serving on %s (database %s, commits fsynced: %s)", address, settings.db, store.durable
+        )
         return cls(server, store, dispatcher, health_servicer, address, settings)
 
     async def stop(self) -> None:
@@ -114,7 +116,7 @@ class TaskManagerServer:
         self.dispatcher.close()
         await self._server.stop(self._settings.shutdown_grace_s)
         await self.store.close()
-        log.info("stopped")
+        log.info("stopped after %d writes in %d commits", self.store.writes, self.store.commits)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

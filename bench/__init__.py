@@ -1,0 +1,1 @@
+"""Measured performance: `make bench` (python -m bench.run). Not tests."""

@@ -1,0 +1,280 @@
+"""Benchmark clients: each scenario runs in its own process and prints one JSON line.
+
+    python -m bench.load SCENARIO --target HOST:PORT [options]
+
+Scenarios: echo, update-status, lifecycle, dispatch, idle-streams. bench/run.py starts
+the servers and these processes; the numbers are only meaningful side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+from google.protobuf.wrappers_pb2 import StringValue
+
+from agent_kit._grpc import AsyncStub
+from task_manager.v1 import task_manager_pb2 as pb
+
+S = pb.Status
+WALK = (
+    S.STATUS_MACHINE_RECEIPT,
+    S.STATUS_ACK,
+    S.STATUS_WILCO,
+    S.STATUS_EXECUTING,
+    S.STATUS_DONE_OK,
+)
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+def typical_update(task_id: str, status_version: int) -> pb.UpdateStatusRequest:
+    """An UpdateStatus as agents send it: a status with a little progress."""
+    progress = pb.TaskStatus(status=S.STATUS_EXECUTING)
+    progress.progress.Pack(StringValue(value="leg 3 of 7"))
+    return pb.UpdateStatusRequest(
+        status_update=pb.StatusUpdate(
+            version=pb.TaskVersion(task_id=task_id, status_version=status_version),
+            status=progress,
+            author=pb.Principal(system=pb.System(entity_id="bench-agent")),
+        )
+    )
+
+
+async def run_for(duration: float, workers: int, step: Callable[[int], Awaitable[None]]) -> float:
+    """Runs `workers` loops of `step` for `duration` seconds after a short warm-up;
+    returns completed steps per second in the measured window."""
+    counted = 0
+    measuring = False
+    stop = False
+
+    async def loop(worker: int) -> None:
+        nonlocal counted
+        while not stop:
+            await step(worker)
+            if measuring:
+                counted += 1
+
+    tasks = [asyncio.create_task(loop(w)) for w in range(workers)]
+    await asyncio.sleep(min(1.0, duration / 4))  # warm-up: connections, caches
+    measuring = True
+    started = time.perf_counter()
+    await asyncio.sleep(duration)
+    measuring = False
+    elapsed = time.perf_counter() - started
+    stop = True
+    await asyncio.gather(*tasks)
+    return counted / elapsed
+
+
+async def echo(args: argparse.Namespace) -> dict[str, float]:
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        call = channel.unary_unary(
+            ECHO_METHOD,
+            request_serializer=pb.UpdateStatusRequest.SerializeToString,
+            response_deserializer=pb.UpdateStatusResponse.FromString,
+        )
+        request = typical_update("echo-task-1", 2)
+
+        async def step(worker: int) -> None:
+            await call(request)
+
+        return {"rpc_per_s": await run_for(args.duration, args.concurrency, step)}
+
+
+async def update_status(args: argparse.Namespace) -> dict[str, float]:
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = AsyncStub(channel)
+        versions: list[tuple[str, int]] = []
+        for _ in range(args.concurrency):  # distinct tasks: no conflicts between workers
+            task = (await stub.CreateTask(pb.CreateTaskRequest(display_name="bench"))).task
+            versions.append((task.version.task_id, task.version.status_version))
+
+        async def step(worker: int) -> None:
+            task_id, version = versions[worker]
+            response = await stub.UpdateStatus(typical_update(task_id, version))
+            versions[worker] = (task_id, response.task.version.status_version)
+
+        return {"rpc_per_s": await run_for(args.duration, args.concurrency, step)}
+
+
+class Walkers:
+    """Agents that walk every task they receive to DONE_OK, recording arrival times."""
+
+    def __init__(self, stub: AsyncStub, agents: int) -> None:
+        self.stub = stub
+        self.agents = [f"bench-agent-{i}" for i in range(agents)]
+        self.received_at: dict[str, float] = {}
+        self.done = 0
+        self.slots: asyncio.Semaphore | None = None
+        self._walks: set[asyncio.Task[None]] = set()
+        self._connected = 0
+        self.all_connected = asyncio.Event()
+        self._expected: int | None = None
+        self.all_received = asyncio.Event()
+
+    def expect(self, count: int) -> None:
+        self._expected = count
+        if len(self.received_at) >= count:
+            self.all_received.set()
+
+    async def listen(self, entity_id: str) -> None:
+        request = pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=[entity_id]))
+        call = self.stub.ListenAsAgent(request)
+        await call.initial_metadata()
+        self._connected += 1
+        if self._connected == len(self.agents):
+            self.all_connected.set()
+        async for message in call:
+            task = message.execute_request.task
+            self.received_at[task.version.task_id] = time.perf_counter()
+            if self._expected is not None and len(self.received_at) >= self._expected:
+                self.all_received.set()
+            walk = asyncio.create_task(self.walk(task))
+            self._walks.add(walk)
+            walk.add_done_callback(self._walks.discard)
+
+    async def walk(self, task: pb.Task) -> None:
+        version = task.version.status_version
+        for status in WALK:
+            update = pb.UpdateStatusRequest(
+                status_update=pb.StatusUpdate(
+                    version=pb.TaskVersion(task_id=task.version.task_id, status_version=version),
+                    status=pb.TaskStatus(status=status),
+                )
+            )
+            version = (await self.stub.UpdateStatus(update)).task.version.status_version
+        self.done += 1
+        if self.slots is not None:
+            self.slots.release()
+
+
+async def lifecycle(args: argparse.Namespace) -> dict[str, float]:
+    """Operators keep `concurrency` tasks in flight; agents walk each to DONE_OK."""
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = AsyncStub(channel)
+        walkers = Walkers(stub, args.agents)
+        walkers.slots = asyncio.Semaphore(args.concurrency)
+        listeners = [asyncio.create_task(walkers.listen(a)) for a in walkers.agents]
+        await walkers.all_connected.wait()
+        numbers = itertools.count()
+        stop = False
+
+        async def operator() -> None:
+            assert walkers.slots is not None
+            while not stop:
+                await walkers.slots.acquire()
+                agent = walkers.agents[next(numbers) % len(walkers.agents)]
+                request = pb.CreateTaskRequest(display_name="bench")
+                request.relations.assignee.system.entity_id = agent
+                await stub.CreateTask(request)
+
+        operators = [asyncio.create_task(operator()) for _ in range(4)]
+        await asyncio.sleep(min(1.0, args.duration / 4))
+        done_before, started = walkers.done, time.perf_counter()
+        await asyncio.sleep(args.duration)
+        rate = (walkers.done - done_before) / (time.perf_counter() - started)
+        stop = True
+        for task in (*operators, *listeners):
+            task.cancel()
+        return {"tasks_per_s": rate}
+
+
+async def dispatch(args: argparse.Namespace) -> dict[str, float]:
+    """Creates tasks at a fixed rate (the lifecycle walked by agents as above) and
+    measures CreateTask call start -> ExecuteRequest read from the agent's stream."""
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        stub = AsyncStub(channel)
+        walkers = Walkers(stub, args.agents)
+        listeners = [asyncio.create_task(walkers.listen(a)) for a in walkers.agents]
+        await walkers.all_connected.wait()
+        sent_at: dict[str, float] = {}
+        creates: set[asyncio.Future[pb.CreateTaskResponse]] = set()
+        interval = 1.0 / args.rate
+        total = int(args.rate * args.duration)
+        start = time.perf_counter()
+        for n in range(total):
+            delay = start + n * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task_id = f"dispatch-{n:08d}"
+            request = pb.CreateTaskRequest(display_name="bench", task_id=task_id)
+            request.relations.assignee.system.entity_id = walkers.agents[n % len(walkers.agents)]
+            sent_at[task_id] = time.perf_counter()
+            create = asyncio.ensure_future(stub.CreateTask(request))
+            creates.add(create)
+            create.add_done_callback(creates.discard)
+        walkers.expect(total)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(walkers.all_received.wait(), 30)
+        for listener in listeners:
+            listener.cancel()
+        warm = [t for t in sent_at if int(t.split("-")[1]) >= total // 10]  # skip warm-up
+        latencies = sorted(
+            (walkers.received_at[t] - sent_at[t]) * 1000 for t in warm if t in walkers.received_at
+        )
+        if len(latencies) < len(warm):
+            raise SystemExit(f"{len(warm) - len(latencies)} tasks never reached their agent")
+        return {
+            "p50_ms": latencies[len(latencies) // 2],
+            "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+            "rate_per_s": args.rate,
+            "samples": len(latencies),
+        }
+
+
+async def idle_streams(args: argparse.Namespace) -> dict[str, float]:
+    """Opens `streams` ListenAsAgent streams, says `ready` on stdout, and holds them
+    until its standard input closes."""
+    per_channel = 100
+    channels = [
+        grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range((args.streams + per_channel - 1) // per_channel)
+    ]
+    calls = []
+    for n in range(args.streams):
+        stub = AsyncStub(channels[n // per_channel])
+        request = pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=[f"idle-{n}"]))
+        calls.append(stub.ListenAsAgent(request))
+    for chunk in range(0, len(calls), 500):
+        await asyncio.gather(*(call.initial_metadata() for call in calls[chunk : chunk + 500]))
+    print(json.dumps({"ready": len(calls)}), flush=True)
+    await asyncio.to_thread(sys.stdin.read)  # hold until the orchestrator is done
+    for call in calls:
+        call.cancel()
+    for channel in channels:
+        await channel.close(None)
+    return {"streams": len(calls)}
+
+
+SCENARIOS = {
+    "echo": echo,
+    "update-status": update_status,
+    "lifecycle": lifecycle,
+    "dispatch": dispatch,
+    "idle-streams": idle_streams,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--agents", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--streams", type=int, default=10_000)
+    args = parser.parse_args()
+    result = asyncio.run(SCENARIOS[args.scenario](args))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

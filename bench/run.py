@@ -1,0 +1,264 @@
+"""`make bench`: real server processes, separate client processes, same-run baselines.
+
+Writes bench/results/latest.json and prints a table. These machines are shared and
+noisy: compare ratios against the baseline measured in the same run, not raw numbers
+across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "bench" / "results" / "latest.json"
+TARGETS = {
+    "update_status_vs_echo": (">=", 0.6),
+    "lifecycle_tasks_per_s": (">=", 1000),
+    "dispatch_ms_p99": ("<=", 10),
+    "dispatch_ms_p50": ("<=", 2),
+    "watch_fanout_ms_p99": ("<=", 50),
+    "idle_stream_rss_kb": ("<=", 100),
+    "durable": ("==", True),
+}
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    address: str
+    log: Path
+
+    def stop(self) -> str:
+        """SIGTERM, wait, and return what the server logged."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.log.read_text()
+
+
+@contextmanager
+def start_server(command: list[str], log: Path) -> Iterator[Server]:
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=REPO_ROOT
+        )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if "serving on" not in line:
+        process.kill()
+        raise SystemExit(f"server did not start: {line!r}\n{log.read_text()}")
+    address = line.rsplit(" ", 1)[1].strip()
+    grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=30)
+    server = Server(process, address, log)
+    try:
+        yield server
+    finally:
+        if process.poll() is None:
+            server.stop()
+
+
+def task_manager(workdir: Path, name: str) -> list[str]:
+    db = workdir / f"{name}.db"
+    return [
+        sys.executable,
+        "-m",
+        "task_manager",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        str(db),
+    ]
+
+
+def client(scenario: str, target: str, **options: object) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.load", scenario, "--target", target]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    if result.returncode != 0:
+        raise SystemExit(f"client {scenario} failed:\n{result.stderr}")
+    parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def durable_from(log: str) -> bool:
+    return "commits fsynced: True" in log
+
+
+def writes_per_commit(log: str) -> float | None:
+    found = re.search(r"stopped after (\d+) writes in (\d+) commits", log)
+    if found is None or int(found[2]) == 0:
+        return None
+    return round(int(found[1]) / int(found[2]), 2)
+
+
+def idle_streams(workdir: Path, streams: int) -> tuple[float, bool]:
+    with start_server(task_manager(workdir, "idle"), workdir / "idle.log") as server:
+        client("idle-streams", server.address, streams=10)  # warm up the server's paths
+        before = rss_kb(server.process.pid)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.load",
+                "idle-streams",
+                "--target",
+                server.address,
+                "--streams",
+                str(streams),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+        )
+        assert holder.stdout is not None
+        assert holder.stdin is not None
+        ready = json.loads(holder.stdout.readline())
+        assert ready["ready"] == streams, ready
+        time.sleep(1.0)  # let the server settle what it allocated for the streams
+        after = rss_kb(server.process.pid)
+        holder.stdin.close()
+        holder.wait(120)
+        holder.stdout.close()
+        log = server.stop()
+    return (after - before) / streams, durable_from(log)
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    duration = 3.0 if quick else 10.0
+    streams = 2_000 if quick else 10_000
+    results: dict[str, Any] = {}
+    durable: list[bool] = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        echo_command = [sys.executable, "-m", "bench.echo_server"]
+        with start_server(echo_command, workdir / "echo.log") as echo:
+            results["echo_rpc_per_s"] = client("echo", echo.address, duration=duration)["rpc_per_s"]
+
+        with start_server(task_manager(workdir, "update"), workdir / "update.log") as server:
+            measured = client("update-status", server.address, duration=duration)
+            results["update_status_per_s"] = measured["rpc_per_s"]
+            log = server.stop()
+        durable.append(durable_from(log))
+        results["update_status_writes_per_commit"] = writes_per_commit(log)
+        results["update_status_vs_echo"] = (
+            results["update_status_per_s"] / results["echo_rpc_per_s"]
+        )
+
+        with start_server(task_manager(workdir, "lifecycle"), workdir / "lifecycle.log") as server:
+            measured = client("lifecycle", server.address, duration=duration)
+            results["lifecycle_tasks_per_s"] = measured["tasks_per_s"]
+            log = server.stop()
+        durable.append(durable_from(log))
+        results["lifecycle_writes_per_commit"] = writes_per_commit(log)
+
+        rate = max(10.0, results["lifecycle_tasks_per_s"] / 2)
+        with start_server(task_manager(workdir, "dispatch"), workdir / "dispatch.log") as server:
+            measured = client("dispatch", server.address, duration=duration, rate=rate)
+            log = server.stop()
+        durable.append(durable_from(log))
+        results["dispatch_ms_p50"] = measured["p50_ms"]
+        results["dispatch_ms_p99"] = measured["p99_ms"]
+        results["dispatch_rate_per_s"] = rate
+
+        results["watch_fanout_watchers"] = None
+        results["watch_fanout_ms_p99"] = None
+        results["watch_fanout_missing"] = "needs WatchTasks (the watch streams issue)"
+
+        per_stream, idle_durable = idle_streams(workdir, streams)
+        durable.append(idle_durable)
+        results["idle_streams"] = streams
+        results["idle_stream_rss_kb"] = per_stream
+    results["durable"] = all(durable)
+    results["cores"] = os.cpu_count()
+    results["commit"] = _git_commit()
+    results["python"] = platform.python_version()
+    results["grpcio"] = grpc.__version__
+    results["quick"] = quick
+    results["duration_s"] = duration
+    results["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return results
+
+
+def _git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=REPO_ROOT, check=False
+        ).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [("figure", "value", "target", "")]
+    for key in (
+        "echo_rpc_per_s",
+        "update_status_per_s",
+        "update_status_vs_echo",
+        "update_status_writes_per_commit",
+        "lifecycle_tasks_per_s",
+        "dispatch_ms_p50",
+        "dispatch_ms_p99",
+        "watch_fanout_ms_p99",
+        "idle_stream_rss_kb",
+        "durable",
+    ):
+        value = results.get(key)
+        target = TARGETS.get(key)
+        verdict = ""
+        if target is not None and value is not None:
+            op, bound = target
+            met = value >= bound if op == ">=" else value <= bound if op == "<=" else value == bound
+            verdict = "ok" if met else "MISSED"
+        elif target is not None:
+            verdict = "missing"
+        shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
+        rows.append((key, shown, "" if target is None else f"{target[0]} {target[1]}", verdict))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run (under a minute)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    results = measure(args.quick)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
