@@ -6,6 +6,7 @@ inside one transaction, and committed changes are announced only after the commi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -128,6 +129,11 @@ class Store(Protocol):
         An exception raised by unit rolls back only that unit's writes and is re-raised
         here; other units committed with it are not affected.
         """
+        ...
+
+    def submit(self, unit: Callable[[WriteTransaction], T]) -> asyncio.Future[T]:
+        """Like write, without waiting: queues unit and returns the future of its result.
+        Units run and commit in the order they were submitted."""
         ...
 
     async def get(self, task_id: str) -> StoredTask | None: ...

@@ -268,11 +268,15 @@ class SqliteStore:
     # -- writes -------------------------------------------------------------------------
 
     async def write(self, unit: Callable[[WriteTransaction], T]) -> T:
-        if self._closed:
-            raise StoreClosed("the store is closed")
+        return await self.submit(unit)
+
+    def submit(self, unit: Callable[[WriteTransaction], T]) -> asyncio.Future[T]:
         future: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.put(_WriteJob(unit, future))
-        return await future
+        if self._closed:
+            future.set_exception(StoreClosed("the store is closed"))
+        else:
+            self._jobs.put(_WriteJob(unit, future))
+        return future
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         next_revision = self._last_revision(conn) + 1

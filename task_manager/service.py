@@ -6,6 +6,7 @@ are registered under both service names with deserializers that never fail opaqu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from task_manager.errors import (
     ServerShuttingDown,
     StreamFellBehind,
     TaskIdTaken,
+    TaskManagerError,
     TaskNotFound,
     TerminalTask,
     Unsupported,
@@ -48,6 +50,11 @@ from task_manager.v1.task_manager_pb2 import (
     ListenAsAgentResponse,
     QueryTasksRequest,
     QueryTasksResponse,
+    ReportError,
+    StatusReport,
+    StatusReportResult,
+    StatusUpdate,
+    Task,
     UpdateStatusRequest,
     UpdateStatusResponse,
 )
@@ -106,12 +113,50 @@ class TaskManagerService:
     ) -> UpdateStatusResponse:
         if not request.HasField("status_update"):
             raise InvalidArgument("status_update", "is required")
-        update = request.status_update
+        task = await self._submit_status_update(request.status_update)
+        return UpdateStatusResponse(task=task)
+
+    def _submit_status_update(self, update: StatusUpdate) -> asyncio.Future[Task]:
+        """Checks an update and queues it; the future holds the task after the commit."""
         validation.check_status_update(update)
-        task = await self._store.write(
+        return self._store.submit(
             lambda tx: lifecycle.update_status(tx, update, self._clock.now_ns())
         )
-        return UpdateStatusResponse(task=task)
+
+    async def ReportStatus(
+        self,
+        reports: AsyncIterator[StatusReport | Undecodable],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[StatusReportResult]:
+        # Reports are read and queued for the writer as they come (so they share group
+        # commits); results go back in the same order as each commit completes.
+        queued: asyncio.Queue[tuple[int, asyncio.Future[Task]] | None] = asyncio.Queue(
+            maxsize=REPORTS_IN_FLIGHT
+        )
+
+        async def read_reports() -> None:
+            async for report in reports:
+                await queued.put(self._queue_report(report))
+            await queued.put(None)
+
+        reader = asyncio.create_task(read_reports())  # owned: cancelled below
+        try:
+            while (item := await queued.get()) is not None:
+                report_id, outcome = item
+                yield await _report_result(report_id, outcome)
+            await reader  # surfaces a failure of the request stream itself
+        finally:
+            reader.cancel()
+
+    def _queue_report(self, report: StatusReport | Undecodable) -> tuple[int, asyncio.Future[Task]]:
+        if isinstance(report, Undecodable):
+            return 0, _failed(InvalidArgument("report", f"is not a valid {report.type_name}"))
+        try:
+            if not report.HasField("status_update"):
+                raise InvalidArgument("status_update", "is required")
+            return report.report_id, self._submit_status_update(report.status_update)
+        except TaskManagerError as refused:
+            return report.report_id, _failed(refused)
 
     async def ListenAsAgent(
         self, request: ListenAsAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -169,6 +214,28 @@ class TaskManagerService:
         if len(entries) > page_size:
             response.page_token = validation.encode_page_token(entries[page_size - 1].revision)
         return response
+
+
+REPORTS_IN_FLIGHT = 1_024
+"""Reports of one ReportStatus stream queued at most; beyond it the stream pushes back."""
+
+
+def _failed(error: Exception) -> asyncio.Future[Task]:
+    future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future
+
+
+async def _report_result(report_id: int, outcome: asyncio.Future[Task]) -> StatusReportResult:
+    try:
+        return StatusReportResult(report_id=report_id, task=await outcome)
+    except Exception as error:
+        status = status_for(error)
+        current = error.current if isinstance(error, VersionConflict) else 0
+        refused = ReportError(
+            code=status.code.value[0], message=status.details, current_status_version=current
+        )
+        return StatusReportResult(report_id=report_id, error=refused)
 
 
 # -- errors: the one table ------------------------------------------------------------
@@ -243,6 +310,9 @@ def _decoded(request: Message | Undecodable) -> Message:
 
 UnaryMethod = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]
 StreamMethod = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message]]
+BidiMethod = Callable[
+    [AsyncIterator[Any], grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message]
+]
 
 
 def _unary_handler(method: UnaryMethod) -> UnaryMethod:
@@ -271,6 +341,19 @@ def _stream_handler(method: StreamMethod) -> StreamMethod:
     return handle
 
 
+def _bidi_handler(method: BidiMethod) -> BidiMethod:
+    async def handle(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Message]:
+        try:
+            async for response in method(requests, context):
+                yield response
+        except Exception as error:
+            await _abort(context, error)
+
+    return handle
+
+
 def _method_handler(
     servicer: TaskManagerService, method: MethodDescriptor
 ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -278,6 +361,13 @@ def _method_handler(
     response_type = message_factory.GetMessageClass(method.output_type)
     behaviour = getattr(servicer, method.name)
     deserializer = _safe_deserializer(request_type)
+    if method.client_streaming:
+        # Items that fail to decode reach the method as Undecodable, one by one.
+        return grpc.stream_stream_rpc_method_handler(
+            _bidi_handler(behaviour),
+            request_deserializer=deserializer,
+            response_serializer=response_type.SerializeToString,
+        )
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
             _stream_handler(behaviour),

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
+from google.protobuf.descriptor import MethodDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -248,24 +249,35 @@ async def test_bad_request_gets_a_clear_error_and_changes_nothing(
     assert await snapshot(stub) == before
 
 
-@pytest.mark.parametrize(
-    "method",
-    [f"/{s.full_name}/{m.name}" for s in SERVICE_DESCRIPTORS for m in s.methods],
-)
+METHODS = [(s.full_name, m) for s in SERVICE_DESCRIPTORS for m in s.methods]
+
+
+@pytest.mark.parametrize(("service", "method"), METHODS, ids=[f"{s}/{m.name}" for s, m in METHODS])
 async def test_undecodable_request_bytes_are_invalid_argument(
-    channel: grpc.aio.Channel, stub: AsyncStub, existing: pb.Task, method: str
+    channel: grpc.aio.Channel,
+    stub: AsyncStub,
+    existing: pb.Task,
+    service: str,
+    method: MethodDescriptor,
 ) -> None:
     before = await snapshot(stub)
     garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, absurd length
-    if method.endswith("ListenAsAgent"):
-        call = channel.unary_stream(method, _raw, _raw)(garbage)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call.read()
+    path = f"/{service}/{method.name}"
+    if method.client_streaming:
+        # One bad report is refused in-band; the stream itself goes on.
+        bidi = channel.stream_stream(path, _raw, pb.StatusReportResult.FromString)(None)
+        await bidi.write(garbage)
+        await bidi.done_writing()
+        result = await bidi.read()
+        assert isinstance(result, pb.StatusReportResult)
+        assert result.error.code == Code.INVALID_ARGUMENT.value[0]
+        assert "not a valid" in result.error.message
+        assert await bidi.code() == Code.OK
     else:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await channel.unary_unary(method, _raw, _raw)(garbage)
-    assert caught.value.code() == Code.INVALID_ARGUMENT
-    assert "not a valid" in (caught.value.details() or "")
+            await _call_once(channel, path, method, garbage)
+        assert caught.value.code() == Code.INVALID_ARGUMENT
+        assert "not a valid" in (caught.value.details() or "")
     assert await snapshot(stub) == before
 
 
@@ -283,6 +295,14 @@ async def test_random_bytes_never_get_unknown_or_internal(
             await channel.unary_unary(f"/task_manager.v1.TaskManager/{method}", _raw, _raw)(payload)
         except grpc.aio.AioRpcError as error:
             assert error.code() not in (Code.UNKNOWN, Code.INTERNAL), (method, error.details())
+
+
+async def _call_once(
+    channel: grpc.aio.Channel, path: str, method: MethodDescriptor, request: bytes
+) -> object:
+    if method.server_streaming:
+        return await channel.unary_stream(path, _raw, _raw)(request).read()
+    return await channel.unary_unary(path, _raw, _raw)(request)
 
 
 def _raw(data: bytes) -> bytes:

@@ -1179,3 +1179,87 @@ class GetTaskHistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTaskHistoryResponse: _TypeAlias = GetTaskHistoryResponse  # noqa: Y015
+
+@_typing.final
+class StatusReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_UPDATE_FIELD_NUMBER: _builtins.int
+    report_id: _builtins.int
+    """Chosen by the client; echoed in the result."""
+    @_builtins.property
+    def status_update(self) -> Global___StatusUpdate: ...
+    def __init__(
+        self,
+        *,
+        report_id: _builtins.int = ...,
+        status_update: Global___StatusUpdate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status_update", b"status_update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report_id", b"report_id", "status_update", b"status_update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusReport: _TypeAlias = StatusReport  # noqa: Y015
+
+@_typing.final
+class StatusReportResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_ID_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    report_id: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task after the update, as UpdateStatusResponse.task."""
+
+    @_builtins.property
+    def error(self) -> Global___ReportError:
+        """Why the update was refused, as UpdateStatus would have failed."""
+
+    def __init__(
+        self,
+        *,
+        report_id: _builtins.int = ...,
+        task: Global___Task | None = ...,
+        error: Global___ReportError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "report_id", b"report_id", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["task", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___StatusReportResult: _TypeAlias = StatusReportResult  # noqa: Y015
+
+@_typing.final
+class ReportError(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    CURRENT_STATUS_VERSION_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code UpdateStatus would have answered (e.g. 10 = ABORTED)."""
+    message: _builtins.str
+    current_status_version: _builtins.int
+    """With ABORTED: the task's current status_version (as x-current-status-version)."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        current_status_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "current_status_version", b"current_status_version", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportError: _TypeAlias = ReportError  # noqa: Y015

@@ -76,6 +76,11 @@ class TaskManagerStub:
                 request_serializer=task__manager_dot_v1_dot_task__manager__pb2.GetTaskHistoryRequest.SerializeToString,
                 response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.GetTaskHistoryResponse.FromString,
                 _registered_method=True)
+        self.ReportStatus = channel.stream_stream(
+                '/task_manager.v1.TaskManager/ReportStatus',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.StatusReport.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.StatusReportResult.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -146,6 +151,16 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportStatus(self, request_iterator, context):
+        """Extension: status reports over one long-lived stream (a stream message costs a
+        fraction of a unary call). Each StatusReport is checked and applied exactly as
+        UpdateStatus would, and answered by one StatusReportResult with the same report_id,
+        in the order the reports were sent. A refused report does not end the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +203,11 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.GetTaskHistory,
                     request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.GetTaskHistoryRequest.FromString,
                     response_serializer=task__manager_dot_v1_dot_task__manager__pb2.GetTaskHistoryResponse.SerializeToString,
+            ),
+            'ReportStatus': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReportStatus,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.StatusReport.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.StatusReportResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +428,33 @@ class TaskManager:
             '/task_manager.v1.TaskManager/GetTaskHistory',
             task__manager_dot_v1_dot_task__manager__pb2.GetTaskHistoryRequest.SerializeToString,
             task__manager_dot_v1_dot_task__manager__pb2.GetTaskHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportStatus(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/task_manager.v1.TaskManager/ReportStatus',
+            task__manager_dot_v1_dot_task__manager__pb2.StatusReport.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.StatusReportResult.FromString,
             options,
             channel_credentials,
             insecure,

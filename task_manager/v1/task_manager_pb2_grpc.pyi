@@ -84,6 +84,12 @@ class TaskManagerStub:
     """Extension: asks the assignee to complete the task (STATUS_COMPLETE_REQUESTED)."""
     GetTaskHistory: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.GetTaskHistoryRequest, _task_manager_pb2.GetTaskHistoryResponse]
     """Extension: every accepted change of one task, oldest first, with its revision."""
+    ReportStatus: _grpc.StreamStreamMultiCallable[_task_manager_pb2.StatusReport, _task_manager_pb2.StatusReportResult]
+    """Extension: status reports over one long-lived stream (a stream message costs a
+    fraction of a unary call). Each StatusReport is checked and applied exactly as
+    UpdateStatus would, and answered by one StatusReportResult with the same report_id,
+    in the order the reports were sent. A refused report does not end the stream.
+    """
 
 @_typing.type_check_only
 class TaskManagerAsyncStub(TaskManagerStub):
@@ -119,6 +125,12 @@ class TaskManagerAsyncStub(TaskManagerStub):
     """Extension: asks the assignee to complete the task (STATUS_COMPLETE_REQUESTED)."""
     GetTaskHistory: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.GetTaskHistoryRequest, _task_manager_pb2.GetTaskHistoryResponse]  # type: ignore[assignment]
     """Extension: every accepted change of one task, oldest first, with its revision."""
+    ReportStatus: _aio.StreamStreamMultiCallable[_task_manager_pb2.StatusReport, _task_manager_pb2.StatusReportResult]  # type: ignore[assignment]
+    """Extension: status reports over one long-lived stream (a stream message costs a
+    fraction of a unary call). Each StatusReport is checked and applied exactly as
+    UpdateStatus would, and answered by one StatusReportResult with the same report_id,
+    in the order the reports were sent. A refused report does not end the stream.
+    """
 
 class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
     """The operator- and agent-facing service. The five core RPCs are also served under
@@ -199,5 +211,17 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_manager_pb2.GetTaskHistoryResponse, _abc.Awaitable[_task_manager_pb2.GetTaskHistoryResponse]]:
         """Extension: every accepted change of one task, oldest first, with its revision."""
+
+    @_abc_1.abstractmethod
+    def ReportStatus(
+        self,
+        request_iterator: _MaybeAsyncIterator[_task_manager_pb2.StatusReport],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_task_manager_pb2.StatusReportResult], _abc.AsyncIterator[_task_manager_pb2.StatusReportResult]]:
+        """Extension: status reports over one long-lived stream (a stream message costs a
+        fraction of a unary call). Each StatusReport is checked and applied exactly as
+        UpdateStatus would, and answered by one StatusReportResult with the same report_id,
+        in the order the reports were sent. A refused report does not end the stream.
+        """
 
 def add_TaskManagerServicer_to_server(servicer: TaskManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
