@@ -7,7 +7,9 @@ resyncs after ABORTED, and reconnects forever until stopped.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -74,6 +76,82 @@ class _Stop(enum.Enum):
     COMPLETE = "complete"
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _Refused(Exception):
+    """The server did not accept a status report; code is what UpdateStatus would say."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class _ReportStream:
+    """All of an agent's status reports over one ReportStatus stream, opened on demand.
+
+    A stream message costs a fraction of a unary call. When the stream breaks, every
+    report waiting on it fails as UNAVAILABLE and its reporter retries it (a retried
+    report is idempotent on the server).
+    """
+
+    def __init__(self, stub: AsyncStub, task_group: anyio.abc.TaskGroup) -> None:
+        self._stub = stub
+        self._task_group = task_group
+        self._call: grpc.aio.StreamStreamCall[pb.StatusReport, pb.StatusReportResult] | None
+        self._call = None
+        self._waiting: dict[int, asyncio.Future[pb.StatusReportResult]] = {}
+        self._report_ids = itertools.count(1)
+        self._write_lock = anyio.Lock()
+
+    async def send(self, update: pb.StatusUpdate) -> pb.Task:
+        """The task after the update; raises _Refused."""
+        call = self._open()
+        report_id = next(self._report_ids)
+        result_future: asyncio.Future[pb.StatusReportResult]
+        result_future = asyncio.get_running_loop().create_future()
+        self._waiting[report_id] = result_future
+        try:
+            try:
+                async with self._write_lock:
+                    await call.write(pb.StatusReport(report_id=report_id, status_update=update))
+            except grpc.aio.AioRpcError as error:
+                raise _Refused(grpc.StatusCode.UNAVAILABLE, "the report stream broke") from error
+            result = await result_future
+        finally:
+            self._waiting.pop(report_id, None)
+        if result.WhichOneof("outcome") == "task":
+            return result.task
+        code = _CODES.get(result.error.code, grpc.StatusCode.UNKNOWN)
+        raise _Refused(code, result.error.message)
+
+    def _open(self) -> grpc.aio.StreamStreamCall[pb.StatusReport, pb.StatusReportResult]:
+        if self._call is None:
+            self._call = self._stub.ReportStatus(None)
+            self._task_group.start_soon(self._read_results, self._call, name="report results")
+        return self._call
+
+    async def _read_results(
+        self, call: grpc.aio.StreamStreamCall[pb.StatusReport, pb.StatusReportResult]
+    ) -> None:
+        reason = "the report stream ended"
+        try:
+            async for result in call:
+                waiting = self._waiting.get(result.report_id)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(result)
+        except grpc.aio.AioRpcError as error:
+            reason = f"the report stream failed: {error.code().name}: {error.details()}"
+        finally:
+            # In one step (no await): reports sent after this go to a new stream.
+            self._call = None
+            call.cancel()
+            for waiting in self._waiting.values():
+                if not waiting.done():
+                    waiting.set_exception(_Refused(grpc.StatusCode.UNAVAILABLE, reason))
+
+
 class _TaskGone(Exception):
     """The task was finished or removed elsewhere: nothing left to report."""
 
@@ -99,9 +177,15 @@ class _Reporter:
     """Sends one task's status reports in order, keeping its status_version."""
 
     def __init__(
-        self, stub: AsyncStub, task_id: str, status_version: int, author: pb.Principal
+        self,
+        stub: AsyncStub,
+        reports: _ReportStream,
+        task_id: str,
+        status_version: int,
+        author: pb.Principal,
     ) -> None:
         self._stub = stub
+        self._reports = reports
         self._task_id = task_id
         self.status_version = status_version
         self._author = author
@@ -118,21 +202,21 @@ class _Reporter:
                 author=self._author,
             )
             try:
-                response = await self._stub.UpdateStatus(
-                    pb.UpdateStatusRequest(status_update=update), timeout=REPORT_TIMEOUT_S
-                )
-            except grpc.aio.AioRpcError as error:
-                code = error.code()
-                if code == grpc.StatusCode.ABORTED:
+                task = await self._reports.send(update)
+            except _Refused as refused:
+                if refused.code == grpc.StatusCode.ABORTED:
                     await self._resync(final)
-                elif code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                    raise _TaskGone(error.details() or "") from error
-                elif code in RETRYABLE_CODES:
+                elif refused.code in (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.NOT_FOUND,
+                ):
+                    raise _TaskGone(refused.details) from refused
+                elif refused.code in RETRYABLE_CODES:
                     await backoff.wait()
                 else:
                     raise
                 continue
-            self.status_version = response.task.version.status_version
+            self.status_version = task.version.status_version
             return
 
     async def _resync(self, final: bool) -> None:
@@ -196,6 +280,7 @@ class Agent:
         self._connected = anyio.Event()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._stub: AsyncStub | None = None
+        self._reports: _ReportStream | None = None
 
     def handler(self, specification_type: type[Message] | None = None) -> Callable[[H], H]:
         """Registers a handler for tasks whose specification is of this message type,
@@ -226,6 +311,7 @@ class Agent:
             async with open_channel(self.target) as channel, anyio.create_task_group() as group:
                 self._stub = AsyncStub(channel)
                 self._task_group = group
+                self._reports = _ReportStream(self._stub, group)
                 await self._listen_forever(self._stub)
         except ExceptionGroup as group:
             # Users expect the one reason the agent stopped, not the task group's wrapper.
@@ -300,14 +386,13 @@ class Agent:
 
     async def _execute(self, task: pb.Task, running: _RunningTask) -> None:
         task_id = task.version.task_id
-        assert self._stub is not None
-        reporter = _Reporter(self._stub, task_id, task.version.status_version, self._author)
+        reporter = self._reporter(task_id, task.version.status_version)
         try:
             final = await self._steps_and_handler(task, running, reporter)
             await self._report_final(reporter, final)
         except _TaskGone as gone:
             log.info("agent %s: task %s ended elsewhere: %s", self.entity_id, task_id, gone)
-        except grpc.aio.AioRpcError as error:
+        except (_Refused, grpc.aio.AioRpcError) as error:
             log.error("agent %s: giving up on task %s: %s", self.entity_id, task_id, error)
         finally:
             del self._running[task_id]
@@ -362,17 +447,21 @@ class Agent:
     async def _report_final(self, reporter: _Reporter, final: pb.TaskStatus) -> None:
         try:
             await reporter.report(final, final=True)
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+        except _Refused as refused:
+            if refused.code != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
             # The server refused the outcome itself (e.g. a result over the size
             # limit): the task must still end, so say why it could not.
-            refused = f"the task manager refused the outcome: {error.details()}"
-            await reporter.report(_done_not_ok(pb.ERROR_CODE_FAILED, refused), final=True)
+            why = f"the task manager refused the outcome: {refused.details}"
+            await reporter.report(_done_not_ok(pb.ERROR_CODE_FAILED, why), final=True)
+
+    def _reporter(self, task_id: str, status_version: int) -> _Reporter:
+        assert self._stub is not None
+        assert self._reports is not None
+        return _Reporter(self._stub, self._reports, task_id, status_version, self._author)
 
     async def _end_unknown_task(self, task_id: str, reason: _Stop) -> None:
-        assert self._stub is not None
-        reporter = _Reporter(self._stub, task_id, 0, self._author)
+        reporter = self._reporter(task_id, 0)
         try:
             current = await reporter.read_task()
             if current.status.status in TERMINAL:
@@ -381,7 +470,7 @@ class Agent:
             await reporter.report(_status_for_stop(reason), final=True)
         except _TaskGone:
             pass
-        except grpc.aio.AioRpcError as error:
+        except (_Refused, grpc.aio.AioRpcError) as error:
             log.error("agent %s: could not end task %s: %s", self.entity_id, task_id, error)
 
     def _remember(self, task_id: str) -> None:

@@ -17,9 +17,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+import anyio
+import anyio.abc
 import grpc
 from google.protobuf.wrappers_pb2 import StringValue
 
+from agent_kit._agent import _ReportStream
 from agent_kit._grpc import AsyncStub
 from task_manager.v1 import task_manager_pb2 as pb
 
@@ -105,19 +108,31 @@ async def update_status(args: argparse.Namespace) -> dict[str, float]:
 
 
 class Walkers:
-    """Agents that walk every task they receive to DONE_OK, recording arrival times."""
+    """Agents that walk every task they receive to DONE_OK, recording arrival times.
 
-    def __init__(self, stub: AsyncStub, agents: int) -> None:
+    Reports go over agent_kit's ReportStatus stream (what the SDK uses), or as unary
+    UpdateStatus calls when `unary` is set. A task counts once DONE_OK is acknowledged,
+    that is, stored."""
+
+    def __init__(
+        self, stub: AsyncStub, agents: int, group: anyio.abc.TaskGroup, unary: bool = False
+    ) -> None:
         self.stub = stub
+        self.group = group
         self.agents = [f"bench-agent-{i}" for i in range(agents)]
+        self.reports = {agent: _ReportStream(stub, group) for agent in self.agents}
+        self.unary = unary
         self.received_at: dict[str, float] = {}
         self.done = 0
         self.slots: asyncio.Semaphore | None = None
-        self._walks: set[asyncio.Task[None]] = set()
         self._connected = 0
         self.all_connected = asyncio.Event()
         self._expected: int | None = None
         self.all_received = asyncio.Event()
+
+    def start(self) -> None:
+        for agent in self.agents:
+            self.group.start_soon(self.listen, agent)
 
     def expect(self, count: int) -> None:
         self._expected = count
@@ -136,20 +151,20 @@ class Walkers:
             self.received_at[task.version.task_id] = time.perf_counter()
             if self._expected is not None and len(self.received_at) >= self._expected:
                 self.all_received.set()
-            walk = asyncio.create_task(self.walk(task))
-            self._walks.add(walk)
-            walk.add_done_callback(self._walks.discard)
+            self.group.start_soon(self.walk, entity_id, task)
 
-    async def walk(self, task: pb.Task) -> None:
+    async def walk(self, entity_id: str, task: pb.Task) -> None:
         version = task.version.status_version
         for status in WALK:
-            update = pb.UpdateStatusRequest(
-                status_update=pb.StatusUpdate(
-                    version=pb.TaskVersion(task_id=task.version.task_id, status_version=version),
-                    status=pb.TaskStatus(status=status),
-                )
+            update = pb.StatusUpdate(
+                version=pb.TaskVersion(task_id=task.version.task_id, status_version=version),
+                status=pb.TaskStatus(status=status),
             )
-            version = (await self.stub.UpdateStatus(update)).task.version.status_version
+            if self.unary:
+                request = pb.UpdateStatusRequest(status_update=update)
+                version = (await self.stub.UpdateStatus(request)).task.version.status_version
+            else:
+                version = (await self.reports[entity_id].send(update)).version.status_version
         self.done += 1
         if self.slots is not None:
             self.slots.release()
@@ -159,30 +174,29 @@ async def lifecycle(args: argparse.Namespace) -> dict[str, float]:
     """Operators keep `concurrency` tasks in flight; agents walk each to DONE_OK."""
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = AsyncStub(channel)
-        walkers = Walkers(stub, args.agents)
-        walkers.slots = asyncio.Semaphore(args.concurrency)
-        listeners = [asyncio.create_task(walkers.listen(a)) for a in walkers.agents]
-        await walkers.all_connected.wait()
-        numbers = itertools.count()
-        stop = False
+        async with anyio.create_task_group() as group:
+            walkers = Walkers(stub, args.agents, group, unary=args.unary)
+            walkers.slots = asyncio.Semaphore(args.concurrency)
+            walkers.start()
+            await walkers.all_connected.wait()
+            numbers = itertools.count()
 
-        async def operator() -> None:
-            assert walkers.slots is not None
-            while not stop:
-                await walkers.slots.acquire()
-                agent = walkers.agents[next(numbers) % len(walkers.agents)]
-                request = pb.CreateTaskRequest(display_name="bench")
-                request.relations.assignee.system.entity_id = agent
-                await stub.CreateTask(request)
+            async def operator() -> None:
+                assert walkers.slots is not None
+                while True:
+                    await walkers.slots.acquire()
+                    agent = walkers.agents[next(numbers) % len(walkers.agents)]
+                    request = pb.CreateTaskRequest(display_name="bench")
+                    request.relations.assignee.system.entity_id = agent
+                    await stub.CreateTask(request)
 
-        operators = [asyncio.create_task(operator()) for _ in range(4)]
-        await asyncio.sleep(min(1.0, args.duration / 4))
-        done_before, started = walkers.done, time.perf_counter()
-        await asyncio.sleep(args.duration)
-        rate = (walkers.done - done_before) / (time.perf_counter() - started)
-        stop = True
-        for task in (*operators, *listeners):
-            task.cancel()
+            for _ in range(4):
+                group.start_soon(operator)
+            await asyncio.sleep(min(1.0, args.duration / 4))
+            done_before, started = walkers.done, time.perf_counter()
+            await asyncio.sleep(args.duration)
+            rate = (walkers.done - done_before) / (time.perf_counter() - started)
+            group.cancel_scope.cancel()
         return {"tasks_per_s": rate}
 
 
@@ -191,30 +205,32 @@ async def dispatch(args: argparse.Namespace) -> dict[str, float]:
     measures CreateTask call start -> ExecuteRequest read from the agent's stream."""
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = AsyncStub(channel)
-        walkers = Walkers(stub, args.agents)
-        listeners = [asyncio.create_task(walkers.listen(a)) for a in walkers.agents]
-        await walkers.all_connected.wait()
-        sent_at: dict[str, float] = {}
-        creates: set[asyncio.Future[pb.CreateTaskResponse]] = set()
-        interval = 1.0 / args.rate
-        total = int(args.rate * args.duration)
-        start = time.perf_counter()
-        for n in range(total):
-            delay = start + n * interval - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task_id = f"dispatch-{n:08d}"
-            request = pb.CreateTaskRequest(display_name="bench", task_id=task_id)
-            request.relations.assignee.system.entity_id = walkers.agents[n % len(walkers.agents)]
-            sent_at[task_id] = time.perf_counter()
-            create = asyncio.ensure_future(stub.CreateTask(request))
-            creates.add(create)
-            create.add_done_callback(creates.discard)
-        walkers.expect(total)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(walkers.all_received.wait(), 30)
-        for listener in listeners:
-            listener.cancel()
+        async with anyio.create_task_group() as group:
+            walkers = Walkers(stub, args.agents, group)
+            walkers.start()
+            await walkers.all_connected.wait()
+            sent_at: dict[str, float] = {}
+            interval = 1.0 / args.rate
+            total = int(args.rate * args.duration)
+
+            async def create(request: pb.CreateTaskRequest) -> None:
+                await stub.CreateTask(request)
+
+            start = time.perf_counter()
+            for n in range(total):
+                delay = start + n * interval - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task_id = f"dispatch-{n:08d}"
+                request = pb.CreateTaskRequest(display_name="bench", task_id=task_id)
+                agent = walkers.agents[n % len(walkers.agents)]
+                request.relations.assignee.system.entity_id = agent
+                sent_at[task_id] = time.perf_counter()
+                group.start_soon(create, request)
+            walkers.expect(total)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(walkers.all_received.wait(), 30)
+            group.cancel_scope.cancel()
         warm = [t for t in sent_at if int(t.split("-")[1]) >= total // 10]  # skip warm-up
         latencies = sorted(
             (walkers.received_at[t] - sent_at[t]) * 1000 for t in warm if t in walkers.received_at
@@ -271,6 +287,7 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=16)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--streams", type=int, default=10_000)
+    parser.add_argument("--unary", action="store_true", help="agents report with UpdateStatus")
     args = parser.parse_args()
     result = asyncio.run(SCENARIOS[args.scenario](args))
     print(json.dumps(result), flush=True)

@@ -91,7 +91,9 @@ def task_manager(workdir: Path, name: str) -> list[str]:
 def client(scenario: str, target: str, **options: object) -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.load", scenario, "--target", target]
     for key, value in options.items():
-        command += [f"--{key.replace('_', '-')}", str(value)]
+        command.append(f"--{key.replace('_', '-')}")
+        if value != "":  # "" marks a flag without a value
+            command.append(str(value))
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     if result.returncode != 0:
         raise SystemExit(f"client {scenario} failed:\n{result.stderr}")
@@ -177,6 +179,11 @@ def measure(quick: bool) -> dict[str, Any]:
             log = server.stop()
         durable.append(durable_from(log))
         results["lifecycle_writes_per_commit"] = writes_per_commit(log)
+
+        with start_server(task_manager(workdir, "unary"), workdir / "unary.log") as server:
+            measured = client("lifecycle", server.address, duration=duration, unary="")
+            results["lifecycle_unary_tasks_per_s"] = measured["tasks_per_s"]
+            durable.append(durable_from(server.stop()))
 
         rate = max(10.0, results["lifecycle_tasks_per_s"] / 2)
         with start_server(task_manager(workdir, "dispatch"), workdir / "dispatch.log") as server:

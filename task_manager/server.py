@@ -51,6 +51,7 @@ class TaskManagerServer:
     def __init__(
         self,
         server: grpc.aio.Server,
+        servicer: TaskManagerService,
         store: SqliteStore,
         dispatcher: Dispatcher,
         health_servicer: health_aio.HealthServicer,
@@ -58,6 +59,7 @@ class TaskManagerServer:
         settings: Settings,
     ) -> None:
         self._server = server
+        self._servicer = servicer
         self.store = store
         self.dispatcher = dispatcher
         self._health = health_servicer
@@ -104,7 +106,7 @@ class TaskManagerServer:
         log.info(
             "serving on %s (database %s, commits fsynced: %s)", address, settings.db, store.durable
         )
-        return cls(server, store, dispatcher, health_servicer, address, settings)
+        return cls(server, servicer, store, dispatcher, health_servicer, address, settings)
 
     async def stop(self) -> None:
         """Graceful stop: agent streams end with UNAVAILABLE (agents reconnect elsewhere),
@@ -113,7 +115,7 @@ class TaskManagerServer:
             return
         self._stopped = True
         await self._health.enter_graceful_shutdown()
-        self.dispatcher.close()
+        self._servicer.shut_down()
         await self._server.stop(self._settings.shutdown_grace_s)
         await self.store.close()
         log.info("stopped after %d writes in %d commits", self.store.writes, self.store.commits)

@@ -76,6 +76,8 @@ class TaskManagerService:
         self._store = store
         self._dispatcher = dispatcher
         self._clock = clock
+        self._report_readers: set[asyncio.Task[None]] = set()
+        self._shutting_down = False
 
     async def CreateTask(
         self, request: CreateTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -130,22 +132,35 @@ class TaskManagerService:
     ) -> AsyncIterator[StatusReportResult]:
         # Reports are read and queued for the writer as they come (so they share group
         # commits); results go back in the same order as each commit completes.
-        queued: asyncio.Queue[tuple[int, asyncio.Future[Task]] | None] = asyncio.Queue(
-            maxsize=REPORTS_IN_FLIGHT
-        )
+        queued: asyncio.Queue[tuple[int, asyncio.Future[Task]] | None] = asyncio.Queue()
+        in_flight = asyncio.Semaphore(REPORTS_IN_FLIGHT)  # beyond it, the stream pushes back
 
         async def read_reports() -> None:
             async for report in reports:
-                await queued.put(self._queue_report(report))
-            await queued.put(None)
+                await in_flight.acquire()
+                queued.put_nowait(self._queue_report(report))
 
-        reader = asyncio.create_task(read_reports())  # owned: cancelled below
+        reader = asyncio.create_task(read_reports())  # owned here; cancelled at shutdown
+        self._report_readers.add(reader)
+        reader.add_done_callback(lambda _: queued.put_nowait(None))
         try:
             while (item := await queued.get()) is not None:
                 report_id, outcome = item
                 yield await _report_result(report_id, outcome)
+                in_flight.release()
+            if self._shutting_down:
+                raise ServerShuttingDown("the task manager is shutting down; reconnect")
             await reader  # surfaces a failure of the request stream itself
         finally:
+            self._report_readers.discard(reader)
+            reader.cancel()
+
+    def shut_down(self) -> None:
+        """Ends every agent and report stream (UNAVAILABLE, after answering the reports
+        already read) and refuses new ones."""
+        self._shutting_down = True
+        self._dispatcher.close()
+        for reader in list(self._report_readers):
             reader.cancel()
 
     def _queue_report(self, report: StatusReport | Undecodable) -> tuple[int, asyncio.Future[Task]]:
@@ -217,7 +232,7 @@ class TaskManagerService:
 
 
 REPORTS_IN_FLIGHT = 1_024
-"""Reports of one ReportStatus stream queued at most; beyond it the stream pushes back."""
+"""Reports of one ReportStatus stream in flight at most; beyond it the stream pushes back."""
 
 
 def _failed(error: Exception) -> asyncio.Future[Task]:

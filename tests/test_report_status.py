@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import anyio
 import grpc
 import pytest
 
+from task_manager.config import Settings
+from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
 from tests.helpers import AsyncStub, create_request, status_update
 
@@ -101,3 +106,22 @@ async def test_undecodable_report_is_refused_and_the_stream_goes_on(
     assert results[0].error.code == Code.INVALID_ARGUMENT.value[0]
     assert results[1].report_id == 7
     assert results[1].task.status.status == S.STATUS_ACK
+
+
+async def test_server_stop_ends_report_streams_with_unavailable_without_waiting(
+    tmp_path: Path,
+) -> None:
+    # A grace period far longer than the deadline: stop must not wait for the stream.
+    settings = Settings(listen="127.0.0.1:0", db=tmp_path / "t.db", shutdown_grace_s=600)
+    server = await TaskManagerServer.start(settings)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = AsyncStub(channel)
+        task = (await stub.CreateTask(create_request())).task
+        call = stub.ReportStatus(None)
+        answered = await report(call, 1, status_update(task, S.STATUS_EXECUTING))
+        assert answered.task.status.status == S.STATUS_EXECUTING
+        with anyio.fail_after(30):
+            await server.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() == Code.UNAVAILABLE
