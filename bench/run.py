@@ -231,6 +231,8 @@ def table(results: dict[str, Any]) -> str:
         "update_status_vs_echo",
         "update_status_writes_per_commit",
         "lifecycle_tasks_per_s",
+        "lifecycle_unary_tasks_per_s",
+        "lifecycle_writes_per_commit",
         "dispatch_ms_p50",
         "dispatch_ms_p99",
         "watch_fanout_ms_p99",
