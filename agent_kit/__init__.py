@@ -7,7 +7,7 @@
 
 from agent_kit._agent import Agent, AgentError, Handler, TaskContext
 from agent_kit._backoff import Backoff
-from agent_kit._operator import OperatorClient, SyncOperatorClient, assignee
+from agent_kit._operator import OperatorClient, SyncOperatorClient, WaitTimeout, assignee
 
 __all__ = [
     "Agent",
@@ -17,5 +17,6 @@ __all__ = [
     "OperatorClient",
     "SyncOperatorClient",
     "TaskContext",
+    "WaitTimeout",
     "assignee",
 ]

@@ -6,21 +6,27 @@ background event loop for scripts.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
+import anyio
 import anyio.from_thread
+import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from agent_kit._grpc import AsyncStub, open_channel
+from agent_kit._backoff import Backoff
+from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, open_channel
 from task_manager.v1 import task_manager_pb2 as pb
 
 P = ParamSpec("P")
 T = TypeVar("T")
 Q = pb.QueryTasksRequest
+TERMINAL = frozenset({pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK})
 
 
 def assignee(entity_id: str) -> pb.Principal:
@@ -145,6 +151,109 @@ class OperatorClient:
                 return entries
             request.page_token = page.page_token
 
+    async def watch(
+        self,
+        *,
+        task_ids: Iterable[str] = (),
+        assignee_entity_ids: Iterable[str] = (),
+        statuses: Iterable[pb.Status.ValueType] = (),
+        parent_task_id: str = "",
+        start_revision: int = 0,
+        include_preexisting: bool = False,
+        heartbeat_interval_ms: int = 0,
+        rate_limit_ms: int = 0,
+    ) -> AsyncIterator[pb.WatchTasksResponse]:
+        """Every matching change as a WatchTasksResponse holding an event, in revision
+        order, forever. Resumes by itself after disconnects and server restarts (from the
+        last revision seen or bookmarked); if that history was compacted, it re-lists:
+        the current tasks arrive again as EVENT_TYPE_PREEXISTING, then live changes."""
+        request = pb.WatchTasksRequest(
+            filter=pb.WatchFilter(
+                task_ids=list(task_ids),
+                assignee_entity_ids=list(assignee_entity_ids),
+                statuses=list(statuses),
+                parent_task_id=parent_task_id,
+            ),
+            start_revision=start_revision,
+            include_preexisting=include_preexisting,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            rate_limit=pb.RateLimit(update_per_task_limit_ms=rate_limit_ms),
+        )
+        async for response in self._watch_responses(request):
+            if response.HasField("event"):
+                yield response
+
+    async def _watch_responses(
+        self, request: pb.WatchTasksRequest
+    ) -> AsyncIterator[pb.WatchTasksResponse]:
+        """Events and heartbeats, resuming across disconnects as watch() describes."""
+        backoff = Backoff(initial=0.05, maximum=5.0)
+        while True:
+            try:
+                async for response in self._stub.WatchTasks(request):
+                    backoff.reset()
+                    yield response
+                    is_snapshot = response.event.event_type == pb.EVENT_TYPE_PREEXISTING
+                    if not is_snapshot:  # a snapshot cut short is listed again, whole
+                        request.include_preexisting = False
+                        request.start_revision = response.revision + 1
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.OUT_OF_RANGE:
+                    request.start_revision = 0  # that history is gone: list what is now
+                    request.include_preexisting = True
+                    continue
+                if error.code() not in RETRYABLE_CODES:
+                    raise
+            await backoff.wait()
+
+    # The timeout argument is the API operators asked for (the wait() of other task
+    # systems); it is applied with anyio.fail_after inside.
+    async def wait(self, task_id: str, timeout: float | None = None) -> pb.Task:  # noqa: ASYNC109
+        """Returns the task once it is finished (DONE_OK or DONE_NOT_OK). Raises
+        WaitTimeout after timeout seconds; the task goes on regardless."""
+        try:
+            with anyio.fail_after(timeout):
+                return await self._wait(task_id)
+        except TimeoutError as error:
+            raise WaitTimeout(f"task {task_id} did not finish within {timeout} s") from error
+
+    async def _wait(self, task_id: str) -> pb.Task:
+        task = await self.get_task(task_id)
+        if task.status.status in TERMINAL:
+            return task
+        request = pb.WatchTasksRequest(
+            filter=pb.WatchFilter(task_ids=[task_id]), include_preexisting=True
+        )
+        async for response in self._watch_responses(request):
+            if response.HasField("event"):
+                if response.event.task.status.status in TERMINAL:
+                    return response.event.task
+                continue
+            # A heartbeat, the first one ending the snapshot: a task that finished just
+            # before the snapshot is not in it, so read it again.
+            task = await self.get_task(task_id)
+            if task.status.status in TERMINAL:
+                return task
+        raise AssertionError("unreachable: the watch never ends")  # pragma: no cover
+
+    @asynccontextmanager
+    async def cancel_on_exit(self, task_id: str) -> AsyncIterator[None]:
+        """Cancels the task if the block is left by an exception (Ctrl+C and
+        cancellation included). Tasks are asynchronous: otherwise they outlive the
+        client."""
+        try:
+            yield
+        except BaseException as error:
+            with anyio.CancelScope(shield=True):
+                reason = f"the operator's client stopped: {type(error).__name__}"
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await self.cancel_task(task_id, reason=reason)
+            raise
+
+
+class WaitTimeout(TimeoutError):
+    """OperatorClient.wait gave up; the task itself goes on."""
+
 
 class SyncOperatorClient:
     """OperatorClient for synchronous scripts: the same calls, blocking.
@@ -190,6 +299,42 @@ class SyncOperatorClient:
 
     def history(self, task_id: str) -> list[pb.TaskHistoryEntry]:
         return self._portal.call(self._client.history, task_id)
+
+    def wait(self, task_id: str, timeout: float | None = None) -> pb.Task:
+        return self._portal.call(self._client.wait, task_id, timeout)
+
+    def watch(self, **options: Any) -> Iterator[pb.WatchTasksResponse]:
+        """Same arguments as OperatorClient.watch; a blocking iterator."""
+        with self._portal.wrap_async_context_manager(
+            _aclosing(self._client.watch(**options))
+        ) as events:
+            while True:
+                try:
+                    yield self._portal.call(events.__anext__)
+                except StopAsyncIteration:
+                    return
+
+    @contextmanager
+    def cancel_on_exit(self, task_id: str) -> Iterator[None]:
+        """Cancels the task if the block is left by an exception, Ctrl+C included."""
+        try:
+            yield
+        except BaseException as error:
+            reason = f"the operator's client stopped: {type(error).__name__}"
+            with contextlib.suppress(grpc.RpcError):
+                self.cancel_task(task_id, reason=reason)
+            raise
+
+
+@asynccontextmanager
+async def _aclosing(
+    events: AsyncIterator[pb.WatchTasksResponse],
+) -> AsyncIterator[AsyncIterator[pb.WatchTasksResponse]]:
+    # Closes the watch (and its stream) on the portal's loop when the caller stops.
+    try:
+        yield events
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 async def _make_client(target: str, author: pb.Principal | None) -> OperatorClient:

@@ -75,6 +75,46 @@ class TaskQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskSelector:
+    """Which tasks a watcher wants: every non-empty field must match (AND)."""
+
+    task_ids: frozenset[str] = frozenset()
+    assignee_entity_ids: frozenset[str] = frozenset()
+    statuses: frozenset[int] = frozenset()
+    parent_task_id: str = ""
+
+    def matches(self, task: Task) -> bool:
+        if self.task_ids and task.version.task_id not in self.task_ids:
+            return False
+        if self.statuses and task.status.status not in self.statuses:
+            return False
+        if self.parent_task_id and task.relations.parent_task_id != self.parent_task_id:
+            return False
+        return not self.assignee_entity_ids or (
+            assignee_entity_id(task) in self.assignee_entity_ids
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Tasks as they were at one store revision."""
+
+    tasks: Sequence[Task]
+    revision: int
+
+
+class HistoryCompacted(StoreError):
+    """The history asked for was removed by compaction."""
+
+    def __init__(self, requested: int, compacted: int) -> None:
+        super().__init__(
+            f"revision {requested} is compacted (history is kept after revision {compacted});"
+            f" re-list with include_preexisting, or start after {compacted}"
+        )
+        self.compacted = compacted
+
+
+@dataclass(frozen=True, slots=True)
 class QueriedTask:
     cursor: int
     """Position in creation order; pass it back as TaskQuery.after_cursor."""
@@ -149,6 +189,28 @@ class Store(Protocol):
     ) -> AgentBacklog:
         """Tasks assigned to these entity ids whose status is one of statuses,
         oldest first, with the store revision the read saw."""
+        ...
+
+    async def current_revision(self) -> int:
+        """The revision of the latest committed change (0 for an empty store)."""
+        ...
+
+    async def changes_after(
+        self, after_revision: int, limit: int, task_ids: Collection[str] = ()
+    ) -> Sequence[Change]:
+        """Committed changes after a revision, oldest first, each with the task as it
+        was right after it (of these tasks only, if task_ids is given). Raises
+        HistoryCompacted if some of them are no longer kept."""
+        ...
+
+    async def snapshot(self, selector: TaskSelector) -> Snapshot:
+        """The tasks the selector matches, oldest first, read at one revision."""
+        ...
+
+    async def compact(self, keep_revisions: int, older_than_ns: int) -> int:
+        """Removes history entries that are both outside the newest keep_revisions and
+        older than older_than_ns; returns the compacted revision (everything at or
+        below it is gone)."""
         ...
 
     async def close(self) -> None:

@@ -7,6 +7,7 @@ rolls back alone), committed with synchronous=FULL before any caller hears back.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import queue
 import sqlite3
@@ -15,7 +16,7 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import sqlite_utils
 
@@ -23,12 +24,15 @@ from storage.base import (
     AgentBacklog,
     Change,
     ConcurrentModification,
+    HistoryCompacted,
     OnCommit,
     QueriedTask,
+    Snapshot,
     StoreClosed,
     StoredTask,
     StoreError,
     TaskQuery,
+    TaskSelector,
     WriteTransaction,
     assignee_entity_id,
 )
@@ -72,7 +76,19 @@ def _migrate_to_1(db: sqlite_utils.Database) -> None:
     db.table("history").create_index(["task_id", "revision"])
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_migrate_to_1,)
+def _migrate_to_2(db: sqlite_utils.Database) -> None:
+    # Compaction keeps history by age too, so each entry's time becomes a column.
+    history = db.table("history")
+    history.add_column("time_ns", int)
+    rows = db.execute("SELECT revision, entry FROM history").fetchall()
+    for revision, entry in rows:
+        time_ns = _ns(TaskHistoryEntry.FromString(entry).time)
+        db.execute("UPDATE history SET time_ns = ? WHERE revision = ?", (time_ns, revision))
+    db.table("meta").create({"key": str, "value": int}, pk="key")
+    db.execute("INSERT INTO meta (key, value) VALUES ('compacted_revision', 0)")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_migrate_to_1, _migrate_to_2)
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 
 
@@ -87,6 +103,24 @@ def _connect(path: Path) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from exc
     return conn
+
+
+def _lock_database(path: Path) -> IO[bytes]:
+    """Holds `<db>.lock` while the store is open: revisions come from one writer, so
+    two servers must never write one database at the same time."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        lock = lock_path.open("ab")
+    except OSError as exc:
+        raise StoreError(f"cannot open database {path}: {exc.strerror}: {lock_path}") from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.close()
+        raise StoreError(
+            f"database {path} is in use by another task manager (it holds {lock_path})"
+        ) from exc
+    return lock
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
@@ -119,14 +153,42 @@ def _entry_for(task: Task, revision: int, reason: str) -> TaskHistoryEntry:
         status_version=task.version.status_version,
         definition_version=task.version.definition_version,
         status=task.status,
-        author=task.last_updated_by,
+        author=task.last_updated_by if task.HasField("last_updated_by") else None,
         time=task.last_update_time,
         reason=reason,
+        scheduled_time=task.scheduled_time if task.HasField("scheduled_time") else None,
     )
+
+
+def _task_at(entry: TaskHistoryEntry, current: Task) -> Task:
+    """The task right after the change of entry: the parts a change can alter come from
+    the entry, the definition from the task as it is now."""
+    task = Task()
+    task.CopyFrom(current)
+    task.version.status_version = entry.status_version
+    task.version.definition_version = entry.definition_version
+    task.status.CopyFrom(entry.status)
+    task.last_update_time.CopyFrom(entry.time)
+    if entry.HasField("author"):
+        task.last_updated_by.CopyFrom(entry.author)
+    else:
+        task.ClearField("last_updated_by")
+    if entry.HasField("scheduled_time"):
+        task.scheduled_time.CopyFrom(entry.scheduled_time)
+    else:
+        task.ClearField("scheduled_time")
+    return task
 
 
 def _ns(timestamp: Any) -> int:
     return int(timestamp.ToNanoseconds())
+
+
+def _compacted_revision(conn: sqlite3.Connection) -> int:
+    value: int = conn.execute("SELECT value FROM meta WHERE key = 'compacted_revision'").fetchone()[
+        0
+    ]
+    return value
 
 
 class _Transaction:
@@ -178,13 +240,28 @@ class _Transaction:
     def _append(self, task: Task, reason: str) -> Change:
         entry = _entry_for(task, self.next_revision, reason)
         self._conn.execute(
-            "INSERT INTO history (revision, task_id, entry) VALUES (?, ?, ?)",
-            (entry.revision, entry.task_id, entry.SerializeToString()),
+            "INSERT INTO history (revision, task_id, entry, time_ns) VALUES (?, ?, ?, ?)",
+            (entry.revision, entry.task_id, entry.SerializeToString(), _ns(entry.time)),
         )
         self.next_revision += 1
         change = Change(entry=entry, task=task)
         self.changes.append(change)
         return change
+
+    def compact(self, keep_revisions: int, older_than_ns: int) -> int:
+        newest = SqliteStore._last_revision(self._conn)
+        row = self._conn.execute(
+            "SELECT MAX(revision) FROM history WHERE revision <= ? AND time_ns < ?",
+            (newest - keep_revisions, older_than_ns),
+        ).fetchone()
+        compacted = _compacted_revision(self._conn)
+        if row[0] is not None and row[0] > compacted:
+            compacted = row[0]
+            self._conn.execute("DELETE FROM history WHERE revision <= ?", (compacted,))
+            self._conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'compacted_revision'", (compacted,)
+            )
+        return compacted
 
     @staticmethod
     def _columns(stored: StoredTask) -> tuple[object, ...]:
@@ -205,7 +282,7 @@ class _Transaction:
 
 @dataclass(slots=True)
 class _WriteJob:
-    unit: Callable[[WriteTransaction], Any]
+    unit: Callable[[_Transaction], Any]
     future: asyncio.Future[Any]
 
 
@@ -236,6 +313,7 @@ class SqliteStore:
         """Transactions committed; with `writes`, shows how much group commit batches."""
         self.writes = 0
         self._closed = False
+        self._lock: IO[bytes] | None = None
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
         self._local = threading.local()
@@ -253,6 +331,8 @@ class SqliteStore:
         """
         path = Path(path)
 
+        lock = _lock_database(path)
+
         def prepare() -> sqlite3.Connection:
             conn = _connect(path)
             try:
@@ -262,8 +342,14 @@ class SqliteStore:
                 raise StoreError(f"cannot prepare database {path}: {exc}") from exc
             return conn
 
-        conn = await asyncio.to_thread(prepare)
-        return cls(path, conn, on_commit, asyncio.get_running_loop())
+        try:
+            conn = await asyncio.to_thread(prepare)
+        except BaseException:
+            lock.close()
+            raise
+        store = cls(path, conn, on_commit, asyncio.get_running_loop())
+        store._lock = lock
+        return store
 
     # -- writes -------------------------------------------------------------------------
 
@@ -444,6 +530,74 @@ class SqliteStore:
 
         return await self._read(read)
 
+    async def current_revision(self) -> int:
+        return await self._read(self._last_revision)
+
+    async def changes_after(
+        self, after_revision: int, limit: int, task_ids: Collection[str] = ()
+    ) -> Sequence[Change]:
+        ids = sorted(task_ids)
+        where = "revision > ?"
+        if ids:
+            where += f" AND task_id IN ({', '.join('?' * len(ids))})"
+
+        def read(conn: sqlite3.Connection) -> list[Change]:
+            compacted = _compacted_revision(conn)
+            if after_revision < compacted:
+                raise HistoryCompacted(after_revision + 1, compacted)
+            rows = conn.execute(
+                f"SELECT entry FROM history WHERE {where} ORDER BY revision LIMIT ?",
+                (after_revision, *ids, limit),
+            ).fetchall()
+            entries = [TaskHistoryEntry.FromString(row[0]) for row in rows]
+            current = self._tasks_by_id(conn, {entry.task_id for entry in entries})
+            return [Change(entry, _task_at(entry, current[entry.task_id])) for entry in entries]
+
+        return await self._read(read)
+
+    @staticmethod
+    def _tasks_by_id(conn: sqlite3.Connection, task_ids: set[str]) -> dict[str, Task]:
+        tasks: dict[str, Task] = {}
+        ids = sorted(task_ids)
+        for start in range(0, len(ids), 500):  # stay under SQLite's parameter limit
+            chunk = ids[start : start + 500]
+            rows = conn.execute(
+                f"SELECT task_id, task FROM tasks WHERE task_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            tasks.update((row[0], Task.FromString(row[1])) for row in rows)
+        return tasks
+
+    async def snapshot(self, selector: TaskSelector) -> Snapshot:
+        where, params = ["1 = 1"], []
+        for column, values in (
+            ("task_id", selector.task_ids),
+            ("assignee_entity_id", selector.assignee_entity_ids),
+            ("status", selector.statuses),
+        ):
+            if values:
+                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                params.extend(sorted(values))
+        if selector.parent_task_id:
+            where.append("parent_task_id = ?")
+            params.append(selector.parent_task_id)
+        sql = f"SELECT task FROM tasks WHERE {' AND '.join(where)} ORDER BY cursor"
+
+        def read(conn: sqlite3.Connection) -> Snapshot:
+            tasks = [Task.FromString(row[0]) for row in conn.execute(sql, params)]
+            return Snapshot(tasks=tasks, revision=self._last_revision(conn))
+
+        return await self._read(read)
+
+    async def compact(self, keep_revisions: int, older_than_ns: int) -> int:
+        if keep_revisions < 1:
+            raise ValueError("compaction must keep at least the newest revision")
+        future: asyncio.Future[int] = self._loop.create_future()
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        self._jobs.put(_WriteJob(lambda tx: tx.compact(keep_revisions, older_than_ns), future))
+        return await future
+
     # -- shutdown -----------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -457,3 +611,5 @@ class SqliteStore:
             for conn in self._reader_conns:
                 conn.close()
             self._reader_conns.clear()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock

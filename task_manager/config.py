@@ -26,3 +26,10 @@ class Settings:
     keepalive_time_ms: int = 30_000
     """Ping idle connections this often, to notice dead agents."""
     keepalive_timeout_ms: int = 10_000
+    watch_buffer: int = 10_000
+    """Events queued for one watcher before it counts as fallen behind."""
+    retention_revisions: int = 100_000
+    """Compaction keeps at least this many of the newest revisions ..."""
+    retention_age_s: float = 7 * 24 * 3600
+    """... and every revision younger than this."""
+    compaction_interval_s: float = 300.0

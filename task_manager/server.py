@@ -6,7 +6,9 @@ UNAVAILABLE, lets in-flight calls finish, then closes the store.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,11 +17,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
+from storage.base import Change
 from storage.sqlite import SqliteStore
 from task_manager.clock import Clock, SystemClock
 from task_manager.config import Settings
 from task_manager.dispatch import Dispatcher
 from task_manager.service import SERVICE_NAMES, TaskManagerService, generic_handlers
+from task_manager.watch import WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class TaskManagerServer:
         self.address = address
         self._settings = settings
         self._stopped = False
+        self._compaction: asyncio.Task[None] | None = None  # owned; cancelled in stop()
 
     @property
     def port(self) -> int:
@@ -77,13 +82,21 @@ class TaskManagerServer:
 
         Raises ServerStartError for a port in use or a database that cannot be opened.
         """
+        clock = clock or SystemClock()
         dispatcher = Dispatcher(settings.stream_buffer)
+        watch_hub = WatchHub(buffer=settings.watch_buffer)
+
+        def publish(changes: Sequence[Change]) -> None:
+            dispatcher.publish(changes)
+            watch_hub.publish(changes)
+
         try:
-            store = await SqliteStore.open(settings.db, on_commit=dispatcher.publish)
+            store = await SqliteStore.open(settings.db, on_commit=publish)
         except Exception as exc:
             raise ServerStartError(str(exc)) from exc
+        watch_hub.revision = await store.current_revision()
         server = grpc.aio.server(options=_grpc_options(settings))
-        servicer = TaskManagerService(store, dispatcher, clock or SystemClock())
+        servicer = TaskManagerService(store, dispatcher, watch_hub, clock)
         server.add_generic_rpc_handlers(generic_handlers(servicer))
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -106,7 +119,9 @@ class TaskManagerServer:
         log.info(
             "serving on %s (database %s, commits fsynced: %s)", address, settings.db, store.durable
         )
-        return cls(server, servicer, store, dispatcher, health_servicer, address, settings)
+        running = cls(server, servicer, store, dispatcher, health_servicer, address, settings)
+        running._compaction = asyncio.create_task(running._compact_forever(clock))
+        return running
 
     async def stop(self) -> None:
         """Graceful stop: agent streams end with UNAVAILABLE (agents reconnect elsewhere),
@@ -115,10 +130,29 @@ class TaskManagerServer:
             return
         self._stopped = True
         await self._health.enter_graceful_shutdown()
+        if self._compaction is not None:
+            self._compaction.cancel()
         self._servicer.shut_down()
         await self._server.stop(self._settings.shutdown_grace_s)
         await self.store.close()
         log.info("stopped after %d writes in %d commits", self.store.writes, self.store.commits)
+
+    async def compact(self, clock: Clock | None = None) -> int:
+        """Applies the retention policy now; returns the compacted revision."""
+        now_ns = (clock or SystemClock()).now_ns()
+        older_than_ns = now_ns - int(self._settings.retention_age_s * 1e9)
+        return await self.store.compact(self._settings.retention_revisions, older_than_ns)
+
+    async def _compact_forever(self, clock: Clock) -> None:
+        never = asyncio.Event()
+        interval_ns = int(self._settings.compaction_interval_s * 1e9)
+        while True:
+            try:
+                compacted = await self.compact(clock)
+                log.info("history compacted up to revision %d", compacted)
+            except Exception:
+                log.exception("compaction failed; trying again next interval")
+            await clock.wait(never, clock.now_ns() + interval_ns)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

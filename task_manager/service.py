@@ -18,7 +18,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from storage.base import Store, StoreClosed, StoreError
+from storage.base import HistoryCompacted, Store, StoreClosed, StoreError
 from task_manager import lifecycle, validation
 from task_manager.clock import Clock
 from task_manager.dispatch import Dispatcher, agent_request_for
@@ -57,11 +57,15 @@ from task_manager.v1.task_manager_pb2 import (
     Task,
     UpdateStatusRequest,
     UpdateStatusResponse,
+    WatchTasksRequest,
+    WatchTasksResponse,
 )
+from task_manager.watch import WatchHub, watch_stream
 
 log = logging.getLogger(__name__)
 
 CURRENT_STATUS_VERSION_KEY = "x-current-status-version"
+COMPACT_REVISION_KEY = "x-compact-revision"
 SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = (
     task_manager_pb2.DESCRIPTOR.services_by_name["TaskManager"],
     lattice_compat_pb2.DESCRIPTOR.services_by_name["TaskManagerAPI"],
@@ -72,9 +76,12 @@ SERVICE_NAMES = tuple(service.full_name for service in SERVICE_DESCRIPTORS)
 class TaskManagerService:
     """One method per RPC; the same methods serve both service names."""
 
-    def __init__(self, store: Store, dispatcher: Dispatcher, clock: Clock) -> None:
+    def __init__(
+        self, store: Store, dispatcher: Dispatcher, watch_hub: WatchHub, clock: Clock
+    ) -> None:
         self._store = store
         self._dispatcher = dispatcher
+        self._watch_hub = watch_hub
         self._clock = clock
         self._report_readers: set[asyncio.Task[None]] = set()
         self._shutting_down = False
@@ -155,11 +162,25 @@ class TaskManagerService:
             self._report_readers.discard(reader)
             reader.cancel()
 
+    async def WatchTasks(
+        self, request: WatchTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes | WatchTasksResponse]:
+        spec = validation.watch_spec(request)
+
+        async def subscribed() -> None:
+            # Headers now tell the watcher it is subscribed, before any event arrives.
+            await context.send_initial_metadata(())
+
+        stream = watch_stream(spec, self._watch_hub, self._store, self._clock, subscribed)
+        async for response in stream:
+            yield response
+
     def shut_down(self) -> None:
-        """Ends every agent and report stream (UNAVAILABLE, after answering the reports
-        already read) and refuses new ones."""
+        """Ends every agent, report and watch stream (UNAVAILABLE, after answering the
+        reports already read) and refuses new ones."""
         self._shutting_down = True
         self._dispatcher.close()
+        self._watch_hub.close()
         for reader in list(self._report_readers):
             reader.cancel()
 
@@ -273,6 +294,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
     (StreamFellBehind, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ServerShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (HistoryCompacted, grpc.StatusCode.OUT_OF_RANGE),
     (StoreClosed, grpc.StatusCode.UNAVAILABLE),
     (StoreError, grpc.StatusCode.UNAVAILABLE),
 )
@@ -285,6 +307,8 @@ def status_for(error: Exception) -> _Status:
             trailers: tuple[tuple[str, str], ...] = ()
             if isinstance(error, VersionConflict):
                 trailers = ((CURRENT_STATUS_VERSION_KEY, str(error.current)),)
+            elif isinstance(error, HistoryCompacted):
+                trailers = ((COMPACT_REVISION_KEY, str(error.compacted)),)
             return _Status(code, str(error), trailers)
     error_id = uuid.uuid4().hex[:12]
     log.error("internal error %s", error_id, exc_info=error)
@@ -369,6 +393,14 @@ def _bidi_handler(method: BidiMethod) -> BidiMethod:
     return handle
 
 
+def _serializer(response_type: type[Message]) -> Callable[[Message | bytes], bytes]:
+    # Watch events are encoded once per change and shared by every watcher as bytes.
+    def serialize(response: Message | bytes) -> bytes:
+        return response if isinstance(response, bytes) else response.SerializeToString()
+
+    return serialize
+
+
 def _method_handler(
     servicer: TaskManagerService, method: MethodDescriptor
 ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -381,18 +413,18 @@ def _method_handler(
         return grpc.stream_stream_rpc_method_handler(
             _bidi_handler(behaviour),
             request_deserializer=deserializer,
-            response_serializer=response_type.SerializeToString,
+            response_serializer=_serializer(response_type),
         )
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
             _stream_handler(behaviour),
             request_deserializer=deserializer,
-            response_serializer=response_type.SerializeToString,
+            response_serializer=_serializer(response_type),
         )
     return grpc.unary_unary_rpc_method_handler(
         _unary_handler(behaviour),
         request_deserializer=deserializer,
-        response_serializer=response_type.SerializeToString,
+        response_serializer=_serializer(response_type),
     )
 
 

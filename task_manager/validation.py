@@ -13,7 +13,7 @@ import re
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from storage.base import TaskQuery
+from storage.base import TaskQuery, TaskSelector
 from task_manager.errors import InvalidArgument, Unsupported
 from task_manager.v1.task_manager_pb2 import (
     CancelTaskRequest,
@@ -25,7 +25,9 @@ from task_manager.v1.task_manager_pb2 import (
     Status,
     StatusUpdate,
     TaskView,
+    WatchTasksRequest,
 )
+from task_manager.watch import WatchSpec
 
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{5,36}")
 MAX_DISPLAY_NAME_CHARS = 256
@@ -36,6 +38,9 @@ MAX_STATUS_BYTES = 1 << 20
 MAX_PRINCIPAL_BYTES = 16_384
 MAX_ENTITY_ID_CHARS = 256
 MAX_ENTITY_IDS = 1_000
+DEFAULT_HEARTBEAT_MS = 30_000
+MIN_HEARTBEAT_MS = 100
+MIN_RATE_LIMIT_MS = 250
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1_000
 MAX_HISTORY_PAGE_SIZE = 1_000
@@ -155,6 +160,48 @@ def agent_selector(request: ListenAsAgentRequest) -> frozenset[str]:
     for entity_id in entity_ids:
         _entity_id(entity_id, "entity_ids")
     return frozenset(entity_ids)
+
+
+def watch_spec(request: WatchTasksRequest) -> WatchSpec:
+    selector = request.filter
+    if (
+        len(selector.task_ids) > MAX_ENTITY_IDS
+        or len(selector.assignee_entity_ids) > MAX_ENTITY_IDS
+    ):
+        raise InvalidArgument("filter", f"at most {MAX_ENTITY_IDS} task ids and entity ids")
+    for value in selector.task_ids:
+        task_id(value, "filter.task_ids")
+    for value in selector.assignee_entity_ids:
+        _entity_id(value, "filter.assignee_entity_ids")
+    for status in selector.statuses:
+        _enum(_STATUSES, status, "filter.statuses")
+    if selector.parent_task_id:
+        task_id(selector.parent_task_id, "filter.parent_task_id")
+    if request.include_preexisting and request.start_revision:
+        raise InvalidArgument(
+            "start_revision", "cannot be combined with include_preexisting (it starts now)"
+        )
+    heartbeat_ms = request.heartbeat_interval_ms or DEFAULT_HEARTBEAT_MS
+    if heartbeat_ms < MIN_HEARTBEAT_MS:
+        raise InvalidArgument("heartbeat_interval_ms", f"must be at least {MIN_HEARTBEAT_MS}")
+    rate_ms = request.rate_limit.update_per_task_limit_ms
+    if 0 < rate_ms < MIN_RATE_LIMIT_MS:
+        raise InvalidArgument(
+            "rate_limit.update_per_task_limit_ms",
+            f"must be 0 (off) or at least {MIN_RATE_LIMIT_MS}",
+        )
+    return WatchSpec(
+        selector=TaskSelector(
+            task_ids=frozenset(selector.task_ids),
+            assignee_entity_ids=frozenset(selector.assignee_entity_ids),
+            statuses=frozenset(selector.statuses),
+            parent_task_id=selector.parent_task_id,
+        ),
+        start_revision=request.start_revision,
+        include_preexisting=request.include_preexisting,
+        heartbeat_interval_ns=heartbeat_ms * 1_000_000,
+        rate_limit_ns=rate_ms * 1_000_000,
+    )
 
 
 def page_size(value: int, default: int, maximum: int, field: str = "page_size") -> int:

@@ -136,3 +136,15 @@ def test_settings_come_from_the_environment(tmp_path: Path) -> None:
         for pipe in (process.stdout, process.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_a_second_server_on_the_same_database_refuses_to_start(tmp_path: Path) -> None:
+    first = ServerProcess(tmp_path / "tasks.db").start()
+    try:
+        result = _serve("--listen", "127.0.0.1:0", "--db", str(tmp_path / "tasks.db"))
+    finally:
+        assert first.terminate() == 0
+    assert result.returncode != 0
+    assert "in use by another task manager" in result.stderr
+    restarted = ServerProcess(tmp_path / "tasks.db").start()  # the lock went with it
+    assert restarted.terminate() == 0

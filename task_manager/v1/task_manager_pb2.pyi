@@ -1121,6 +1121,7 @@ class TaskHistoryEntry(_message.Message):
     AUTHOR_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SCHEDULED_TIME_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Store-wide, strictly increasing."""
     task_id: _builtins.str
@@ -1136,6 +1137,10 @@ class TaskHistoryEntry(_message.Message):
     def author(self) -> Global___Principal: ...
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def scheduled_time(self) -> _timestamp_pb2.Timestamp:
+        """The task's scheduled_time after the change, if it has one."""
+
     def __init__(
         self,
         *,
@@ -1147,10 +1152,11 @@ class TaskHistoryEntry(_message.Message):
         author: Global___Principal | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
+        scheduled_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "status", b"status", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "scheduled_time", b"scheduled_time", "status", b"status", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "definition_version", b"definition_version", "reason", b"reason", "revision", b"revision", "status", b"status", "status_version", b"status_version", "task_id", b"task_id", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "definition_version", b"definition_version", "reason", b"reason", "revision", b"revision", "scheduled_time", b"scheduled_time", "status", b"status", "status_version", b"status_version", "task_id", b"task_id", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1263,3 +1269,117 @@ class ReportError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportError: _TypeAlias = ReportError  # noqa: Y015
+
+@_typing.final
+class WatchFilter(_message.Message):
+    """Which tasks a watcher wants; every set field must match (AND). Fields left empty
+    match everything. Matching is on the task as it is right after each change.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    ASSIGNEE_ENTITY_IDS_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    PARENT_TASK_ID_FIELD_NUMBER: _builtins.int
+    parent_task_id: _builtins.str
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def assignee_entity_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The assignee's system (or team) entity_id."""
+
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___Status.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        assignee_entity_ids: _abc.Iterable[_builtins.str] | None = ...,
+        statuses: _abc.Iterable[Global___Status.ValueType] | None = ...,
+        parent_task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee_entity_ids", b"assignee_entity_ids", "parent_task_id", b"parent_task_id", "statuses", b"statuses", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchFilter: _TypeAlias = WatchFilter  # noqa: Y015
+
+@_typing.final
+class WatchTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    START_REVISION_FIELD_NUMBER: _builtins.int
+    INCLUDE_PREEXISTING_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    start_revision: _builtins.int
+    """The first revision wanted. 0 = only changes after the stream starts."""
+    include_preexisting: _builtins.bool
+    """First send every matching task that is not finished, as EVENT_TYPE_PREEXISTING
+    events all carrying one revision R (a consistent snapshot), then a heartbeat at R,
+    then every matching change after R. Excludes start_revision.
+    """
+    heartbeat_interval_ms: _builtins.int
+    """How long the stream may stay silent before a heartbeat: default 30000, minimum 100."""
+    @_builtins.property
+    def filter(self) -> Global___WatchFilter: ...
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimit:
+        """Per task, at most one update per window: the latest state is kept and sent when
+        the window opens, so intermediate states may be skipped and tasks may come out of
+        revision order. CREATED events and the change to a finished status are never
+        dropped, nor delayed past the window. 0 = off; otherwise at least 250.
+        """
+
+    def __init__(
+        self,
+        *,
+        filter: Global___WatchFilter | None = ...,
+        start_revision: _builtins.int = ...,
+        include_preexisting: _builtins.bool = ...,
+        heartbeat_interval_ms: _builtins.int = ...,
+        rate_limit: Global___RateLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "rate_limit", b"rate_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "heartbeat_interval_ms", b"heartbeat_interval_ms", "include_preexisting", b"include_preexisting", "rate_limit", b"rate_limit", "start_revision", b"start_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchTasksRequest: _TypeAlias = WatchTasksRequest  # noqa: Y015
+
+@_typing.final
+class WatchTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """The event's revision; for a heartbeat, the bookmark: every matching change up to
+    this revision has been delivered.
+    """
+    @_builtins.property
+    def event(self) -> Global___TaskEvent: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        event: Global___TaskEvent | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "message", b"message", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["event", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___WatchTasksResponse: _TypeAlias = WatchTasksResponse  # noqa: Y015

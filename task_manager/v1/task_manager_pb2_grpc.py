@@ -81,6 +81,11 @@ class TaskManagerStub:
                 request_serializer=task__manager_dot_v1_dot_task__manager__pb2.StatusReport.SerializeToString,
                 response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.StatusReportResult.FromString,
                 _registered_method=True)
+        self.WatchTasks = channel.unary_stream(
+                '/task_manager.v1.TaskManager/WatchTasks',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.WatchTasksRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.WatchTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -161,6 +166,21 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTasks(self, request, context):
+        """Extension: a versioned stream of task changes (see WatchTasksRequest). Every
+        accepted change is one event carrying its store-wide revision. Events arrive in
+        revision order, never twice, none skipped, and one revision is never split; a
+        watcher resumes with start_revision = last revision seen + 1, on any server of the
+        same database, after any disconnect or restart. Heartbeats are bookmarks.
+        Errors: INVALID_ARGUMENT for a bad request; OUT_OF_RANGE when start_revision is at
+        or below the compacted revision (trailer x-compact-revision: resume by re-listing
+        with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
+        (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +228,11 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.ReportStatus,
                     request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.StatusReport.FromString,
                     response_serializer=task__manager_dot_v1_dot_task__manager__pb2.StatusReportResult.SerializeToString,
+            ),
+            'WatchTasks': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTasks,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.WatchTasksRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.WatchTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -455,6 +480,33 @@ class TaskManager:
             '/task_manager.v1.TaskManager/ReportStatus',
             task__manager_dot_v1_dot_task__manager__pb2.StatusReport.SerializeToString,
             task__manager_dot_v1_dot_task__manager__pb2.StatusReportResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/WatchTasks',
+            task__manager_dot_v1_dot_task__manager__pb2.WatchTasksRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.WatchTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,17 @@ class TaskManagerStub:
     UpdateStatus would, and answered by one StatusReportResult with the same report_id,
     in the order the reports were sent. A refused report does not end the stream.
     """
+    WatchTasks: _grpc.UnaryStreamMultiCallable[_task_manager_pb2.WatchTasksRequest, _task_manager_pb2.WatchTasksResponse]
+    """Extension: a versioned stream of task changes (see WatchTasksRequest). Every
+    accepted change is one event carrying its store-wide revision. Events arrive in
+    revision order, never twice, none skipped, and one revision is never split; a
+    watcher resumes with start_revision = last revision seen + 1, on any server of the
+    same database, after any disconnect or restart. Heartbeats are bookmarks.
+    Errors: INVALID_ARGUMENT for a bad request; OUT_OF_RANGE when start_revision is at
+    or below the compacted revision (trailer x-compact-revision: resume by re-listing
+    with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
+    (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
+    """
 
 @_typing.type_check_only
 class TaskManagerAsyncStub(TaskManagerStub):
@@ -130,6 +141,17 @@ class TaskManagerAsyncStub(TaskManagerStub):
     fraction of a unary call). Each StatusReport is checked and applied exactly as
     UpdateStatus would, and answered by one StatusReportResult with the same report_id,
     in the order the reports were sent. A refused report does not end the stream.
+    """
+    WatchTasks: _aio.UnaryStreamMultiCallable[_task_manager_pb2.WatchTasksRequest, _task_manager_pb2.WatchTasksResponse]  # type: ignore[assignment]
+    """Extension: a versioned stream of task changes (see WatchTasksRequest). Every
+    accepted change is one event carrying its store-wide revision. Events arrive in
+    revision order, never twice, none skipped, and one revision is never split; a
+    watcher resumes with start_revision = last revision seen + 1, on any server of the
+    same database, after any disconnect or restart. Heartbeats are bookmarks.
+    Errors: INVALID_ARGUMENT for a bad request; OUT_OF_RANGE when start_revision is at
+    or below the compacted revision (trailer x-compact-revision: resume by re-listing
+    with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
+    (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
     """
 
 class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
@@ -222,6 +244,23 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         fraction of a unary call). Each StatusReport is checked and applied exactly as
         UpdateStatus would, and answered by one StatusReportResult with the same report_id,
         in the order the reports were sent. A refused report does not end the stream.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchTasks(
+        self,
+        request: _task_manager_pb2.WatchTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_task_manager_pb2.WatchTasksResponse], _abc.AsyncIterator[_task_manager_pb2.WatchTasksResponse]]:
+        """Extension: a versioned stream of task changes (see WatchTasksRequest). Every
+        accepted change is one event carrying its store-wide revision. Events arrive in
+        revision order, never twice, none skipped, and one revision is never split; a
+        watcher resumes with start_revision = last revision seen + 1, on any server of the
+        same database, after any disconnect or restart. Heartbeats are bookmarks.
+        Errors: INVALID_ARGUMENT for a bad request; OUT_OF_RANGE when start_revision is at
+        or below the compacted revision (trailer x-compact-revision: resume by re-listing
+        with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
+        (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
         """
 
 def add_TaskManagerServicer_to_server(servicer: TaskManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
