@@ -337,9 +337,11 @@ class SqliteStore:
             conn = _connect(path)
             try:
                 _migrate(conn, path)
-            except sqlite3.Error as exc:
+            except BaseException as exc:
                 conn.close()
-                raise StoreError(f"cannot prepare database {path}: {exc}") from exc
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"cannot prepare database {path}: {exc}") from exc
+                raise
             return conn
 
         try:

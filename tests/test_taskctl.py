@@ -1,0 +1,157 @@
+"""taskctl end to end: the real command against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from task_manager.v1 import task_manager_pb2 as pb
+from task_manager.v1 import task_manager_pb2_grpc
+from tests.helpers import REPO_ROOT, ServerProcess, status_update
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    running = ServerProcess(tmp_path_factory.mktemp("taskctl") / "tasks.db").start()
+    yield running
+    assert running.terminate() == 0
+
+
+def taskctl(
+    server: ServerProcess, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TASK_MANAGER_TARGET": server.address}
+    return subprocess.run(
+        [sys.executable, "-m", "agent_kit.taskctl", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def as_tasks(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    assert result.returncode == 0, result.stderr
+    parsed: list[dict[str, object]] = json.loads(result.stdout)
+    return parsed
+
+
+def finish(server: ServerProcess, task_id: str, status: pb.Status.ValueType) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = task_manager_pb2_grpc.TaskManagerStub(channel)
+        task = stub.GetTask(pb.GetTaskRequest(task_id=task_id)).task
+        stub.UpdateStatus(status_update(task, status))
+
+
+def test_create_get_list_history_cancel_complete(server: ServerProcess) -> None:
+    (created,) = as_tasks(
+        taskctl(
+            server,
+            "create",
+            "--assignee",
+            "drone-9",
+            "--name",
+            "survey",
+            "--task-id",
+            "ctl-task-1",
+            "--json",
+        )
+    )
+    assert created["status"] == {"status": "STATUS_SENT"}
+    (got,) = as_tasks(taskctl(server, "get", "ctl-task-1", "--json"))
+    assert got == created
+    table = taskctl(server, "list", "--status", "sent")
+    assert table.returncode == 0
+    assert "ctl-task-1" in table.stdout
+    assert "SENT" in table.stdout.splitlines()[1]
+    excluded = taskctl(server, "list", "--exclude-status", "SENT")
+    assert "ctl-task-1" not in excluded.stdout
+    taskctl(server, "create", "--assignee", "drone-9", "--task-id", "ctl-task-2")
+    cancelled = taskctl(server, "cancel", "ctl-task-1", "--reason", "weather")
+    assert "CANCEL_REQUESTED" in cancelled.stdout
+    completed = taskctl(server, "complete", "ctl-task-2")
+    assert "COMPLETE_REQUESTED" in completed.stdout
+    history = taskctl(server, "history", "ctl-task-1")
+    lines = history.stdout.splitlines()
+    assert [line.split()[2] for line in lines[1:]] == ["CREATED", "SENT", "CANCEL_REQUESTED"]
+    assert lines[-1].endswith("weather")
+
+
+@pytest.mark.parametrize(
+    ("args", "exit_code", "message"),
+    [
+        (("get", "no-such-task"), 3, "NOT_FOUND"),
+        (("create", "--task-id", "bad id!"), 6, "INVALID_ARGUMENT"),
+        (("list", "--status", "flying"), 2, "unknown status"),
+    ],
+)
+def test_errors_are_readable_with_exit_codes_scripts_can_test(
+    server: ServerProcess, args: tuple[str, ...], exit_code: int, message: str
+) -> None:
+    result = taskctl(server, *args)
+    assert result.returncode == exit_code
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_server_is_exit_5(server: ServerProcess) -> None:
+    result = taskctl(server, "--target", "127.0.0.1:1", "get", "some-task")
+    assert result.returncode == 5
+    assert "UNAVAILABLE" in result.stderr
+
+
+def test_wait_exit_codes(server: ServerProcess) -> None:
+    taskctl(server, "create", "--assignee", "drone-9", "--task-id", "ctl-wait-1")
+    timed_out = taskctl(server, "wait", "ctl-wait-1", "--timeout", "0.3")
+    assert timed_out.returncode == 4
+    assert "did not finish" in timed_out.stderr
+    finish(server, "ctl-wait-1", pb.STATUS_DONE_OK)
+    assert taskctl(server, "wait", "ctl-wait-1").returncode == 0
+    taskctl(server, "create", "--assignee", "drone-9", "--task-id", "ctl-wait-2")
+    finish(server, "ctl-wait-2", pb.STATUS_DONE_NOT_OK)
+    assert taskctl(server, "wait", "ctl-wait-2").returncode == 1
+
+
+def test_watch_follows_changes_live(server: ServerProcess) -> None:
+    taskctl(server, "create", "--assignee", "drone-w", "--task-id", "ctl-watch-0")
+    env = {**os.environ, "TASK_MANAGER_TARGET": server.address}
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent_kit.taskctl",
+            "watch",
+            "--assignee",
+            "drone-w",
+            "--max-events",
+            "3",
+            "--lines",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    try:
+        assert watcher.stdout is not None
+        snapshot = watcher.stdout.readline()  # the task as it is now: subscribed
+        assert "ctl-watch-0" in snapshot
+        assert "SENT" in snapshot
+        finish(server, "ctl-watch-0", pb.STATUS_EXECUTING)
+        finish(server, "ctl-watch-0", pb.STATUS_DONE_NOT_OK)
+        rest = watcher.communicate(timeout=60)[0].splitlines()
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate()
+    assert watcher.returncode == 0
+    assert ["EXECUTING" in rest[0], "DONE_NOT_OK" in rest[1]] == [True, True]
+    assert all("ctl-watch-0" in line for line in rest)
