@@ -116,7 +116,8 @@ class _ReportStream:
             try:
                 async with self._write_lock:
                     await call.write(pb.StatusReport(report_id=report_id, status_update=update))
-            except grpc.aio.AioRpcError as error:
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+                # InvalidStateError: the stream ended between opening and this write.
                 raise _Refused(grpc.StatusCode.UNAVAILABLE, "the report stream broke") from error
             result = await result_future
         finally:
@@ -394,6 +395,9 @@ class Agent:
             log.info("agent %s: task %s ended elsewhere: %s", self.entity_id, task_id, gone)
         except (_Refused, grpc.aio.AioRpcError) as error:
             log.error("agent %s: giving up on task %s: %s", self.entity_id, task_id, error)
+        except Exception:
+            # A bug must not take the whole agent down with it: say so loudly instead.
+            log.exception("agent %s: task %s failed unexpectedly", self.entity_id, task_id)
         finally:
             del self._running[task_id]
             self._remember(task_id)

@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(settings: Settings) -> int:
+    # Handlers first: a SIGTERM that arrives while starting must still stop us cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
         server = await TaskManagerServer.start(settings)
     except ServerStartError as exc:
@@ -45,10 +50,6 @@ async def _serve(settings: Settings) -> int:
         return 2
     # The first line on stdout says where we listen (tests and scripts read it).
     print(f"task-manager: serving on {server.address}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await server.stop()
     return 0

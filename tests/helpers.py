@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import grpc
 
@@ -79,6 +79,7 @@ class ServerProcess:
         self.port = port
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
+        self.log_path = db.with_name(db.name + ".server.log")
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.process = subprocess.Popen(
@@ -93,7 +94,9 @@ class ServerProcess:
                 str(self.db),
             ],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            # A file, not a pipe: nobody reads the log while the server runs, and a full
+            # pipe would block its logging.
+            stderr=self._log(),
             text=True,
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -102,7 +105,8 @@ class ServerProcess:
         line = self.process.stdout.readline()  # blocks until serving, or exit
         if not line.startswith("task-manager: serving on "):
             self.process.wait(timeout)
-            raise AssertionError(f"server did not start: {line!r} {self.process.stderr.read()!r}")  # type: ignore[union-attr]
+            self._close_pipes()
+            raise AssertionError(f"server did not start: {line!r}: {self.log_text()}")
         self.address = line.rsplit(" ", 1)[1].strip()
         self.port = int(self.address.rsplit(":", 1)[1])
         channel = grpc.insecure_channel(self.address)
@@ -124,8 +128,15 @@ class ServerProcess:
         self._close_pipes()
         return code
 
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def _log(self) -> IO[str]:
+        self._log_file = self.log_path.open("a")
+        return self._log_file
+
     def _close_pipes(self) -> None:
         assert self.process is not None
-        for pipe in (self.process.stdout, self.process.stderr):
-            if pipe is not None:
-                pipe.close()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._log_file.close()

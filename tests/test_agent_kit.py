@@ -45,9 +45,15 @@ async def wait_for_status(client: OperatorClient, task_id: str, statuses: Iterab
     wanted = set(statuses)
     with anyio.fail_after(WAIT_S):
         while True:
-            task = await client.get_task(task_id)
-            if task.status.status in wanted:
-                return task
+            try:
+                task = await client.get_task(task_id)
+            except grpc.aio.AioRpcError as error:
+                # Just after a server restart the channel may still be backing off.
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            else:
+                if task.status.status in wanted:
+                    return task
             await anyio.sleep(0.02)
 
 

@@ -132,10 +132,11 @@ def test_settings_come_from_the_environment(tmp_path: Path) -> None:
         assert (tmp_path / "env.db").exists()
     finally:
         process.terminate()
-        assert process.wait(30) == 0
+        code = process.wait(30)
         for pipe in (process.stdout, process.stderr):
             if pipe is not None:
                 pipe.close()
+    assert code == 0
 
 
 def test_a_second_server_on_the_same_database_refuses_to_start(tmp_path: Path) -> None:
