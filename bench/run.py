@@ -194,9 +194,13 @@ def measure(quick: bool) -> dict[str, Any]:
         results["dispatch_ms_p99"] = measured["p99_ms"]
         results["dispatch_rate_per_s"] = rate
 
-        results["watch_fanout_watchers"] = None
-        results["watch_fanout_ms_p99"] = None
-        results["watch_fanout_missing"] = "needs WatchTasks (the watch streams issue)"
+        with start_server(task_manager(workdir, "fanout"), workdir / "fanout.log") as server:
+            rounds = 10 if quick else 30
+            measured = client("watch-fanout", server.address, watchers=1000, rounds=rounds)
+            durable.append(durable_from(server.stop()))
+        results["watch_fanout_watchers"] = measured["watchers"]
+        results["watch_fanout_ms_p50"] = measured["p50_ms"]
+        results["watch_fanout_ms_p99"] = measured["p99_ms"]
 
         per_stream, idle_durable = idle_streams(workdir, streams)
         durable.append(idle_durable)
@@ -235,6 +239,7 @@ def table(results: dict[str, Any]) -> str:
         "lifecycle_writes_per_commit",
         "dispatch_ms_p50",
         "dispatch_ms_p99",
+        "watch_fanout_ms_p50",
         "watch_fanout_ms_p99",
         "idle_stream_rss_kb",
         "durable",
