@@ -1,16 +1,23 @@
 """Time as an input: the service asks a Clock, tests bring a ManualClock and move it.
 
 Timestamps and timers (heartbeats, rate-limit windows, compaction) use Clock.now_ns()
-and Clock.wait(), never time.* or asyncio.sleep directly.
+and Clock.call_at(), never time.* or asyncio.sleep directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
 
 
 class Clock(Protocol):
@@ -18,56 +25,61 @@ class Clock(Protocol):
         """Nanoseconds since the Unix epoch."""
         ...
 
-    async def wait(self, event: asyncio.Event, deadline_ns: int) -> None:
-        """Returns when event is set or the clock reaches deadline_ns, whichever is first."""
+    def call_at(self, deadline_ns: int, callback: Callable[[], None]) -> Timer:
+        """Runs callback on the event loop once the clock reaches deadline_ns."""
         ...
+
+
+async def wait_until(clock: Clock, event: asyncio.Event, deadline_ns: int) -> None:
+    """Returns when event is set or the clock reaches deadline_ns, whichever is first."""
+    if event.is_set() or clock.now_ns() >= deadline_ns:
+        return
+    timer = clock.call_at(deadline_ns, event.set)
+    try:
+        await event.wait()
+    finally:
+        timer.cancel()
 
 
 class SystemClock:
     def now_ns(self) -> int:
         return time.time_ns()
 
-    async def wait(self, event: asyncio.Event, deadline_ns: int) -> None:
-        delay = (deadline_ns - self.now_ns()) / 1e9
-        if event.is_set() or delay <= 0:
-            return
-        # A timer handle, not wait_for: no task per wait on the hot path of watchers.
-        timer = asyncio.get_running_loop().call_later(delay, event.set)
-        try:
-            await event.wait()
-        finally:
-            timer.cancel()
+    def call_at(self, deadline_ns: int, callback: Callable[[], None]) -> Timer:
+        delay = max(0.0, (deadline_ns - self.now_ns()) / 1e9)
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+
+class _ManualTimer:
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback: Callable[[], None] | None = callback
+
+    def cancel(self) -> None:
+        self.callback = None
 
 
 class ManualClock:
-    """A clock that moves only when told to (for tests)."""
+    """A clock that moves only when told to (for tests); due timers fire on advance()."""
 
     def __init__(self, start_ns: int = 1_700_000_000 * 10**9) -> None:
         self._now_ns = start_ns
-        self._ticks: set[asyncio.Event] = set()
+        self._timers: list[tuple[int, int, _ManualTimer]] = []
+        self._order = itertools.count()
 
     def now_ns(self) -> int:
         return self._now_ns
 
+    def call_at(self, deadline_ns: int, callback: Callable[[], None]) -> Timer:
+        timer = _ManualTimer(callback)
+        heapq.heappush(self._timers, (deadline_ns, next(self._order), timer))
+        return timer
+
     def advance(self, seconds: float) -> None:
         self._now_ns += int(seconds * 1e9)
-        for tick in self._ticks:
-            tick.set()
-
-    async def wait(self, event: asyncio.Event, deadline_ns: int) -> None:
-        tick = asyncio.Event()
-        self._ticks.add(tick)
-        try:
-            while not event.is_set() and self._now_ns < deadline_ns:
-                tick.clear()
-                waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(tick.wait())]
-                try:
-                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for waiter in waiters:
-                        waiter.cancel()
-        finally:
-            self._ticks.discard(tick)
+        while self._timers and self._timers[0][0] <= self._now_ns:
+            callback = heapq.heappop(self._timers)[2].callback
+            if callback is not None:
+                callback()
 
 
 def timestamp(ns: int) -> Timestamp:

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from storage.base import Change
 from storage.sqlite import SqliteStore
-from task_manager.clock import Clock, SystemClock
+from task_manager.clock import Clock, SystemClock, wait_until
 from task_manager.config import Settings
 from task_manager.dispatch import Dispatcher
 from task_manager.service import SERVICE_NAMES, TaskManagerService, generic_handlers
@@ -152,7 +152,7 @@ class TaskManagerServer:
                 log.info("history compacted up to revision %d", compacted)
             except Exception:
                 log.exception("compaction failed; trying again next interval")
-            await clock.wait(never, clock.now_ns() + interval_ns)
+            await wait_until(clock, never, clock.now_ns() + interval_ns)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

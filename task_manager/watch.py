@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from storage.base import Change, Store, TaskSelector
-from task_manager.clock import Clock, timestamp
+from task_manager.clock import Clock, Timer, timestamp
 from task_manager.errors import ServerShuttingDown, StreamEnded, StreamFellBehind
 from task_manager.lifecycle import TERMINAL_STATUSES
 from task_manager.v1.task_manager_pb2 import (
@@ -109,46 +109,60 @@ class Watch:
         held: dict[str, Announced] = {}  # per task, the latest change waiting for its window
         window_opens: dict[str, int] = {}  # per task, when it may next be sent
         last_sent_ns = clock.now_ns()
-        while True:
-            while self._pending:
-                announced = self._pending.popleft()
-                if announced.revision <= covered:
-                    continue  # the backlog already had it
-                task_id = announced.change.task.version.task_id
-                in_window = window_opens.get(task_id, 0) > clock.now_ns()
-                if window and in_window and not announced.created:
-                    held[task_id] = announced  # a newer state replaces the held one
-                    continue
-                yield announced.encoded
-                last_sent_ns = clock.now_ns()
-                if window:
-                    window_opens[task_id] = last_sent_ns + window
-                    held.pop(task_id, None)  # an older held state must not follow it
-            if self._ended is not None:
-                raise self._ended
-            now = clock.now_ns()
-            for task_id, announced in sorted(held.items(), key=lambda item: item[1].revision):
-                if window_opens[task_id] <= now:
+        timer: Timer | None = None
+        timer_at = 0
+        try:
+            while True:
+                now = clock.now_ns()  # once per batch: the batch goes out at one instant
+                while self._pending:
+                    announced = self._pending.popleft()
+                    if announced.revision <= covered:
+                        continue  # the backlog already had it
+                    if window:
+                        task_id = announced.change.task.version.task_id
+                        if not announced.created and window_opens.get(task_id, 0) > now:
+                            held[task_id] = announced  # a newer state replaces the held one
+                            continue
+                        window_opens[task_id] = now + window
+                        held.pop(task_id, None)  # an older held state must not follow it
                     yield announced.encoded
-                    del held[task_id]
-                    last_sent_ns = clock.now_ns()
-                    window_opens[task_id] = last_sent_ns + window
-            if window:  # forget windows that have passed, so memory stays bounded
-                for task_id in [t for t, at in window_opens.items() if at <= now and t not in held]:
-                    del window_opens[task_id]
-            if now - last_sent_ns >= spec.heartbeat_interval_ns and not self._pending:
-                bookmark = hub.revision
+                    last_sent_ns = now
+                if self._ended is not None:
+                    raise self._ended
                 if held:
-                    bookmark = min(bookmark, min(a.revision for a in held.values()) - 1)
-                yield _heartbeat(max(covered, bookmark), clock)
-                last_sent_ns = clock.now_ns()
-            deadline = last_sent_ns + spec.heartbeat_interval_ns
-            if held:
-                deadline = min(deadline, min(window_opens[task_id] for task_id in held))
-            self._wakeup.clear()
-            if self._pending or self._ended is not None:
-                continue
-            await clock.wait(self._wakeup, deadline)
+                    for task_id, announced in sorted(held.items(), key=lambda i: i[1].revision):
+                        if window_opens[task_id] <= now:
+                            yield announced.encoded
+                            del held[task_id]
+                            last_sent_ns = now
+                            window_opens[task_id] = now + window
+                if window:  # forget windows that have passed, so memory stays bounded
+                    for task_id in [
+                        t for t, at in window_opens.items() if at <= now and t not in held
+                    ]:
+                        del window_opens[task_id]
+                if now - last_sent_ns >= spec.heartbeat_interval_ns and not self._pending:
+                    bookmark = hub.revision
+                    if held:
+                        bookmark = min(bookmark, min(a.revision for a in held.values()) - 1)
+                    yield _heartbeat(max(covered, bookmark), clock)
+                    last_sent_ns = now
+                deadline = last_sent_ns + spec.heartbeat_interval_ns
+                if held:
+                    deadline = min(deadline, min(window_opens[task_id] for task_id in held))
+                self._wakeup.clear()
+                if self._pending or self._ended is not None:
+                    continue
+                # One timer, re-armed only when an earlier wake-up is needed: a timer that
+                # fires early just makes the loop look again.
+                if timer is None or timer_at > deadline or timer_at <= now:
+                    if timer is not None:
+                        timer.cancel()
+                    timer, timer_at = clock.call_at(deadline, self._wakeup.set), deadline
+                await self._wakeup.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
 class WatchHub:
