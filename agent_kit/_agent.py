@@ -136,7 +136,7 @@ class _ReportStream:
     async def _read_results(
         self, call: grpc.aio.StreamStreamCall[pb.StatusReport, pb.StatusReportResult]
     ) -> None:
-        reason = "the report stream ended"
+        reason: str | None = "the report stream ended"
         try:
             async for result in call:
                 waiting = self._waiting.get(result.report_id)
@@ -144,12 +144,19 @@ class _ReportStream:
                     waiting.set_result(result)
         except grpc.aio.AioRpcError as error:
             reason = f"the report stream failed: {error.code().name}: {error.details()}"
+        except BaseException:
+            reason = None  # cancelled (the agent is stopping): so are the waiting reports
+            raise
         finally:
             # In one step (no await): reports sent after this go to a new stream.
             self._call = None
             call.cancel()
             for waiting in self._waiting.values():
-                if not waiting.done():
+                if waiting.done():
+                    continue
+                if reason is None:
+                    waiting.cancel()
+                else:
                     waiting.set_exception(_Refused(grpc.StatusCode.UNAVAILABLE, reason))
 
 

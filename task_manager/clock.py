@@ -1,7 +1,7 @@
 """Time as an input: the service asks a Clock, tests bring a ManualClock and move it.
 
 Timestamps and timers (heartbeats, rate-limit windows, compaction) use Clock.now_ns()
-and Clock.call_at(), never time.* or asyncio.sleep directly.
+and Clock.call_at() (or sleep_until), never time.* or asyncio.sleep directly.
 """
 
 from __future__ import annotations
@@ -30,13 +30,12 @@ class Clock(Protocol):
         ...
 
 
-async def wait_until(clock: Clock, event: asyncio.Event, deadline_ns: int) -> None:
-    """Returns when event is set or the clock reaches deadline_ns, whichever is first."""
-    if event.is_set() or clock.now_ns() >= deadline_ns:
-        return
-    timer = clock.call_at(deadline_ns, event.set)
+async def sleep_until(clock: Clock, deadline_ns: int) -> None:
+    """Returns once the clock reaches deadline_ns."""
+    woken = asyncio.Event()  # a fresh one each time: a set event would never wait again
+    timer = clock.call_at(deadline_ns, woken.set)
     try:
-        await event.wait()
+        await woken.wait()
     finally:
         timer.cancel()
 

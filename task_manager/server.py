@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from storage.base import Change
 from storage.sqlite import SqliteStore
-from task_manager.clock import Clock, SystemClock, wait_until
+from task_manager.clock import Clock, SystemClock, sleep_until
 from task_manager.config import Settings
 from task_manager.dispatch import Dispatcher
 from task_manager.service import SERVICE_NAMES, TaskManagerService, generic_handlers
@@ -71,6 +71,7 @@ class TaskManagerServer:
         self._settings = settings
         self._stopped = False
         self._compaction: asyncio.Task[None] | None = None  # owned; cancelled in stop()
+        self.compactions = 0
 
     @property
     def port(self) -> int:
@@ -144,15 +145,15 @@ class TaskManagerServer:
         return await self.store.compact(self._settings.retention_revisions, older_than_ns)
 
     async def _compact_forever(self, clock: Clock) -> None:
-        never = asyncio.Event()
         interval_ns = int(self._settings.compaction_interval_s * 1e9)
         while True:
             try:
                 compacted = await self.compact(clock)
+                self.compactions += 1
                 log.info("history compacted up to revision %d", compacted)
             except Exception:
                 log.exception("compaction failed; trying again next interval")
-            await wait_until(clock, never, clock.now_ns() + interval_ns)
+            await sleep_until(clock, clock.now_ns() + interval_ns)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

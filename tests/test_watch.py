@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -365,3 +365,26 @@ def _progress(text: str) -> pb.google_dot_protobuf_dot_any__pb2.Any:  # type: ig
     packed = Any()
     packed.Pack(StringValue(value=text))
     return packed
+
+
+async def test_compaction_runs_once_per_interval_of_the_clock(tmp_path: Path) -> None:
+    clock = ManualClock()
+    settings = Settings(listen="127.0.0.1:0", db=tmp_path / "t.db", compaction_interval_s=60)
+    server = await TaskManagerServer.start(settings, clock=clock)
+    try:
+        await until(lambda: server.compactions == 1)  # once at start
+        clock.advance(60)
+        await until(lambda: server.compactions >= 2)
+        # Not a wait for something to happen: a window in which nothing may happen while
+        # the clock stands still (a spinning loop compacts hundreds of times in it).
+        await asyncio.sleep(0.2)
+        assert server.compactions == 2
+    finally:
+        await server.stop()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Polls condition with a deadline."""
+    async with asyncio.timeout(READ_S):
+        while not condition():  # noqa: ASYNC110 - a counter has no event to wait on
+            await asyncio.sleep(0.01)
