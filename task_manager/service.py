@@ -18,7 +18,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from storage.base import HistoryCompacted, Store, StoreClosed, StoreError
+from storage.base import HistoryCompacted, Store, StoreClosed, StoreError, WriteTransaction
 from task_manager import lifecycle, validation
 from task_manager.clock import Clock
 from task_manager.dispatch import Dispatcher, agent_request_for
@@ -48,6 +48,7 @@ from task_manager.v1.task_manager_pb2 import (
     GetTaskResponse,
     ListenAsAgentRequest,
     ListenAsAgentResponse,
+    Principal,
     QueryTasksRequest,
     QueryTasksResponse,
     ReportError,
@@ -64,6 +65,8 @@ from task_manager.watch import WatchHub, watch_stream
 
 log = logging.getLogger(__name__)
 
+OperatorChange = Callable[[WriteTransaction, str, Principal | None, str, int], Task]
+"""lifecycle.cancel_task or lifecycle.complete_task."""
 CURRENT_STATUS_VERSION_KEY = "x-current-status-version"
 COMPACT_REVISION_KEY = "x-compact-revision"
 SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = (
@@ -214,26 +217,22 @@ class TaskManagerService:
     async def CancelTask(
         self, request: CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> CancelTaskResponse:
-        validation.check_operator_request(request)
-        author = request.author if request.HasField("author") else None
-        task = await self._store.write(
-            lambda tx: lifecycle.cancel_task(
-                tx, request.task_id, author, request.reason, self._clock.now_ns()
-            )
-        )
-        return CancelTaskResponse(task=task)
+        return CancelTaskResponse(task=await self._operator_request(request, lifecycle.cancel_task))
 
     async def CompleteTask(
         self, request: CompleteTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> CompleteTaskResponse:
+        task = await self._operator_request(request, lifecycle.complete_task)
+        return CompleteTaskResponse(task=task)
+
+    async def _operator_request(
+        self, request: CancelTaskRequest | CompleteTaskRequest, change: OperatorChange
+    ) -> Task:
         validation.check_operator_request(request)
         author = request.author if request.HasField("author") else None
-        task = await self._store.write(
-            lambda tx: lifecycle.complete_task(
-                tx, request.task_id, author, request.reason, self._clock.now_ns()
-            )
+        return await self._store.write(
+            lambda tx: change(tx, request.task_id, author, request.reason, self._clock.now_ns())
         )
-        return CompleteTaskResponse(task=task)
 
     async def GetTaskHistory(
         self, request: GetTaskHistoryRequest, context: grpc.aio.ServicerContext[Any, Any]
