@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -317,7 +318,11 @@ async def watch_fanout(args: argparse.Namespace) -> dict[str, float]:
                 sent_at.append(time.perf_counter_ns())
                 version = (await stub.UpdateStatus(update)).task.version.status_version
                 await asyncio.sleep(0.2)  # one update at a time: fan-out, not throughput
-            await asyncio.wait_for(all_arrived.wait(), 60)
+            try:
+                await asyncio.wait_for(all_arrived.wait(), 60)
+            except TimeoutError:
+                counts = collections.Counter(len(times) for times in arrivals)
+                raise SystemExit(f"not every watcher got every round: {sorted(counts.items())}")
             group.cancel_scope.cancel()
         for extra in channels:
             await extra.close(None)

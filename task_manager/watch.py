@@ -74,8 +74,10 @@ class Announced:
 class Watch:
     """The changes waiting for one WatchTasks call, in revision order."""
 
-    def __init__(self, selector: TaskSelector, buffer: int) -> None:
+    def __init__(self, selector: TaskSelector, buffer: int, opened_at_revision: int) -> None:
         self.selector = selector
+        self.opened_at_revision = opened_at_revision
+        """Every change after this one is offered to the watch; none before it is."""
         self._buffer = buffer
         self._pending: deque[Announced] = deque()
         self._wakeup = asyncio.Event()
@@ -179,7 +181,7 @@ class WatchHub:
     def open(self, selector: TaskSelector) -> Iterator[Watch]:
         if self._closing is not None:
             raise self._closing
-        watch = Watch(selector, self._buffer)
+        watch = Watch(selector, self._buffer, opened_at_revision=self.revision)
         self._watches.add(watch)
         try:
             yield watch
@@ -248,7 +250,10 @@ async def watch_stream(
                 if len(page) < HISTORY_PAGE:
                     break
         else:
-            covered = await store.current_revision()
+            # From now: not the store's revision read later (a change committed after the
+            # subscription but before that read would be skipped and lost), but the
+            # point from which this watch is offered every change.
+            covered = watch.opened_at_revision
         async for response in watch.responses_after(covered, hub, clock, spec):
             yield response
 

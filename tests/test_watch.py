@@ -10,10 +10,14 @@ import grpc
 import pytest
 
 from agent_kit import OperatorClient
-from task_manager.clock import ManualClock
+from storage.base import TaskSelector
+from storage.sqlite import SqliteStore
+from task_manager import lifecycle
+from task_manager.clock import ManualClock, SystemClock
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
+from task_manager.watch import WatchHub, WatchSpec, watch_stream
 from tests.helpers import AsyncStub, create_request, status_update, trailer
 
 pytestmark = pytest.mark.anyio
@@ -388,3 +392,29 @@ async def until(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(READ_S):
         while not condition():  # noqa: ASYNC110 - a counter has no event to wait on
             await asyncio.sleep(0.01)
+
+
+async def test_a_change_committed_right_after_subscribing_is_never_lost(tmp_path: Path) -> None:
+    # Deterministic version of the race: the change commits in the gap between the
+    # watch's registration (its headers go out) and the rest of its setup.
+    hub = WatchHub()
+    store = await SqliteStore.open(tmp_path / "t.db", on_commit=hub.publish)
+    try:
+        clock = SystemClock()
+        request = pb.CreateTaskRequest(display_name="raced")
+        task = await store.write(
+            lambda tx: lifecycle.create_task(tx, request, "raced-1", clock.now_ns())
+        )
+        update = status_update(task, S.STATUS_EXECUTING).status_update
+
+        async def commit_a_change() -> None:
+            await store.write(lambda tx: lifecycle.update_status(tx, update, clock.now_ns()))
+
+        spec = WatchSpec(selector=TaskSelector(task_ids=frozenset({"raced-1"})))
+        stream = watch_stream(spec, hub, store, clock, on_subscribed=commit_a_change)
+        first = await asyncio.wait_for(anext(stream), 5)
+        event = pb.WatchTasksResponse.FromString(first) if isinstance(first, bytes) else first
+        assert event.event.task.status.status == S.STATUS_EXECUTING
+        await stream.aclose()  # type: ignore[attr-defined]
+    finally:
+        await store.close()
