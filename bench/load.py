@@ -322,7 +322,8 @@ async def watch_fanout(args: argparse.Namespace) -> dict[str, float]:
                 await asyncio.wait_for(all_arrived.wait(), 60)
             except TimeoutError:
                 counts = collections.Counter(len(times) for times in arrivals)
-                raise SystemExit(f"not every watcher got every round: {sorted(counts.items())}")
+                got = sorted(counts.items())
+                raise SystemExit(f"not every watcher got every round: {got}") from None
             group.cancel_scope.cancel()
         for extra in channels:
             await extra.close(None)

@@ -34,7 +34,26 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.db,
         help="SQLite database file (env TASK_MANAGER_DB, default %(default)s)",
     )
+    serve.add_argument(
+        "--retention-revisions",
+        type=_at_least_1,
+        default=defaults.retention_revisions,
+        help="history compaction keeps at least this many newest revisions (default %(default)s)",
+    )
+    serve.add_argument(
+        "--retention-days",
+        type=float,
+        default=defaults.retention_age_s / 86400,
+        help="... and every revision younger than this (default %(default)s)",
+    )
     return parser
+
+
+def _at_least_1(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 async def _serve(settings: Settings) -> int:
@@ -60,7 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings(listen=args.listen, db=args.db)
+    settings = Settings(
+        listen=args.listen,
+        db=args.db,
+        retention_revisions=args.retention_revisions,
+        retention_age_s=args.retention_days * 86400,
+    )
     return asyncio.run(_serve(settings))
 
 
