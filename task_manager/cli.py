@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -46,7 +47,22 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.retention_age_s / 86400,
         help="... and every revision younger than this (default %(default)s)",
     )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address without authentication or TLS",
+    )
     return parser
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name or a wildcard that may reach other machines
 
 
 def _at_least_1(text: str) -> int:
@@ -56,7 +72,15 @@ def _at_least_1(text: str) -> int:
     return value
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, insecure: bool) -> int:
+    if not insecure and not is_loopback(settings.listen):
+        print(
+            f"task-manager: refusing to listen on {settings.listen}: this server has no"
+            " authentication or TLS yet, so anyone who can reach it could command your"
+            " agents. Listen on 127.0.0.1, or pass --insecure on a network you trust.",
+            file=sys.stderr,
+        )
+        return 2
     # Handlers first: a SIGTERM that arrives while starting must still stop us cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -85,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         retention_revisions=args.retention_revisions,
         retention_age_s=args.retention_days * 86400,
     )
-    return asyncio.run(_serve(settings))
+    return asyncio.run(_serve(settings, args.insecure))
 
 
 if __name__ == "__main__":

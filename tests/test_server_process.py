@@ -149,3 +149,36 @@ def test_a_second_server_on_the_same_database_refuses_to_start(tmp_path: Path) -
     assert "in use by another task manager" in result.stderr
     restarted = ServerProcess(tmp_path / "tasks.db").start()  # the lock went with it
     assert restarted.terminate() == 0
+
+
+def test_a_non_loopback_address_needs_insecure(tmp_path: Path) -> None:
+    refused = _serve("--listen", "0.0.0.0:0", "--db", str(tmp_path / "tasks.db"))
+    assert refused.returncode == 2
+    assert "--insecure" in refused.stderr
+    assert not (tmp_path / "tasks.db").exists()  # refused before touching anything
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "task_manager",
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--db",
+            str(tmp_path / "tasks.db"),
+            "--insecure",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("task-manager: serving on 0.0.0.0:")
+    finally:
+        process.terminate()
+        code = process.wait(30)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert code == 0
