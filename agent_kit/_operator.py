@@ -7,7 +7,7 @@ background event loop for scripts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from types import TracebackType
@@ -162,7 +162,7 @@ class OperatorClient:
         include_preexisting: bool = False,
         heartbeat_interval_ms: int = 0,
         rate_limit_ms: int = 0,
-    ) -> AsyncIterator[pb.WatchTasksResponse]:
+    ) -> AsyncGenerator[pb.WatchTasksResponse, None]:
         """Every matching change as a WatchTasksResponse holding an event, in revision
         order, forever. Resumes by itself after disconnects and server restarts (from the
         last revision seen or bookmarked); if that history was compacted, it re-lists:
@@ -328,13 +328,13 @@ class SyncOperatorClient:
 
 @asynccontextmanager
 async def _aclosing(
-    events: AsyncIterator[pb.WatchTasksResponse],
-) -> AsyncIterator[AsyncIterator[pb.WatchTasksResponse]]:
+    events: AsyncGenerator[pb.WatchTasksResponse, None],
+) -> AsyncIterator[AsyncGenerator[pb.WatchTasksResponse, None]]:
     # Closes the watch (and its stream) on the portal's loop when the caller stops.
     try:
         yield events
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
 
 
 async def _make_client(target: str, author: pb.Principal | None) -> OperatorClient:

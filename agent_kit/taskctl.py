@@ -32,8 +32,8 @@ TERMINAL = {pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK}
 COLUMNS = ("TASK_ID", "STATUS", "VERSION", "ASSIGNEE", "UPDATED", "NAME", "ERROR")
 
 
-def status_name(status: int) -> str:
-    return pb.Status.Name(status).removeprefix("STATUS_")  # type: ignore[arg-type]
+def status_name(status: pb.Status.ValueType) -> str:
+    return pb.Status.Name(status).removeprefix("STATUS_")
 
 
 def parse_status(text: str) -> pb.Status.ValueType:

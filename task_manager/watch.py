@@ -111,8 +111,16 @@ class Watch:
         held: dict[str, Announced] = {}  # per task, the latest change waiting for its window
         window_opens: dict[str, int] = {}  # per task, when it may next be sent
         last_sent_ns = clock.now_ns()
-        timer: Timer | None = None
+        timer: Timer | None = None  # armed and not yet fired
         timer_at = 0
+
+        def on_timer() -> None:
+            # The timer says itself that it fired: comparing clock readings cannot, as
+            # a timer may fire a hair before now_ns() reaches its deadline.
+            nonlocal timer
+            timer = None
+            self._wakeup.set()
+
         try:
             while True:
                 now = clock.now_ns()  # once per batch: the batch goes out at one instant
@@ -157,10 +165,10 @@ class Watch:
                     continue
                 # One timer, re-armed only when an earlier wake-up is needed: a timer that
                 # fires early just makes the loop look again.
-                if timer is None or timer_at > deadline or timer_at <= now:
+                if timer is None or timer_at > deadline:
                     if timer is not None:
                         timer.cancel()
-                    timer, timer_at = clock.call_at(deadline, self._wakeup.set), deadline
+                    timer, timer_at = clock.call_at(deadline, on_timer), deadline
                 await self._wakeup.wait()
         finally:
             if timer is not None:

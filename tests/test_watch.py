@@ -13,7 +13,7 @@ from agent_kit import OperatorClient
 from storage.base import TaskSelector
 from storage.sqlite import SqliteStore
 from task_manager import lifecycle
-from task_manager.clock import ManualClock, SystemClock
+from task_manager.clock import ManualClock, SystemClock, Timer
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
@@ -306,7 +306,7 @@ async def test_compacted_history_is_out_of_range_and_the_sdk_relists(tmp_path: P
             new = await client.create_task(display_name="after the relist")
             live = await anext(seen)
             assert live.event.task.version.task_id == new.version.task_id
-            await seen.aclose()  # type: ignore[attr-defined]
+            await seen.aclose()
     finally:
         await server.stop()
 
@@ -418,3 +418,23 @@ async def test_a_change_committed_right_after_subscribing_is_never_lost(tmp_path
         await stream.aclose()  # type: ignore[attr-defined]
     finally:
         await store.close()
+
+
+class EarlyTimersClock(SystemClock):
+    """Real time, but every timer fires 1 ms before now_ns() reaches its deadline, as
+    loop timers (monotonic) may against the wall clock."""
+
+    def call_at(self, deadline_ns: int, callback: Callable[[], None]) -> Timer:
+        return super().call_at(deadline_ns - 1_000_000, callback)
+
+
+async def test_heartbeats_keep_coming_when_timers_fire_early() -> None:
+    hub = WatchHub()
+    spec = WatchSpec(selector=TaskSelector(), heartbeat_interval_ns=50_000_000)
+    with hub.open(spec.selector) as subscribed:
+        stream = subscribed.responses_after(0, hub, EarlyTimersClock(), spec)
+        for _ in range(5):
+            beat = await asyncio.wait_for(anext(stream), 5)
+            assert isinstance(beat, pb.WatchTasksResponse)
+            assert beat.HasField("heartbeat")
+        await stream.aclose()  # type: ignore[attr-defined]
