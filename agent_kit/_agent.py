@@ -122,6 +122,12 @@ class _ReportStream:
             result = await result_future
         finally:
             self._waiting.pop(report_id, None)
+            # The reader may have failed this future while the write failed too: settle
+            # it either way, so no exception is left unretrieved.
+            if result_future.done() and not result_future.cancelled():
+                result_future.exception()
+            else:
+                result_future.cancel()
         if result.WhichOneof("outcome") == "task":
             return result.task
         code = _CODES.get(result.error.code, grpc.StatusCode.UNKNOWN)
