@@ -5,12 +5,10 @@ Everything here talks to a real Task Manager over real gRPC; nothing is mocked.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -73,12 +71,6 @@ def wait_until(condition: Callable[[], T | None], timeout: float = 20.0, what: s
         time.sleep(0.02)
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGKILL it when the test process dies, even if that is killed."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class ServerProcess:
     """`task-manager serve` as a child process on a free port, for crash and restart tests."""
 
@@ -108,11 +100,6 @@ class ServerProcess:
             text=True,
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            # The parent-death signal follows the thread that forks; worker threads come
-            # and go, so only a server started from the main thread gets it.
-            preexec_fn=_die_with_parent
-            if threading.current_thread() is threading.main_thread()
-            else None,
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()  # blocks until serving, or exit
