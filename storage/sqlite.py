@@ -266,6 +266,13 @@ class _Transaction:
     @staticmethod
     def _columns(stored: StoredTask) -> tuple[object, ...]:
         task, agent_task = stored.task, stored.agent_task
+        task_bytes = task.SerializeToString()
+        if agent_task is None:
+            agent_bytes = None
+        elif agent_task is task:  # an agent's report: both views are the same task
+            agent_bytes = task_bytes
+        else:
+            agent_bytes = agent_task.SerializeToString()
         return (
             task.relations.parent_task_id or None,
             assignee_entity_id(task),
@@ -274,8 +281,8 @@ class _Transaction:
             _ns(task.last_update_time),
             None if agent_task is None else agent_task.status.status,
             None if agent_task is None else _ns(agent_task.last_update_time),
-            task.SerializeToString(),
-            None if agent_task is None else agent_task.SerializeToString(),
+            task_bytes,
+            agent_bytes,
             None if stored.last_update is None else stored.last_update.SerializeToString(),
         )
 

@@ -46,11 +46,12 @@ class AgentStream:
     def __init__(self, entity_ids: frozenset[str], buffer: int) -> None:
         self.entity_ids = entity_ids
         self._buffer = buffer
-        self._pending: deque[tuple[int, ListenAsAgentResponse]] = deque()
+        self._pending: deque[tuple[int, bytes]] = deque()
         self._wakeup = asyncio.Event()
         self._ended: StreamEnded | None = None
 
-    def offer(self, revision: int, request: ListenAsAgentResponse) -> None:
+    def offer(self, revision: int, request: bytes) -> None:
+        """Queues an encoded ListenAsAgentResponse of the change at revision."""
         if self._ended is not None:
             return
         if len(self._pending) >= self._buffer:
@@ -69,7 +70,7 @@ class AgentStream:
         self._pending.clear()
         self._wakeup.set()
 
-    async def requests_after(self, revision: int) -> AsyncIterator[ListenAsAgentResponse]:
+    async def requests_after(self, revision: int) -> AsyncIterator[bytes]:
         """Yields the requests of changes after revision (the backlog already covered the
         rest), waiting for new ones; raises the reason when the stream is ended."""
         while True:
@@ -121,8 +122,9 @@ class Dispatcher:
             request = agent_request_for(change.task)
             if request is None:
                 continue
+            encoded = request.SerializeToString()  # once for every stream of the agent
             for stream in streams:
-                stream.offer(change.revision, request)
+                stream.offer(change.revision, encoded)
 
     def stream_count(self) -> int:
         return len({stream for streams in self._streams_by_entity.values() for stream in streams})

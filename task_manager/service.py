@@ -199,7 +199,7 @@ class TaskManagerService:
 
     async def ListenAsAgent(
         self, request: ListenAsAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[ListenAsAgentResponse]:
+    ) -> AsyncIterator[ListenAsAgentResponse | bytes]:
         entity_ids = validation.agent_selector(request)
         # Subscribe first, then read the backlog, then skip what the backlog covered:
         # a change committed between the two is queued here, never lost.
