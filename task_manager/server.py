@@ -146,11 +146,14 @@ class TaskManagerServer:
 
     async def _compact_forever(self, clock: Clock) -> None:
         interval_ns = int(self._settings.compaction_interval_s * 1e9)
+        compacted_before = 0
         while True:
             try:
                 compacted = await self.compact(clock)
                 self.compactions += 1
-                log.info("history compacted up to revision %d", compacted)
+                if compacted > compacted_before:  # quiet when nothing was removed
+                    log.info("history compacted up to revision %d", compacted)
+                    compacted_before = compacted
             except Exception:
                 log.exception("compaction failed; trying again next interval")
             await sleep_until(clock, clock.now_ns() + interval_ns)
