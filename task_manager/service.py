@@ -243,7 +243,9 @@ class TaskManagerService:
             request.page_size, validation.MAX_HISTORY_PAGE_SIZE, validation.MAX_HISTORY_PAGE_SIZE
         )
         entries = list(await self._store.history(task_id, after, page_size + 1))
-        if not entries and after == 0:
+        # Ask the task, not its history: compaction may have removed every entry of a
+        # task that still exists.
+        if not entries and after == 0 and await self._store.get(task_id) is None:
             raise TaskNotFound(task_id)
         response = GetTaskHistoryResponse(entries=entries[:page_size])
         if len(entries) > page_size:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from storage.base import Change, Store, TaskSelector
+from storage.base import Change, Snapshot, Store, TaskSelector
 from task_manager.clock import Clock, Timer, timestamp
 from task_manager.errors import ServerShuttingDown, StreamEnded, StreamFellBehind
 from task_manager.lifecycle import TERMINAL_STATUSES
@@ -224,18 +224,21 @@ async def watch_stream(
     on_subscribed runs once the watch is registered, before the backlog is read."""
     with hub.open(spec.selector) as watch:
         await on_subscribed()
-        covered = 0  # every matching change up to here is in the backlog sent
+        # covered: every matching change up to this revision is in the backlog sent.
         if spec.include_preexisting:
             selector = spec.selector
-            statuses = selector.statuses & NON_TERMINAL_STATUSES if selector.statuses else None
-            snapshot = await store.snapshot(
-                TaskSelector(
-                    task_ids=selector.task_ids,
-                    assignee_entity_ids=selector.assignee_entity_ids,
-                    statuses=NON_TERMINAL_STATUSES if statuses is None else statuses,
-                    parent_task_id=selector.parent_task_id,
+            statuses = (selector.statuses or NON_TERMINAL_STATUSES) & NON_TERMINAL_STATUSES
+            if statuses:  # unfinished tasks only
+                snapshot = await store.snapshot(
+                    TaskSelector(
+                        task_ids=selector.task_ids,
+                        assignee_entity_ids=selector.assignee_entity_ids,
+                        statuses=statuses,
+                        parent_task_id=selector.parent_task_id,
+                    )
                 )
-            )
+            else:  # the filter names finished statuses only: no unfinished task matches
+                snapshot = Snapshot(tasks=(), revision=watch.opened_at_revision)
             now = timestamp(clock.now_ns())
             for task in snapshot.tasks:
                 event = TaskEvent(

@@ -438,3 +438,42 @@ async def test_heartbeats_keep_coming_when_timers_fire_early() -> None:
             assert isinstance(beat, pb.WatchTasksResponse)
             assert beat.HasField("heartbeat")
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_snapshot_filtered_on_finished_statuses_lists_nothing(stub: AsyncStub) -> None:
+    unfinished = (await stub.CreateTask(create_request())).task
+    done = (await stub.UpdateStatus(status_update(unfinished, S.STATUS_DONE_OK))).task
+    await stub.CreateTask(create_request())  # unfinished: must not be listed
+    call = watch(stub, include_preexisting=True, filter=pb.WatchFilter(statuses=[S.STATUS_DONE_OK]))
+    marker = await read(call)  # no PREEXISTING event: the snapshot's closing heartbeat
+    assert marker.HasField("heartbeat")
+    again = (await stub.CreateTask(create_request())).task
+    finished = (await stub.UpdateStatus(status_update(again, S.STATUS_DONE_OK))).task
+    (live,) = await events(call, 1)
+    assert live.event.task == finished
+    assert done.status.status == S.STATUS_DONE_OK
+    call.cancel()
+
+
+async def test_history_of_a_task_whose_entries_were_all_compacted_is_empty_not_missing(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        listen="127.0.0.1:0", db=tmp_path / "t.db", retention_revisions=2, retention_age_s=0
+    )
+    server = await TaskManagerServer.start(settings)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = AsyncStub(channel)
+            old = (await stub.CreateTask(create_request(task_id="old-task-1"))).task
+            await make_changes(stub, 2)
+            await server.compact()
+            history = await stub.GetTaskHistory(pb.GetTaskHistoryRequest(task_id="old-task-1"))
+            assert list(history.entries) == []
+            still = await stub.GetTask(pb.GetTaskRequest(task_id="old-task-1"))
+            assert still.task == old
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetTaskHistory(pb.GetTaskHistoryRequest(task_id="never-made"))
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await server.stop()
