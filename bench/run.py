@@ -163,41 +163,36 @@ def measure(quick: bool) -> dict[str, Any]:
         with start_server(echo_command, workdir / "echo.log") as echo:
             results["echo_rpc_per_s"] = client("echo", echo.address, duration=duration)["rpc_per_s"]
 
-        with start_server(task_manager(workdir, "update"), workdir / "update.log") as server:
-            measured = client("update-status", server.address, duration=duration)
-            results["update_status_per_s"] = measured["rpc_per_s"]
-            log = server.stop()
-        durable.append(durable_from(log))
+        def scenario(name: str, **options: object) -> tuple[dict[str, Any], str]:
+            """One client scenario against a fresh server and database; its result and
+            the server log."""
+            run = f"{name}-{len(durable)}"  # a new database file for every run
+            with start_server(task_manager(workdir, run), workdir / f"{run}.log") as server:
+                measured = client(name, server.address, **options)
+                log = server.stop()
+            durable.append(durable_from(log))
+            return measured, log
+
+        measured, log = scenario("update-status", duration=duration)
+        results["update_status_per_s"] = measured["rpc_per_s"]
         results["update_status_writes_per_commit"] = writes_per_commit(log)
         results["update_status_vs_echo"] = (
             results["update_status_per_s"] / results["echo_rpc_per_s"]
         )
 
-        with start_server(task_manager(workdir, "lifecycle"), workdir / "lifecycle.log") as server:
-            measured = client("lifecycle", server.address, duration=duration)
-            results["lifecycle_tasks_per_s"] = measured["tasks_per_s"]
-            log = server.stop()
-        durable.append(durable_from(log))
+        measured, log = scenario("lifecycle", duration=duration)
+        results["lifecycle_tasks_per_s"] = measured["tasks_per_s"]
         results["lifecycle_writes_per_commit"] = writes_per_commit(log)
-
-        with start_server(task_manager(workdir, "unary"), workdir / "unary.log") as server:
-            measured = client("lifecycle", server.address, duration=duration, unary="")
-            results["lifecycle_unary_tasks_per_s"] = measured["tasks_per_s"]
-            durable.append(durable_from(server.stop()))
+        measured, _ = scenario("lifecycle", duration=duration, unary="")
+        results["lifecycle_unary_tasks_per_s"] = measured["tasks_per_s"]
 
         rate = max(10.0, results["lifecycle_tasks_per_s"] / 2)
-        with start_server(task_manager(workdir, "dispatch"), workdir / "dispatch.log") as server:
-            measured = client("dispatch", server.address, duration=duration, rate=rate)
-            log = server.stop()
-        durable.append(durable_from(log))
+        measured, _ = scenario("dispatch", duration=duration, rate=rate)
         results["dispatch_ms_p50"] = measured["p50_ms"]
         results["dispatch_ms_p99"] = measured["p99_ms"]
         results["dispatch_rate_per_s"] = rate
 
-        with start_server(task_manager(workdir, "fanout"), workdir / "fanout.log") as server:
-            rounds = 10 if quick else 30
-            measured = client("watch-fanout", server.address, watchers=1000, rounds=rounds)
-            durable.append(durable_from(server.stop()))
+        measured, _ = scenario("watch-fanout", watchers=1000, rounds=10 if quick else 30)
         results["watch_fanout_watchers"] = measured["watchers"]
         results["watch_fanout_ms_p50"] = measured["p50_ms"]
         results["watch_fanout_ms_p99"] = measured["p99_ms"]

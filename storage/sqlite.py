@@ -366,6 +366,10 @@ class SqliteStore:
         return await self.submit(unit)
 
     def submit(self, unit: Callable[[WriteTransaction], T]) -> asyncio.Future[T]:
+        return self._submit(unit)
+
+    def _submit(self, unit: Callable[[_Transaction], T]) -> asyncio.Future[T]:
+        """Queues a unit for the writer; its own maintenance (compaction) goes this way too."""
         future: asyncio.Future[T] = self._loop.create_future()
         if self._closed:
             future.set_exception(StoreClosed("the store is closed"))
@@ -601,11 +605,7 @@ class SqliteStore:
     async def compact(self, keep_revisions: int, older_than_ns: int) -> int:
         if keep_revisions < 1:
             raise ValueError("compaction must keep at least the newest revision")
-        future: asyncio.Future[int] = self._loop.create_future()
-        if self._closed:
-            raise StoreClosed("the store is closed")
-        self._jobs.put(_WriteJob(lambda tx: tx.compact(keep_revisions, older_than_ns), future))
-        return await future
+        return await self._submit(lambda tx: tx.compact(keep_revisions, older_than_ns))
 
     # -- shutdown -----------------------------------------------------------------------
 

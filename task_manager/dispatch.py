@@ -126,9 +126,6 @@ class Dispatcher:
             for stream in streams:
                 stream.offer(change.revision, encoded)
 
-    def stream_count(self) -> int:
-        return len({stream for streams in self._streams_by_entity.values() for stream in streams})
-
     def close(self) -> None:
         """Ends every stream with ServerShuttingDown and refuses new ones."""
         self._closing = ServerShuttingDown("the task manager is shutting down; reconnect")

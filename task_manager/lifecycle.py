@@ -84,10 +84,10 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, now_ns: int) -> Ta
     """Applies an agent's (or operator's) status update with compare-and-set."""
     stored = _load(tx, update.version.task_id)
     current = stored.task
-    if stored.last_update is not None and stored.last_update == update:
+    sent, have = update.version.status_version, current.version.status_version
+    if sent + 1 == have and stored.last_update == update:
         return current  # a retry of the update that made this version: its answer was lost
     _require_not_terminal(current)
-    sent, have = update.version.status_version, current.version.status_version
     if sent != have:
         raise VersionConflict(current.version.task_id, sent, have)
 

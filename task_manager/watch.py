@@ -204,9 +204,6 @@ class WatchHub:
                 for watch in self._watches:
                     watch.offer(announced)
 
-    def watcher_count(self) -> int:
-        return len(self._watches)
-
     def close(self) -> None:
         self._closing = ServerShuttingDown("the task manager is shutting down; resume elsewhere")
         for watch in list(self._watches):
