@@ -7,12 +7,14 @@
 
 from agent_kit._agent import Agent, AgentError, Handler, TaskContext
 from agent_kit._backoff import Backoff
+from agent_kit._grpc import ClientAuth
 from agent_kit._operator import OperatorClient, SyncOperatorClient, WaitTimeout, assignee
 
 __all__ = [
     "Agent",
     "AgentError",
     "Backoff",
+    "ClientAuth",
     "Handler",
     "OperatorClient",
     "SyncOperatorClient",

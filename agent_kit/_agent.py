@@ -23,7 +23,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from agent_kit._backoff import Backoff
-from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, open_channel
+from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, ClientAuth, open_channel, open_stub
 from task_manager.v1 import task_manager_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -281,8 +281,10 @@ class Agent:
         *,
         reconnect_backoff: Backoff | None = None,
         remember_finished: int = 10_000,
+        auth: ClientAuth | None = None,
     ) -> None:
         self.target = target
+        self._auth = auth or ClientAuth()
         self.entity_id = entity_id
         self._author = pb.Principal(system=pb.System(entity_id=entity_id))
         self._handlers: dict[str, tuple[type[Message], Handler]] = {}
@@ -322,8 +324,9 @@ class Agent:
         """Listens and runs handlers until stop() or cancellation. Raises AgentError if
         the server refuses the agent for good (for example an invalid entity id)."""
         try:
-            async with open_channel(self.target) as channel, anyio.create_task_group() as group:
-                self._stub = AsyncStub(channel)
+            channel = open_channel(self.target, self._auth)
+            async with channel, anyio.create_task_group() as group:
+                self._stub = open_stub(channel, self._auth)
                 self._task_group = group
                 self._reports = _ReportStream(self._stub, group)
                 await self._listen_forever(self._stub)

@@ -5,11 +5,15 @@ Keepalive settings let a client notice a dead server (and the server a dead clie
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
-from task_manager.v1 import task_manager_pb2_grpc
+from task_manager.v1 import task_manager_pb2, task_manager_pb2_grpc
 
 if TYPE_CHECKING:
     # The async stub type exists only in the generated .pyi; at run time
@@ -41,5 +45,63 @@ RETRYABLE_CODES = frozenset(
 """Codes after which the same call may succeed later (server restart, network)."""
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
+@dataclass(frozen=True)
+class ClientAuth:
+    """How a client proves who it is (a bearer token, a client certificate) and checks the
+    server (TLS). The default is neither, for a server on loopback without credentials."""
+
+    token: str | None = None
+    tls: bool = False
+    """Use TLS, trusting the system's CAs unless tls_ca is given."""
+    tls_ca: Path | None = None
+    """Trust this CA for the server's certificate (implies TLS)."""
+    tls_cert: Path | None = None
+    """A client certificate for mutual TLS (implies TLS), with tls_key."""
+    tls_key: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> ClientAuth:
+        """TASK_MANAGER_TOKEN, TASK_MANAGER_TLS_CA, TASK_MANAGER_TLS_CERT, TASK_MANAGER_TLS_KEY."""
+
+        def path(name: str) -> Path | None:
+            value = os.environ.get(name)
+            return Path(value) if value else None
+
+        return cls(
+            token=os.environ.get("TASK_MANAGER_TOKEN") or None,
+            tls_ca=path("TASK_MANAGER_TLS_CA"),
+            tls_cert=path("TASK_MANAGER_TLS_CERT"),
+            tls_key=path("TASK_MANAGER_TLS_KEY"),
+        )
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("a client certificate needs both tls_cert and tls_key")
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.tls_ca.read_bytes() if self.tls_ca else None,
+            private_key=self.tls_key.read_bytes() if self.tls_key else None,
+            certificate_chain=self.tls_cert.read_bytes() if self.tls_cert else None,
+        )
+
+
+def open_channel(target: str, auth: ClientAuth) -> grpc.aio.Channel:
+    if auth.uses_tls:
+        return grpc.aio.secure_channel(target, auth.channel_credentials(), options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def open_stub(channel: grpc.aio.Channel, auth: ClientAuth) -> AsyncStub:
+    """A stub whose every call carries the bearer token, if there is one.
+
+    Bound per method rather than by interceptor: aio interceptors wrap streaming calls in
+    objects whose write() does not work, and call credentials are refused without TLS."""
+    stub = AsyncStub(channel)
+    if auth.token is not None:
+        metadata = (("authorization", f"Bearer {auth.token}"),)
+        for method in task_manager_pb2.DESCRIPTOR.services_by_name["TaskManager"].methods:
+            setattr(stub, method.name, partial(getattr(stub, method.name), metadata=metadata))
+    return stub

@@ -20,7 +20,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from agent_kit._backoff import Backoff
-from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, open_channel
+from agent_kit._grpc import RETRYABLE_CODES, ClientAuth, open_channel, open_stub
 from task_manager.v1 import task_manager_pb2 as pb
 
 P = ParamSpec("P")
@@ -41,11 +41,14 @@ class OperatorClient:
     (NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, ...).
     """
 
-    def __init__(self, target: str, *, author: pb.Principal | None = None) -> None:
+    def __init__(
+        self, target: str, *, author: pb.Principal | None = None, auth: ClientAuth | None = None
+    ) -> None:
         self.target = target
         self.author = author
-        self._channel = open_channel(target)
-        self._stub = AsyncStub(self._channel)
+        auth = auth or ClientAuth()
+        self._channel = open_channel(target, auth)
+        self._stub = open_stub(self._channel, auth)
 
     async def __aenter__(self) -> OperatorClient:
         return self
@@ -261,10 +264,12 @@ class SyncOperatorClient:
     Use as `with SyncOperatorClient(target) as client:`.
     """
 
-    def __init__(self, target: str, *, author: pb.Principal | None = None) -> None:
+    def __init__(
+        self, target: str, *, author: pb.Principal | None = None, auth: ClientAuth | None = None
+    ) -> None:
         self._portal_context = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_context.__enter__()
-        self._client: OperatorClient = self._portal.call(_make_client, target, author)
+        self._client: OperatorClient = self._portal.call(_make_client, target, author, auth)
 
     def __enter__(self) -> SyncOperatorClient:
         return self
@@ -337,9 +342,11 @@ async def _aclosing(
         await events.aclose()
 
 
-async def _make_client(target: str, author: pb.Principal | None) -> OperatorClient:
+async def _make_client(
+    target: str, author: pb.Principal | None, auth: ClientAuth | None
+) -> OperatorClient:
     # The channel must be created on the portal's event loop, where it will be used.
-    return OperatorClient(target, author=author)
+    return OperatorClient(target, author=author, auth=auth)
 
 
 def _packed(specification: Message) -> any_pb2.Any:

@@ -4,7 +4,9 @@
 
 The target defaults to TASK_MANAGER_TARGET or 127.0.0.1:50051. Exit codes: 0 done;
 1 the waited-for task finished DONE_NOT_OK; 2 bad command line; 3 not found;
-4 timed out; 5 server unavailable; 6 refused (invalid, conflict, finished task).
+4 timed out; 5 server unavailable; 6 refused (invalid, conflict, finished task);
+7 denied (no or bad credentials, or not allowed). Credentials: --token or
+TASK_MANAGER_TOKEN; TLS: --tls-ca (and --tls-cert/--tls-key for mutual TLS).
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 
+from agent_kit._grpc import ClientAuth
 from agent_kit._operator import SyncOperatorClient, WaitTimeout
 from task_manager.v1 import task_manager_pb2 as pb
 
 EXIT_OK, EXIT_NOT_OK, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_UNAVAILABLE, EXIT_REFUSED = 5, 6
+EXIT_DENIED = 7
 _EXIT_FOR_CODE = {
     grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
     grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_TIMEOUT,
     grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
 }
@@ -198,6 +205,24 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("TASK_MANAGER_TARGET", "127.0.0.1:50051"),
         help="HOST:PORT of the Task Manager (env TASK_MANAGER_TARGET)",
     )
+    env = ClientAuth.from_env()
+    parser.add_argument("--token", default=env.token, help="bearer token (env TASK_MANAGER_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's CAs")
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=env.tls_ca,
+        help="use TLS, trusting this CA (env TASK_MANAGER_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=env.tls_cert,
+        help="client certificate for mutual TLS (env TASK_MANAGER_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, default=env.tls_key, help="its key (env TASK_MANAGER_TLS_KEY)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
@@ -249,7 +274,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with SyncOperatorClient(args.target) as client:
+        auth = ClientAuth(
+            token=args.token,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+        with SyncOperatorClient(args.target, auth=auth) as client:
             code: int = args.run(client, args)
             return code
     except grpc.RpcError as error:

@@ -129,6 +129,21 @@ class AgentBacklog:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A bearer token (only its secret's hash) or a client-certificate name, with the
+    role and entity ids it gives whoever presents it."""
+
+    credential_id: str
+    kind: str  # "token" or "certificate"
+    principal: str
+    role: str
+    entity_ids: tuple[str, ...]
+    secret_hash: str  # empty for certificates
+    created_ns: int
+    revoked_ns: int | None = None
+
+
 class WriteTransaction(Protocol):
     """What a unit of work may do inside a write transaction."""
 
@@ -211,6 +226,10 @@ class Store(Protocol):
         """Removes history entries that are both outside the newest keep_revisions and
         older than older_than_ns; returns the compacted revision (everything at or
         below it is gone)."""
+        ...
+
+    async def credentials(self) -> Sequence[Credential]:
+        """Every stored credential, revoked ones included."""
         ...
 
     async def close(self) -> None:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -24,6 +26,7 @@ from storage.base import (
     AgentBacklog,
     Change,
     ConcurrentModification,
+    Credential,
     HistoryCompacted,
     OnCommit,
     QueriedTask,
@@ -88,7 +91,28 @@ def _migrate_to_2(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('compacted_revision', 0)")
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_migrate_to_1, _migrate_to_2)
+def _migrate_to_3(db: sqlite_utils.Database) -> None:
+    db.table("credentials").create(
+        {
+            "credential_id": str,
+            "kind": str,
+            "principal": str,
+            "role": str,
+            "entity_ids": str,  # a JSON list
+            "secret_hash": str,
+            "created_ns": int,
+            "revoked_ns": int,
+        },
+        pk="credential_id",
+        not_null={"kind", "principal", "role", "entity_ids", "secret_hash", "created_ns"},
+    )
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
+    _migrate_to_1,
+    _migrate_to_2,
+    _migrate_to_3,
+)
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 
 
@@ -140,6 +164,62 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+# -- credentials: read by the server, written by `task-manager tokens` --------------------
+
+
+def _read_credentials(conn: sqlite3.Connection) -> list[Credential]:
+    rows = conn.execute(
+        "SELECT credential_id, kind, principal, role, entity_ids, secret_hash, created_ns,"
+        " revoked_ns FROM credentials ORDER BY created_ns, credential_id"
+    ).fetchall()
+    return [
+        Credential(row[0], row[1], row[2], row[3], tuple(json.loads(row[4])), *row[5:])
+        for row in rows
+    ]
+
+
+@contextmanager
+def _credentials_connection(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection for managing credentials, whether or not a server has the database
+    open (the server reloads credentials as they change). Creates and migrates the
+    database if no server holds it."""
+    try:
+        lock = _lock_database(path)
+    except StoreError:
+        lock = None  # a server holds it, and has migrated it
+    conn = _connect(path)
+    try:
+        if lock is not None:
+            _migrate(conn, path)
+        yield conn
+    finally:
+        conn.close()
+        if lock is not None:
+            lock.close()
+
+
+def add_credential(path: Path, credential: Credential) -> None:
+    with _credentials_connection(path) as conn:
+        sqlite_utils.Database(conn).table("credentials").insert(
+            {**asdict(credential), "entity_ids": json.dumps(list(credential.entity_ids))}
+        )
+
+
+def list_credentials(path: Path) -> list[Credential]:
+    with _credentials_connection(path) as conn:
+        return _read_credentials(conn)
+
+
+def revoke_credential(path: Path, credential_id: str, now_ns: int) -> bool:
+    """Revokes a credential; False if there is no such credential or it was revoked."""
+    with _credentials_connection(path) as conn:
+        cursor = conn.execute(
+            "UPDATE credentials SET revoked_ns = ? WHERE credential_id = ? AND revoked_ns IS NULL",
+            (now_ns, credential_id),
+        )
+        return cursor.rowcount == 1
 
 
 def _parse_task(blob: bytes | None) -> Task | None:
@@ -545,6 +625,9 @@ class SqliteStore:
 
     async def current_revision(self) -> int:
         return await self._read(self._last_revision)
+
+    async def credentials(self) -> Sequence[Credential]:
+        return await self._read(_read_credentials)
 
     async def changes_after(
         self, after_revision: int, limit: int, task_ids: Collection[str] = ()

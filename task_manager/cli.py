@@ -1,19 +1,23 @@
-"""The `task-manager` command: `task-manager serve --listen HOST:PORT --db PATH`.
+"""The `task-manager` command.
 
-Runs until SIGTERM or SIGINT, then stops gracefully and exits 0.
+`task-manager serve --listen HOST:PORT --db PATH` runs until SIGTERM or SIGINT, then stops
+gracefully and exits 0. `task-manager tokens add|list|revoke --db PATH` manages credentials.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from storage.base import StoreError
+from storage.sqlite import add_credential, list_credentials, revoke_credential
+from task_manager.auth import Role, certificate_binding, check_binding, new_token
 from task_manager.config import Settings
 from task_manager.server import ServerStartError, TaskManagerServer
 
@@ -50,19 +54,62 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--insecure",
         action="store_true",
-        help="allow listening on a non-loopback address without authentication or TLS",
+        help="allow a non-loopback address without TLS and authentication",
     )
+    serve.add_argument("--tls-cert", type=Path, help="serve TLS: certificate chain (PEM)")
+    serve.add_argument("--tls-key", type=Path, help="serve TLS: private key (PEM)")
+    serve.add_argument(
+        "--client-ca",
+        type=Path,
+        help="mutual TLS: require client certificates signed by this CA (PEM)",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=_at_least_1,
+        default=defaults.max_request_bytes,
+        help="largest request message accepted (default %(default)s)",
+    )
+    serve.add_argument(
+        "--requests-per-second",
+        type=float,
+        default=defaults.requests_per_second,
+        help="per principal: calls, stream opens and status reports (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-streams-per-principal",
+        type=_at_least_1,
+        default=defaults.max_streams_per_principal,
+        help="open agent, report and watch streams per principal (default %(default)s)",
+    )
+
+    tokens = commands.add_parser(
+        "tokens",
+        help="manage credentials (a running server picks changes up within a second)",
+    )
+    tokens.add_argument(
+        "--db", type=Path, default=defaults.db, help="SQLite database file (default %(default)s)"
+    )
+    actions = tokens.add_subparsers(dest="action", required=True)
+    add = actions.add_parser(
+        "add", help="issue a bearer token (printed once) or name a certificate"
+    )
+    add.add_argument("principal", help="who holds it: a user or service name")
+    add.add_argument("--role", required=True, choices=[role.value for role in Role])
+    add.add_argument(
+        "--entity",
+        action="append",
+        default=[],
+        help="an entity id an agent credential acts for (repeatable; agents need one)",
+    )
+    add.add_argument(
+        "--certificate",
+        action="store_true",
+        help="instead of a token: give client certificates naming PRINCIPAL (CN or SAN) the role",
+    )
+    actions.add_parser("list", help="every credential, revoked ones too (never the secrets)")
+    revoke = actions.add_parser("revoke", help="revoke a credential; its open streams end")
+    revoke.add_argument("credential_id")
     return parser
-
-
-def is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name or a wildcard that may reach other machines
 
 
 def _at_least_1(text: str) -> int:
@@ -72,15 +119,7 @@ def _at_least_1(text: str) -> int:
     return value
 
 
-async def _serve(settings: Settings, insecure: bool) -> int:
-    if not insecure and not is_loopback(settings.listen):
-        print(
-            f"task-manager: refusing to listen on {settings.listen}: this server has no"
-            " authentication or TLS yet, so anyone who can reach it could command your"
-            " agents. Listen on 127.0.0.1, or pass --insecure on a network you trust.",
-            file=sys.stderr,
-        )
-        return 2
+async def _serve(settings: Settings) -> int:
     # Handlers first: a SIGTERM that arrives while starting must still stop us cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -98,18 +137,66 @@ async def _serve(settings: Settings, insecure: bool) -> int:
     return 0
 
 
+def _tokens(args: argparse.Namespace) -> int:
+    now_ns = time.time_ns()
+    if args.action == "add":
+        role = Role(args.role)
+        try:
+            check_binding(role, args.entity)
+        except ValueError as exc:
+            print(f"task-manager tokens: {exc}", file=sys.stderr)
+            return 2
+        if args.certificate:
+            credential = certificate_binding(args.principal, role, args.entity, now_ns)
+            add_credential(args.db, credential)
+            print(f"{credential.credential_id}: certificates naming {args.principal} are {role}")
+        else:
+            credential, token = new_token(args.principal, role, args.entity, now_ns)
+            add_credential(args.db, credential)
+            print(token)
+            print(
+                f"credential {credential.credential_id}: the token is shown once and stored"
+                " only as a hash",
+                file=sys.stderr,
+            )
+    elif args.action == "list":
+        for row in list_credentials(args.db):
+            state = "revoked" if row.revoked_ns is not None else "active"
+            entities = ",".join(row.entity_ids) or "-"
+            print(
+                f"{row.credential_id}  {row.kind}  {row.principal}  {row.role}  {entities}  {state}"
+            )
+    elif not revoke_credential(args.db, args.credential_id, now_ns):
+        print(f"task-manager tokens: no active credential {args.credential_id}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "tokens":
+        try:
+            return _tokens(args)
+        except StoreError as exc:
+            print(f"task-manager tokens: {exc}", file=sys.stderr)
+            return 2
     settings = Settings(
         listen=args.listen,
         db=args.db,
         retention_revisions=args.retention_revisions,
         retention_age_s=args.retention_days * 86400,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        client_ca=args.client_ca,
+        insecure=args.insecure,
+        max_request_bytes=args.max_request_bytes,
+        requests_per_second=args.requests_per_second,
+        max_streams_per_principal=args.max_streams_per_principal,
     )
-    return asyncio.run(_serve(settings, args.insecure))
+    return asyncio.run(_serve(settings))
 
 
 if __name__ == "__main__":

@@ -33,3 +33,17 @@ class Settings:
     retention_age_s: float = 7 * 24 * 3600
     """... and every revision younger than this."""
     compaction_interval_s: float = 300.0
+    tls_cert: Path | None = None
+    """Serve TLS with this certificate chain (PEM) and tls_key."""
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    """Require client certificates signed by this CA (mutual TLS)."""
+    insecure: bool = False
+    """Allow a non-loopback address without TLS and authentication."""
+    credential_refresh_s: float = 1.0
+    """How often stored credentials are re-read: a revocation takes effect within this."""
+    max_request_bytes: int = 4 << 20
+    """Bigger requests are refused by gRPC itself (RESOURCE_EXHAUSTED)."""
+    requests_per_second: float = 10_000.0
+    """Per principal: unary calls, stream opens and status reports."""
+    max_streams_per_principal: int = 1_000

@@ -65,3 +65,23 @@ class StreamFellBehind(StreamEnded):
 
 class ServerShuttingDown(StreamEnded):
     pass
+
+
+class Unauthenticated(TaskManagerError):
+    """No credentials, or credentials the server does not accept."""
+
+
+class PermissionDenied(TaskManagerError):
+    """A known caller asked for something its role or entity ids do not allow."""
+
+
+class TooManyRequests(TaskManagerError):
+    """A caller went over its request rate or stream limit; retry_after_s says when to retry."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CredentialRevoked(Unauthenticated):
+    """The credentials an open stream was opened with were revoked."""

@@ -6,7 +6,8 @@ and the write it guards are atomic. Pure Python: no gRPC, no SQL.
 
 from __future__ import annotations
 
-from storage.base import StoredTask, WriteTransaction
+from storage.base import StoredTask, WriteTransaction, assignee_entity_id
+from task_manager.auth import Caller
 from task_manager.clock import timestamp
 from task_manager.errors import (
     FailedPrecondition,
@@ -80,10 +81,21 @@ def is_releasable(task: Task) -> bool:
     return has_agent and not task.is_executed_elsewhere
 
 
-def update_status(tx: WriteTransaction, update: StatusUpdate, now_ns: int) -> Task:
-    """Applies an agent's (or operator's) status update with compare-and-set."""
+def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, now_ns: int) -> Task:
+    """Applies an agent's (or admin's) status update with compare-and-set. The caller
+    must act for the task's assignee; the recorded author is the caller."""
     stored = _load(tx, update.version.task_id)
     current = stored.task
+    assignee = assignee_entity_id(current)
+    caller.check_entity(assignee, f"update task {current.version.task_id}")
+    claimed = update.author if update.HasField("author") else None
+    author = caller.author(claimed, assignee)
+    if author is not None and author != claimed:
+        # Stored as if sent with the author filled in, so a retry still matches it.
+        filled = StatusUpdate()
+        filled.CopyFrom(update)
+        filled.author.CopyFrom(author)
+        update = filled
     sent, have = update.version.status_version, current.version.status_version
     if sent + 1 == have and stored.last_update == update:
         return current  # a retry of the update that made this version: its answer was lost
@@ -97,7 +109,6 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, now_ns: int) -> Ta
         if requested == Status.STATUS_COMPLETE_REQUESTED:
             raise _not_released(current, "complete")
         status = _cancelled_before_release(update.status.task_error.message)
-    author = update.author if update.HasField("author") else None
     task = _with_status(current, status, author, now_ns)
     if update.HasField("scheduled_time"):
         task.scheduled_time.CopyFrom(update.scheduled_time)

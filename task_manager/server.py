@@ -7,6 +7,7 @@ UNAVAILABLE, lets in-flight calls finish, then closes the store.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Sequence
 
@@ -19,16 +20,14 @@ from grpc_reflection.v1alpha import reflection
 
 from storage.base import Change
 from storage.sqlite import SqliteStore
+from task_manager.auth import Credentials, OpenStreams, RateLimiter
 from task_manager.clock import Clock, SystemClock, sleep_until
 from task_manager.config import Settings
 from task_manager.dispatch import Dispatcher
-from task_manager.service import SERVICE_NAMES, TaskManagerService, generic_handlers
+from task_manager.service import SERVICE_NAMES, Gate, TaskManagerService, generic_handlers
 from task_manager.watch import WatchHub
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 4 << 20
-"""Bigger requests are refused by gRPC itself (RESOURCE_EXHAUSTED); field limits are lower."""
 
 
 class ServerStartError(Exception):
@@ -45,8 +44,53 @@ def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # Let agents ping as often as every 10 s so they notice a dead server too.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
     ]
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name or a wildcard that may reach other machines
+
+
+def _check_exposure(settings: Settings, credentials: Credentials) -> None:
+    """Off loopback, the server needs TLS and credentials, unless told --insecure."""
+    if settings.insecure or is_loopback(settings.listen):
+        return
+    missing = [
+        *([] if settings.tls_cert else ["TLS (--tls-cert, --tls-key)"]),
+        *(
+            []
+            if credentials.required
+            else ["authentication (task-manager tokens add, or --client-ca)"]
+        ),
+    ]
+    if missing:
+        raise ServerStartError(
+            f"refusing to listen on {settings.listen} without {' and '.join(missing)}: anyone"
+            " who can reach it could read and command your agents. Listen on 127.0.0.1, set"
+            " them up, or pass --insecure on a network you trust."
+        )
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.client_ca is not None:
+            raise ServerStartError("--client-ca needs --tls-cert and --tls-key")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ServerStartError("TLS needs both --tls-cert and --tls-key")
+    client_ca = settings.client_ca.read_bytes() if settings.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class TaskManagerServer:
@@ -70,7 +114,7 @@ class TaskManagerServer:
         self.address = address
         self._settings = settings
         self._stopped = False
-        self._compaction: asyncio.Task[None] | None = None  # owned; cancelled in stop()
+        self._background: list[asyncio.Task[None]] = []  # owned; cancelled in stop()
         self.compactions = 0
 
     @property
@@ -97,7 +141,20 @@ class TaskManagerServer:
             raise ServerStartError(str(exc)) from exc
         watch_hub.revision = await store.current_revision()
         server = grpc.aio.server(options=_grpc_options(settings))
-        servicer = TaskManagerService(store, dispatcher, watch_hub, clock)
+        credentials = Credentials(client_certificates=settings.client_ca is not None)
+        try:
+            credentials.replace(await store.credentials())
+            _check_exposure(settings, credentials)
+            server_credentials = _server_credentials(settings)
+        except (ServerStartError, OSError) as exc:
+            await store.close()
+            raise ServerStartError(str(exc)) from exc
+        gate = Gate(
+            credentials,
+            RateLimiter(settings.requests_per_second, clock),
+            OpenStreams(settings.max_streams_per_principal),
+        )
+        servicer = TaskManagerService(store, dispatcher, watch_hub, gate, clock)
         server.add_generic_rpc_handlers(generic_handlers(servicer))
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -105,7 +162,10 @@ class TaskManagerServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
-            port = server.add_insecure_port(settings.listen)
+            if server_credentials is None:
+                port = server.add_insecure_port(settings.listen)
+            else:
+                port = server.add_secure_port(settings.listen, server_credentials)
         except RuntimeError as exc:
             await store.close()
             raise ServerStartError(
@@ -118,10 +178,18 @@ class TaskManagerServer:
         host = settings.listen.rsplit(":", 1)[0]
         address = f"{host}:{port}"
         log.info(
-            "serving on %s (database %s, commits fsynced: %s)", address, settings.db, store.durable
+            "serving on %s (database %s, commits fsynced: %s, TLS: %s, authentication: %s)",
+            address,
+            settings.db,
+            store.durable,
+            "mutual" if settings.client_ca else "on" if server_credentials else "off",
+            "on" if credentials.required else "off (no credentials stored)",
         )
         running = cls(server, servicer, store, dispatcher, health_servicer, address, settings)
-        running._compaction = asyncio.create_task(running._compact_forever(clock))
+        running._background = [
+            asyncio.create_task(running._compact_forever(clock)),
+            asyncio.create_task(running._refresh_credentials_forever(gate, clock)),
+        ]
         return running
 
     async def stop(self) -> None:
@@ -131,8 +199,8 @@ class TaskManagerServer:
             return
         self._stopped = True
         await self._health.enter_graceful_shutdown()
-        if self._compaction is not None:
-            self._compaction.cancel()
+        for task in self._background:
+            task.cancel()
         self._servicer.shut_down()
         await self._server.stop(self._settings.shutdown_grace_s)
         await self.store.close()
@@ -157,6 +225,21 @@ class TaskManagerServer:
             except Exception:
                 log.exception("compaction failed; trying again next interval")
             await sleep_until(clock, clock.now_ns() + interval_ns)
+
+    async def _refresh_credentials_forever(self, gate: Gate, clock: Clock) -> None:
+        """Re-reads the credentials `task-manager tokens` manages; ends the open streams
+        of any that were revoked."""
+        interval_ns = int(self._settings.credential_refresh_s * 1e9)
+        while True:
+            await sleep_until(clock, clock.now_ns() + interval_ns)
+            try:
+                revoked = gate.credentials.replace(await self.store.credentials())
+            except Exception:
+                log.exception("reading credentials failed; keeping the ones in force")
+                continue
+            if revoked:
+                ended = gate.streams.revoke(revoked)
+                log.info("credentials %s revoked; ended %d open streams", sorted(revoked), ended)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

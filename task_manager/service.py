@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,19 +19,30 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from storage.base import HistoryCompacted, Store, StoreClosed, StoreError, WriteTransaction
+from storage.base import (
+    HistoryCompacted,
+    Store,
+    StoreClosed,
+    StoreError,
+    WriteTransaction,
+    assignee_entity_id,
+)
 from task_manager import lifecycle, validation
-from task_manager.clock import Clock
+from task_manager.auth import ANONYMOUS, Caller, Credentials, OpenStreams, RateLimiter, Role
+from task_manager.clock import Clock, sleep_until
 from task_manager.dispatch import Dispatcher, agent_request_for
 from task_manager.errors import (
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
     ServerShuttingDown,
     StreamFellBehind,
     TaskIdTaken,
     TaskManagerError,
     TaskNotFound,
     TerminalTask,
+    TooManyRequests,
+    Unauthenticated,
     Unsupported,
     VersionConflict,
 )
@@ -65,10 +77,12 @@ from task_manager.watch import WatchHub, watch_stream
 
 log = logging.getLogger(__name__)
 
+Context = grpc.aio.ServicerContext[Any, Any]
 OperatorChange = Callable[[WriteTransaction, str, Principal | None, str, int], Task]
 """lifecycle.cancel_task or lifecycle.complete_task."""
 CURRENT_STATUS_VERSION_KEY = "x-current-status-version"
 COMPACT_REVISION_KEY = "x-compact-revision"
+RETRY_AFTER_MS_KEY = "x-retry-after-ms"
 SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = (
     task_manager_pb2.DESCRIPTOR.services_by_name["TaskManager"],
     lattice_compat_pb2.DESCRIPTOR.services_by_name["TaskManagerAPI"],
@@ -80,19 +94,26 @@ class TaskManagerService:
     """One method per RPC; the same methods serve both service names."""
 
     def __init__(
-        self, store: Store, dispatcher: Dispatcher, watch_hub: WatchHub, clock: Clock
+        self, store: Store, dispatcher: Dispatcher, watch_hub: WatchHub, gate: Gate, clock: Clock
     ) -> None:
         self._store = store
         self._dispatcher = dispatcher
         self._watch_hub = watch_hub
         self._clock = clock
         self._report_readers: set[asyncio.Task[None]] = set()
+        self.gate = gate
         self._shutting_down = False
 
     async def CreateTask(
-        self, request: CreateTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: CreateTaskRequest,
+        context: Context,
+        caller: Caller,
     ) -> CreateTaskResponse:
         validation.check_create_task(request)
+        author = caller.author(request.author if request.HasField("author") else None)
+        if author is not None:
+            request.author.CopyFrom(author)
         task_id = request.task_id or str(uuid.uuid4())
         task = await self._store.write(
             lambda tx: lifecycle.create_task(tx, request, task_id, self._clock.now_ns())
@@ -100,17 +121,21 @@ class TaskManagerService:
         return CreateTaskResponse(task=task)
 
     async def GetTask(
-        self, request: GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: GetTaskRequest, context: Context, caller: Caller
     ) -> GetTaskResponse:
         task_id = validation.task_id(request.task_id)
         view = validation.task_view(request.task_view, "task_view")
         stored = await self._store.get(task_id)
         if stored is None:
             raise TaskNotFound(task_id)
+        caller.check_entity(assignee_entity_id(stored.task), f"read task {task_id}")
         return GetTaskResponse(task=lifecycle.task_view(stored, view, request.definition_version))
 
     async def QueryTasks(
-        self, request: QueryTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: QueryTasksRequest,
+        context: Context,
+        caller: Caller,
     ) -> QueryTasksResponse:
         query = validation.task_query(request)
         found = list(await self._store.query(query))
@@ -121,24 +146,28 @@ class TaskManagerService:
         return response
 
     async def UpdateStatus(
-        self, request: UpdateStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: UpdateStatusRequest,
+        context: Context,
+        caller: Caller,
     ) -> UpdateStatusResponse:
         if not request.HasField("status_update"):
             raise InvalidArgument("status_update", "is required")
-        task = await self._submit_status_update(request.status_update)
+        task = await self._submit_status_update(request.status_update, caller)
         return UpdateStatusResponse(task=task)
 
-    def _submit_status_update(self, update: StatusUpdate) -> asyncio.Future[Task]:
+    def _submit_status_update(self, update: StatusUpdate, caller: Caller) -> asyncio.Future[Task]:
         """Checks an update and queues it; the future holds the task after the commit."""
         validation.check_status_update(update)
         return self._store.submit(
-            lambda tx: lifecycle.update_status(tx, update, self._clock.now_ns())
+            lambda tx: lifecycle.update_status(tx, update, caller, self._clock.now_ns())
         )
 
     async def ReportStatus(
         self,
         reports: AsyncIterator[StatusReport | Undecodable],
-        context: grpc.aio.ServicerContext[Any, Any],
+        context: Context,
+        caller: Caller,
     ) -> AsyncIterator[StatusReportResult]:
         # Reports are read and queued for the writer as they come (so they share group
         # commits); results go back in the same order as each commit completes.
@@ -148,7 +177,12 @@ class TaskManagerService:
         async def read_reports() -> None:
             async for report in reports:
                 await in_flight.acquire()
-                queued.put_nowait(self._queue_report(report))
+                # Each report counts against the caller's request rate: over it, the
+                # stream slows down rather than failing reports.
+                wait_s = self.gate.limiter.reserve(caller.principal)
+                if wait_s > 0:
+                    await sleep_until(self._clock, self._clock.now_ns() + int(wait_s * 1e9))
+                queued.put_nowait(self._queue_report(report, caller))
 
         reader = asyncio.create_task(read_reports())  # owned here; cancelled at shutdown
         self._report_readers.add(reader)
@@ -166,7 +200,10 @@ class TaskManagerService:
             reader.cancel()
 
     async def WatchTasks(
-        self, request: WatchTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: WatchTasksRequest,
+        context: Context,
+        caller: Caller,
     ) -> AsyncIterator[bytes | WatchTasksResponse]:
         spec = validation.watch_spec(request)
 
@@ -187,20 +224,27 @@ class TaskManagerService:
         for reader in list(self._report_readers):
             reader.cancel()
 
-    def _queue_report(self, report: StatusReport | Undecodable) -> tuple[int, asyncio.Future[Task]]:
+    def _queue_report(
+        self, report: StatusReport | Undecodable, caller: Caller
+    ) -> tuple[int, asyncio.Future[Task]]:
         if isinstance(report, Undecodable):
             return 0, _failed(InvalidArgument("report", f"is not a valid {report.type_name}"))
         try:
             if not report.HasField("status_update"):
                 raise InvalidArgument("status_update", "is required")
-            return report.report_id, self._submit_status_update(report.status_update)
+            return report.report_id, self._submit_status_update(report.status_update, caller)
         except TaskManagerError as refused:
             return report.report_id, _failed(refused)
 
     async def ListenAsAgent(
-        self, request: ListenAsAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: ListenAsAgentRequest,
+        context: Context,
+        caller: Caller,
     ) -> AsyncIterator[ListenAsAgentResponse | bytes]:
         entity_ids = validation.agent_selector(request)
+        for entity_id in sorted(entity_ids):
+            caller.check_entity(entity_id, f"listen as {entity_id!r}")
         # Subscribe first, then read the backlog, then skip what the backlog covered:
         # a change committed between the two is queued here, never lost.
         with self._dispatcher.open_stream(entity_ids) as stream:
@@ -215,29 +259,47 @@ class TaskManagerService:
                 yield agent_request
 
     async def CancelTask(
-        self, request: CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: CancelTaskRequest,
+        context: Context,
+        caller: Caller,
     ) -> CancelTaskResponse:
-        return CancelTaskResponse(task=await self._operator_request(request, lifecycle.cancel_task))
+        task = await self._operator_request(request, caller, lifecycle.cancel_task)
+        return CancelTaskResponse(task=task)
 
     async def CompleteTask(
-        self, request: CompleteTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: CompleteTaskRequest,
+        context: Context,
+        caller: Caller,
     ) -> CompleteTaskResponse:
-        task = await self._operator_request(request, lifecycle.complete_task)
+        task = await self._operator_request(request, caller, lifecycle.complete_task)
         return CompleteTaskResponse(task=task)
 
     async def _operator_request(
-        self, request: CancelTaskRequest | CompleteTaskRequest, change: OperatorChange
+        self,
+        request: CancelTaskRequest | CompleteTaskRequest,
+        caller: Caller,
+        change: OperatorChange,
     ) -> Task:
         validation.check_operator_request(request)
-        author = request.author if request.HasField("author") else None
+        author = caller.author(request.author if request.HasField("author") else None)
         return await self._store.write(
             lambda tx: change(tx, request.task_id, author, request.reason, self._clock.now_ns())
         )
 
     async def GetTaskHistory(
-        self, request: GetTaskHistoryRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: GetTaskHistoryRequest,
+        context: Context,
+        caller: Caller,
     ) -> GetTaskHistoryResponse:
         task_id = validation.task_id(request.task_id)
+        if caller.role is Role.AGENT:
+            stored = await self._store.get(task_id)
+            if stored is None:
+                raise TaskNotFound(task_id)
+            caller.check_entity(assignee_entity_id(stored.task), f"read task {task_id}")
         after = validation.decode_page_token(request.page_token)
         page_size = validation.page_size(
             request.page_size, validation.MAX_HISTORY_PAGE_SIZE, validation.MAX_HISTORY_PAGE_SIZE
@@ -275,6 +337,52 @@ async def _report_result(report_id: int, outcome: asyncio.Future[Task]) -> Statu
         return StatusReportResult(report_id=report_id, error=refused)
 
 
+# -- admission: who is calling, and may they -------------------------------------------
+
+
+class Gate:
+    """Admits every call: finds the caller (bearer token or client certificate), checks
+    its role allows the method, and applies its request-rate and open-stream limits."""
+
+    def __init__(self, credentials: Credentials, limiter: RateLimiter, streams: OpenStreams):
+        self.credentials = credentials
+        self.limiter = limiter
+        self.streams = streams
+
+    def admit(self, method: str, context: Context) -> Caller:
+        caller = self._identify(context)
+        caller.check_method(method)
+        self.limiter.admit(caller.principal)
+        return caller
+
+    def _identify(self, context: Context) -> Caller:
+        if not self.credentials.required:
+            return ANONYMOUS
+        metadata: dict[str, str | bytes] = dict(context.invocation_metadata() or ())
+        authorization = metadata.get("authorization")
+        if authorization is not None:
+            scheme, _, token = str(authorization).partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
+            return self.credentials.by_token(token.strip())
+        names = _certificate_names(context)
+        if names:
+            return self.credentials.by_certificate(names)
+        raise Unauthenticated(
+            "this task manager requires credentials: send 'authorization: Bearer <token>'"
+            " metadata, or connect with a client certificate"
+        )
+
+
+def _certificate_names(context: Context) -> list[str]:
+    """The names a verified client certificate gives its holder: subject CN, then SANs."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return []
+    names = [*auth.get("x509_common_name", ()), *auth.get("x509_subject_alternative_name", ())]
+    return [name.decode() for name in names]
+
+
 # -- errors: the one table ------------------------------------------------------------
 
 
@@ -287,6 +395,9 @@ class _Status:
 
 _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TaskNotFound, grpc.StatusCode.NOT_FOUND),
     (TaskIdTaken, grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflict, grpc.StatusCode.ABORTED),
@@ -310,13 +421,15 @@ def status_for(error: Exception) -> _Status:
                 trailers = ((CURRENT_STATUS_VERSION_KEY, str(error.current)),)
             elif isinstance(error, HistoryCompacted):
                 trailers = ((COMPACT_REVISION_KEY, str(error.compacted)),)
+            elif isinstance(error, TooManyRequests):
+                trailers = ((RETRY_AFTER_MS_KEY, str(math.ceil(error.retry_after_s * 1000))),)
             return _Status(code, str(error), trailers)
     error_id = uuid.uuid4().hex[:12]
     log.error("internal error %s", error_id, exc_info=error)
     return _Status(grpc.StatusCode.INTERNAL, f"internal error (id {error_id})")
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
+async def _abort(context: Context, error: Exception) -> None:
     status = status_for(error)
     await context.abort(status.code, status.details, trailing_metadata=status.trailers)
 
@@ -348,48 +461,58 @@ def _decoded(request: Message | Undecodable) -> Message:
     return request
 
 
-UnaryMethod = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]
-StreamMethod = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message]]
-BidiMethod = Callable[
-    [AsyncIterator[Any], grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Message]
-]
+UnaryMethod = Callable[[Any, Context, Caller], Awaitable[Message]]
+StreamMethod = Callable[[Any, Context, Caller], AsyncIterator[Message]]
+Handler = Callable[[Any, Context], Any]
+"""What grpc calls: a coroutine function (unary) or an async generator function."""
 
 
-def _unary_handler(method: UnaryMethod) -> UnaryMethod:
-    async def handle(
-        request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Message:
+async def _refuse(context: Context, method: str, error: Exception) -> None:
+    if isinstance(error, Unauthenticated | PermissionDenied):
+        log.warning("denied %s to %s: %s", method, context.peer(), error)
+    await _abort(context, error)
+
+
+def _unary_handler(gate: Gate, name: str, method: UnaryMethod) -> Handler:
+    async def handle(request: Message | Undecodable, context: Context) -> Message:
         try:
-            return await method(_decoded(request), context)
+            caller = gate.admit(name, context)
+            return await method(_decoded(request), context, caller)
         except Exception as error:
-            await _abort(context, error)
+            await _refuse(context, name, error)
             raise  # not reached: abort raises
 
     return handle
 
 
-def _stream_handler(method: StreamMethod) -> StreamMethod:
-    async def handle(
-        request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Message]:
+def _stream_handler(gate: Gate, name: str, method: StreamMethod, client_streaming: bool) -> Handler:
+    """A server-streaming (or, with client_streaming, bidirectional) handler. The stream
+    counts against its caller's open streams, and ends if the caller's credential is
+    revoked (UNAUTHENTICATED)."""
+
+    async def handle(request: Any, context: Context) -> AsyncIterator[Message]:
+        ended: list[Exception] = []
+        handler_task = asyncio.current_task()
+        assert handler_task is not None
+
+        def end(reason: Exception) -> None:
+            ended.append(reason)
+            handler_task.cancel()
+
         try:
-            async for response in method(_decoded(request), context):
-                yield response
+            caller = gate.admit(name, context)
+            with gate.streams.open(caller, end):
+                try:
+                    first = request if client_streaming else _decoded(request)
+                    async for response in method(first, context, caller):
+                        yield response
+                except asyncio.CancelledError:
+                    if not ended:
+                        raise
+                    handler_task.uncancel()
+                    raise ended[0] from None
         except Exception as error:
-            await _abort(context, error)
-
-    return handle
-
-
-def _bidi_handler(method: BidiMethod) -> BidiMethod:
-    async def handle(
-        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Message]:
-        try:
-            async for response in method(requests, context):
-                yield response
-        except Exception as error:
-            await _abort(context, error)
+            await _refuse(context, name, error)
 
     return handle
 
@@ -408,22 +531,23 @@ def _method_handler(
     request_type = message_factory.GetMessageClass(method.input_type)
     response_type = message_factory.GetMessageClass(method.output_type)
     behaviour = getattr(servicer, method.name)
+    gate = servicer.gate
     deserializer = _safe_deserializer(request_type)
     if method.client_streaming:
         # Items that fail to decode reach the method as Undecodable, one by one.
         return grpc.stream_stream_rpc_method_handler(
-            _bidi_handler(behaviour),
+            _stream_handler(gate, method.name, behaviour, client_streaming=True),
             request_deserializer=deserializer,
             response_serializer=_serializer(response_type),
         )
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            _stream_handler(behaviour),
+            _stream_handler(gate, method.name, behaviour, client_streaming=False),
             request_deserializer=deserializer,
             response_serializer=_serializer(response_type),
         )
     return grpc.unary_unary_rpc_method_handler(
-        _unary_handler(behaviour),
+        _unary_handler(gate, method.name, behaviour),
         request_deserializer=deserializer,
         response_serializer=_serializer(response_type),
     )

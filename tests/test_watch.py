@@ -13,6 +13,7 @@ from agent_kit import OperatorClient
 from storage.base import TaskSelector
 from storage.sqlite import SqliteStore
 from task_manager import lifecycle
+from task_manager.auth import ANONYMOUS
 from task_manager.clock import ManualClock, SystemClock, Timer
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
@@ -408,7 +409,9 @@ async def test_a_change_committed_right_after_subscribing_is_never_lost(tmp_path
         update = status_update(task, S.STATUS_EXECUTING).status_update
 
         async def commit_a_change() -> None:
-            await store.write(lambda tx: lifecycle.update_status(tx, update, clock.now_ns()))
+            await store.write(
+                lambda tx: lifecycle.update_status(tx, update, ANONYMOUS, clock.now_ns())
+            )
 
         spec = WatchSpec(selector=TaskSelector(task_ids=frozenset({"raced-1"})))
         stream = watch_stream(spec, hub, store, clock, on_subscribed=commit_a_change)

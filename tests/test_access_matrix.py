@@ -1,0 +1,229 @@
+"""Every RPC x every role x (own / someone else's task): the expected status code.
+
+The expected rights below are written from the security issue's roles table, not read
+from the server's own table, so a mistake in either shows up here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from agent_kit._grpc import ClientAuth, open_stub
+from storage.sqlite import add_credential
+from task_manager.auth import Role, new_token
+from task_manager.config import Settings
+from task_manager.server import TaskManagerServer
+from task_manager.v1 import task_manager_pb2 as pb
+from tests.helpers import AsyncStub, create_request
+
+pytestmark = pytest.mark.anyio
+S = pb.Status
+OWN_ENTITY, OTHER_ENTITY = "drone-1", "rover-1"
+
+EXPECTED_RIGHTS: dict[str, set[str]] = {
+    "operator": {
+        "CreateTask",
+        "CancelTask",
+        "CompleteTask",
+        "QueryTasks",
+        "GetTask",
+        "GetTaskHistory",
+        "WatchTasks",
+    },
+    "agent": {"ListenAsAgent", "UpdateStatus", "ReportStatus", "GetTask", "GetTaskHistory"},
+    "viewer": {"GetTask", "QueryTasks", "GetTaskHistory", "WatchTasks"},
+}
+AGENT_ONLY_OWN = {"ListenAsAgent", "UpdateStatus", "ReportStatus", "GetTask", "GetTaskHistory"}
+"""For these, an agent may act only on its own entity's tasks (or as its own entity)."""
+IDENTITIES = ("operator", "agent", "viewer", "admin", "no credentials", "bad token")
+RPCS = tuple(pb.DESCRIPTOR.services_by_name["TaskManager"].methods_by_name)
+
+
+def expected_code(rpc: str, identity: str, own: bool) -> grpc.StatusCode:
+    if identity in ("no credentials", "bad token"):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if identity == "admin":
+        return grpc.StatusCode.OK
+    if rpc not in EXPECTED_RIGHTS[identity]:
+        return grpc.StatusCode.PERMISSION_DENIED
+    if identity == "agent" and rpc in AGENT_ONLY_OWN and not own:
+        return grpc.StatusCode.PERMISSION_DENIED
+    return grpc.StatusCode.OK
+
+
+@dataclass
+class World:
+    server: TaskManagerServer
+    admin: AsyncStub
+    tokens: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    db = tmp_path_factory.mktemp("matrix") / "tasks.db"
+    tokens = {}
+    for identity, role, entities in (
+        ("operator", Role.OPERATOR, ()),
+        ("agent", Role.AGENT, (OWN_ENTITY,)),
+        ("viewer", Role.VIEWER, ()),
+        ("admin", Role.ADMIN, ()),
+    ):
+        credential, tokens[identity] = new_token(identity, role, entities, time.time_ns())
+        add_credential(db, credential)
+    tokens["bad token"] = tokens["admin"][:-4] + "AAAA"
+    server = await TaskManagerServer.start(
+        Settings(listen="127.0.0.1:0", db=db, shutdown_grace_s=1.0)
+    )
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield World(server, authorized(channel, tokens["admin"]), tokens)
+    await server.stop()
+
+
+def authorized(channel: grpc.aio.Channel, token: str | None) -> AsyncStub:
+    return open_stub(channel, ClientAuth(token=token))
+
+
+Call = Callable[[AsyncStub, World, str], Awaitable[None]]
+
+
+async def _fresh_task(world: World, entity: str) -> pb.Task:
+    return (await world.admin.CreateTask(create_request(entity))).task
+
+
+async def _create(stub: AsyncStub, world: World, entity: str) -> None:
+    await stub.CreateTask(create_request(entity))
+
+
+async def _get(stub: AsyncStub, world: World, entity: str) -> None:
+    task = await _fresh_task(world, entity)
+    await stub.GetTask(pb.GetTaskRequest(task_id=task.version.task_id))
+
+
+async def _history(stub: AsyncStub, world: World, entity: str) -> None:
+    task = await _fresh_task(world, entity)
+    await stub.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task.version.task_id))
+
+
+async def _query(stub: AsyncStub, world: World, entity: str) -> None:
+    await stub.QueryTasks(pb.QueryTasksRequest())
+
+
+def _receipt(task: pb.Task) -> pb.StatusUpdate:
+    return pb.StatusUpdate(
+        version=pb.TaskVersion(
+            task_id=task.version.task_id, status_version=task.version.status_version
+        ),
+        status=pb.TaskStatus(status=S.STATUS_MACHINE_RECEIPT),
+    )
+
+
+async def _update(stub: AsyncStub, world: World, entity: str) -> None:
+    task = await _fresh_task(world, entity)
+    await stub.UpdateStatus(pb.UpdateStatusRequest(status_update=_receipt(task)))
+
+
+async def _report(stub: AsyncStub, world: World, entity: str) -> None:
+    task = await _fresh_task(world, entity)
+    call = stub.ReportStatus(None)
+    await call.write(pb.StatusReport(report_id=1, status_update=_receipt(task)))
+    await call.done_writing()
+    async for result in call:
+        if result.WhichOneof("outcome") == "error":
+            raise Refused(grpc.StatusCode(_code(result.error.code)), result.error.message)
+
+
+async def _cancel(stub: AsyncStub, world: World, entity: str) -> None:
+    task = await _fresh_task(world, entity)
+    await stub.CancelTask(pb.CancelTaskRequest(task_id=task.version.task_id))
+
+
+async def _complete(stub: AsyncStub, world: World, entity: str) -> None:
+    task = await _fresh_task(world, entity)
+    await stub.CompleteTask(pb.CompleteTaskRequest(task_id=task.version.task_id))
+
+
+async def _opened(call: grpc.aio.UnaryStreamCall[object, object]) -> None:
+    """A stream the server accepted sends its headers; a refused one ends with a status."""
+    await call.initial_metadata()
+    code = await call.code() if call.done() else grpc.StatusCode.OK
+    call.cancel()
+    if code != grpc.StatusCode.OK:
+        raise Refused(code, await call.details())
+
+
+async def _listen(stub: AsyncStub, world: World, entity: str) -> None:
+    request = pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=[entity]))
+    await _opened(stub.ListenAsAgent(request))  # type: ignore[arg-type]
+
+
+async def _watch(stub: AsyncStub, world: World, entity: str) -> None:
+    request = pb.WatchTasksRequest(filter=pb.WatchFilter(assignee_entity_ids=[entity]))
+    await _opened(stub.WatchTasks(request))  # type: ignore[arg-type]
+
+
+CALLS: dict[str, Call] = {
+    "CreateTask": _create,
+    "GetTask": _get,
+    "QueryTasks": _query,
+    "UpdateStatus": _update,
+    "ListenAsAgent": _listen,
+    "CancelTask": _cancel,
+    "CompleteTask": _complete,
+    "GetTaskHistory": _history,
+    "ReportStatus": _report,
+    "WatchTasks": _watch,
+}
+
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
+
+def _code(value: int) -> grpc.StatusCode:
+    return next(code for code in grpc.StatusCode if code.value[0] == value)
+
+
+def test_the_matrix_covers_every_rpc() -> None:
+    assert set(CALLS) == set(RPCS)
+
+
+@pytest.mark.parametrize(
+    ("rpc", "identity", "own"),
+    list(itertools.product(RPCS, IDENTITIES, (True, False))),
+)
+async def test_access(world: World, rpc: str, identity: str, own: bool) -> None:
+    async with grpc.aio.insecure_channel(world.server.address) as channel:
+        stub = authorized(channel, world.tokens.get(identity))
+        try:
+            await CALLS[rpc](stub, world, OWN_ENTITY if own else OTHER_ENTITY)
+            got = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as error:
+            got = error.code()
+            details = error.details() or ""
+        except Refused as refused:
+            got, details = refused.code, str(refused)
+    expected = expected_code(rpc, identity, own)
+    assert got == expected, f"{rpc} as {identity} ({'own' if own else 'other'})"
+    if got != grpc.StatusCode.OK:
+        assert details, "a denial says why"
+
+
+def test_expected_codes_are_not_all_the_same() -> None:
+    # The matrix must be able to fail: it expects every outcome somewhere.
+    outcomes = {
+        expected_code(rpc, identity, own)
+        for rpc, identity, own in itertools.product(RPCS, IDENTITIES, (True, False))
+    }
+    assert outcomes == {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
