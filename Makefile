@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test protos lint bench bench-quick clean
+.PHONY: install serve test fuzz protos lint bench bench-quick clean
 
 install: $(INSTALLED)
 
@@ -19,6 +19,10 @@ serve: install
 
 test: install
 	$(PY) -m pytest
+
+# The hostile-input tests at scale: 10,000 messages and 5,000 byte strings.
+fuzz: install
+	FUZZ_EXAMPLES=10000 $(PY) -m pytest --timeout=3600 tests/test_fuzz.py
 
 protos: install
 	$(PY) protos/generate.py

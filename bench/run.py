@@ -85,6 +85,10 @@ def task_manager(workdir: Path, name: str) -> list[str]:
         "127.0.0.1:0",
         "--db",
         str(db),
+        # One unauthenticated client opens every stream here; the default per-principal
+        # limit (1,000) is for fairness between principals, not what is measured.
+        "--max-streams-per-principal",
+        "100000",
     ]
 
 

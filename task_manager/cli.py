@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 
 from storage.base import StoreError
@@ -20,6 +21,7 @@ from storage.sqlite import add_credential, list_credentials, revoke_credential
 from task_manager.auth import Role, certificate_binding, check_binding, new_token
 from task_manager.config import Settings
 from task_manager.server import ServerStartError, TaskManagerServer
+from task_manager.validation import FieldLimits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.max_streams_per_principal,
         help="open agent, report and watch streams per principal (default %(default)s)",
     )
+    serve.add_argument(
+        "--limit",
+        type=_field_limit,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a request field limit (repeatable): "
+        + ", ".join(f"{f.name} (default {f.default})" for f in fields(FieldLimits)),
+    )
 
     tokens = commands.add_parser(
         "tokens",
@@ -117,6 +128,14 @@ def _at_least_1(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _field_limit(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    known = {f.name for f in fields(FieldLimits)}
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(sorted(known))}")
+    return name, _at_least_1(value)
 
 
 async def _serve(settings: Settings) -> int:
@@ -195,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_request_bytes=args.max_request_bytes,
         requests_per_second=args.requests_per_second,
         max_streams_per_principal=args.max_streams_per_principal,
+        limits=replace(FieldLimits(), **dict(args.limit)),
     )
     return asyncio.run(_serve(settings))
 

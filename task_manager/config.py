@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from task_manager.validation import FieldLimits
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DB = "taskmanager.db"
 
@@ -47,3 +49,4 @@ class Settings:
     requests_per_second: float = 10_000.0
     """Per principal: unary calls, stream opens and status reports."""
     max_streams_per_principal: int = 1_000
+    limits: FieldLimits = field(default_factory=FieldLimits)

@@ -154,7 +154,7 @@ class TaskManagerServer:
             RateLimiter(settings.requests_per_second, clock),
             OpenStreams(settings.max_streams_per_principal),
         )
-        servicer = TaskManagerService(store, dispatcher, watch_hub, gate, clock)
+        servicer = TaskManagerService(store, dispatcher, watch_hub, gate, settings.limits, clock)
         server.add_generic_rpc_handlers(generic_handlers(servicer))
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -94,9 +94,16 @@ class TaskManagerService:
     """One method per RPC; the same methods serve both service names."""
 
     def __init__(
-        self, store: Store, dispatcher: Dispatcher, watch_hub: WatchHub, gate: Gate, clock: Clock
+        self,
+        store: Store,
+        dispatcher: Dispatcher,
+        watch_hub: WatchHub,
+        gate: Gate,
+        limits: validation.FieldLimits,
+        clock: Clock,
     ) -> None:
         self._store = store
+        self._limits = limits
         self._dispatcher = dispatcher
         self._watch_hub = watch_hub
         self._clock = clock
@@ -110,7 +117,7 @@ class TaskManagerService:
         context: Context,
         caller: Caller,
     ) -> CreateTaskResponse:
-        validation.check_create_task(request)
+        validation.check_create_task(request, self._limits)
         author = caller.author(request.author if request.HasField("author") else None)
         if author is not None:
             request.author.CopyFrom(author)
@@ -158,7 +165,7 @@ class TaskManagerService:
 
     def _submit_status_update(self, update: StatusUpdate, caller: Caller) -> asyncio.Future[Task]:
         """Checks an update and queues it; the future holds the task after the commit."""
-        validation.check_status_update(update)
+        validation.check_status_update(update, self._limits)
         return self._store.submit(
             lambda tx: lifecycle.update_status(tx, update, caller, self._clock.now_ns())
         )
@@ -205,7 +212,7 @@ class TaskManagerService:
         context: Context,
         caller: Caller,
     ) -> AsyncIterator[bytes | WatchTasksResponse]:
-        spec = validation.watch_spec(request)
+        spec = validation.watch_spec(request, self._limits)
 
         async def subscribed() -> None:
             # Headers now tell the watcher it is subscribed, before any event arrives.
@@ -242,7 +249,7 @@ class TaskManagerService:
         context: Context,
         caller: Caller,
     ) -> AsyncIterator[ListenAsAgentResponse | bytes]:
-        entity_ids = validation.agent_selector(request)
+        entity_ids = validation.agent_selector(request, self._limits)
         for entity_id in sorted(entity_ids):
             caller.check_entity(entity_id, f"listen as {entity_id!r}")
         # Subscribe first, then read the backlog, then skip what the backlog covered:
@@ -282,7 +289,7 @@ class TaskManagerService:
         caller: Caller,
         change: OperatorChange,
     ) -> Task:
-        validation.check_operator_request(request)
+        validation.check_operator_request(request, self._limits)
         author = caller.author(request.author if request.HasField("author") else None)
         return await self._store.write(
             lambda tx: change(tx, request.task_id, author, request.reason, self._clock.now_ns())

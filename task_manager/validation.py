@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from dataclasses import dataclass
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -30,20 +31,30 @@ from task_manager.v1.task_manager_pb2 import (
 from task_manager.watch import WatchSpec
 
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{5,36}")
-MAX_DISPLAY_NAME_CHARS = 256
-MAX_DESCRIPTION_CHARS = 16_384
-MAX_REASON_CHARS = 16_384
-MAX_SPECIFICATION_BYTES = 1 << 20
-MAX_STATUS_BYTES = 1 << 20
-MAX_PRINCIPAL_BYTES = 16_384
-MAX_ENTITY_ID_CHARS = 256
-MAX_ENTITY_IDS = 1_000
 DEFAULT_HEARTBEAT_MS = 30_000
 MIN_HEARTBEAT_MS = 100
 MIN_RATE_LIMIT_MS = 250
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1_000
 MAX_HISTORY_PAGE_SIZE = 1_000
+
+
+@dataclass(frozen=True)
+class FieldLimits:
+    """Sizes of request fields; each is a `task-manager serve --limit NAME=VALUE` setting."""
+
+    display_name_chars: int = 256
+    description_chars: int = 16_384
+    reason_chars: int = 16_384
+    """Cancel/complete reasons and task error messages."""
+    specification_bytes: int = 1 << 20
+    status_bytes: int = 1 << 20
+    principal_bytes: int = 16_384
+    """An author or assignee."""
+    entity_id_chars: int = 256
+    filter_ids: int = 1_000
+    """Entity ids per agent stream; task ids and entity ids per watch filter."""
+
 
 # Set by the task manager itself; an UpdateStatus may not claim them.
 MANAGER_SET_STATUSES = frozenset(
@@ -65,23 +76,23 @@ def task_id(value: str, field: str = "task_id") -> str:
     return value
 
 
-def check_create_task(request: CreateTaskRequest) -> None:
+def check_create_task(request: CreateTaskRequest, limits: FieldLimits) -> None:
     if request.task_id:
         task_id(request.task_id)
-    _max_chars(request.display_name, MAX_DISPLAY_NAME_CHARS, "display_name")
-    _max_chars(request.description, MAX_DESCRIPTION_CHARS, "description")
+    _max_chars(request.display_name, limits.display_name_chars, "display_name")
+    _max_chars(request.description, limits.description_chars, "description")
     if request.HasField("specification"):
-        _max_bytes(request.specification, MAX_SPECIFICATION_BYTES, "specification")
+        _max_bytes(request.specification, limits.specification_bytes, "specification")
     if request.HasField("author"):
-        _check_principal(request.author, "author")
+        _max_bytes(request.author, limits.principal_bytes, "author")
     relations = request.relations
     if relations.parent_task_id:
         task_id(relations.parent_task_id, "relations.parent_task_id")
     if relations.HasField("assignee"):
-        _check_assignee(relations.assignee)
+        _check_assignee(relations.assignee, limits)
 
 
-def check_status_update(update: StatusUpdate) -> None:
+def check_status_update(update: StatusUpdate, limits: FieldLimits) -> None:
     """Checks an UpdateStatusRequest.status_update (the caller checks it is present)."""
     task_id(update.version.task_id, "status_update.version.task_id")
     if update.version.status_version == 0:
@@ -98,19 +109,22 @@ def check_status_update(update: StatusUpdate) -> None:
             "status_update.status.status",
             f"{Status.Name(status)} is set by the task manager, not reported",
         )
-    _max_bytes(update.status, MAX_STATUS_BYTES, "status_update.status")
-    _max_chars(update.status.task_error.message, MAX_REASON_CHARS, "status.task_error.message")
+    _max_bytes(update.status, limits.status_bytes, "status_update.status")
+    message = update.status.task_error.message
+    _max_chars(message, limits.reason_chars, "status_update.status.task_error.message")
     if update.HasField("author"):
-        _check_principal(update.author, "status_update.author")
+        _max_bytes(update.author, limits.principal_bytes, "status_update.author")
     if update.HasField("scheduled_time"):
         _timestamp(update.scheduled_time, "status_update.scheduled_time")
 
 
-def check_operator_request(request: CancelTaskRequest | CompleteTaskRequest) -> None:
+def check_operator_request(
+    request: CancelTaskRequest | CompleteTaskRequest, limits: FieldLimits
+) -> None:
     task_id(request.task_id)
-    _max_chars(request.reason, MAX_REASON_CHARS, "reason")
+    _max_chars(request.reason, limits.reason_chars, "reason")
     if request.HasField("author"):
-        _check_principal(request.author, "author")
+        _max_bytes(request.author, limits.principal_bytes, "author")
 
 
 def task_view(value: int, field: str) -> int:
@@ -151,28 +165,26 @@ def task_query(request: QueryTasksRequest) -> TaskQuery:
     )
 
 
-def agent_selector(request: ListenAsAgentRequest) -> frozenset[str]:
+def agent_selector(request: ListenAsAgentRequest, limits: FieldLimits) -> frozenset[str]:
     entity_ids = request.entity_ids.entity_ids
     if not entity_ids:
         raise InvalidArgument("entity_ids", "name at least one agent entity id to listen for")
-    if len(entity_ids) > MAX_ENTITY_IDS:
-        raise InvalidArgument("entity_ids", f"at most {MAX_ENTITY_IDS} entity ids per stream")
+    if len(entity_ids) > limits.filter_ids:
+        raise InvalidArgument("entity_ids", f"at most {limits.filter_ids} entity ids per stream")
     for entity_id in entity_ids:
-        _entity_id(entity_id, "entity_ids")
+        _entity_id(entity_id, "entity_ids", limits)
     return frozenset(entity_ids)
 
 
-def watch_spec(request: WatchTasksRequest) -> WatchSpec:
+def watch_spec(request: WatchTasksRequest, limits: FieldLimits) -> WatchSpec:
     selector = request.filter
-    if (
-        len(selector.task_ids) > MAX_ENTITY_IDS
-        or len(selector.assignee_entity_ids) > MAX_ENTITY_IDS
-    ):
-        raise InvalidArgument("filter", f"at most {MAX_ENTITY_IDS} task ids and entity ids")
+    most = limits.filter_ids
+    if len(selector.task_ids) > most or len(selector.assignee_entity_ids) > most:
+        raise InvalidArgument("filter", f"at most {most} task ids and {most} entity ids")
     for value in selector.task_ids:
         task_id(value, "filter.task_ids")
     for value in selector.assignee_entity_ids:
-        _entity_id(value, "filter.assignee_entity_ids")
+        _entity_id(value, "filter.assignee_entity_ids", limits)
     for status in selector.statuses:
         _enum(_STATUSES, status, "filter.statuses")
     if selector.parent_task_id:
@@ -227,7 +239,7 @@ def decode_page_token(token: str, field: str = "page_token") -> int:
     raise InvalidArgument(field, "is not a page token from this server")
 
 
-def _check_assignee(assignee: Principal) -> None:
+def _check_assignee(assignee: Principal, limits: FieldLimits) -> None:
     kind = assignee.WhichOneof("agent")
     if kind == "team":
         raise Unsupported(
@@ -235,18 +247,14 @@ def _check_assignee(assignee: Principal) -> None:
             "assign the task to one agent's system.entity_id"
         )
     if kind == "system":
-        _entity_id(assignee.system.entity_id, "relations.assignee.system.entity_id")
-    _check_principal(assignee, "relations.assignee")
+        _entity_id(assignee.system.entity_id, "relations.assignee.system.entity_id", limits)
+    _max_bytes(assignee, limits.principal_bytes, "relations.assignee")
 
 
-def _check_principal(principal: Principal, field: str) -> None:
-    _max_bytes(principal, MAX_PRINCIPAL_BYTES, field)
-
-
-def _entity_id(value: str, field: str) -> None:
+def _entity_id(value: str, field: str, limits: FieldLimits) -> None:
     if not value:
         raise InvalidArgument(field, "an entity id is empty")
-    _max_chars(value, MAX_ENTITY_ID_CHARS, field)
+    _max_chars(value, limits.entity_id_chars, field)
 
 
 def _max_chars(value: str, limit: int, field: str) -> None:

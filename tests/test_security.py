@@ -21,6 +21,7 @@ from task_manager.clock import ManualClock
 from task_manager.config import Settings
 from task_manager.server import ServerStartError, TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
+from task_manager.validation import FieldLimits
 from tests.certs import TestCA
 from tests.helpers import REPO_ROOT, AsyncStub, create_request, trailer
 
@@ -344,6 +345,24 @@ async def test_an_oversized_request_is_refused_and_changes_nothing(db: Path) -> 
             assert await code_of(stub.CreateTask(big)) == grpc.StatusCode.RESOURCE_EXHAUSTED
             missing = stub.GetTask(pb.GetTaskRequest(task_id="too-big-1"))
             assert await code_of(missing) == grpc.StatusCode.NOT_FOUND
+    finally:
+        await server.stop()
+
+
+async def test_field_limits_are_settings(db: Path) -> None:
+    server = await start(db, limits=FieldLimits(display_name_chars=10))
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = AsyncStub(channel)
+            fits, too_long = create_request("drone-1"), create_request("drone-1")
+            fits.display_name, too_long.display_name = "x" * 10, "x" * 11
+            await stub.CreateTask(fits)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.CreateTask(too_long)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "display_name: is 11 characters long, more than 10" in (
+                refused.value.details() or ""
+            )
     finally:
         await server.stop()
 
