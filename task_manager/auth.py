@@ -162,14 +162,19 @@ class Credentials:
 
     def replace(self, stored: Iterable[Credential]) -> set[str]:
         """Takes the stored credentials as the new truth; returns the ids of those that were
-        in force and no longer are (their open streams must end)."""
+        in force and no longer are (their open streams must end). When authentication
+        turns on, that includes ANONYMOUS's empty id."""
         before = {c.credential_id for c in (*self._tokens.values(), *self._certificates.values())}
+        if not self.required:
+            before.add(ANONYMOUS.credential_id)
         rows = list(stored)
         self._any_stored = self._any_stored or bool(rows)
         active = [row for row in rows if row.revoked_ns is None]
         self._tokens = {row.credential_id: row for row in active if row.kind == TOKEN}
         self._certificates = {row.principal: row for row in active if row.kind == CERTIFICATE}
         after = {row.credential_id for row in active}
+        if not self.required:
+            after.add(ANONYMOUS.credential_id)
         return before - after
 
     def by_token(self, token: str) -> Caller:

@@ -70,13 +70,21 @@ async def test_without_credentials_the_loopback_server_is_open(db: Path) -> None
         await server.stop()
 
 
-async def test_once_a_token_exists_every_call_needs_one(db: Path) -> None:
+async def test_once_a_token_exists_every_call_needs_one(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     server = await start(db, credential_refresh_s=0.05)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             anonymous = AsyncStub(channel)
             await anonymous.QueryTasks(pb.QueryTasksRequest())
+            watch = anonymous.WatchTasks(pb.WatchTasksRequest())
+            await watch.initial_metadata()
             _, token = token_for(db, "olivia", Role.OPERATOR)  # the running server picks it up
+            with anyio.fail_after(10), pytest.raises(grpc.aio.AioRpcError) as ended:
+                async for _ in watch:
+                    pass
+            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
             with anyio.fail_after(10):
                 # A poll: the server re-reads credentials on its own schedule.
                 while await code_of(anonymous.QueryTasks(pb.QueryTasksRequest())) == OK:  # noqa: ASYNC110
@@ -85,6 +93,7 @@ async def test_once_a_token_exists_every_call_needs_one(db: Path) -> None:
                 await anonymous.QueryTasks(pb.QueryTasksRequest())
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "Bearer" in (refused.value.details() or "")
+            assert any("denied QueryTasks" in r.getMessage() for r in caplog.records)
             await stub_for(channel, token).QueryTasks(pb.QueryTasksRequest())
             malformed = anonymous.QueryTasks(
                 pb.QueryTasksRequest(), metadata=(("authorization", token),)

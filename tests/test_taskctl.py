@@ -6,11 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
+from storage.sqlite import add_credential
+from task_manager.auth import Role, new_token
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1 import task_manager_pb2_grpc
 from tests.helpers import REPO_ROOT, ServerProcess, status_update
@@ -24,15 +28,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def taskctl(
-    server: ServerProcess, *args: str, timeout: float = 60
+    server: ServerProcess, *args: str, timeout: float = 60, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TASK_MANAGER_TARGET": server.address}
+    environment = {**os.environ, "TASK_MANAGER_TARGET": server.address, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "agent_kit.taskctl", *args],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
-        env=env,
+        env=environment,
         timeout=timeout,
     )
 
@@ -155,3 +159,20 @@ def test_watch_follows_changes_live(server: ServerProcess) -> None:
     assert watcher.returncode == 0
     assert ["EXECUTING" in rest[0], "DONE_NOT_OK" in rest[1]] == [True, True]
     assert all("ctl-watch-0" in line for line in rest)
+
+
+def test_a_token_from_the_flag_or_the_environment(tmp_path: Path) -> None:
+    db = tmp_path / "tasks.db"
+    credential, token = new_token("olivia", Role.OPERATOR, (), time.time_ns())
+    add_credential(db, credential)
+    secured = ServerProcess(db).start()
+    try:
+        refused = taskctl(secured, "list")
+        assert refused.returncode == 7
+        assert "UNAUTHENTICATED" in refused.stderr
+        assert taskctl(secured, "--token", token, "create", "--assignee", "d1").returncode == 0
+        env = {"TASK_MANAGER_TOKEN": token}
+        listed = as_tasks(taskctl(secured, "list", "--json", env=env))
+        assert [task["created_by"] for task in listed] == [{"user": {"user_id": "olivia"}}]
+    finally:
+        assert secured.terminate() == 0
