@@ -187,6 +187,10 @@ class _RunningTask:
             self.scope.cancel()
 
 
+ENDED_FOR_GOOD = 2**32
+"""Remembered as the finished attempt of a task this agent ended on request: none follows."""
+
+
 class _Reporter:
     """Sends one task's status reports in order, keeping its status_version."""
 
@@ -292,7 +296,8 @@ class Agent:
         self._backoff = reconnect_backoff or Backoff(initial=0.1, maximum=10.0)
         self._remember_finished = remember_finished
         self._running: dict[str, _RunningTask] = {}
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        # Finished tasks, with the attempt that finished: a later attempt runs again.
+        self._finished: OrderedDict[str, int] = OrderedDict()
         self._connected = anyio.Event()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._stub: AsyncStub | None = None
@@ -384,7 +389,7 @@ class Agent:
 
     def _on_execute(self, task: pb.Task) -> None:
         task_id = task.version.task_id
-        if task_id in self._running or task_id in self._finished:
+        if task_id in self._running or self._finished.get(task_id, -1) >= task.attempt:
             return  # delivery is at least once: a repeat is a no-op
         running = _RunningTask()
         self._running[task_id] = running
@@ -397,7 +402,7 @@ class Agent:
             running.request_stop(reason)
         elif task_id not in self._finished:
             # Not ours in this process (e.g. we restarted): end it as asked.
-            self._remember(task_id)
+            self._remember(task_id, ENDED_FOR_GOOD)
             assert self._task_group is not None
             self._task_group.start_soon(self._end_unknown_task, task_id, reason)
 
@@ -416,7 +421,7 @@ class Agent:
             log.exception("agent %s: task %s failed unexpectedly", self.entity_id, task_id)
         finally:
             del self._running[task_id]
-            self._remember(task_id)
+            self._remember(task_id, task.attempt)
 
     async def _steps_and_handler(
         self, task: pb.Task, running: _RunningTask, reporter: _Reporter
@@ -493,8 +498,9 @@ class Agent:
         except (_Refused, grpc.aio.AioRpcError) as error:
             log.error("agent %s: could not end task %s: %s", self.entity_id, task_id, error)
 
-    def _remember(self, task_id: str) -> None:
-        self._finished[task_id] = None
+    def _remember(self, task_id: str, attempt: int) -> None:
+        self._finished[task_id] = attempt
+        self._finished.move_to_end(task_id)
         while len(self._finished) > self._remember_finished:
             self._finished.popitem(last=False)
 

@@ -34,6 +34,9 @@ class StoredTask:
     """The agent view: the task as last reported by its agent; None until it is sent."""
     last_update: StatusUpdate | None
     """The StatusUpdate that produced the current status_version, if one did."""
+    deadline_ns: int | None = None
+    """When the task manager must next act on the task by itself (a timeout, a scheduled
+    release), if ever. Stored, so timers survive restarts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,7 @@ class Change:
 
     entry: TaskHistoryEntry
     task: Task
+    deadline_ns: int | None = None
 
     @property
     def revision(self) -> int:
@@ -226,6 +230,15 @@ class Store(Protocol):
         """Removes history entries that are both outside the newest keep_revisions and
         older than older_than_ns; returns the compacted revision (everything at or
         below it is gone)."""
+        ...
+
+    async def due(self, now_ns: int, limit: int) -> Sequence[tuple[str, int]]:
+        """(task_id, deadline_ns) of tasks whose deadline is at or before now_ns, earliest
+        first."""
+        ...
+
+    async def next_deadline(self, after_ns: int) -> int | None:
+        """The earliest deadline after after_ns, if any."""
         ...
 
     async def credentials(self) -> Sequence[Credential]:

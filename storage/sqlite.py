@@ -108,10 +108,17 @@ def _migrate_to_3(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_4(db: sqlite_utils.Database) -> None:
+    # Timeouts and scheduled releases are stored deadlines; existing tasks have none.
+    db.table("tasks").add_column("deadline_ns", int)
+    db.table("tasks").create_index(["deadline_ns"])
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
     _migrate_to_3,
+    _migrate_to_4,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 
@@ -237,6 +244,8 @@ def _entry_for(task: Task, revision: int, reason: str) -> TaskHistoryEntry:
         time=task.last_update_time,
         reason=reason,
         scheduled_time=task.scheduled_time if task.HasField("scheduled_time") else None,
+        attempt=task.attempt,
+        current_attempt=task.attempts[-1] if task.attempts else None,
     )
 
 
@@ -257,6 +266,12 @@ def _task_at(entry: TaskHistoryEntry, current: Task) -> Task:
         task.scheduled_time.CopyFrom(entry.scheduled_time)
     else:
         task.ClearField("scheduled_time")
+    # Earlier attempts never change once the next one starts; the current one may.
+    task.attempt = entry.attempt
+    del task.attempts[:]
+    task.attempts.extend(current.attempts[: max(entry.attempt - 1, 0)])
+    if entry.HasField("current_attempt"):
+        task.attempts.add().CopyFrom(entry.current_attempt)
     return task
 
 
@@ -281,7 +296,8 @@ class _Transaction:
 
     def load(self, task_id: str) -> StoredTask | None:
         row = self._conn.execute(
-            "SELECT task, agent_task, last_update FROM tasks WHERE task_id = ?", (task_id,)
+            "SELECT task, agent_task, last_update, deadline_ns FROM tasks WHERE task_id = ?",
+            (task_id,),
         ).fetchone()
         if row is None:
             return None
@@ -289,14 +305,15 @@ class _Transaction:
             task=Task.FromString(row[0]),
             agent_task=_parse_task(row[1]),
             last_update=None if row[2] is None else StatusUpdate.FromString(row[2]),
+            deadline_ns=row[3],
         )
 
     def insert(self, stored: StoredTask, reason: str = "") -> Change:
-        change = self._append(stored.task, reason)
+        change = self._append(stored, reason)
         self._conn.execute(
             "INSERT INTO tasks (task_id, cursor, parent_task_id, assignee_entity_id, status,"
             " status_version, last_update_ns, agent_status, agent_last_update_ns, task,"
-            " agent_task, last_update) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " agent_task, last_update, deadline_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (stored.task.version.task_id, change.revision, *self._columns(stored)),
         )
         return change
@@ -306,8 +323,8 @@ class _Transaction:
         updated = self._conn.execute(
             "UPDATE tasks SET parent_task_id = ?, assignee_entity_id = ?, status = ?,"
             " status_version = ?, last_update_ns = ?, agent_status = ?,"
-            " agent_last_update_ns = ?, task = ?, agent_task = ?, last_update = ?"
-            " WHERE task_id = ? AND status_version = ?",
+            " agent_last_update_ns = ?, task = ?, agent_task = ?, last_update = ?,"
+            " deadline_ns = ? WHERE task_id = ? AND status_version = ?",
             (*self._columns(stored), task_id, expected_status_version),
         ).rowcount
         if updated != 1:
@@ -315,16 +332,16 @@ class _Transaction:
                 "SELECT status_version FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
             raise ConcurrentModification(task_id, row[0] if row else 0)
-        return self._append(stored.task, reason)
+        return self._append(stored, reason)
 
-    def _append(self, task: Task, reason: str) -> Change:
-        entry = _entry_for(task, self.next_revision, reason)
+    def _append(self, stored: StoredTask, reason: str) -> Change:
+        entry = _entry_for(stored.task, self.next_revision, reason)
         self._conn.execute(
             "INSERT INTO history (revision, task_id, entry, time_ns) VALUES (?, ?, ?, ?)",
             (entry.revision, entry.task_id, entry.SerializeToString(), _ns(entry.time)),
         )
         self.next_revision += 1
-        change = Change(entry=entry, task=task)
+        change = Change(entry=entry, task=stored.task, deadline_ns=stored.deadline_ns)
         self.changes.append(change)
         return change
 
@@ -364,6 +381,7 @@ class _Transaction:
             task_bytes,
             agent_bytes,
             None if stored.last_update is None else stored.last_update.SerializeToString(),
+            stored.deadline_ns,
         )
 
 
@@ -625,6 +643,25 @@ class SqliteStore:
 
     async def current_revision(self) -> int:
         return await self._read(self._last_revision)
+
+    async def due(self, now_ns: int, limit: int) -> Sequence[tuple[str, int]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+            return conn.execute(
+                "SELECT task_id, deadline_ns FROM tasks WHERE deadline_ns <= ?"
+                " ORDER BY deadline_ns LIMIT ?",
+                (now_ns, limit),
+            ).fetchall()
+
+        return await self._read(read)
+
+    async def next_deadline(self, after_ns: int) -> int | None:
+        def read(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT MIN(deadline_ns) FROM tasks WHERE deadline_ns > ?", (after_ns,)
+            ).fetchone()
+            return None if row[0] is None else int(row[0])
+
+        return await self._read(read)
 
     async def credentials(self) -> Sequence[Credential]:
         return await self._read(_read_credentials)

@@ -83,6 +83,32 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.max_streams_per_principal,
         help="open agent, report and watch streams per principal (default %(default)s)",
     )
+    policy = serve.add_argument_group(
+        "task policy defaults", "for every field a CreateTaskRequest's policy leaves unset"
+    )
+    for flag, default, what in (
+        ("--receipt-timeout", defaults.receipt_timeout_s, "seconds from SENT to the first update"),
+        ("--heartbeat-timeout", defaults.heartbeat_timeout_s, "longest silence while running"),
+        ("--execution-timeout", defaults.execution_timeout_s, "longest attempt"),
+        ("--retry-backoff", defaults.retry_backoff_s, "wait before attempt 2, doubling"),
+        ("--max-retry-backoff", defaults.max_retry_backoff_s, "longest wait between attempts"),
+    ):
+        policy.add_argument(
+            flag, type=_not_negative, default=default, help=f"{what} (0: none; default %(default)s)"
+        )
+    policy.add_argument(
+        "--max-attempts",
+        type=_at_least_1,
+        default=defaults.max_attempts,
+        help="attempts in all (default %(default)s)",
+    )
+    serve.add_argument(
+        "--restart-grace",
+        type=_not_negative,
+        default=None,
+        help="after a start, seconds timeouts wait for agents to report"
+        " (default: each task's heartbeat timeout)",
+    )
     serve.add_argument(
         "--limit",
         type=_field_limit,
@@ -127,6 +153,13 @@ def _at_least_1(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -215,6 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         requests_per_second=args.requests_per_second,
         max_streams_per_principal=args.max_streams_per_principal,
         limits=replace(FieldLimits(), **dict(args.limit)),
+        receipt_timeout_s=args.receipt_timeout,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        execution_timeout_s=args.execution_timeout,
+        max_attempts=args.max_attempts,
+        retry_backoff_s=args.retry_backoff,
+        max_retry_backoff_s=args.max_retry_backoff,
+        restart_grace_s=args.restart_grace,
     )
     return asyncio.run(_serve(settings))
 

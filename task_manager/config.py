@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from task_manager.liveness import duration
+from task_manager.v1.task_manager_pb2 import TaskPolicy
 from task_manager.validation import FieldLimits
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -50,3 +52,26 @@ class Settings:
     """Per principal: unary calls, stream opens and status reports."""
     max_streams_per_principal: int = 1_000
     limits: FieldLimits = field(default_factory=FieldLimits)
+    receipt_timeout_s: float = 0.0
+    """Defaults of a task's policy (0: no timeout); a CreateTaskRequest may set its own."""
+    heartbeat_timeout_s: float = 0.0
+    execution_timeout_s: float = 0.0
+    max_attempts: int = 1
+    retry_backoff_s: float = 0.0
+    max_retry_backoff_s: float = 0.0
+    restart_grace_s: float | None = None
+    """After a start, timeouts wait this long for agents to reconnect and report; None:
+    each task's heartbeat_timeout."""
+    timekeeper_poll_s: float = 1.0
+    """The timekeeper looks for due deadlines at least this often."""
+
+    def task_policy(self) -> TaskPolicy:
+        """The policy a task gets for every field its CreateTaskRequest leaves unset."""
+        return TaskPolicy(
+            receipt_timeout=duration(self.receipt_timeout_s),
+            heartbeat_timeout=duration(self.heartbeat_timeout_s),
+            execution_timeout=duration(self.execution_timeout_s),
+            max_attempts=self.max_attempts,
+            retry_backoff=duration(self.retry_backoff_s),
+            max_retry_backoff=duration(self.max_retry_backoff_s),
+        )

@@ -6,7 +6,10 @@ and the write it guards are atomic. Pure Python: no gRPC, no SQL.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from storage.base import StoredTask, WriteTransaction, assignee_entity_id
+from task_manager import liveness
 from task_manager.auth import Caller
 from task_manager.clock import timestamp
 from task_manager.errors import (
@@ -25,6 +28,7 @@ from task_manager.v1.task_manager_pb2 import (
     System,
     Task,
     TaskError,
+    TaskPolicy,
     TaskStatus,
     TaskVersion,
     TaskView,
@@ -43,10 +47,15 @@ MANAGER = Principal(system=System(service_name="task-manager"))
 
 
 def create_task(
-    tx: WriteTransaction, request: CreateTaskRequest, task_id: str, now_ns: int
+    tx: WriteTransaction,
+    request: CreateTaskRequest,
+    task_id: str,
+    defaults: TaskPolicy,
+    now_ns: int,
 ) -> Task:
     """Stores the task at CREATED (versions 1/1), then releases it to its agent if it has
-    one: SENT at status_version 2. Returns the task as it stands after both."""
+    one: SENT at status_version 2, or SCHEDULED_IN_MANAGER until a future scheduled_time.
+    Returns the task as it stands after both."""
     if tx.load(task_id) is not None:
         raise TaskIdTaken(task_id)
     now = timestamp(now_ns)
@@ -58,7 +67,10 @@ def create_task(
         is_executed_elsewhere=request.is_executed_elsewhere,
         create_time=now,
         last_update_time=now,
+        policy=liveness.effective_policy(request.policy, defaults),
     )
+    if request.HasField("scheduled_time"):
+        task.scheduled_time.CopyFrom(request.scheduled_time)
     if request.HasField("specification"):
         task.specification.CopyFrom(request.specification)
     if request.HasField("relations"):
@@ -69,9 +81,133 @@ def create_task(
     tx.insert(StoredTask(task=task, agent_task=None, last_update=None))
     if not is_releasable(task):
         return task
-    sent = _with_status(task, TaskStatus(status=Status.STATUS_SENT), MANAGER, now_ns)
-    tx.replace(StoredTask(task=sent, agent_task=sent, last_update=None), 1)
+    if request.HasField("scheduled_time") and liveness.ns(request.scheduled_time) > now_ns:
+        scheduled = TaskStatus(status=Status.STATUS_SCHEDULED_IN_MANAGER)
+        waiting = _with_status(task, scheduled, MANAGER, now_ns)
+        tx.replace(_stored(waiting, None, None), 1)
+        return waiting
+    return _send(tx, StoredTask(task=task, agent_task=None, last_update=None), now_ns, "")
+
+
+def _send(
+    tx: WriteTransaction,
+    stored: StoredTask,
+    now_ns: int,
+    reason: str,
+    update: StatusUpdate | None = None,
+) -> Task:
+    """Starts the next attempt: SENT, to be delivered to the agent. update is the agent's
+    report that ended the previous attempt, if one did (kept for the retry check)."""
+    sent = _with_status(stored.task, TaskStatus(status=Status.STATUS_SENT), MANAGER, now_ns)
+    sent.attempt += 1
+    sent.attempts.add(
+        number=sent.attempt,
+        entity_id=assignee_entity_id(sent) or "",
+        start_time=timestamp(now_ns),
+    )
+    tx.replace(_stored(sent, sent, update), stored.task.version.status_version, reason)
     return sent
+
+
+def _stored(task: Task, agent_task: Task | None, last_update: StatusUpdate | None) -> StoredTask:
+    """The task as stored, with the deadline its new state sets."""
+    deadline = liveness.next_deadline(task, agent_task)
+    return StoredTask(
+        task=task,
+        agent_task=agent_task,
+        last_update=last_update,
+        deadline_ns=None if deadline is None else deadline.at_ns,
+    )
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """What expire did: the task after it acted, or the time to try again."""
+
+    task: Task | None = None
+    not_before_ns: int | None = None
+
+
+def expire(
+    tx: WriteTransaction,
+    task_id: str,
+    now_ns: int,
+    started_ns: int,
+    restart_grace_ns: int | None,
+) -> Expiry:
+    """Acts on a task whose deadline has come: a scheduled release, or a timeout that ends
+    the attempt (retried if attempts remain). A timeout does not fire within the restart
+    grace (restart_grace_ns, or the task's heartbeat_timeout, after started_ns), so agents
+    can reconnect and report after a restart of the task manager."""
+    stored = tx.load(task_id)
+    if stored is None:
+        return Expiry()
+    deadline = liveness.next_deadline(stored.task, stored.agent_task)
+    if deadline is None or deadline.at_ns > now_ns:
+        return Expiry(not_before_ns=None if deadline is None else deadline.at_ns)
+    task = stored.task
+    if deadline.kind is liveness.DeadlineKind.RELEASE:
+        return Expiry(task=_send(tx, stored, now_ns, "scheduled_time reached"))
+    grace_ns = restart_grace_ns
+    if grace_ns is None:
+        grace_ns = task.policy.heartbeat_timeout.ToNanoseconds()
+    if now_ns < started_ns + grace_ns:
+        return Expiry(not_before_ns=started_ns + grace_ns)
+    agent = task.attempts[-1].entity_id
+    message = liveness.timeout_message(deadline.kind, task, agent)
+    error = TaskError(code=ErrorCode.ERROR_CODE_TIMEOUT, message=message)
+    # An agent asked to cancel or complete that goes silent is not asked again.
+    retry = task.status.status not in OPERATOR_REQUEST_STATUSES
+    return Expiry(task=_end_attempt(tx, stored, error, retry, MANAGER, None, now_ns))
+
+
+def _end_attempt(
+    tx: WriteTransaction,
+    stored: StoredTask,
+    error: TaskError,
+    retry: bool,
+    author: Principal | None,
+    update: StatusUpdate | None,
+    now_ns: int,
+) -> Task:
+    """Ends the current attempt as failed: the next attempt starts (at once, or after the
+    retry backoff at SCHEDULED_IN_MANAGER) if retry is allowed and attempts remain;
+    otherwise the task ends DONE_NOT_OK with error."""
+    current = stored.task
+    policy = current.policy
+    if not retry or current.attempt >= policy.max_attempts:
+        failed = TaskStatus(status=Status.STATUS_DONE_NOT_OK, task_error=error)
+        task = _with_status(current, failed, author, now_ns)
+        _close_attempt(task, Status.STATUS_DONE_NOT_OK, error, now_ns)
+        agent_task = task if update is not None else stored.agent_task
+        tx.replace(_stored(task, agent_task, update), current.version.status_version)
+        return task
+    ended = Task()
+    ended.CopyFrom(current)
+    _close_attempt(ended, Status.STATUS_DONE_NOT_OK, error, now_ns)
+    reason = f"attempt {current.attempt} of {policy.max_attempts} failed: {error.message}"
+    backoff_ns = liveness.retry_backoff_ns(policy, current.attempt)
+    if backoff_ns == 0:
+        ending = StoredTask(task=ended, agent_task=stored.agent_task, last_update=None)
+        return _send(tx, ending, now_ns, reason, update)
+    waiting = _with_status(
+        ended, TaskStatus(status=Status.STATUS_SCHEDULED_IN_MANAGER), author, now_ns
+    )
+    waiting.scheduled_time.CopyFrom(timestamp(now_ns + backoff_ns))
+    tx.replace(_stored(waiting, stored.agent_task, update), current.version.status_version, reason)
+    return waiting
+
+
+def _close_attempt(
+    task: Task, outcome: Status.ValueType, error: TaskError | None, now_ns: int
+) -> None:
+    if not task.attempts or task.attempts[-1].HasField("end_time"):
+        return  # a task from before attempts were recorded, or already closed
+    attempt = task.attempts[-1]
+    attempt.end_time.CopyFrom(timestamp(now_ns))
+    attempt.outcome = outcome
+    if error is not None and error.code != ErrorCode.ERROR_CODE_INVALID:
+        attempt.error.CopyFrom(error)
 
 
 def is_releasable(task: Task) -> bool:
@@ -109,12 +245,18 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, no
         if requested == Status.STATUS_COMPLETE_REQUESTED:
             raise _not_released(current, "complete")
         status = _cancelled_before_release(update.status.task_error.message)
+    failed = update.status.task_error.code == ErrorCode.ERROR_CODE_FAILED
+    if requested == Status.STATUS_DONE_NOT_OK and failed and current.attempts:
+        # The agent failed this attempt: the next one starts if attempts remain.
+        return _end_attempt(tx, stored, update.status.task_error, True, author, update, now_ns)
     task = _with_status(current, status, author, now_ns)
     if update.HasField("scheduled_time"):
         task.scheduled_time.CopyFrom(update.scheduled_time)
+    if task.status.status in TERMINAL_STATUSES:
+        _close_attempt(task, task.status.status, task.status.task_error, now_ns)
     # The agent view follows what agents report; operator requests leave it as it was.
     agent_task = stored.agent_task if requested in OPERATOR_REQUEST_STATUSES else task
-    tx.replace(StoredTask(task=task, agent_task=agent_task, last_update=update), have)
+    tx.replace(_stored(task, agent_task, update), have)
     return task
 
 
@@ -220,7 +362,9 @@ def _record_operator_change(
 ) -> Task:
     current = stored.task
     task = _with_status(current, status, author, now_ns)
-    changed = StoredTask(task=task, agent_task=stored.agent_task, last_update=None)
+    if task.status.status in TERMINAL_STATUSES:
+        _close_attempt(task, task.status.status, task.status.task_error, now_ns)
+    changed = _stored(task, stored.agent_task, None)
     tx.replace(changed, current.version.status_version, reason)
     return task
 

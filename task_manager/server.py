@@ -25,6 +25,7 @@ from task_manager.clock import Clock, SystemClock, sleep_until
 from task_manager.config import Settings
 from task_manager.dispatch import Dispatcher
 from task_manager.service import SERVICE_NAMES, Gate, TaskManagerService, generic_handlers
+from task_manager.timekeeper import Timekeeper
 from task_manager.watch import WatchHub
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class TaskManagerServer:
         self._settings = settings
         self._stopped = False
         self._background: list[asyncio.Task[None]] = []  # owned; cancelled in stop()
+        self.timekeeper: Timekeeper | None = None
         self.compactions = 0
 
     @property
@@ -131,15 +133,26 @@ class TaskManagerServer:
         dispatcher = Dispatcher(settings.stream_buffer)
         watch_hub = WatchHub(buffer=settings.watch_buffer)
 
+        timekeeper: Timekeeper | None = None  # needs the store; set right after it opens
+
         def publish(changes: Sequence[Change]) -> None:
             dispatcher.publish(changes)
             watch_hub.publish(changes)
+            if timekeeper is not None:
+                timekeeper.notice(changes)
 
         try:
             store = await SqliteStore.open(settings.db, on_commit=publish)
         except Exception as exc:
             raise ServerStartError(str(exc)) from exc
         watch_hub.revision = await store.current_revision()
+        grace = settings.restart_grace_s
+        timekeeper = Timekeeper(
+            store,
+            clock,
+            None if grace is None else int(grace * 1e9),
+            int(settings.timekeeper_poll_s * 1e9),
+        )
         server = grpc.aio.server(options=_grpc_options(settings))
         credentials = Credentials(client_certificates=settings.client_ca is not None)
         try:
@@ -154,7 +167,9 @@ class TaskManagerServer:
             RateLimiter(settings.requests_per_second, clock),
             OpenStreams(settings.max_streams_per_principal),
         )
-        servicer = TaskManagerService(store, dispatcher, watch_hub, gate, settings.limits, clock)
+        servicer = TaskManagerService(
+            store, dispatcher, watch_hub, gate, settings.limits, settings.task_policy(), clock
+        )
         server.add_generic_rpc_handlers(generic_handlers(servicer))
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -186,7 +201,9 @@ class TaskManagerServer:
             "on" if credentials.required else "off (no credentials stored)",
         )
         running = cls(server, servicer, store, dispatcher, health_servicer, address, settings)
+        running.timekeeper = timekeeper
         running._background = [
+            asyncio.create_task(timekeeper.run()),
             asyncio.create_task(running._compact_forever(clock)),
             asyncio.create_task(running._refresh_credentials_forever(gate, clock)),
         ]

@@ -68,6 +68,7 @@ from task_manager.v1.task_manager_pb2 import (
     StatusReportResult,
     StatusUpdate,
     Task,
+    TaskPolicy,
     UpdateStatusRequest,
     UpdateStatusResponse,
     WatchTasksRequest,
@@ -100,10 +101,12 @@ class TaskManagerService:
         watch_hub: WatchHub,
         gate: Gate,
         limits: validation.FieldLimits,
+        default_policy: TaskPolicy,
         clock: Clock,
     ) -> None:
         self._store = store
         self._limits = limits
+        self._default_policy = default_policy
         self._dispatcher = dispatcher
         self._watch_hub = watch_hub
         self._clock = clock
@@ -123,7 +126,9 @@ class TaskManagerService:
             request.author.CopyFrom(author)
         task_id = request.task_id or str(uuid.uuid4())
         task = await self._store.write(
-            lambda tx: lifecycle.create_task(tx, request, task_id, self._clock.now_ns())
+            lambda tx: lifecycle.create_task(
+                tx, request, task_id, self._default_policy, self._clock.now_ns()
+            )
         )
         return CreateTaskResponse(task=task)
 

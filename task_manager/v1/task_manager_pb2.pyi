@@ -28,6 +28,7 @@ Lifecycle rules (binding; see README "Lifecycle"):
 from collections import abc as _abc
 from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -192,9 +193,14 @@ class Task(_message.Message):
     IS_EXECUTED_ELSEWHERE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     description: _builtins.str
     is_executed_elsewhere: _builtins.bool
+    attempt: _builtins.int
+    """Extension: the current attempt, from 1; 0 until the task is first sent."""
     @_builtins.property
     def version(self) -> Global___TaskVersion: ...
     @_builtins.property
@@ -213,6 +219,14 @@ class Task(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def created_by(self) -> Global___Principal: ...
+    @_builtins.property
+    def policy(self) -> Global___TaskPolicy:
+        """Extension: the timeouts and retries in force (the request's, or the server's defaults)."""
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
+        """Extension: every attempt so far, oldest first."""
+
     def __init__(
         self,
         *,
@@ -228,14 +242,120 @@ class Task(_message.Message):
         is_executed_elsewhere: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: Global___Principal | None = ...,
+        policy: Global___TaskPolicy | None = ...,
+        attempt: _builtins.int = ...,
+        attempts: _abc.Iterable[Global___Attempt] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class TaskPolicy(_message.Message):
+    """Extension: how long the task manager waits on an agent, and how often it tries again.
+    A zero duration is no timeout. Unset fields of a CreateTaskRequest take the server's
+    defaults (task-manager serve --receipt-timeout, --heartbeat-timeout, ...).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    EXECUTION_TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    RETRY_BACKOFF_FIELD_NUMBER: _builtins.int
+    MAX_RETRY_BACKOFF_FIELD_NUMBER: _builtins.int
+    max_attempts: _builtins.int
+    """Attempts in all (0 = the server default, 1 unless configured). A timeout, or
+    DONE_NOT_OK with ERROR_CODE_FAILED from the agent, ends an attempt; the next one
+    starts at SENT unless this was the last, which ends the task DONE_NOT_OK.
+    """
+    @_builtins.property
+    def receipt_timeout(self) -> _duration_pb2.Duration:
+        """From SENT until the agent's first status update."""
+
+    @_builtins.property
+    def heartbeat_timeout(self) -> _duration_pb2.Duration:
+        """The longest gap between the agent's updates once it has received the task and until
+        it ends. Any accepted update refreshes it, also one repeating the status.
+        """
+
+    @_builtins.property
+    def execution_timeout(self) -> _duration_pb2.Duration:
+        """The longest one attempt may take, from SENT to its end."""
+
+    @_builtins.property
+    def retry_backoff(self) -> _duration_pb2.Duration:
+        """Wait before attempt n + 1: retry_backoff * 2^(n - 1), at most max_retry_backoff.
+        The task waits at STATUS_SCHEDULED_IN_MANAGER meanwhile.
+        """
+
+    @_builtins.property
+    def max_retry_backoff(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        receipt_timeout: _duration_pb2.Duration | None = ...,
+        heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        execution_timeout: _duration_pb2.Duration | None = ...,
+        max_attempts: _builtins.int = ...,
+        retry_backoff: _duration_pb2.Duration | None = ...,
+        max_retry_backoff: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution_timeout", b"execution_timeout", "heartbeat_timeout", b"heartbeat_timeout", "max_retry_backoff", b"max_retry_backoff", "receipt_timeout", b"receipt_timeout", "retry_backoff", b"retry_backoff"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_timeout", b"execution_timeout", "heartbeat_timeout", b"heartbeat_timeout", "max_attempts", b"max_attempts", "max_retry_backoff", b"max_retry_backoff", "receipt_timeout", b"receipt_timeout", "retry_backoff", b"retry_backoff"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskPolicy: _TypeAlias = TaskPolicy  # noqa: Y015
+
+@_typing.final
+class Attempt(_message.Message):
+    """Extension: one attempt at a task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    ENTITY_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    entity_id: _builtins.str
+    """The agent it was sent to."""
+    outcome: Global___Status.ValueType
+    """STATUS_DONE_OK or STATUS_DONE_NOT_OK once ended."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Unset while the attempt runs."""
+
+    @_builtins.property
+    def error(self) -> Global___TaskError: ...
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        entity_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        outcome: Global___Status.ValueType = ...,
+        error: Global___TaskError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "entity_id", b"entity_id", "error", b"error", "number", b"number", "outcome", b"outcome", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attempt: _TypeAlias = Attempt  # noqa: Y015
 
 @_typing.final
 class TaskStatus(_message.Message):
@@ -580,6 +700,8 @@ class CreateTaskRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     IS_EXECUTED_ELSEWHERE_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    SCHEDULED_TIME_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """At most 256 characters."""
     description: _builtins.str
@@ -595,6 +717,16 @@ class CreateTaskRequest(_message.Message):
     def author(self) -> Global___Principal: ...
     @_builtins.property
     def relations(self) -> Global___Relations: ...
+    @_builtins.property
+    def policy(self) -> Global___TaskPolicy:
+        """Extension: timeouts and retries; unset fields take the server's defaults."""
+
+    @_builtins.property
+    def scheduled_time(self) -> _timestamp_pb2.Timestamp:
+        """Extension: a time in the future keeps the task at STATUS_SCHEDULED_IN_MANAGER until
+        then; it is released to SENT at that time (also across restarts).
+        """
+
     def __init__(
         self,
         *,
@@ -605,10 +737,12 @@ class CreateTaskRequest(_message.Message):
         description: _builtins.str = ...,
         is_executed_elsewhere: _builtins.bool = ...,
         task_id: _builtins.str = ...,
+        policy: Global___TaskPolicy | None = ...,
+        scheduled_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "relations", b"relations", "specification", b"specification"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "relations", b"relations", "specification", b"specification", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1122,6 +1256,8 @@ class TaskHistoryEntry(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     SCHEDULED_TIME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    CURRENT_ATTEMPT_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Store-wide, strictly increasing."""
     task_id: _builtins.str
@@ -1129,6 +1265,8 @@ class TaskHistoryEntry(_message.Message):
     definition_version: _builtins.int
     reason: _builtins.str
     """Why, when the change came with a reason (CancelTask, CompleteTask)."""
+    attempt: _builtins.int
+    """The attempt the task was on after the change, and that attempt's record."""
     @_builtins.property
     def status(self) -> Global___TaskStatus:
         """The status after the change, with its task_error exactly as sent."""
@@ -1141,6 +1279,8 @@ class TaskHistoryEntry(_message.Message):
     def scheduled_time(self) -> _timestamp_pb2.Timestamp:
         """The task's scheduled_time after the change, if it has one."""
 
+    @_builtins.property
+    def current_attempt(self) -> Global___Attempt: ...
     def __init__(
         self,
         *,
@@ -1153,10 +1293,12 @@ class TaskHistoryEntry(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
         scheduled_time: _timestamp_pb2.Timestamp | None = ...,
+        attempt: _builtins.int = ...,
+        current_attempt: Global___Attempt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "scheduled_time", b"scheduled_time", "status", b"status", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "current_attempt", b"current_attempt", "scheduled_time", b"scheduled_time", "status", b"status", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "definition_version", b"definition_version", "reason", b"reason", "revision", b"revision", "scheduled_time", b"scheduled_time", "status", b"status", "status_version", b"status_version", "task_id", b"task_id", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "author", b"author", "current_attempt", b"current_attempt", "definition_version", b"definition_version", "reason", b"reason", "revision", b"revision", "scheduled_time", b"scheduled_time", "status", b"status", "status_version", b"status_version", "task_id", b"task_id", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,115 @@
+"""Timeouts, attempts and scheduled releases: when the task manager must act on its own.
+
+Pure functions of a task's stored state. The deadline a task has is computed here on every
+write and stored with it, so timers survive restarts; the timekeeper fires what is due.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from task_manager.v1.task_manager_pb2 import Status, Task, TaskPolicy
+
+
+class DeadlineKind(StrEnum):
+    RELEASE = "scheduled_time"
+    RECEIPT = "receipt_timeout"
+    HEARTBEAT = "heartbeat_timeout"
+    EXECUTION = "execution_timeout"
+
+
+@dataclass(frozen=True, order=True)
+class Deadline:
+    at_ns: int
+    kind: DeadlineKind
+
+
+_NOT_RUNNING = frozenset(
+    {
+        Status.STATUS_INVALID,
+        Status.STATUS_CREATED,
+        Status.STATUS_DONE_OK,
+        Status.STATUS_DONE_NOT_OK,
+    }
+)
+
+
+def next_deadline(task: Task, agent_task: Task | None) -> Deadline | None:
+    """The earliest moment the task manager must act on this task by itself."""
+    status = task.status.status
+    if status == Status.STATUS_SCHEDULED_IN_MANAGER:
+        if not task.HasField("scheduled_time"):
+            return None
+        return Deadline(ns(task.scheduled_time), DeadlineKind.RELEASE)
+    if status in _NOT_RUNNING or not task.attempts:
+        return None
+    policy = task.policy
+    started_ns = ns(task.attempts[-1].start_time)
+    deadlines = []
+    if policy.execution_timeout.ToNanoseconds() > 0:
+        at_ns = started_ns + policy.execution_timeout.ToNanoseconds()
+        deadlines.append(Deadline(at_ns, DeadlineKind.EXECUTION))
+    received = agent_task is not None and agent_task.status.status != Status.STATUS_SENT
+    if not received and policy.receipt_timeout.ToNanoseconds() > 0:
+        at_ns = started_ns + policy.receipt_timeout.ToNanoseconds()
+        deadlines.append(Deadline(at_ns, DeadlineKind.RECEIPT))
+    if received and agent_task is not None and policy.heartbeat_timeout.ToNanoseconds() > 0:
+        at_ns = ns(agent_task.last_update_time) + policy.heartbeat_timeout.ToNanoseconds()
+        deadlines.append(Deadline(at_ns, DeadlineKind.HEARTBEAT))
+    return min(deadlines, default=None)
+
+
+def effective_policy(requested: TaskPolicy, defaults: TaskPolicy) -> TaskPolicy:
+    """The request's policy with every unset field taken from the server's defaults."""
+    policy = TaskPolicy()
+    policy.CopyFrom(defaults)
+    for field, value in requested.ListFields():
+        if field.message_type is not None:
+            getattr(policy, field.name).CopyFrom(value)
+        else:
+            setattr(policy, field.name, value)
+    policy.max_attempts = policy.max_attempts or 1
+    return policy
+
+
+def retry_backoff_ns(policy: TaskPolicy, ended_attempt: int) -> int:
+    """How long to wait before the attempt after ended_attempt."""
+    base = int(policy.retry_backoff.ToNanoseconds())
+    if base <= 0:
+        return 0
+    backoff = base << min(max(ended_attempt - 1, 0), 62)
+    cap = int(policy.max_retry_backoff.ToNanoseconds())
+    return min(backoff, cap) if cap > 0 else backoff
+
+
+def timeout_message(kind: DeadlineKind, task: Task, agent: str) -> str:
+    policy = task.policy
+    waited = {
+        DeadlineKind.RECEIPT: policy.receipt_timeout,
+        DeadlineKind.HEARTBEAT: policy.heartbeat_timeout,
+        DeadlineKind.EXECUTION: policy.execution_timeout,
+    }[kind]
+    what = {
+        DeadlineKind.RECEIPT: f"agent {agent} did not report receiving the task",
+        DeadlineKind.HEARTBEAT: f"agent {agent} sent no update",
+        DeadlineKind.EXECUTION: "the attempt did not finish",
+    }[kind]
+    return f"{kind.value} ({seconds(waited)}) passed: {what} (attempt {task.attempt})"
+
+
+def seconds(duration: Duration) -> str:
+    return f"{duration.ToNanoseconds() / 1e9:g} s"
+
+
+def ns(stamp: Timestamp) -> int:
+    return int(stamp.ToNanoseconds())
+
+
+def duration(seconds_value: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(seconds_value * 1e9))
+    return value

@@ -1,0 +1,105 @@
+"""Fires stored deadlines when they come: scheduled releases, and timeouts that end attempts.
+
+Deadlines live in the store (one per task, set by the lifecycle on every write), so a
+restart loses none: the timekeeper reads what is due, and each firing is a lifecycle unit
+that re-checks the deadline inside its own transaction (a task that moved on is left
+alone). It sleeps until the next stored deadline, and is woken early when a commit sets
+an earlier one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from storage.base import Change, Store
+from task_manager import lifecycle
+from task_manager.clock import Clock
+
+log = logging.getLogger(__name__)
+
+BATCH = 1_000
+"""Due tasks read and fired per round."""
+
+
+class Timekeeper:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        restart_grace_ns: int | None,
+        poll_ns: int,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._started_ns = clock.now_ns()
+        self._restart_grace_ns = restart_grace_ns
+        self._poll_ns = poll_ns
+        self._wake = asyncio.Event()
+        self._target_ns: int | None = None
+        """When the current sleep ends; None while scanning (any new deadline wakes)."""
+        self.fired = 0
+        self._scanned_ns = -1
+        self._scanned = asyncio.Condition()
+
+    def notice(self, changes: Sequence[Change]) -> None:
+        """Called after each commit: wakes the timekeeper for an earlier deadline."""
+        for change in changes:
+            deadline = change.deadline_ns
+            if deadline is not None and (self._target_ns is None or deadline < self._target_ns):
+                self._wake.set()
+                return
+
+    async def run(self) -> None:
+        held: dict[str, int] = {}  # due tasks whose timeout waits out the restart grace
+        while True:
+            self._wake.clear()
+            self._target_ns = None
+            now_ns = self._clock.now_ns()
+            due = await self._store.due(now_ns, BATCH)
+            due_ids = {task_id for task_id, _ in due}
+            held = {task_id: at for task_id, at in held.items() if task_id in due_ids}
+            work = [task_id for task_id, _ in due if held.get(task_id, 0) <= now_ns]
+            await self._fire(work, now_ns, held)
+            if len(due) == BATCH and work:
+                continue  # more may be due
+            upcoming = await self._store.next_deadline(now_ns)
+            candidates = [now_ns + self._poll_ns, *held.values()]
+            if upcoming is not None:
+                candidates.append(upcoming)
+            self._target_ns = min(candidates)
+            async with self._scanned:
+                self._scanned_ns = now_ns
+                self._scanned.notify_all()
+            if not self._wake.is_set():
+                timer = self._clock.call_at(self._target_ns, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
+
+    async def idle_at(self, at_ns: int) -> None:
+        """Returns once everything due at at_ns has been fired (or held for the grace)."""
+        self._wake.set()  # the clock may have moved without reaching a timer of ours
+        async with self._scanned:
+            await self._scanned.wait_for(lambda: self._scanned_ns >= at_ns)
+
+    async def _fire(self, task_ids: list[str], now_ns: int, held: dict[str, int]) -> None:
+        def expire(task_id: str) -> asyncio.Future[lifecycle.Expiry]:
+            return self._store.submit(
+                lambda tx: lifecycle.expire(
+                    tx, task_id, now_ns, self._started_ns, self._restart_grace_ns
+                )
+            )
+
+        outcomes = await asyncio.gather(*map(expire, task_ids), return_exceptions=True)
+        for task_id, outcome in zip(task_ids, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("deadline of task %s could not fire", task_id, exc_info=outcome)
+                held[task_id] = now_ns + self._poll_ns  # try again later, not in a loop
+            elif outcome.task is not None:
+                self.fired += 1
+                held.pop(task_id, None)
+            elif outcome.not_before_ns is not None and outcome.not_before_ns > now_ns:
+                held[task_id] = outcome.not_before_ns

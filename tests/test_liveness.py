@@ -1,0 +1,287 @@
+"""Timeouts, attempts, retry backoff, scheduled release and restart grace.
+
+Time is a ManualClock moved by the tests: no test waits for a timeout in real time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from task_manager.clock import ManualClock, timestamp
+from task_manager.config import Settings
+from task_manager.server import TaskManagerServer
+from task_manager.v1 import task_manager_pb2 as pb
+from tests.helpers import AsyncStub, create_request
+
+pytestmark = pytest.mark.anyio
+S = pb.Status
+
+
+def seconds(value: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(int(value * 1e9))
+    return duration
+
+
+class Harness:
+    """A server on a ManualClock, and a stub to it."""
+
+    def __init__(self, db: Path, clock: ManualClock, **settings: object) -> None:
+        self.db = db
+        self.clock = clock
+        self.settings = settings
+        self.server: TaskManagerServer | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: AsyncStub
+
+    async def start(self) -> Harness:
+        options: dict[str, object] = {"listen": "127.0.0.1:0", "shutdown_grace_s": 1.0}
+        options.update(self.settings)
+        self.server = await TaskManagerServer.start(
+            Settings(db=self.db, **options),  # type: ignore[arg-type]
+            self.clock,
+        )
+        self.channel = grpc.aio.insecure_channel(self.server.address)
+        self.stub = AsyncStub(self.channel)
+        return self
+
+    async def stop(self) -> None:
+        if self.channel is not None:
+            await self.channel.close(None)
+        if self.server is not None:
+            await self.server.stop()
+
+    async def create(
+        self, policy: pb.TaskPolicy, scheduled_time: Timestamp | None = None
+    ) -> pb.Task:
+        request = create_request("drone-1")
+        request.policy.CopyFrom(policy)
+        if scheduled_time is not None:
+            request.scheduled_time.CopyFrom(scheduled_time)
+        return (await self.stub.CreateTask(request)).task
+
+    async def get(self, task_id: str) -> pb.Task:
+        return (await self.stub.GetTask(pb.GetTaskRequest(task_id=task_id))).task
+
+    async def report(
+        self, task: pb.Task, status: pb.Status.ValueType, **status_fields: object
+    ) -> pb.Task:
+        update = pb.StatusUpdate(
+            version=pb.TaskVersion(
+                task_id=task.version.task_id, status_version=task.version.status_version
+            ),
+            status=pb.TaskStatus(status=status, **status_fields),  # type: ignore[arg-type]
+        )
+        return (await self.stub.UpdateStatus(pb.UpdateStatusRequest(status_update=update))).task
+
+    async def until(self, task_id: str, done: Callable[[pb.Task], bool]) -> pb.Task:
+        """Polls the task until done(task): the timekeeper acts just after an advance."""
+        with anyio.fail_after(20):
+            while True:
+                task = await self.get(task_id)
+                if done(task):
+                    return task
+                await anyio.sleep(0.01)
+
+    async def settled(self) -> None:
+        """Waits until the timekeeper has looked at the store at the current time."""
+        assert self.server is not None and self.server.timekeeper is not None
+        await self.server.timekeeper.idle_at(self.clock.now_ns())
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    running = await Harness(tmp_path / "tasks.db", ManualClock()).start()
+    yield running
+    await running.stop()
+
+
+def status_is(status: pb.Status.ValueType) -> Callable[[pb.Task], bool]:
+    return lambda task: task.status.status == status
+
+
+async def test_receipt_timeout_on_the_last_attempt_ends_the_task(harness: Harness) -> None:
+    task = await harness.create(pb.TaskPolicy(receipt_timeout=seconds(30)))
+    assert task.attempt == 1 and task.policy.max_attempts == 1
+    harness.clock.advance(29)
+    await harness.settled()
+    assert (await harness.get(task.version.task_id)).status.status == S.STATUS_SENT
+    harness.clock.advance(1)
+    ended = await harness.until(task.version.task_id, status_is(S.STATUS_DONE_NOT_OK))
+    assert ended.status.task_error.code == pb.ERROR_CODE_TIMEOUT
+    assert "receipt_timeout (30 s)" in ended.status.task_error.message
+    assert ended.version.status_version == 3
+    (attempt,) = ended.attempts
+    assert attempt.number == 1 and attempt.entity_id == "drone-1"
+    assert attempt.outcome == S.STATUS_DONE_NOT_OK
+    assert attempt.error.code == pb.ERROR_CODE_TIMEOUT
+
+
+async def test_a_timeout_with_attempts_left_sends_the_task_again(harness: Harness) -> None:
+    listen = harness.stub.ListenAsAgent(
+        pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=["drone-1"]))
+    )
+    await listen.initial_metadata()
+    task = await harness.create(pb.TaskPolicy(receipt_timeout=seconds(10), max_attempts=2))
+    first = await listen.read()
+    assert isinstance(first, pb.ListenAsAgentResponse)
+    assert first.execute_request.task.attempt == 1
+    harness.clock.advance(10)
+    again = await listen.read()
+    assert isinstance(again, pb.ListenAsAgentResponse)
+    resent = again.execute_request.task
+    assert resent.attempt == 2 and resent.status.status == S.STATUS_SENT
+    assert resent.version.status_version == task.version.status_version + 1
+    assert [a.number for a in resent.attempts] == [1, 2]
+    assert resent.attempts[0].error.code == pb.ERROR_CODE_TIMEOUT
+    assert not resent.attempts[1].HasField("end_time")
+    history = await harness.stub.GetTaskHistory(
+        pb.GetTaskHistoryRequest(task_id=task.version.task_id)
+    )
+    assert [entry.attempt for entry in history.entries] == [0, 1, 2]
+    assert "attempt 1 of 2 failed: receipt_timeout" in history.entries[-1].reason
+    harness.clock.advance(10)  # the second and last attempt times out too
+    ended = await harness.until(task.version.task_id, status_is(S.STATUS_DONE_NOT_OK))
+    assert ended.attempt == 2 and len(ended.attempts) == 2
+    listen.cancel()
+
+
+async def test_any_update_refreshes_the_heartbeat(harness: Harness) -> None:
+    task = await harness.create(pb.TaskPolicy(heartbeat_timeout=seconds(20), max_attempts=2))
+    task = await harness.report(task, S.STATUS_MACHINE_RECEIPT)
+    task = await harness.report(task, S.STATUS_EXECUTING)
+    for _ in range(3):  # 45 s in all, never 20 s without an update
+        harness.clock.advance(15)
+        await harness.settled()
+        task = await harness.report(task, S.STATUS_EXECUTING)  # same status, a heartbeat
+    assert task.status.status == S.STATUS_EXECUTING and task.attempt == 1
+    harness.clock.advance(20)
+    resent = await harness.until(task.version.task_id, status_is(S.STATUS_SENT))
+    assert resent.attempt == 2
+    assert "heartbeat_timeout (20 s)" in resent.attempts[0].error.message
+    harness.clock.advance(20)  # not received: the heartbeat does not run yet
+    await harness.settled()
+    assert (await harness.get(task.version.task_id)).status.status == S.STATUS_SENT
+
+
+async def test_execution_timeout_bounds_the_whole_attempt(harness: Harness) -> None:
+    task = await harness.create(
+        pb.TaskPolicy(heartbeat_timeout=seconds(20), execution_timeout=seconds(50))
+    )
+    task = await harness.report(task, S.STATUS_EXECUTING)
+    for _ in range(4):
+        harness.clock.advance(10)
+        await harness.settled()
+        task = await harness.report(task, S.STATUS_EXECUTING)
+    harness.clock.advance(10)
+    ended = await harness.until(task.version.task_id, status_is(S.STATUS_DONE_NOT_OK))
+    assert "execution_timeout (50 s)" in ended.status.task_error.message
+
+
+async def test_a_failed_attempt_is_retried_but_rejected_and_cancelled_are_not(
+    harness: Harness,
+) -> None:
+    policy = pb.TaskPolicy(max_attempts=3)
+    task = await harness.create(policy)
+    failed = pb.TaskError(code=pb.ERROR_CODE_FAILED, message="motor stalled")
+    retried = await harness.report(task, S.STATUS_DONE_NOT_OK, task_error=failed)
+    assert retried.status.status == S.STATUS_SENT and retried.attempt == 2
+    assert retried.attempts[0].error.message == "motor stalled"
+    # The same report again (its answer lost) is recognised, not applied twice.
+    assert await harness.report(task, S.STATUS_DONE_NOT_OK, task_error=failed) == retried
+    done = await harness.report(retried, S.STATUS_DONE_OK)
+    assert done.status.status == S.STATUS_DONE_OK
+    assert [a.outcome for a in done.attempts] == [S.STATUS_DONE_NOT_OK, S.STATUS_DONE_OK]
+
+    for code in (pb.ERROR_CODE_REJECTED, pb.ERROR_CODE_CANCELLED):
+        other = await harness.create(policy)
+        refused = pb.TaskError(code=code, message="no")
+        ended = await harness.report(other, S.STATUS_DONE_NOT_OK, task_error=refused)
+        assert ended.status.status == S.STATUS_DONE_NOT_OK and ended.attempt == 1
+
+    last = await harness.create(pb.TaskPolicy(max_attempts=1))
+    ended = await harness.report(last, S.STATUS_DONE_NOT_OK, task_error=failed)
+    assert ended.status.status == S.STATUS_DONE_NOT_OK
+    assert ended.status.task_error.message == "motor stalled"
+
+
+async def test_retry_backoff_waits_at_scheduled_in_manager(harness: Harness) -> None:
+    policy = pb.TaskPolicy(max_attempts=4, retry_backoff=seconds(10), max_retry_backoff=seconds(15))
+    task = await harness.create(policy)
+    failed = pb.TaskError(code=pb.ERROR_CODE_FAILED, message="try later")
+    waiting = await harness.report(task, S.STATUS_DONE_NOT_OK, task_error=failed)
+    assert waiting.status.status == S.STATUS_SCHEDULED_IN_MANAGER
+    assert waiting.scheduled_time.ToNanoseconds() == harness.clock.now_ns() + 10 * 10**9
+    harness.clock.advance(9)
+    await harness.settled()
+    assert (await harness.get(task.version.task_id)).attempt == 1
+    harness.clock.advance(1)
+    second = await harness.until(task.version.task_id, status_is(S.STATUS_SENT))
+    assert second.attempt == 2
+    waiting = await harness.report(second, S.STATUS_DONE_NOT_OK, task_error=failed)
+    # 10 s * 2, capped at 15 s.
+    assert waiting.scheduled_time.ToNanoseconds() == harness.clock.now_ns() + 15 * 10**9
+
+
+async def test_a_cancel_nobody_answers_ends_the_task_without_a_retry(harness: Harness) -> None:
+    task = await harness.create(pb.TaskPolicy(heartbeat_timeout=seconds(5), max_attempts=3))
+    await harness.report(task, S.STATUS_EXECUTING)
+    await harness.stub.CancelTask(pb.CancelTaskRequest(task_id=task.version.task_id))
+    harness.clock.advance(5)
+    ended = await harness.until(task.version.task_id, status_is(S.STATUS_DONE_NOT_OK))
+    assert ended.attempt == 1
+    assert ended.status.task_error.code == pb.ERROR_CODE_TIMEOUT
+
+
+async def test_a_task_scheduled_in_the_future_is_released_then(harness: Harness) -> None:
+    at = timestamp(harness.clock.now_ns() + 60 * 10**9)
+    task = await harness.create(pb.TaskPolicy(), scheduled_time=at)
+    assert task.status.status == S.STATUS_SCHEDULED_IN_MANAGER
+    assert task.version.status_version == 2 and task.attempt == 0
+    harness.clock.advance(59)
+    await harness.settled()
+    assert (await harness.get(task.version.task_id)).status.status == (
+        S.STATUS_SCHEDULED_IN_MANAGER
+    )
+    harness.clock.advance(1)
+    sent = await harness.until(task.version.task_id, status_is(S.STATUS_SENT))
+    assert sent.version.status_version == 3 and sent.attempt == 1
+    past = await harness.create(pb.TaskPolicy(), scheduled_time=timestamp(0))
+    assert past.status.status == S.STATUS_SENT  # a past time releases at once
+
+
+async def test_deadlines_survive_a_restart_with_a_grace_period(tmp_path: Path) -> None:
+    clock = ManualClock()
+    first = await Harness(tmp_path / "tasks.db", clock).start()
+    policy = pb.TaskPolicy(heartbeat_timeout=seconds(30), max_attempts=2)
+    silent = await first.create(policy)
+    silent = await first.report(silent, S.STATUS_EXECUTING)
+    reporting = await first.report(await first.create(policy), S.STATUS_EXECUTING)
+    later = timestamp(clock.now_ns() + 100 * 10**9)
+    scheduled = await first.create(pb.TaskPolicy(), scheduled_time=later)
+    await first.stop()
+
+    clock.advance(300)  # the server was down for five minutes: every deadline is overdue
+    second = await Harness(tmp_path / "tasks.db", clock).start()
+    try:
+        # A scheduled release is not a liveness timeout: it happens at once.
+        await second.until(scheduled.version.task_id, status_is(S.STATUS_SENT))
+        await second.settled()
+        assert (await second.get(silent.version.task_id)).attempt == 1  # grace: 30 s
+        clock.advance(20)
+        await second.report(reporting, S.STATUS_EXECUTING)  # its agent is back
+        clock.advance(10)
+        resent = await second.until(silent.version.task_id, status_is(S.STATUS_SENT))
+        assert resent.attempt == 2
+        await second.settled()
+        alive = await second.get(reporting.version.task_id)
+        assert alive.status.status == S.STATUS_EXECUTING and alive.attempt == 1
+    finally:
+        await second.stop()
