@@ -56,10 +56,22 @@ class TaskContext:
     specification: Message | None
     """An instance of the type the handler was registered for, or the raw Any for the
     default handler; None if the task has no specification."""
+    _reporter: _Reporter | None = field(default=None, repr=False, compare=False)
 
     @property
     def task_id(self) -> str:
         return self.task.version.task_id
+
+    async def progress(self, progress: Message) -> None:
+        """Reports progress (EXECUTING with this progress). Heartbeats repeat it."""
+        if self._reporter is None:
+            raise RuntimeError("progress can only be reported from a running handler")
+        status = pb.TaskStatus(status=S.STATUS_EXECUTING)
+        if isinstance(progress, any_pb2.Any):
+            status.progress.CopyFrom(progress)
+        else:
+            status.progress.Pack(progress)
+        await self._reporter.report(status, final=False)
 
 
 Handler = Callable[[TaskContext], Awaitable[Message | None]]
@@ -74,6 +86,8 @@ class AgentError(Exception):
 class _Stop(enum.Enum):
     CANCEL = "cancel"
     COMPLETE = "complete"
+    GONE = "gone"
+    """The attempt ended without us (a timeout, a retry elsewhere): report nothing more."""
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -201,17 +215,34 @@ class _Reporter:
         task_id: str,
         status_version: int,
         author: pb.Principal,
+        attempt: int | None = None,
     ) -> None:
         self._stub = stub
         self._reports = reports
         self._task_id = task_id
         self.status_version = status_version
         self._author = author
+        self._attempt = attempt
+        self._lock = anyio.Lock()  # heartbeats and the handler's progress take turns
+        self.last_running: pb.TaskStatus | None = None
+        """The latest non-final status reported: what a heartbeat repeats."""
 
     async def report(self, status: pb.TaskStatus, *, final: bool) -> None:
         """Retries until the server accepts the report. Raises _TaskGone if the task is
-        finished elsewhere, and, for a non-final report, _StopRequested if an operator
-        asked for cancel/complete (never overwrite that request with a progress step)."""
+        finished elsewhere (or moved on to another attempt), and, for a non-final report,
+        _StopRequested if an operator asked for cancel/complete (never overwrite that
+        request with a progress step)."""
+        async with self._lock:
+            await self._report(status, final)
+        if not final:
+            self.last_running = status
+
+    async def heartbeat(self) -> None:
+        """Repeats the latest status, so the task manager knows the agent is alive."""
+        if self.last_running is not None:
+            await self.report(self.last_running, final=False)
+
+    async def _report(self, status: pb.TaskStatus, final: bool) -> None:
         backoff = Backoff(initial=0.05, maximum=5.0)
         while True:
             update = pb.StatusUpdate(
@@ -242,6 +273,8 @@ class _Reporter:
         status = current.status.status
         if status in TERMINAL:
             raise _TaskGone(f"task {self._task_id} is already {S.Name(status)}")
+        if self._attempt is not None and current.attempt != self._attempt:
+            raise _TaskGone(f"task {self._task_id} is on attempt {current.attempt} now")
         if not final and status == S.STATUS_CANCEL_REQUESTED:
             raise _StopRequested(_Stop.CANCEL)
         if not final and status == S.STATUS_COMPLETE_REQUESTED:
@@ -408,9 +441,11 @@ class Agent:
 
     async def _execute(self, task: pb.Task, running: _RunningTask) -> None:
         task_id = task.version.task_id
-        reporter = self._reporter(task_id, task.version.status_version)
+        reporter = self._reporter(task_id, task.version.status_version, task.attempt)
         try:
             final = await self._steps_and_handler(task, running, reporter)
+            if running.stop is _Stop.GONE:
+                raise _TaskGone(f"attempt {task.attempt} ended on the task manager")
             await self._report_final(reporter, final)
         except _TaskGone as gone:
             log.info("agent %s: task %s ended elsewhere: %s", self.entity_id, task_id, gone)
@@ -433,9 +468,11 @@ class Agent:
                 await reporter.report(pb.TaskStatus(status=step), final=False)
         except _StopRequested as requested:
             return _status_for_stop(requested.reason)
-        return await self._run_handler(task, running)
+        return await self._run_handler(task, running, reporter)
 
-    async def _run_handler(self, task: pb.Task, running: _RunningTask) -> pb.TaskStatus:
+    async def _run_handler(
+        self, task: pb.Task, running: _RunningTask, reporter: _Reporter
+    ) -> pb.TaskStatus:
         found = self._handler_for(task)
         if found is None:
             type_name = task.specification.TypeName() or "(none)"
@@ -444,17 +481,49 @@ class Agent:
             )
         handler, specification = found
         result: Message | None = None
+        heartbeats = anyio.CancelScope()
+        interval_s = task.policy.heartbeat_timeout.ToNanoseconds() / 3e9
+        if interval_s > 0:
+            assert self._task_group is not None
+            self._task_group.start_soon(self._heartbeat, reporter, running, interval_s, heartbeats)
         try:
             with running.scope:
-                result = await handler(TaskContext(task=task, specification=specification))
+                context = TaskContext(task=task, specification=specification, _reporter=reporter)
+                result = await handler(context)
         except Exception as exc:
             if running.stop is not None:
                 return _status_for_stop(running.stop)
             log.info("agent %s: task %s failed: %r", self.entity_id, task.version.task_id, exc)
             return _done_not_ok(pb.ERROR_CODE_FAILED, f"{type(exc).__name__}: {exc}")
+        finally:
+            heartbeats.cancel()
         if running.stop is not None:
             return _status_for_stop(running.stop)
         return _done_ok(result)
+
+    async def _heartbeat(
+        self,
+        reporter: _Reporter,
+        running: _RunningTask,
+        interval_s: float,
+        scope: anyio.CancelScope,
+    ) -> None:
+        """While the handler runs: repeats its latest status every interval_s (a third of
+        the task's heartbeat_timeout), and stops the handler if the task moved on."""
+        with scope:
+            while True:
+                await anyio.sleep(interval_s)
+                try:
+                    await reporter.heartbeat()
+                except _StopRequested as requested:
+                    running.request_stop(requested.reason)
+                    return
+                except _TaskGone as gone:
+                    log.info("agent %s: %s; stopping its handler", self.entity_id, gone)
+                    running.request_stop(_Stop.GONE)
+                    return
+                except (_Refused, grpc.aio.AioRpcError) as error:
+                    log.warning("agent %s: heartbeat refused: %s", self.entity_id, error)
 
     def _handler_for(self, task: pb.Task) -> tuple[Handler, Message | None] | None:
         if not task.HasField("specification"):
@@ -480,10 +549,10 @@ class Agent:
             why = f"the task manager refused the outcome: {refused.details}"
             await reporter.report(_done_not_ok(pb.ERROR_CODE_FAILED, why), final=True)
 
-    def _reporter(self, task_id: str, status_version: int) -> _Reporter:
+    def _reporter(self, task_id: str, status_version: int, attempt: int | None = None) -> _Reporter:
         assert self._stub is not None
         assert self._reports is not None
-        return _Reporter(self._stub, self._reports, task_id, status_version, self._author)
+        return _Reporter(self._stub, self._reports, task_id, status_version, self._author, attempt)
 
     async def _end_unknown_task(self, task_id: str, reason: _Stop) -> None:
         reporter = self._reporter(task_id, 0)

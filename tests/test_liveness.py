@@ -5,6 +5,8 @@ Time is a ManualClock moved by the tests: no test waits for a timeout in real ti
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -13,12 +15,13 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.wrappers_pb2 import StringValue
 
 from task_manager.clock import ManualClock, timestamp
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request
+from tests.helpers import REPO_ROOT, AsyncStub, create_request
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
@@ -285,3 +288,65 @@ async def test_deadlines_survive_a_restart_with_a_grace_period(tmp_path: Path) -
         assert alive.status.status == S.STATUS_EXECUTING and alive.attempt == 1
     finally:
         await second.stop()
+
+
+def _agent_process(target: str, *flags: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.agent_process", "--target", target, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+
+
+async def test_an_agent_killed_mid_task_is_timed_out_and_another_finishes(
+    tmp_path: Path,
+) -> None:
+    # Real time here: a real process is killed, and heartbeats are real.
+    server = await TaskManagerServer.start(
+        Settings(listen="127.0.0.1:0", db=tmp_path / "tasks.db", shutdown_grace_s=1.0)
+    )
+    doomed = _agent_process(server.address, "--entity-id", "drone-1", "--hang")
+    spare: subprocess.Popen[str] | None = None
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = AsyncStub(channel)
+            request = create_request("drone-1")
+            request.policy.CopyFrom(pb.TaskPolicy(heartbeat_timeout=seconds(1.5), max_attempts=2))
+            task = (await stub.CreateTask(request)).task
+            assert doomed.stdout is not None
+            line = await anyio.to_thread.run_sync(doomed.stdout.readline)
+            assert line.startswith(f"started {task.version.task_id} attempt 1")
+
+            async def current() -> pb.Task:
+                return (await stub.GetTask(pb.GetTaskRequest(task_id=task.version.task_id))).task
+
+            # Heartbeats (every 0.5 s) keep a silent handler's attempt alive well past the
+            # heartbeat_timeout: 4 of them after its progress report take 2 s.
+            with anyio.fail_after(30):
+                while (running := await current()).version.status_version < 11:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+            assert running.attempt == 1 and running.status.status == S.STATUS_EXECUTING
+            assert running.status.progress.Is(StringValue.DESCRIPTOR)
+
+            doomed.kill()
+            spare = _agent_process(server.address, "--entity-id", "drone-1")
+            with anyio.fail_after(60):
+                while (done := await current()).status.status != S.STATUS_DONE_OK:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)
+        first, second = done.attempts
+        assert first.outcome == S.STATUS_DONE_NOT_OK
+        assert "heartbeat_timeout (1.5 s)" in first.error.message
+        assert second.outcome == S.STATUS_DONE_OK and done.attempt == 2
+        result = StringValue()
+        done.status.result.Unpack(result)
+        assert result.value == "done by drone-1"
+    finally:
+        for process in (doomed, spare):
+            if process is not None:
+                process.kill()
+                process.wait(30)
+                if process.stdout is not None:
+                    process.stdout.close()
+        await server.stop()
