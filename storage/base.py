@@ -148,6 +148,15 @@ class Credential:
     revoked_ns: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SeenAgent:
+    """An agent entity id that has listened, as stored."""
+
+    entity_id: str
+    first_seen_ns: int
+    last_seen_ns: int
+
+
 class WriteTransaction(Protocol):
     """What a unit of work may do inside a write transaction."""
 
@@ -163,6 +172,10 @@ class WriteTransaction(Protocol):
         """Compare-and-set: replaces the task only if its stored status_version is
         expected_status_version, and appends a history entry. Raises
         ConcurrentModification otherwise."""
+        ...
+
+    def agent_seen(self, entity_id: str, now_ns: int) -> None:
+        """Records that an agent entity id was seen now (first seen, if it is new)."""
         ...
 
 
@@ -239,6 +252,14 @@ class Store(Protocol):
 
     async def next_deadline(self, after_ns: int) -> int | None:
         """The earliest deadline after after_ns, if any."""
+        ...
+
+    async def seen_agents(self) -> Sequence[SeenAgent]:
+        """Every agent entity id ever seen, by entity id."""
+        ...
+
+    async def tasks_in_flight(self, entity_ids: Collection[str]) -> dict[str, int]:
+        """For these entity ids, how many of their tasks were sent and have not ended."""
         ...
 
     async def credentials(self) -> Sequence[Credential]:

@@ -30,6 +30,7 @@ from storage.base import (
     HistoryCompacted,
     OnCommit,
     QueriedTask,
+    SeenAgent,
     Snapshot,
     StoreClosed,
     StoredTask,
@@ -39,7 +40,7 @@ from storage.base import (
     WriteTransaction,
     assignee_entity_id,
 )
-from task_manager.v1.task_manager_pb2 import StatusUpdate, Task, TaskHistoryEntry
+from task_manager.v1.task_manager_pb2 import Status, StatusUpdate, Task, TaskHistoryEntry
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -114,11 +115,20 @@ def _migrate_to_4(db: sqlite_utils.Database) -> None:
     db.table("tasks").create_index(["deadline_ns"])
 
 
+def _migrate_to_5(db: sqlite_utils.Database) -> None:
+    db.table("agents").create(
+        {"entity_id": str, "first_seen_ns": int, "last_seen_ns": int},
+        pk="entity_id",
+        not_null={"first_seen_ns", "last_seen_ns"},
+    )
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
     _migrate_to_3,
     _migrate_to_4,
+    _migrate_to_5,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 
@@ -229,6 +239,15 @@ def revoke_credential(path: Path, credential_id: str, now_ns: int) -> bool:
         return cursor.rowcount == 1
 
 
+_NOT_IN_FLIGHT = (
+    Status.STATUS_CREATED,
+    Status.STATUS_SCHEDULED_IN_MANAGER,
+    Status.STATUS_DONE_OK,
+    Status.STATUS_DONE_NOT_OK,
+)
+"""A task at one of these is not with its agent."""
+
+
 def _parse_task(blob: bytes | None) -> Task | None:
     return None if blob is None else Task.FromString(blob)
 
@@ -333,6 +352,13 @@ class _Transaction:
             ).fetchone()
             raise ConcurrentModification(task_id, row[0] if row else 0)
         return self._append(stored, reason)
+
+    def agent_seen(self, entity_id: str, now_ns: int) -> None:
+        self._conn.execute(
+            "INSERT INTO agents (entity_id, first_seen_ns, last_seen_ns) VALUES (?, ?, ?)"
+            " ON CONFLICT (entity_id) DO UPDATE SET last_seen_ns = excluded.last_seen_ns",
+            (entity_id, now_ns, now_ns),
+        )
 
     def _append(self, stored: StoredTask, reason: str) -> Change:
         entry = _entry_for(stored.task, self.next_revision, reason)
@@ -660,6 +686,31 @@ class SqliteStore:
                 "SELECT MIN(deadline_ns) FROM tasks WHERE deadline_ns > ?", (after_ns,)
             ).fetchone()
             return None if row[0] is None else int(row[0])
+
+        return await self._read(read)
+
+    async def seen_agents(self) -> Sequence[SeenAgent]:
+        def read(conn: sqlite3.Connection) -> list[SeenAgent]:
+            rows = conn.execute(
+                "SELECT entity_id, first_seen_ns, last_seen_ns FROM agents ORDER BY entity_id"
+            ).fetchall()
+            return [SeenAgent(*row) for row in rows]
+
+        return await self._read(read)
+
+    async def tasks_in_flight(self, entity_ids: Collection[str]) -> dict[str, int]:
+        ids = sorted(entity_ids)
+        if not ids:
+            return {}
+
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                "SELECT assignee_entity_id, COUNT(*) FROM tasks"
+                f" WHERE assignee_entity_id IN ({', '.join('?' * len(ids))})"
+                " AND status NOT IN (?, ?, ?, ?) GROUP BY assignee_entity_id",
+                (*ids, *_NOT_IN_FLIGHT),
+            ).fetchall()
+            return {entity_id: count for entity_id, count in rows}
 
         return await self._read(read)
 

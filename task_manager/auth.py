@@ -50,6 +50,7 @@ RIGHTS: Mapping[str, frozenset[Role]] = {
     "ListenAsAgent": frozenset({Role.AGENT, Role.ADMIN}),
     "UpdateStatus": frozenset({Role.AGENT, Role.ADMIN}),
     "ReportStatus": frozenset({Role.AGENT, Role.ADMIN}),
+    "ListAgents": frozenset({Role.VIEWER, Role.ADMIN}),
 }
 """Which roles may call each RPC. Token management is admin's, on the command line."""
 

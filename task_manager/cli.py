@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
         help="attempts in all (default %(default)s)",
     )
     serve.add_argument(
+        "--agent-lost-after",
+        type=_not_negative,
+        default=defaults.agent_lost_after_s,
+        help="seconds without a stream before ListAgents calls an agent LOST (default %(default)s)",
+    )
+    serve.add_argument(
         "--restart-grace",
         type=_not_negative,
         default=None,
@@ -255,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         retry_backoff_s=args.retry_backoff,
         max_retry_backoff_s=args.max_retry_backoff,
         restart_grace_s=args.restart_grace,
+        agent_lost_after_s=args.agent_lost_after,
     )
     return asyncio.run(_serve(settings))
 

@@ -62,6 +62,8 @@ class Settings:
     restart_grace_s: float | None = None
     """After a start, timeouts wait this long for agents to reconnect and report; None:
     each task's heartbeat_timeout."""
+    agent_lost_after_s: float = 60.0
+    """An agent without an open stream for this long is listed as LOST."""
     timekeeper_poll_s: float = 1.0
     """The timekeeper looks for due deadlines at least this often."""
 

@@ -24,6 +24,7 @@ from task_manager.auth import Credentials, OpenStreams, RateLimiter
 from task_manager.clock import Clock, SystemClock, sleep_until
 from task_manager.config import Settings
 from task_manager.dispatch import Dispatcher
+from task_manager.presence import Presence
 from task_manager.service import SERVICE_NAMES, Gate, TaskManagerService, generic_handlers
 from task_manager.timekeeper import Timekeeper
 from task_manager.watch import WatchHub
@@ -167,8 +168,17 @@ class TaskManagerServer:
             RateLimiter(settings.requests_per_second, clock),
             OpenStreams(settings.max_streams_per_principal),
         )
+        presence = Presence(int(settings.agent_lost_after_s * 1e9))
+        presence.load(await store.seen_agents())
         servicer = TaskManagerService(
-            store, dispatcher, watch_hub, gate, settings.limits, settings.task_policy(), clock
+            store,
+            dispatcher,
+            watch_hub,
+            gate,
+            settings.limits,
+            settings.task_policy(),
+            presence,
+            clock,
         )
         server.add_generic_rpc_handlers(generic_handlers(servicer))
         health_servicer = health_aio.HealthServicer()

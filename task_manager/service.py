@@ -10,7 +10,8 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ from task_manager.errors import (
     Unsupported,
     VersionConflict,
 )
+from task_manager.presence import Presence
 from task_manager.v1 import lattice_compat_pb2, task_manager_pb2
 from task_manager.v1.task_manager_pb2 import (
     CancelTaskRequest,
@@ -58,6 +60,8 @@ from task_manager.v1.task_manager_pb2 import (
     GetTaskHistoryResponse,
     GetTaskRequest,
     GetTaskResponse,
+    ListAgentsRequest,
+    ListAgentsResponse,
     ListenAsAgentRequest,
     ListenAsAgentResponse,
     Principal,
@@ -102,8 +106,10 @@ class TaskManagerService:
         gate: Gate,
         limits: validation.FieldLimits,
         default_policy: TaskPolicy,
+        presence: Presence,
         clock: Clock,
     ) -> None:
+        self._presence = presence
         self._store = store
         self._limits = limits
         self._default_policy = default_policy
@@ -259,7 +265,7 @@ class TaskManagerService:
             caller.check_entity(entity_id, f"listen as {entity_id!r}")
         # Subscribe first, then read the backlog, then skip what the backlog covered:
         # a change committed between the two is queued here, never lost.
-        with self._dispatcher.open_stream(entity_ids) as stream:
+        with self._dispatcher.open_stream(entity_ids) as stream, self._present(entity_ids):
             # Headers now tell the agent it is subscribed, before any task arrives.
             await context.send_initial_metadata(())
             backlog = await self._store.agent_backlog(entity_ids, lifecycle.DELIVERABLE_STATUSES)
@@ -269,6 +275,40 @@ class TaskManagerService:
                     yield request_for_task
             async for agent_request in stream.requests_after(backlog.revision):
                 yield agent_request
+
+    @contextmanager
+    def _present(self, entity_ids: frozenset[str]) -> Iterator[None]:
+        """Counts an agent stream in the presence table while it is open."""
+        self._presence.opened(entity_ids, self._record_seen(entity_ids))
+        try:
+            yield
+        finally:
+            self._presence.closed(entity_ids, self._record_seen(entity_ids))
+
+    def _record_seen(self, entity_ids: frozenset[str]) -> int:
+        now_ns = self._clock.now_ns()
+
+        def record(tx: WriteTransaction) -> None:
+            for entity_id in entity_ids:
+                tx.agent_seen(entity_id, now_ns)
+
+        # Not awaited: presence is bookkeeping, and a stream must not wait on the disk.
+        self._store.submit(record).add_done_callback(_log_failure)
+        return now_ns
+
+    async def ListAgents(
+        self, request: ListAgentsRequest, context: Context, caller: Caller
+    ) -> ListAgentsResponse:
+        wanted = validation.entity_ids(request.entity_ids, "entity_ids", self._limits)
+        known = self._presence.known(wanted)
+        in_flight = await self._store.tasks_in_flight(known)
+        now_ns = self._clock.now_ns()
+        return ListAgentsResponse(
+            agents=[
+                self._presence.describe(entity_id, in_flight.get(entity_id, 0), now_ns)
+                for entity_id in known
+            ]
+        )
 
     async def CancelTask(
         self,
@@ -329,6 +369,11 @@ class TaskManagerService:
 
 REPORTS_IN_FLIGHT = 1_024
 """Reports of one ReportStatus stream in flight at most; beyond it the stream pushes back."""
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.warning("recording agent presence failed: %s", error)
 
 
 def _failed(error: Exception) -> asyncio.Future[Task]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -174,6 +175,14 @@ def agent_selector(request: ListenAsAgentRequest, limits: FieldLimits) -> frozen
     for entity_id in entity_ids:
         _entity_id(entity_id, "entity_ids", limits)
     return frozenset(entity_ids)
+
+
+def entity_ids(values: Sequence[str], field: str, limits: FieldLimits) -> frozenset[str]:
+    if len(values) > limits.filter_ids:
+        raise InvalidArgument(field, f"at most {limits.filter_ids} entity ids")
+    for value in values:
+        _entity_id(value, field, limits)
+    return frozenset(values)
 
 
 def watch_spec(request: WatchTasksRequest, limits: FieldLimits) -> WatchSpec:

@@ -37,7 +37,7 @@ EXPECTED_RIGHTS: dict[str, set[str]] = {
         "WatchTasks",
     },
     "agent": {"ListenAsAgent", "UpdateStatus", "ReportStatus", "GetTask", "GetTaskHistory"},
-    "viewer": {"GetTask", "QueryTasks", "GetTaskHistory", "WatchTasks"},
+    "viewer": {"GetTask", "QueryTasks", "GetTaskHistory", "WatchTasks", "ListAgents"},
 }
 AGENT_ONLY_OWN = {"ListenAsAgent", "UpdateStatus", "ReportStatus", "GetTask", "GetTaskHistory"}
 """For these, an agent may act only on its own entity's tasks (or as its own entity)."""
@@ -167,7 +167,12 @@ async def _watch(stub: AsyncStub, world: World, entity: str) -> None:
     await _opened(stub.WatchTasks(request))  # type: ignore[arg-type]
 
 
+async def _list_agents(stub: AsyncStub, world: World, entity: str) -> None:
+    await stub.ListAgents(pb.ListAgentsRequest(entity_ids=[entity]))
+
+
 CALLS: dict[str, Call] = {
+    "ListAgents": _list_agents,
     "CreateTask": _create,
     "GetTask": _get,
     "QueryTasks": _query,

@@ -350,3 +350,48 @@ async def test_an_agent_killed_mid_task_is_timed_out_and_another_finishes(
                 if process.stdout is not None:
                     process.stdout.close()
         await server.stop()
+
+
+async def test_list_agents_tracks_streams_last_seen_and_lost(tmp_path: Path) -> None:
+    clock = ManualClock()
+    first = await Harness(tmp_path / "tasks.db", clock, agent_lost_after_s=60.0).start()
+
+    async def agents(harness: Harness) -> list[pb.AgentPresence]:
+        return list((await harness.stub.ListAgents(pb.ListAgentsRequest())).agents)
+
+    try:
+        listen = first.stub.ListenAsAgent(
+            pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=["drone-1"]))
+        )
+        await listen.initial_metadata()
+        opened_ns = clock.now_ns()
+        await first.create(pb.TaskPolicy())
+        clock.advance(5)
+        (drone,) = await agents(first)
+        assert drone.entity_id == "drone-1"
+        assert drone.state == pb.AGENT_STATE_CONNECTED and drone.streams_open == 1
+        assert drone.first_seen.ToNanoseconds() == opened_ns
+        assert drone.last_seen.ToNanoseconds() == clock.now_ns()
+        assert drone.tasks_in_flight == 1
+        listen.cancel()
+        closed_ns = clock.now_ns()
+        with anyio.fail_after(20):
+            while (drone := (await agents(first))[0]).streams_open:  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # the server notices the cancel on its own time
+        assert drone.state == pb.AGENT_STATE_DISCONNECTED
+        assert drone.last_seen.ToNanoseconds() == closed_ns
+        clock.advance(60)
+        assert (await agents(first))[0].state == pb.AGENT_STATE_LOST
+    finally:
+        await first.stop()
+    second = await Harness(tmp_path / "tasks.db", clock, agent_lost_after_s=60.0).start()
+    try:
+        (remembered,) = await agents(second)  # a restart forgets no agent
+        assert remembered.state == pb.AGENT_STATE_LOST
+        assert remembered.first_seen.ToNanoseconds() == opened_ns
+        assert remembered.last_seen.ToNanoseconds() == closed_ns
+        assert remembered.tasks_in_flight == 1
+        none = await second.stub.ListAgents(pb.ListAgentsRequest(entity_ids=["rover-9"]))
+        assert list(none.agents) == []
+    finally:
+        await second.stop()

@@ -152,6 +152,31 @@ EVENT_TYPE_UPDATE: EventType.ValueType  # 2
 EVENT_TYPE_PREEXISTING: EventType.ValueType  # 3
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
+class _AgentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_STATE_INVALID: _AgentState.ValueType  # 0
+    AGENT_STATE_CONNECTED: _AgentState.ValueType  # 1
+    """At least one ListenAsAgent stream is open for it."""
+    AGENT_STATE_DISCONNECTED: _AgentState.ValueType  # 2
+    """No stream open, for less than agent_lost_after."""
+    AGENT_STATE_LOST: _AgentState.ValueType  # 3
+    """No stream open for agent_lost_after or longer. Its tasks keep their timeouts."""
+
+class AgentState(_AgentState, metaclass=_AgentStateEnumTypeWrapper): ...
+
+AGENT_STATE_INVALID: AgentState.ValueType  # 0
+AGENT_STATE_CONNECTED: AgentState.ValueType  # 1
+"""At least one ListenAsAgent stream is open for it."""
+AGENT_STATE_DISCONNECTED: AgentState.ValueType  # 2
+"""No stream open, for less than agent_lost_after."""
+AGENT_STATE_LOST: AgentState.ValueType  # 3
+"""No stream open for agent_lost_after or longer. Its tasks keep their timeouts."""
+Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
+
 @_typing.final
 class TaskVersion(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1525,3 +1550,86 @@ class WatchTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___WatchTasksResponse: _TypeAlias = WatchTasksResponse  # noqa: Y015
+
+@_typing.final
+class ListAgentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTITY_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entity_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these entity ids; empty = every agent."""
+
+    def __init__(
+        self,
+        *,
+        entity_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_ids", b"entity_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentPresence]:
+        """Ordered by entity_id."""
+
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___AgentPresence] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
+
+@_typing.final
+class AgentPresence(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTITY_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STREAMS_OPEN_FIELD_NUMBER: _builtins.int
+    FIRST_SEEN_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    TASKS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    entity_id: _builtins.str
+    state: Global___AgentState.ValueType
+    streams_open: _builtins.int
+    tasks_in_flight: _builtins.int
+    """Its tasks that were sent and have not finished."""
+    @_builtins.property
+    def first_seen(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp:
+        """Now while connected; otherwise when its last stream closed."""
+
+    def __init__(
+        self,
+        *,
+        entity_id: _builtins.str = ...,
+        state: Global___AgentState.ValueType = ...,
+        streams_open: _builtins.int = ...,
+        first_seen: _timestamp_pb2.Timestamp | None = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+        tasks_in_flight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen", b"first_seen", "last_seen", b"last_seen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_id", b"entity_id", "first_seen", b"first_seen", "last_seen", b"last_seen", "state", b"state", "streams_open", b"streams_open", "tasks_in_flight", b"tasks_in_flight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentPresence: _TypeAlias = AgentPresence  # noqa: Y015

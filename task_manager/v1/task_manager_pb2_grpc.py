@@ -86,6 +86,11 @@ class TaskManagerStub:
                 request_serializer=task__manager_dot_v1_dot_task__manager__pb2.WatchTasksRequest.SerializeToString,
                 response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.WatchTasksResponse.FromString,
                 _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/task_manager.v1.TaskManager/ListAgents',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -181,6 +186,15 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAgents(self, request, context):
+        """Extension: every agent entity id that ever listened (a ListenAsAgent selector),
+        connected or not: its open streams, when it was last seen, its tasks in flight, and
+        AGENT_STATE_LOST once disconnected longer than the server's agent_lost_after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +247,11 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.WatchTasks,
                     request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.WatchTasksRequest.FromString,
                     response_serializer=task__manager_dot_v1_dot_task__manager__pb2.WatchTasksResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.ListAgentsRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.ListAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -507,6 +526,33 @@ class TaskManager:
             '/task_manager.v1.TaskManager/WatchTasks',
             task__manager_dot_v1_dot_task__manager__pb2.WatchTasksRequest.SerializeToString,
             task__manager_dot_v1_dot_task__manager__pb2.WatchTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/ListAgents',
+            task__manager_dot_v1_dot_task__manager__pb2.ListAgentsRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -101,6 +101,11 @@ class TaskManagerStub:
     with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
     (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
     """
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.ListAgentsRequest, _task_manager_pb2.ListAgentsResponse]
+    """Extension: every agent entity id that ever listened (a ListenAsAgent selector),
+    connected or not: its open streams, when it was last seen, its tasks in flight, and
+    AGENT_STATE_LOST once disconnected longer than the server's agent_lost_after.
+    """
 
 @_typing.type_check_only
 class TaskManagerAsyncStub(TaskManagerStub):
@@ -152,6 +157,11 @@ class TaskManagerAsyncStub(TaskManagerStub):
     or below the compacted revision (trailer x-compact-revision: resume by re-listing
     with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
     (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
+    """
+    ListAgents: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.ListAgentsRequest, _task_manager_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """Extension: every agent entity id that ever listened (a ListenAsAgent selector),
+    connected or not: its open streams, when it was last seen, its tasks in flight, and
+    AGENT_STATE_LOST once disconnected longer than the server's agent_lost_after.
     """
 
 class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
@@ -261,6 +271,17 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         or below the compacted revision (trailer x-compact-revision: resume by re-listing
         with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
         (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _task_manager_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.ListAgentsResponse, _abc.Awaitable[_task_manager_pb2.ListAgentsResponse]]:
+        """Extension: every agent entity id that ever listened (a ListenAsAgent selector),
+        connected or not: its open streams, when it was last seen, its tasks in flight, and
+        AGENT_STATE_LOST once disconnected longer than the server's agent_lost_after.
         """
 
 def add_TaskManagerServicer_to_server(servicer: TaskManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
