@@ -192,8 +192,10 @@ class _StopRequested(Exception):
 
 @dataclass
 class _RunningTask:
+    task: pb.Task
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     stop: _Stop | None = None
+    reporter: _Reporter | None = None
 
     def request_stop(self, reason: _Stop) -> None:
         if self.stop is None:
@@ -215,26 +217,31 @@ class _Reporter:
         task_id: str,
         status_version: int,
         author: pb.Principal,
-        attempt: int | None = None,
+        task: pb.Task | None = None,
     ) -> None:
         self._stub = stub
         self._reports = reports
         self._task_id = task_id
         self.status_version = status_version
         self._author = author
-        self._attempt = attempt
+        self._attempt = None if task is None else task.attempt
+        # Reports name the definition this agent runs, so a newer one it did not take
+        # does not show as what it runs.
+        self._definition_version = 0 if task is None else task.version.definition_version
         self._lock = anyio.Lock()  # heartbeats and the handler's progress take turns
         self.last_running: pb.TaskStatus | None = None
         """The latest non-final status reported: what a heartbeat repeats."""
 
-    async def report(self, status: pb.TaskStatus, *, final: bool) -> None:
+    async def report(
+        self, status: pb.TaskStatus, *, final: bool, repeat_in_heartbeats: bool = True
+    ) -> None:
         """Retries until the server accepts the report. Raises _TaskGone if the task is
         finished elsewhere (or moved on to another attempt), and, for a non-final report,
         _StopRequested if an operator asked for cancel/complete (never overwrite that
         request with a progress step)."""
         async with self._lock:
             await self._report(status, final)
-        if not final:
+        if not final and repeat_in_heartbeats:
             self.last_running = status
 
     async def heartbeat(self) -> None:
@@ -246,7 +253,11 @@ class _Reporter:
         backoff = Backoff(initial=0.05, maximum=5.0)
         while True:
             update = pb.StatusUpdate(
-                version=pb.TaskVersion(task_id=self._task_id, status_version=self.status_version),
+                version=pb.TaskVersion(
+                    task_id=self._task_id,
+                    status_version=self.status_version,
+                    definition_version=self._definition_version,
+                ),
                 status=status,
                 author=self._author,
             )
@@ -422,12 +433,41 @@ class Agent:
 
     def _on_execute(self, task: pb.Task) -> None:
         task_id = task.version.task_id
-        if task_id in self._running or self._finished.get(task_id, -1) >= task.attempt:
+        current = self._running.get(task_id)
+        if current is not None and _is_new_definition(task, current.task):
+            assert self._task_group is not None
+            self._task_group.start_soon(self._reject_definition, current, task)
+            return
+        if current is not None or self._finished.get(task_id, -1) >= task.attempt:
             return  # delivery is at least once: a repeat is a no-op
-        running = _RunningTask()
+        running = _RunningTask(task)
         self._running[task_id] = running
         assert self._task_group is not None
         self._task_group.start_soon(self._execute, task, running, name=f"task {task_id}")
+
+    async def _reject_definition(self, running: _RunningTask, update: pb.Task) -> None:
+        """A running handler keeps the definition it started with: the runtime answers a
+        new definition with STATUS_VERSION_REJECTED."""
+        version = update.version.definition_version
+        # A repeat of this ExecuteRequest (a reconnect) is not rejected twice.
+        running.task = update
+        if running.reporter is None:
+            return
+        try:
+            rejected = pb.TaskStatus(status=S.STATUS_VERSION_REJECTED)
+            await running.reporter.report(rejected, final=False, repeat_in_heartbeats=False)
+            log.info(
+                "agent %s: task %s keeps running its definition; rejected version %d",
+                self.entity_id,
+                update.version.task_id,
+                version,
+            )
+        except _StopRequested as requested:
+            running.request_stop(requested.reason)
+        except _TaskGone:
+            running.request_stop(_Stop.GONE)
+        except (_Refused, grpc.aio.AioRpcError) as error:
+            log.warning("agent %s: could not reject a definition: %s", self.entity_id, error)
 
     def _on_stop(self, task_id: str, reason: _Stop) -> None:
         running = self._running.get(task_id)
@@ -441,7 +481,8 @@ class Agent:
 
     async def _execute(self, task: pb.Task, running: _RunningTask) -> None:
         task_id = task.version.task_id
-        reporter = self._reporter(task_id, task.version.status_version, task.attempt)
+        reporter = self._reporter(task_id, task.version.status_version, task)
+        running.reporter = reporter
         try:
             final = await self._steps_and_handler(task, running, reporter)
             if running.stop is _Stop.GONE:
@@ -549,10 +590,13 @@ class Agent:
             why = f"the task manager refused the outcome: {refused.details}"
             await reporter.report(_done_not_ok(pb.ERROR_CODE_FAILED, why), final=True)
 
-    def _reporter(self, task_id: str, status_version: int, attempt: int | None = None) -> _Reporter:
+    def _reporter(
+        self, task_id: str, status_version: int, task: pb.Task | None = None
+    ) -> _Reporter:
+        """Reports on task_id; given the task, on its attempt and definition only."""
         assert self._stub is not None
         assert self._reports is not None
-        return _Reporter(self._stub, self._reports, task_id, status_version, self._author, attempt)
+        return _Reporter(self._stub, self._reports, task_id, status_version, self._author, task)
 
     async def _end_unknown_task(self, task_id: str, reason: _Stop) -> None:
         reporter = self._reporter(task_id, 0)
@@ -581,6 +625,13 @@ def _first_leaf(group: BaseExceptionGroup[AgentError] | None) -> AgentError | No
             return first
         group = first
     return None
+
+
+def _is_new_definition(delivered: pb.Task, running: pb.Task) -> bool:
+    return (
+        delivered.attempt == running.attempt
+        and delivered.version.definition_version > running.version.definition_version
+    )
 
 
 def _status_for_stop(reason: _Stop) -> pb.TaskStatus:

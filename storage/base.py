@@ -64,6 +64,35 @@ def assignee_entity_id(task: Task) -> str | None:
     return None
 
 
+DEFINITION_FIELDS = ("display_name", "description", "specification")
+"""What UpdateTask may change: a task's definition, versioned by definition_version."""
+
+
+def with_definition(task: Task, definition: Task) -> Task:
+    """task with the definition fields and definition_version of definition."""
+    combined = Task()
+    combined.CopyFrom(task)
+    for name in DEFINITION_FIELDS:
+        combined.ClearField(name)  # type: ignore[arg-type]
+    combined.MergeFrom(definition_only(definition))
+    combined.version.definition_version = definition.version.definition_version
+    return combined
+
+
+def definition_only(task: Task) -> Task:
+    """The definition of a task: its id, definition_version and definition fields."""
+    definition = Task()
+    definition.version.task_id = task.version.task_id
+    definition.version.definition_version = task.version.definition_version
+    for name in DEFINITION_FIELDS:
+        if name == "specification":
+            if task.HasField("specification"):
+                definition.specification.CopyFrom(task.specification)
+        else:
+            setattr(definition, name, getattr(task, name))
+    return definition
+
+
 @dataclass(frozen=True, slots=True)
 class TaskQuery:
     """Which tasks QueryTasks wants, in creation order, after a cursor."""
@@ -174,6 +203,14 @@ class WriteTransaction(Protocol):
         ConcurrentModification otherwise."""
         ...
 
+    def save_definition(self, definition: Task) -> None:
+        """Keeps a superseded definition of a task (its definition fields and version)."""
+        ...
+
+    def load_definition(self, task_id: str, definition_version: int) -> Task | None:
+        """A superseded definition saved with save_definition."""
+        ...
+
     def agent_seen(self, entity_id: str, now_ns: int) -> None:
         """Records that an agent entity id was seen now (first seen, if it is new)."""
         ...
@@ -252,6 +289,10 @@ class Store(Protocol):
 
     async def next_deadline(self, after_ns: int) -> int | None:
         """The earliest deadline after after_ns, if any."""
+        ...
+
+    async def definition(self, task_id: str, definition_version: int) -> Task | None:
+        """A superseded definition of a task, if it was saved."""
         ...
 
     async def seen_agents(self) -> Sequence[SeenAgent]:

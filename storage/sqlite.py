@@ -39,6 +39,7 @@ from storage.base import (
     TaskSelector,
     WriteTransaction,
     assignee_entity_id,
+    with_definition,
 )
 from task_manager.v1.task_manager_pb2 import Status, StatusUpdate, Task, TaskHistoryEntry
 
@@ -123,12 +124,22 @@ def _migrate_to_5(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_6(db: sqlite_utils.Database) -> None:
+    # Superseded task definitions (UpdateTask), for GetTask(definition_version) and replay.
+    db.table("definitions").create(
+        {"task_id": str, "definition_version": int, "definition": bytes},
+        pk=("task_id", "definition_version"),
+        not_null={"definition"},
+    )
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
     _migrate_to_3,
     _migrate_to_4,
     _migrate_to_5,
+    _migrate_to_6,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 
@@ -237,6 +248,14 @@ def revoke_credential(path: Path, credential_id: str, now_ns: int) -> bool:
             (now_ns, credential_id),
         )
         return cursor.rowcount == 1
+
+
+def _load_definition(conn: sqlite3.Connection, task_id: str, version: int) -> Task | None:
+    row = conn.execute(
+        "SELECT definition FROM definitions WHERE task_id = ? AND definition_version = ?",
+        (task_id, version),
+    ).fetchone()
+    return None if row is None else Task.FromString(row[0])
 
 
 _NOT_IN_FLIGHT = (
@@ -352,6 +371,19 @@ class _Transaction:
             ).fetchone()
             raise ConcurrentModification(task_id, row[0] if row else 0)
         return self._append(stored, reason)
+
+    def save_definition(self, definition: Task) -> None:
+        self._conn.execute(
+            "INSERT INTO definitions (task_id, definition_version, definition) VALUES (?, ?, ?)",
+            (
+                definition.version.task_id,
+                definition.version.definition_version,
+                definition.SerializeToString(),
+            ),
+        )
+
+    def load_definition(self, task_id: str, definition_version: int) -> Task | None:
+        return _load_definition(self._conn, task_id, definition_version)
 
     def agent_seen(self, entity_id: str, now_ns: int) -> None:
         self._conn.execute(
@@ -689,6 +721,9 @@ class SqliteStore:
 
         return await self._read(read)
 
+    async def definition(self, task_id: str, definition_version: int) -> Task | None:
+        return await self._read(lambda conn: _load_definition(conn, task_id, definition_version))
+
     async def seen_agents(self) -> Sequence[SeenAgent]:
         def read(conn: sqlite3.Connection) -> list[SeenAgent]:
             rows = conn.execute(
@@ -735,7 +770,16 @@ class SqliteStore:
             ).fetchall()
             entries = [TaskHistoryEntry.FromString(row[0]) for row in rows]
             current = self._tasks_by_id(conn, {entry.task_id for entry in entries})
-            return [Change(entry, _task_at(entry, current[entry.task_id])) for entry in entries]
+
+            def definition(entry: TaskHistoryEntry) -> Task:
+                task = current[entry.task_id]
+                if entry.definition_version == task.version.definition_version:
+                    return task
+                # Before an UpdateTask: the definition of the time, saved when superseded.
+                old = _load_definition(conn, entry.task_id, entry.definition_version)
+                return task if old is None else with_definition(task, old)
+
+            return [Change(entry, _task_at(entry, definition(entry))) for entry in entries]
 
         return await self._read(read)
 

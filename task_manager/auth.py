@@ -40,6 +40,7 @@ class Role(StrEnum):
 _ALL = frozenset(Role)
 RIGHTS: Mapping[str, frozenset[Role]] = {
     "CreateTask": frozenset({Role.OPERATOR, Role.ADMIN}),
+    "UpdateTask": frozenset({Role.OPERATOR, Role.ADMIN}),
     "CancelTask": frozenset({Role.OPERATOR, Role.ADMIN}),
     "CompleteTask": frozenset({Role.OPERATOR, Role.ADMIN}),
     "QueryTasks": frozenset({Role.OPERATOR, Role.VIEWER, Role.ADMIN}),

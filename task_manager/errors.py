@@ -41,6 +41,18 @@ class VersionConflict(TaskManagerError):
         self.current = current
 
 
+class DefinitionConflict(TaskManagerError):
+    """An UpdateTask based on another definition_version than the stored one."""
+
+    def __init__(self, task_id: str, sent: int, current: int) -> None:
+        super().__init__(
+            f"task {task_id} is at definition_version {current}, the update was based on"
+            f" definition_version {sent}: read the task again and retry"
+        )
+        self.task_id = task_id
+        self.current = current
+
+
 class TerminalTask(TaskManagerError):
     def __init__(self, task_id: str, status_name: str) -> None:
         super().__init__(f"task {task_id} is finished ({status_name}) and takes no more changes")

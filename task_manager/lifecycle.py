@@ -8,12 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage.base import StoredTask, WriteTransaction, assignee_entity_id
+from storage.base import (
+    StoredTask,
+    WriteTransaction,
+    assignee_entity_id,
+    definition_only,
+    with_definition,
+)
 from task_manager import liveness
 from task_manager.auth import Caller
 from task_manager.clock import timestamp
 from task_manager.errors import (
+    DefinitionConflict,
     FailedPrecondition,
+    InvalidArgument,
     TaskIdTaken,
     TaskNotFound,
     TerminalTask,
@@ -32,6 +40,7 @@ from task_manager.v1.task_manager_pb2 import (
     TaskStatus,
     TaskVersion,
     TaskView,
+    UpdateTaskRequest,
 )
 
 TERMINAL_STATUSES = frozenset({Status.STATUS_DONE_OK, Status.STATUS_DONE_NOT_OK})
@@ -255,7 +264,10 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, no
     if task.status.status in TERMINAL_STATUSES:
         _close_attempt(task, task.status.status, task.status.task_error, now_ns)
     # The agent view follows what agents report; operator requests leave it as it was.
-    agent_task = stored.agent_task if requested in OPERATOR_REQUEST_STATUSES else task
+    if requested in OPERATOR_REQUEST_STATUSES:
+        agent_task = stored.agent_task
+    else:
+        agent_task = _agent_view(tx, stored, task, update)
     tx.replace(_stored(task, agent_task, update), have)
     return task
 
@@ -295,24 +307,70 @@ def complete_task(
     return _record_operator_change(tx, stored, status, author, reason, now_ns)
 
 
-def task_view(stored: StoredTask, view: int, definition_version: int) -> Task:
-    """The task as GetTask shows it: manager or agent view, at a definition version
-    (0 = latest). The status is always the view's current one."""
-    task = stored.task
-    latest = task.version.definition_version
-    if definition_version not in (0, latest):
-        raise TaskNotFound(
-            task.version.task_id,
-            f"task {task.version.task_id} has no definition_version {definition_version}"
-            f" (the latest is {latest})",
-        )
+def task_view(stored: StoredTask, view: int) -> Task:
+    """The task as GetTask shows it: the manager view, or the agent view (the definition
+    the agent runs, with the status it last reported)."""
     if view != TaskView.TASK_VIEW_AGENT:
-        return task
+        return stored.task
     if stored.agent_task is None:
+        task_id = stored.task.version.task_id
         raise FailedPrecondition(
-            f"task {task.version.task_id} has not been sent to an agent, so it has no agent view"
+            f"task {task_id} has not been sent to an agent, so it has no agent view"
         )
     return stored.agent_task
+
+
+def update_task(
+    tx: WriteTransaction, request: UpdateTaskRequest, author: Principal | None, now_ns: int
+) -> Task:
+    """A new definition, guarded by the definition_version the caller saw. A task already
+    released goes back to SENT, so its agent gets the new definition."""
+    stored = _load(tx, request.task_id)
+    current = stored.task
+    _require_not_terminal(current)
+    have = current.version.definition_version
+    if request.definition_version != have:
+        raise DefinitionConflict(request.task_id, request.definition_version, have)
+    if current.status.status in OPERATOR_REQUEST_STATUSES:
+        raise FailedPrecondition(
+            f"task {request.task_id} is {Status.Name(current.status.status)}: its definition"
+            " can no longer change"
+        )
+    tx.save_definition(definition_only(current))
+    updated = Task()
+    updated.CopyFrom(current)
+    updated.version.definition_version = have + 1
+    if request.HasField("display_name"):
+        updated.display_name = request.display_name
+    if request.HasField("description"):
+        updated.description = request.description
+    if request.HasField("specification"):
+        updated.specification.CopyFrom(request.specification)
+    status = current.status
+    if current.status.status not in UNRELEASED_STATUSES:
+        status = TaskStatus(status=Status.STATUS_SENT)
+    task = _with_status(updated, status, author, now_ns)
+    reason = f"definition_version {have + 1}"
+    tx.replace(_stored(task, stored.agent_task, None), current.version.status_version, reason)
+    return task
+
+
+def _agent_view(tx: WriteTransaction, stored: StoredTask, task: Task, update: StatusUpdate) -> Task:
+    """The agent view after an agent's update: its new status on the definition it runs,
+    which is the one its update names, or else the one it ran before."""
+    latest = task.version.definition_version
+    runs = update.version.definition_version
+    if runs == 0 and stored.agent_task is not None:
+        runs = stored.agent_task.version.definition_version
+    if runs in (0, latest):
+        return task
+    if runs > latest:
+        raise InvalidArgument(
+            "status_update.version.definition_version",
+            f"{runs} is newer than the task's latest definition_version ({latest})",
+        )
+    definition = tx.load_definition(task.version.task_id, runs)
+    return task if definition is None else with_definition(task, definition)
 
 
 def _load(tx: WriteTransaction, task_id: str) -> StoredTask:

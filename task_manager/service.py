@@ -27,12 +27,14 @@ from storage.base import (
     StoreError,
     WriteTransaction,
     assignee_entity_id,
+    with_definition,
 )
 from task_manager import lifecycle, validation
 from task_manager.auth import ANONYMOUS, Caller, Credentials, OpenStreams, RateLimiter, Role
 from task_manager.clock import Clock, sleep_until
 from task_manager.dispatch import Dispatcher, agent_request_for
 from task_manager.errors import (
+    DefinitionConflict,
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
@@ -75,6 +77,8 @@ from task_manager.v1.task_manager_pb2 import (
     TaskPolicy,
     UpdateStatusRequest,
     UpdateStatusResponse,
+    UpdateTaskRequest,
+    UpdateTaskResponse,
     WatchTasksRequest,
     WatchTasksResponse,
 )
@@ -86,6 +90,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 OperatorChange = Callable[[WriteTransaction, str, Principal | None, str, int], Task]
 """lifecycle.cancel_task or lifecycle.complete_task."""
 CURRENT_STATUS_VERSION_KEY = "x-current-status-version"
+CURRENT_DEFINITION_VERSION_KEY = "x-current-definition-version"
 COMPACT_REVISION_KEY = "x-compact-revision"
 RETRY_AFTER_MS_KEY = "x-retry-after-ms"
 SERVICE_DESCRIPTORS: tuple[ServiceDescriptor, ...] = (
@@ -147,7 +152,29 @@ class TaskManagerService:
         if stored is None:
             raise TaskNotFound(task_id)
         caller.check_entity(assignee_entity_id(stored.task), f"read task {task_id}")
-        return GetTaskResponse(task=lifecycle.task_view(stored, view, request.definition_version))
+        task = lifecycle.task_view(stored, view)
+        wanted = request.definition_version
+        if wanted not in (0, task.version.definition_version):
+            latest = stored.task.version.definition_version
+            definition = stored.task if wanted == latest else None
+            if definition is None and wanted < latest:
+                definition = await self._store.definition(task_id, wanted)
+            if definition is None:
+                raise TaskNotFound(
+                    task_id, f"task {task_id} has no definition_version {wanted} (latest {latest})"
+                )
+            task = with_definition(task, definition)
+        return GetTaskResponse(task=task)
+
+    async def UpdateTask(
+        self, request: UpdateTaskRequest, context: Context, caller: Caller
+    ) -> UpdateTaskResponse:
+        validation.check_update_task(request, self._limits)
+        author = caller.author(request.author if request.HasField("author") else None)
+        task = await self._store.write(
+            lambda tx: lifecycle.update_task(tx, request, author, self._clock.now_ns())
+        )
+        return UpdateTaskResponse(task=task)
 
     async def QueryTasks(
         self,
@@ -458,6 +485,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TaskNotFound, grpc.StatusCode.NOT_FOUND),
     (TaskIdTaken, grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflict, grpc.StatusCode.ABORTED),
+    (DefinitionConflict, grpc.StatusCode.ABORTED),
     (TerminalTask, grpc.StatusCode.FAILED_PRECONDITION),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
@@ -476,6 +504,8 @@ def status_for(error: Exception) -> _Status:
             trailers: tuple[tuple[str, str], ...] = ()
             if isinstance(error, VersionConflict):
                 trailers = ((CURRENT_STATUS_VERSION_KEY, str(error.current)),)
+            elif isinstance(error, DefinitionConflict):
+                trailers = ((CURRENT_DEFINITION_VERSION_KEY, str(error.current)),)
             elif isinstance(error, HistoryCompacted):
                 trailers = ((COMPACT_REVISION_KEY, str(error.compacted)),)
             elif isinstance(error, TooManyRequests):

@@ -27,6 +27,7 @@ from task_manager.v1.task_manager_pb2 import (
     Status,
     StatusUpdate,
     TaskView,
+    UpdateTaskRequest,
     WatchTasksRequest,
 )
 from task_manager.watch import WatchSpec
@@ -117,6 +118,29 @@ def check_status_update(update: StatusUpdate, limits: FieldLimits) -> None:
         _max_bytes(update.author, limits.principal_bytes, "status_update.author")
     if update.HasField("scheduled_time"):
         _timestamp(update.scheduled_time, "status_update.scheduled_time")
+
+
+def check_update_task(request: UpdateTaskRequest, limits: FieldLimits) -> None:
+    task_id(request.task_id)
+    if request.definition_version == 0:
+        raise InvalidArgument(
+            "definition_version", "is missing: send the definition_version you last saw"
+        )
+    changes = (
+        request.HasField("display_name"),
+        request.HasField("description"),
+        request.HasField("specification"),
+    )
+    if not any(changes):
+        raise InvalidArgument(
+            "request", "set at least one of display_name, description, specification"
+        )
+    _max_chars(request.display_name, limits.display_name_chars, "display_name")
+    _max_chars(request.description, limits.description_chars, "description")
+    if request.HasField("specification"):
+        _max_bytes(request.specification, limits.specification_bytes, "specification")
+    if request.HasField("author"):
+        _max_bytes(request.author, limits.principal_bytes, "author")
 
 
 def check_operator_request(

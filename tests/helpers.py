@@ -30,7 +30,8 @@ def agent(entity_id: str) -> pb.Principal:
 def create_request(
     entity_id: str | None = "agent-1", task_id: str = "", **fields: object
 ) -> pb.CreateTaskRequest:
-    request = pb.CreateTaskRequest(task_id=task_id, display_name="test task", **fields)  # type: ignore[arg-type]
+    fields = {"display_name": "test task", **fields}
+    request = pb.CreateTaskRequest(task_id=task_id, **fields)  # type: ignore[arg-type]
     if entity_id is not None:
         request.relations.assignee.CopyFrom(agent(entity_id))
     return request

@@ -29,6 +29,7 @@ OWN_ENTITY, OTHER_ENTITY = "drone-1", "rover-1"
 EXPECTED_RIGHTS: dict[str, set[str]] = {
     "operator": {
         "CreateTask",
+        "UpdateTask",
         "CancelTask",
         "CompleteTask",
         "QueryTasks",
@@ -171,7 +172,16 @@ async def _list_agents(stub: AsyncStub, world: World, entity: str) -> None:
     await stub.ListAgents(pb.ListAgentsRequest(entity_ids=[entity]))
 
 
+async def _update_task(stub: AsyncStub, world: World, entity: str) -> None:
+    task = await _fresh_task(world, entity)
+    update = pb.UpdateTaskRequest(
+        task_id=task.version.task_id, definition_version=1, display_name="renamed"
+    )
+    await stub.UpdateTask(update)
+
+
 CALLS: dict[str, Call] = {
+    "UpdateTask": _update_task,
     "ListAgents": _list_agents,
     "CreateTask": _create,
     "GetTask": _get,

@@ -211,4 +211,4 @@ def test_random_and_truncated_bytes_get_proper_answers(world: FuzzWorld) -> None
 
 def test_every_method_is_fuzzed() -> None:
     request_types = {message_factory.GetMessageClass(m.input_type) for m in METHODS}
-    assert len(METHODS) == 16 and len(request_types) == 11
+    assert len(METHODS) == 17 and len(request_types) == 12

@@ -91,6 +91,11 @@ class TaskManagerStub:
                 request_serializer=task__manager_dot_v1_dot_task__manager__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.UpdateTask = channel.unary_unary(
+                '/task_manager.v1.TaskManager/UpdateTask',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -195,6 +200,20 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateTask(self, request, context):
+        """Extension: a new definition (display_name, description, specification) of a task
+        that has not ended, guarded by the definition_version the caller saw (ABORTED with
+        trailer x-current-definition-version if it moved on). definition_version + 1. A task
+        already with its agent goes back to STATUS_SENT and the agent gets an ExecuteRequest
+        carrying the new definition: it either reports on it (TaskVersion.definition_version
+        = the new one) or reports STATUS_VERSION_REJECTED and keeps running the old one.
+        GetTask(definition_version = N) returns earlier definitions; TASK_VIEW_AGENT shows
+        the definition the agent runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +271,11 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.ListAgentsRequest.FromString,
                     response_serializer=task__manager_dot_v1_dot_task__manager__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'UpdateTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTask,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -553,6 +577,33 @@ class TaskManager:
             '/task_manager.v1.TaskManager/ListAgents',
             task__manager_dot_v1_dot_task__manager__pb2.ListAgentsRequest.SerializeToString,
             task__manager_dot_v1_dot_task__manager__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/UpdateTask',
+            task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -106,6 +106,16 @@ class TaskManagerStub:
     connected or not: its open streams, when it was last seen, its tasks in flight, and
     AGENT_STATE_LOST once disconnected longer than the server's agent_lost_after.
     """
+    UpdateTask: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.UpdateTaskRequest, _task_manager_pb2.UpdateTaskResponse]
+    """Extension: a new definition (display_name, description, specification) of a task
+    that has not ended, guarded by the definition_version the caller saw (ABORTED with
+    trailer x-current-definition-version if it moved on). definition_version + 1. A task
+    already with its agent goes back to STATUS_SENT and the agent gets an ExecuteRequest
+    carrying the new definition: it either reports on it (TaskVersion.definition_version
+    = the new one) or reports STATUS_VERSION_REJECTED and keeps running the old one.
+    GetTask(definition_version = N) returns earlier definitions; TASK_VIEW_AGENT shows
+    the definition the agent runs.
+    """
 
 @_typing.type_check_only
 class TaskManagerAsyncStub(TaskManagerStub):
@@ -162,6 +172,16 @@ class TaskManagerAsyncStub(TaskManagerStub):
     """Extension: every agent entity id that ever listened (a ListenAsAgent selector),
     connected or not: its open streams, when it was last seen, its tasks in flight, and
     AGENT_STATE_LOST once disconnected longer than the server's agent_lost_after.
+    """
+    UpdateTask: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.UpdateTaskRequest, _task_manager_pb2.UpdateTaskResponse]  # type: ignore[assignment]
+    """Extension: a new definition (display_name, description, specification) of a task
+    that has not ended, guarded by the definition_version the caller saw (ABORTED with
+    trailer x-current-definition-version if it moved on). definition_version + 1. A task
+    already with its agent goes back to STATUS_SENT and the agent gets an ExecuteRequest
+    carrying the new definition: it either reports on it (TaskVersion.definition_version
+    = the new one) or reports STATUS_VERSION_REJECTED and keeps running the old one.
+    GetTask(definition_version = N) returns earlier definitions; TASK_VIEW_AGENT shows
+    the definition the agent runs.
     """
 
 class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
@@ -282,6 +302,22 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         """Extension: every agent entity id that ever listened (a ListenAsAgent selector),
         connected or not: its open streams, when it was last seen, its tasks in flight, and
         AGENT_STATE_LOST once disconnected longer than the server's agent_lost_after.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateTask(
+        self,
+        request: _task_manager_pb2.UpdateTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.UpdateTaskResponse, _abc.Awaitable[_task_manager_pb2.UpdateTaskResponse]]:
+        """Extension: a new definition (display_name, description, specification) of a task
+        that has not ended, guarded by the definition_version the caller saw (ABORTED with
+        trailer x-current-definition-version if it moved on). definition_version + 1. A task
+        already with its agent goes back to STATUS_SENT and the agent gets an ExecuteRequest
+        carrying the new definition: it either reports on it (TaskVersion.definition_version
+        = the new one) or reports STATUS_VERSION_REJECTED and keeps running the old one.
+        GetTask(definition_version = N) returns earlier definitions; TASK_VIEW_AGENT shows
+        the definition the agent runs.
         """
 
 def add_TaskManagerServicer_to_server(servicer: TaskManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
