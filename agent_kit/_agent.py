@@ -12,7 +12,7 @@ import enum
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -330,10 +330,16 @@ class Agent:
         reconnect_backoff: Backoff | None = None,
         remember_finished: int = 10_000,
         auth: ClientAuth | None = None,
+        pools: Sequence[str] = (),
+        max_in_flight: int = 0,
     ) -> None:
         self.target = target
         self._auth = auth or ClientAuth()
         self.entity_id = entity_id
+        self.pools = tuple(pools)
+        """Pools (Team entity ids) this agent is a member of: it takes their tasks too."""
+        self.max_in_flight = max_in_flight
+        """The server sends at most this many unfinished tasks at a time (0: no limit)."""
         self._author = pb.Principal(system=pb.System(entity_id=entity_id))
         self._handlers: dict[str, tuple[type[Message], Handler]] = {}
         self._default_handler = handler
@@ -393,7 +399,10 @@ class Agent:
             self._task_group.cancel_scope.cancel()
 
     async def _listen_forever(self, stub: AsyncStub) -> None:
-        selector = pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=[self.entity_id]))
+        selector = pb.ListenAsAgentRequest(
+            entity_ids=pb.EntityIds(entity_ids=[self.entity_id, *self.pools]),
+            max_in_flight=self.max_in_flight,
+        )
         while True:
             call = stub.ListenAsAgent(selector)
             try:

@@ -56,6 +56,10 @@ class _ManualTimer:
     def cancel(self) -> None:
         self.callback = None
 
+    def fire(self) -> None:
+        if self.callback is not None:
+            self.callback()
+
 
 class ManualClock:
     """A clock that moves only when told to (for tests); due timers fire on advance()."""
@@ -70,7 +74,11 @@ class ManualClock:
 
     def call_at(self, deadline_ns: int, callback: Callable[[], None]) -> Timer:
         timer = _ManualTimer(callback)
-        heapq.heappush(self._timers, (deadline_ns, next(self._order), timer))
+        if deadline_ns <= self._now_ns:
+            # Already due: runs soon, as SystemClock would, not at the next advance().
+            asyncio.get_running_loop().call_soon(timer.fire)
+        else:
+            heapq.heappush(self._timers, (deadline_ns, next(self._order), timer))
         return timer
 
     def advance(self, seconds: float) -> None:

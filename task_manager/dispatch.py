@@ -1,18 +1,33 @@
-"""Who gets which task: the open ListenAsAgent streams, keyed by agent entity id.
+"""Who gets which task: the open ListenAsAgent streams, keyed by entity id.
 
 Committed changes arrive here (after the commit, in revision order) and become Execute,
-Cancel or Complete requests on every stream of the assignee. Never blocks: a stream that
-falls behind is ended, and its agent reconnects to receive the backlog again.
+Cancel or Complete requests on the streams that must hear of them:
+
+- A task assigned to an agent (a System entity id) goes to every stream listening for it.
+- A task assigned to a pool (a Team entity id) goes to one member at a time. A member is a
+  stream listening for the pool and for its own entity id. The dispatcher picks the member
+  with the fewest unfinished tasks (never the one whose attempt just failed, if another
+  can take it) and records it on the attempt with a write; the task goes to that member
+  once the write commits. A member that leaves before reporting receipt hands its pool
+  tasks back, and they go to another member.
+- A stream with max_in_flight holds ExecuteRequests back while its agent has that many
+  unfinished tasks, and sends them, oldest first, as those tasks end. Nothing is dropped.
+
+Never blocks: a stream that falls behind is ended, and its agent reconnects to receive
+its backlog again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+import itertools
+import logging
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-from storage.base import Change, assignee_entity_id
+from storage.base import Change
 from task_manager.errors import ServerShuttingDown, StreamEnded, StreamFellBehind
 from task_manager.v1.task_manager_pb2 import (
     CancelRequest,
@@ -23,8 +38,22 @@ from task_manager.v1.task_manager_pb2 import (
     Task,
 )
 
+log = logging.getLogger(__name__)
+
 DEFAULT_STREAM_BUFFER = 1_024
 """Requests queued for one stream at most before it counts as fallen behind."""
+IN_FLIGHT_STATUSES = frozenset(Status.values()) - {
+    Status.STATUS_INVALID,
+    Status.STATUS_CREATED,
+    Status.STATUS_SCHEDULED_IN_MANAGER,
+    Status.STATUS_DONE_OK,
+    Status.STATUS_DONE_NOT_OK,
+}
+"""A task at one of these is with its agent (or on its way): it counts as unfinished."""
+
+HandOver = Callable[[Task, str, str], "asyncio.Future[Task | None]"]
+"""Records a new holder of a pool task: (task as seen, old holder, new holder). The
+future holds the task after the write, or None if the task had moved on."""
 
 
 def agent_request_for(task: Task) -> ListenAsAgentResponse | None:
@@ -40,21 +69,56 @@ def agent_request_for(task: Task) -> ListenAsAgentResponse | None:
     return None
 
 
-class AgentStream:
-    """The requests waiting for one ListenAsAgent call, in revision order."""
+def pool_of(task: Task) -> str | None:
+    assignee = task.relations.assignee
+    return assignee.team.entity_id or None if assignee.WhichOneof("agent") == "team" else None
 
-    def __init__(self, entity_ids: frozenset[str], buffer: int) -> None:
+
+def holder_of(task: Task) -> str:
+    """The member holding a pool task's current attempt; empty while it has none."""
+    return task.attempts[-1].entity_id if task.attempts else ""
+
+
+@dataclass
+class _Held:
+    status: int
+    pool: str | None
+    status_version: int
+
+
+class AgentStream:
+    """The requests waiting for one ListenAsAgent call, and the tasks its agent holds."""
+
+    def __init__(self, entity_ids: frozenset[str], max_in_flight: int, buffer: int) -> None:
         self.entity_ids = entity_ids
+        self.max_in_flight = max_in_flight
         self._buffer = buffer
-        self._pending: deque[tuple[int, bytes]] = deque()
+        self._pending: deque[bytes] = deque()
+        self._held: dict[str, _Held] = {}
+        self._waiting: OrderedDict[str, tuple[Task, bytes]] = OrderedDict()
+        self.loading: list[Change] | None = []
+        """Changes published while the backlog is read; replayed after it, then None."""
+        self.last_assigned = 0
+        self.starting = False
+        """While the backlog is routed: it may exceed the buffer, which bounds live traffic."""
         self._wakeup = asyncio.Event()
         self._ended: StreamEnded | None = None
 
-    def offer(self, revision: int, request: bytes) -> None:
-        """Queues an encoded ListenAsAgentResponse of the change at revision."""
+    def member_for(self, pool: str) -> str:
+        """This stream's member id in a pool: its own (smallest other) entity id."""
+        return min((e for e in self.entity_ids if e != pool), default="")
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._held)
+
+    def has_room(self) -> bool:
+        return not self.max_in_flight or len(self._held) < self.max_in_flight
+
+    def send(self, request: bytes) -> None:
         if self._ended is not None:
             return
-        if len(self._pending) >= self._buffer:
+        if len(self._pending) >= self._buffer and not self.starting:
             self.end(
                 StreamFellBehind(
                     f"the agent stream fell more than {self._buffer} requests behind;"
@@ -62,22 +126,51 @@ class AgentStream:
                 )
             )
             return
-        self._pending.append((revision, request))
+        self._pending.append(request)
         self._wakeup.set()
+
+    def send_execute(self, task: Task, request: bytes) -> None:
+        """Sends an ExecuteRequest now, or once there is room (flow control)."""
+        task_id = task.version.task_id
+        if task_id in self._held or self.has_room():
+            self.hold(task, Status.STATUS_SENT)
+            self.send(request)
+        else:
+            self._waiting[task_id] = (task, request)
+
+    def hold(self, task: Task, status: int) -> None:
+        task_id = task.version.task_id
+        self._waiting.pop(task_id, None)
+        self._held[task_id] = _Held(status, pool_of(task), task.version.status_version)
+
+    def forget(self, task_id: str) -> bool:
+        """The task is no longer this agent's to run; True if that freed room."""
+        self._waiting.pop(task_id, None)
+        if self._held.pop(task_id, None) is None:
+            return False
+        while self._waiting and self.has_room():
+            _, (task, request) = self._waiting.popitem(last=False)
+            self.hold(task, Status.STATUS_SENT)
+            self.send(request)
+        return True
+
+    def unreceived_pool_tasks(self) -> list[tuple[str, _Held]]:
+        return [
+            (task_id, held)
+            for task_id, held in self._held.items()
+            if held.pool is not None and held.status == Status.STATUS_SENT
+        ]
 
     def end(self, reason: StreamEnded) -> None:
         self._ended = reason
         self._pending.clear()
         self._wakeup.set()
 
-    async def requests_after(self, revision: int) -> AsyncIterator[bytes]:
-        """Yields the requests of changes after revision (the backlog already covered the
-        rest), waiting for new ones; raises the reason when the stream is ended."""
+    async def requests(self) -> AsyncIterator[bytes]:
+        """Yields requests as they come; raises the reason when the stream is ended."""
         while True:
             while self._pending:
-                request_revision, request = self._pending.popleft()
-                if request_revision > revision:
-                    yield request
+                yield self._pending.popleft()
             if self._ended is not None:
                 raise self._ended
             self._wakeup.clear()
@@ -87,18 +180,23 @@ class AgentStream:
 class Dispatcher:
     """Routes committed changes to the agent streams that must hear of them."""
 
-    def __init__(self, stream_buffer: int = DEFAULT_STREAM_BUFFER) -> None:
+    def __init__(self, hand_over: HandOver, stream_buffer: int = DEFAULT_STREAM_BUFFER) -> None:
+        self._hand_over = hand_over
         self._stream_buffer = stream_buffer
         self._streams_by_entity: dict[str, set[AgentStream]] = {}
+        self._unassigned: dict[str, OrderedDict[str, Task]] = {}
+        """Pool tasks at SENT without a holder, by pool, oldest first."""
+        self._handing_over: set[str] = set()
+        self._ticks = itertools.count(1)
         self._closing: ServerShuttingDown | None = None
 
     @contextmanager
-    def open_stream(self, entity_ids: frozenset[str]) -> Iterator[AgentStream]:
+    def open_stream(self, entity_ids: frozenset[str], max_in_flight: int) -> Iterator[AgentStream]:
         """Registers a stream for the block's duration. Register BEFORE reading the
-        backlog, so a change committed in between is queued, not lost."""
+        backlog (then call start), so a change committed in between is not lost."""
         if self._closing is not None:
             raise self._closing
-        stream = AgentStream(entity_ids, self._stream_buffer)
+        stream = AgentStream(entity_ids, max_in_flight, self._stream_buffer)
         for entity_id in entity_ids:
             self._streams_by_entity.setdefault(entity_id, set()).add(stream)
         try:
@@ -109,22 +207,37 @@ class Dispatcher:
                 streams.discard(stream)
                 if not streams:
                     del self._streams_by_entity[entity_id]
+            self._hand_back(stream)
+
+    def start(self, stream: AgentStream, backlog: Iterable[Task], revision: int) -> None:
+        """Routes the backlog (the agents' unfinished tasks, read at revision) to the
+        stream, then the changes published since that it had to skip until now."""
+        stream.starting = True
+        try:
+            for task in backlog:
+                self._route(task, [stream])
+            loaded, stream.loading = stream.loading or [], None
+            for change in loaded:
+                if change.revision > revision:
+                    self._route(change.task, [stream])
+        finally:
+            stream.starting = False
+        for pool in stream.entity_ids:
+            self._assign(pool)
 
     def publish(self, changes: Sequence[Change]) -> None:
         """Called after each commit with its changes, in revision order."""
         for change in changes:
-            entity_id = assignee_entity_id(change.task)
+            entity_id = pool_of(change.task) or _system_entity(change.task)
             if entity_id is None:
                 continue
-            streams = self._streams_by_entity.get(entity_id)
-            if not streams:
-                continue
-            request = agent_request_for(change.task)
-            if request is None:
-                continue
-            encoded = request.SerializeToString()  # once for every stream of the agent
-            for stream in streams:
-                stream.offer(change.revision, encoded)
+            live = []
+            for stream in self._streams_by_entity.get(entity_id, ()):
+                if stream.loading is None:
+                    live.append(stream)
+                else:
+                    stream.loading.append(change)
+            self._route(change.task, live)
 
     def close(self) -> None:
         """Ends every stream with ServerShuttingDown and refuses new ones."""
@@ -132,3 +245,130 @@ class Dispatcher:
         for streams in list(self._streams_by_entity.values()):
             for stream in list(streams):
                 stream.end(self._closing)
+
+    # -- routing ----------------------------------------------------------------------
+
+    def _route(self, task: Task, streams: Sequence[AgentStream]) -> None:
+        pool = pool_of(task)
+        if pool is not None:
+            self._route_pool_task(task, pool, streams)
+            return
+        entity_id = _system_entity(task)
+        if entity_id is None:
+            return
+        request = _encoded(task)
+        for stream in streams:
+            if entity_id in stream.entity_ids:
+                self._deliver(stream, task, request)
+
+    def _route_pool_task(self, task: Task, pool: str, streams: Sequence[AgentStream]) -> None:
+        task_id, status, holder = task.version.task_id, task.status.status, holder_of(task)
+        # A change of the task is committed: any hand-over written before it is done (the
+        # store announces a commit before it resolves the writes' futures).
+        self._handing_over.discard(task_id)
+        request = _encoded(task)
+        for stream in streams:
+            if pool not in stream.entity_ids:
+                continue
+            if holder and stream.member_for(pool) == holder:
+                self._deliver(stream, task, request)
+            elif stream.forget(task_id):
+                self._assign_all(stream.entity_ids)
+        waiting = self._unassigned.setdefault(pool, OrderedDict())
+        waiting.pop(task_id, None)
+        if status == Status.STATUS_SENT and not holder:
+            waiting[task_id] = task
+            self._assign(pool)
+        elif status == Status.STATUS_SENT and not self._member_listening(pool, holder):
+            self._write_holder(task, holder, "")  # its holder left before receiving it
+        if not waiting:
+            del self._unassigned[pool]
+
+    def _deliver(self, stream: AgentStream, task: Task, request: bytes | None) -> None:
+        status = task.status.status
+        if status not in IN_FLIGHT_STATUSES:
+            if stream.forget(task.version.task_id):
+                self._assign_all(stream.entity_ids)
+        elif status == Status.STATUS_SENT:
+            assert request is not None
+            stream.send_execute(task, request)
+        else:
+            stream.hold(task, status)
+            if request is not None:
+                stream.send(request)
+
+    # -- pools ------------------------------------------------------------------------
+
+    def _assign_all(self, entity_ids: Iterable[str]) -> None:
+        for entity_id in entity_ids:
+            if entity_id in self._unassigned:
+                self._assign(entity_id)
+
+    def _assign(self, pool: str) -> None:
+        """Gives waiting pool tasks, oldest first, to members with room."""
+        waiting = self._unassigned.get(pool)
+        if not waiting:
+            return
+        for task_id, task in list(waiting.items()):
+            if task_id in self._handing_over:
+                continue
+            members = [
+                stream
+                for stream in self._streams_by_entity.get(pool, ())
+                if stream.loading is None and stream.member_for(pool) and stream.has_room()
+            ]
+            if not members:
+                return
+            tried = {attempt.entity_id for attempt in task.attempts[:-1]}
+            fresh = [stream for stream in members if stream.member_for(pool) not in tried]
+            chosen = min(fresh or members, key=lambda s: (s.in_flight, s.last_assigned))
+            chosen.last_assigned = next(self._ticks)
+            chosen.hold(task, Status.STATUS_SENT)  # its room is taken while the write runs
+            del waiting[task_id]
+            self._write_holder(task, "", chosen.member_for(pool), chosen)
+
+    def _member_listening(self, pool: str, member: str) -> bool:
+        return any(s.member_for(pool) == member for s in self._streams_by_entity.get(pool, ()))
+
+    def _hand_back(self, stream: AgentStream) -> None:
+        """A closed member stream gives back the pool tasks it had not yet received."""
+        for task_id, held in stream.unreceived_pool_tasks():
+            assert held.pool is not None
+            member = stream.member_for(held.pool)
+            if not self._member_listening(held.pool, member):
+                seen = Task()
+                seen.version.task_id = task_id
+                seen.version.status_version = held.status_version
+                self._write_holder(seen, member, "")
+
+    def _write_holder(
+        self, task: Task, old: str, new: str, reserved: AgentStream | None = None
+    ) -> None:
+        task_id = task.version.task_id
+        if task_id in self._handing_over:
+            return
+        self._handing_over.add(task_id)
+
+        def written(future: asyncio.Future[Task | None]) -> None:
+            self._handing_over.discard(task_id)
+            failed = future.cancelled() or future.exception() is not None
+            if failed:
+                log.warning("could not hand pool task %s from %r to %r", task_id, old, new)
+            moved_on = failed or future.result() is None
+            # The task moved on, so the room taken for it is free again.
+            if moved_on and reserved is not None and reserved.forget(task_id):
+                self._assign_all(reserved.entity_ids)
+
+        self._hand_over(task, old, new).add_done_callback(written)
+
+
+def _system_entity(task: Task) -> str | None:
+    assignee = task.relations.assignee
+    if assignee.WhichOneof("agent") != "system":
+        return None
+    return assignee.system.entity_id or None
+
+
+def _encoded(task: Task) -> bytes | None:
+    request = agent_request_for(task)
+    return None if request is None else request.SerializeToString()

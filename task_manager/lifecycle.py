@@ -48,8 +48,6 @@ UNRELEASED_STATUSES = frozenset({Status.STATUS_CREATED, Status.STATUS_SCHEDULED_
 OPERATOR_REQUEST_STATUSES = frozenset(
     {Status.STATUS_CANCEL_REQUESTED, Status.STATUS_COMPLETE_REQUESTED}
 )
-# A task at one of these has a request waiting on its agent's stream (re-sent on reconnect).
-DELIVERABLE_STATUSES = frozenset({Status.STATUS_SENT, *OPERATOR_REQUEST_STATUSES})
 
 MANAGER = Principal(system=System(service_name="task-manager"))
 """The author of the changes the task manager makes by itself (release to SENT)."""
@@ -109,11 +107,9 @@ def _send(
     report that ended the previous attempt, if one did (kept for the retry check)."""
     sent = _with_status(stored.task, TaskStatus(status=Status.STATUS_SENT), MANAGER, now_ns)
     sent.attempt += 1
-    sent.attempts.add(
-        number=sent.attempt,
-        entity_id=assignee_entity_id(sent) or "",
-        start_time=timestamp(now_ns),
-    )
+    # A pool task's holder is chosen by the dispatcher once a member has room.
+    agent = "" if assignee_kind(sent) == "team" else assignee_entity_id(sent) or ""
+    sent.attempts.add(number=sent.attempt, entity_id=agent, start_time=timestamp(now_ns))
     tx.replace(_stored(sent, sent, update), stored.task.version.status_version, reason)
     return sent
 
@@ -220,10 +216,41 @@ def _close_attempt(
 
 
 def is_releasable(task: Task) -> bool:
-    """A task goes to an agent when it names one and is not executed elsewhere."""
-    assignee = task.relations.assignee
-    has_agent = assignee.WhichOneof("agent") == "system" and bool(assignee.system.entity_id)
+    """A task goes to an agent (or a pool of agents) when it names one and is not
+    executed elsewhere."""
+    has_agent = assignee_kind(task) in ("system", "team") and bool(assignee_entity_id(task))
     return has_agent and not task.is_executed_elsewhere
+
+
+def assignee_kind(task: Task) -> str | None:
+    return task.relations.assignee.WhichOneof("agent")
+
+
+def hand_over(
+    tx: WriteTransaction, seen: Task, old_holder: str, new_holder: str, now_ns: int
+) -> Task | None:
+    """Records a new holder of a pool task's attempt (empty: back to the pool), if the
+    task is still at SENT, at the version seen, held by old_holder; else None."""
+    stored = tx.load(seen.version.task_id)
+    if stored is None:
+        return None
+    current = stored.task
+    if (
+        current.status.status != Status.STATUS_SENT
+        or current.version.status_version != seen.version.status_version
+        or not current.attempts
+        or current.attempts[-1].entity_id != old_holder
+    ):
+        return None
+    task = _with_status(current, current.status, MANAGER, now_ns)
+    task.attempts[-1].entity_id = new_holder
+    reason = (
+        f"sent to pool member {new_holder}"
+        if new_holder
+        else (f"pool member {old_holder} left before receiving it")
+    )
+    tx.replace(_stored(task, task, None), current.version.status_version, reason)
+    return task
 
 
 def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, now_ns: int) -> Task:

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from storage.base import Change
 from storage.sqlite import SqliteStore
+from task_manager import lifecycle
 from task_manager.auth import Credentials, OpenStreams, RateLimiter
 from task_manager.clock import Clock, SystemClock, sleep_until
 from task_manager.config import Settings
@@ -27,6 +28,7 @@ from task_manager.dispatch import Dispatcher
 from task_manager.presence import Presence
 from task_manager.service import SERVICE_NAMES, Gate, TaskManagerService, generic_handlers
 from task_manager.timekeeper import Timekeeper
+from task_manager.v1.task_manager_pb2 import Task
 from task_manager.watch import WatchHub
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,11 @@ class TaskManagerServer:
         Raises ServerStartError for a port in use or a database that cannot be opened.
         """
         clock = clock or SystemClock()
-        dispatcher = Dispatcher(settings.stream_buffer)
+
+        def hand_over(task: Task, old: str, new: str) -> asyncio.Future[Task | None]:
+            return store.submit(lambda tx: lifecycle.hand_over(tx, task, old, new, clock.now_ns()))
+
+        dispatcher = Dispatcher(hand_over, settings.stream_buffer)
         watch_hub = WatchHub(buffer=settings.watch_buffer)
 
         timekeeper: Timekeeper | None = None  # needs the store; set right after it opens

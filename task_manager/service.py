@@ -32,7 +32,7 @@ from storage.base import (
 from task_manager import lifecycle, validation
 from task_manager.auth import ANONYMOUS, Caller, Credentials, OpenStreams, RateLimiter, Role
 from task_manager.clock import Clock, sleep_until
-from task_manager.dispatch import Dispatcher, agent_request_for
+from task_manager.dispatch import IN_FLIGHT_STATUSES, Dispatcher
 from task_manager.errors import (
     DefinitionConflict,
     FailedPrecondition,
@@ -292,15 +292,16 @@ class TaskManagerService:
             caller.check_entity(entity_id, f"listen as {entity_id!r}")
         # Subscribe first, then read the backlog, then skip what the backlog covered:
         # a change committed between the two is queued here, never lost.
-        with self._dispatcher.open_stream(entity_ids) as stream, self._present(entity_ids):
+        max_in_flight = request.max_in_flight
+        with (
+            self._dispatcher.open_stream(entity_ids, max_in_flight) as stream,
+            self._present(entity_ids),
+        ):
             # Headers now tell the agent it is subscribed, before any task arrives.
             await context.send_initial_metadata(())
-            backlog = await self._store.agent_backlog(entity_ids, lifecycle.DELIVERABLE_STATUSES)
-            for task in backlog.tasks:
-                request_for_task = agent_request_for(task)
-                if request_for_task is not None:
-                    yield request_for_task
-            async for agent_request in stream.requests_after(backlog.revision):
+            backlog = await self._store.agent_backlog(entity_ids, IN_FLIGHT_STATUSES)
+            self._dispatcher.start(stream, backlog.tasks, backlog.revision)
+            async for agent_request in stream.requests():
                 yield agent_request
 
     @contextmanager

@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from storage.base import TaskQuery, TaskSelector
-from task_manager.errors import InvalidArgument, Unsupported
+from task_manager.errors import InvalidArgument
 from task_manager.v1.task_manager_pb2 import (
     CancelTaskRequest,
     CompleteTaskRequest,
@@ -275,10 +275,7 @@ def decode_page_token(token: str, field: str = "page_token") -> int:
 def _check_assignee(assignee: Principal, limits: FieldLimits) -> None:
     kind = assignee.WhichOneof("agent")
     if kind == "team":
-        raise Unsupported(
-            "relations.assignee: team (pool) assignees are not supported yet; "
-            "assign the task to one agent's system.entity_id"
-        )
+        _entity_id(assignee.team.entity_id, "relations.assignee.team.entity_id", limits)
     if kind == "system":
         _entity_id(assignee.system.entity_id, "relations.assignee.system.entity_id", limits)
     _max_bytes(assignee, limits.principal_bytes, "relations.assignee")

@@ -18,6 +18,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", required=True)
     parser.add_argument("--entity-id", required=True)
+    parser.add_argument("--pool", action="append", default=[])
     parser.add_argument("--hang", action="store_true")
     args = parser.parse_args()
 
@@ -29,7 +30,11 @@ async def main() -> None:
         return StringValue(value=f"done by {args.entity_id}")
 
     agent = Agent(
-        args.target, args.entity_id, handle, reconnect_backoff=Backoff(initial=0.05, maximum=0.5)
+        args.target,
+        args.entity_id,
+        handle,
+        reconnect_backoff=Backoff(initial=0.05, maximum=0.5),
+        pools=args.pool,
     )
     await agent.run()
 

@@ -180,7 +180,12 @@ CASES: list[tuple[str, Call, grpc.StatusCode, str]] = [
         Code.INVALID_ARGUMENT,
         "entity_id",
     ),
-    ("team assignee", lambda s: s.CreateTask(_team_task()), Code.UNIMPLEMENTED, "team"),
+    (
+        "team without an entity id",
+        lambda s: s.CreateTask(_team_task()),
+        Code.INVALID_ARGUMENT,
+        "relations.assignee.team.entity_id",
+    ),
     (
         "unknown task view",
         lambda s: s.GetTask(_unknown_view()),
@@ -336,7 +341,7 @@ def _with_parent(parent: str) -> pb.CreateTaskRequest:
 
 def _team_task() -> pb.CreateTaskRequest:
     request = create_request(entity_id=None)
-    request.relations.assignee.team.entity_id = "pool-1"
+    request.relations.assignee.team.SetInParent()
     return request
 
 

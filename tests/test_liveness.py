@@ -133,11 +133,13 @@ async def test_a_timeout_with_attempts_left_sends_the_task_again(harness: Harnes
     )
     await listen.initial_metadata()
     task = await harness.create(pb.TaskPolicy(receipt_timeout=seconds(10), max_attempts=2))
-    first = await listen.read()
+    with anyio.fail_after(20):
+        first = await listen.read()
     assert isinstance(first, pb.ListenAsAgentResponse)
     assert first.execute_request.task.attempt == 1
     harness.clock.advance(10)
-    again = await listen.read()
+    with anyio.fail_after(20):
+        again = await listen.read()
     assert isinstance(again, pb.ListenAsAgentResponse)
     resent = again.execute_request.task
     assert resent.attempt == 2 and resent.status.status == S.STATUS_SENT
@@ -307,12 +309,13 @@ async def test_an_agent_killed_mid_task_is_timed_out_and_another_finishes(
     server = await TaskManagerServer.start(
         Settings(listen="127.0.0.1:0", db=tmp_path / "tasks.db", shutdown_grace_s=1.0)
     )
-    doomed = _agent_process(server.address, "--entity-id", "drone-1", "--hang")
+    doomed = _agent_process(server.address, "--entity-id", "drone-1", "--pool", "pool-a", "--hang")
     spare: subprocess.Popen[str] | None = None
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = AsyncStub(channel)
-            request = create_request("drone-1")
+            request = create_request(None)
+            request.relations.assignee.team.entity_id = "pool-a"
             request.policy.CopyFrom(pb.TaskPolicy(heartbeat_timeout=seconds(1.5), max_attempts=2))
             task = (await stub.CreateTask(request)).task
             assert doomed.stdout is not None
@@ -330,18 +333,19 @@ async def test_an_agent_killed_mid_task_is_timed_out_and_another_finishes(
             assert running.attempt == 1 and running.status.status == S.STATUS_EXECUTING
             assert running.status.progress.Is(StringValue.DESCRIPTOR)
 
+            spare = _agent_process(server.address, "--entity-id", "drone-2", "--pool", "pool-a")
             doomed.kill()
-            spare = _agent_process(server.address, "--entity-id", "drone-1")
             with anyio.fail_after(60):
                 while (done := await current()).status.status != S.STATUS_DONE_OK:  # noqa: ASYNC110
                     await anyio.sleep(0.1)
         first, second = done.attempts
         assert first.outcome == S.STATUS_DONE_NOT_OK
         assert "heartbeat_timeout (1.5 s)" in first.error.message
+        assert first.entity_id == "drone-1" and second.entity_id == "drone-2"
         assert second.outcome == S.STATUS_DONE_OK and done.attempt == 2
         result = StringValue()
         done.status.result.Unpack(result)
-        assert result.value == "done by drone-1"
+        assert result.value == "done by drone-2"
     finally:
         for process in (doomed, spare):
             if process is not None:

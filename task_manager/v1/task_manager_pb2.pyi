@@ -1009,16 +1009,23 @@ class ListenAsAgentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTITY_IDS_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    max_in_flight: _builtins.int
+    """Extension: flow control. The stream carries at most this many unfinished tasks
+    (sent and not ended) at a time; further ExecuteRequests wait, oldest first, until one
+    ends. Nothing is dropped. 0 = no limit.
+    """
     @_builtins.property
     def entity_ids(self) -> Global___EntityIds: ...
     def __init__(
         self,
         *,
         entity_ids: Global___EntityIds | None = ...,
+        max_in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector", "entity_ids", b"entity_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector", "entity_ids", b"entity_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector", "entity_ids", b"entity_ids", "max_in_flight", b"max_in_flight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_agent_selector: _TypeAlias = _typing.Literal["entity_ids"]  # noqa: Y015
     _WhichOneofArgType_agent_selector: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector"]  # noqa: Y015

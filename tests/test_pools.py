@@ -1,0 +1,199 @@
+"""Pool dispatch (Team assignees) and flow control (max_in_flight)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from task_manager.clock import ManualClock
+from task_manager.config import Settings
+from task_manager.server import TaskManagerServer
+from task_manager.v1 import task_manager_pb2 as pb
+from tests.helpers import AsyncStub, create_request
+
+pytestmark = pytest.mark.anyio
+S = pb.Status
+Stream = grpc.aio.UnaryStreamCall[pb.ListenAsAgentRequest, pb.ListenAsAgentResponse]
+
+
+def pool_task(pool: str = "pool-a", policy: pb.TaskPolicy | None = None) -> pb.CreateTaskRequest:
+    request = create_request(None)
+    request.relations.assignee.team.entity_id = pool
+    if policy is not None:
+        request.policy.CopyFrom(policy)
+    return request
+
+
+async def member(stub: AsyncStub, entity_id: str, *pools: str, max_in_flight: int = 0) -> Stream:
+    call: Stream = stub.ListenAsAgent(
+        pb.ListenAsAgentRequest(
+            entity_ids=pb.EntityIds(entity_ids=[entity_id, *(pools or ("pool-a",))]),
+            max_in_flight=max_in_flight,
+        )
+    )
+    await call.initial_metadata()
+    return call
+
+
+async def next_execute(call: Stream) -> pb.Task:
+    with anyio.fail_after(20):
+        response = await call.read()
+    assert isinstance(response, pb.ListenAsAgentResponse), response
+    assert response.WhichOneof("request") == "execute_request", response
+    return response.execute_request.task
+
+
+async def report(stub: AsyncStub, task: pb.Task, status: pb.Status.ValueType) -> pb.Task:
+    update = pb.StatusUpdate(
+        version=pb.TaskVersion(
+            task_id=task.version.task_id, status_version=task.version.status_version
+        ),
+        status=pb.TaskStatus(status=status),
+    )
+    return (await stub.UpdateStatus(pb.UpdateStatusRequest(status_update=update))).task
+
+
+async def test_n_idle_members_get_one_task_each(stub: AsyncStub) -> None:
+    members = {name: await member(stub, name) for name in ("drone-1", "drone-2", "drone-3")}
+    created = [(await stub.CreateTask(pool_task())).task for _ in range(3)]
+    assert all(task.status.status == S.STATUS_SENT and task.attempt == 1 for task in created)
+    received = {name: await next_execute(call) for name, call in members.items()}
+    # Each member got one task, held by that member and by nobody else.
+    assert {task.attempts[-1].entity_id for task in received.values()} == set(members)
+    for name, task in received.items():
+        assert task.attempts[-1].entity_id == name
+    assert sorted(t.version.task_id for t in received.values()) == sorted(
+        t.version.task_id for t in created
+    )
+    for call in members.values():
+        call.cancel()
+
+
+async def test_a_member_that_leaves_before_receipt_hands_the_task_on(stub: AsyncStub) -> None:
+    first = await member(stub, "drone-1", max_in_flight=1)
+    task = (await stub.CreateTask(pool_task())).task
+    held = await next_execute(first)
+    assert held.attempts[-1].entity_id == "drone-1"
+    first.cancel()  # gone without reporting receipt
+    second = await member(stub, "drone-2")
+    handed = await next_execute(second)
+    assert handed.version.task_id == task.version.task_id
+    assert handed.attempts[-1].entity_id == "drone-2" and handed.attempt == 1
+    history = await stub.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task.version.task_id))
+    reasons = [entry.reason for entry in history.entries]
+    assert "pool member drone-1 left before receiving it" in reasons
+    done = await report(stub, handed, S.STATUS_DONE_OK)
+    assert done.status.status == S.STATUS_DONE_OK
+    second.cancel()
+
+
+async def test_a_pool_task_waits_for_a_member(stub: AsyncStub) -> None:
+    task = (await stub.CreateTask(pool_task("pool-b"))).task
+    assert task.status.status == S.STATUS_SENT and task.attempts[-1].entity_id == ""
+    late = await member(stub, "rover-1", "pool-b")
+    assert (await next_execute(late)).version.task_id == task.version.task_id
+    late.cancel()
+
+
+@pytest.fixture
+async def clocked(tmp_path: Path) -> AsyncIterator[tuple[TaskManagerServer, ManualClock]]:
+    clock = ManualClock()
+    server = await TaskManagerServer.start(
+        Settings(listen="127.0.0.1:0", db=tmp_path / "tasks.db", shutdown_grace_s=1.0), clock
+    )
+    yield server, clock
+    await server.stop()
+
+
+async def test_a_retry_goes_to_another_member(
+    clocked: tuple[TaskManagerServer, ManualClock],
+) -> None:
+    server, clock = clocked
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = AsyncStub(channel)
+        calls = {name: await member(stub, name) for name in ("drone-1", "drone-2")}
+        timeout = Duration(seconds=10)
+        task = (
+            await stub.CreateTask(
+                pool_task(policy=pb.TaskPolicy(heartbeat_timeout=timeout, max_attempts=2))
+            )
+        ).task
+        with anyio.fail_after(20):
+            while not (holder := (await get(stub, task)).attempts[-1].entity_id):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        first = await next_execute(calls[holder])
+        await report(stub, first, S.STATUS_MACHINE_RECEIPT)  # then silence
+        other = "drone-2" if holder == "drone-1" else "drone-1"
+        # The other member is busier (one task, no timeout): only the rule that a retry
+        # goes elsewhere makes it the choice over the now idle first holder.
+        await stub.CreateTask(pool_task())
+        busy = await next_execute(calls[other])
+        assert busy.attempts[-1].entity_id == other
+        clock.advance(10)
+        retried = await next_execute(calls[other])
+        assert retried.attempt == 2 and retried.attempts[-1].entity_id == other
+        assert retried.attempts[0].entity_id == holder
+        assert retried.attempts[0].error.code == pb.ERROR_CODE_TIMEOUT
+        for call in calls.values():
+            call.cancel()
+
+
+async def get(stub: AsyncStub, task: pb.Task) -> pb.Task:
+    return (await stub.GetTask(pb.GetTaskRequest(task_id=task.version.task_id))).task
+
+
+async def test_flow_control_never_exceeds_max_in_flight(stub: AsyncStub) -> None:
+    limit, total = 5, 1_000
+    worker = await member(stub, "worker-1", "pool-w", max_in_flight=limit)
+
+    async def create_one() -> None:
+        await stub.CreateTask(create_request("worker-1"))
+
+    async def create_all() -> None:
+        for _ in range(total // 100):
+            async with anyio.create_task_group() as group:
+                for _ in range(100):
+                    group.start_soon(create_one)
+
+    counts = {"received": 0, "completions_sent": 0, "most": 0}
+    arrived, arrivals = anyio.create_memory_object_stream[pb.Task](total)
+
+    async def read_all() -> None:
+        # Reads as fast as tasks arrive, whatever the completer does: a server that sent
+        # beyond the limit would show here at once.
+        async with arrived:
+            while counts["received"] < total:
+                task = await next_execute(worker)
+                counts["received"] += 1
+                # A completion lets the server send one more: count it from when it is sent.
+                unfinished = counts["received"] - counts["completions_sent"]
+                counts["most"] = max(counts["most"], unfinished)
+                assert unfinished <= limit, "the server sent beyond max_in_flight"
+                await arrived.send(task)
+
+    rng = random.Random(7)
+    async with anyio.create_task_group() as group:
+        group.start_soon(create_all)
+        group.start_soon(read_all)
+        window: list[pb.Task] = []
+        async with arrivals:
+            async for task in arrivals:
+                window.append(task)
+                # Complete only with a full window (or at the end), in a random order.
+                if len(window) == limit or counts["received"] == total:
+                    rng.shuffle(window)
+                    for finished in window:
+                        counts["completions_sent"] += 1
+                        await report(stub, finished, S.STATUS_DONE_OK)
+                    window.clear()
+    received, most = counts["received"], counts["most"]
+    assert most == limit and received == total
+    agents = await stub.ListAgents(pb.ListAgentsRequest(entity_ids=["worker-1"]))
+    assert agents.agents[0].tasks_in_flight == 0
+    worker.cancel()
