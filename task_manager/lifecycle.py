@@ -260,6 +260,10 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, no
     current = stored.task
     assignee = assignee_entity_id(current)
     caller.check_entity(assignee, f"update task {current.version.task_id}")
+    holder = current.attempts[-1].entity_id if current.attempts else ""
+    if assignee_kind(current) == "team" and holder:
+        # In a pool, only the member holding the attempt reports on it.
+        caller.check_entity(holder, f"update task {current.version.task_id} of pool {assignee}")
     claimed = update.author if update.HasField("author") else None
     author = caller.author(claimed, assignee)
     if author is not None and author != claimed:

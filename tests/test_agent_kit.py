@@ -332,3 +332,24 @@ def test_sync_operator_client_for_scripts(tmp_path: Path) -> None:
             assert len(client.history("script-task")) == 3
     finally:
         assert server.terminate() == 0
+
+
+async def test_an_agent_runs_at_most_max_in_flight_handlers(server: TaskManagerServer) -> None:
+    running_now, most, limit = 0, 0, 2
+    release = anyio.Event()
+
+    async def work(task: TaskContext) -> None:
+        nonlocal running_now, most
+        running_now += 1
+        most = max(most, running_now)
+        if running_now == limit:
+            release.set()  # the window is full: let every handler finish
+        await release.wait()
+        running_now -= 1
+
+    agent = Agent(server.address, "drone-1", work, max_in_flight=limit)
+    async with running(agent), OperatorClient(server.address) as client:
+        tasks = [await client.create_task(assignee_entity_id="drone-1") for _ in range(6)]
+        for task in tasks:
+            await wait_for_status(client, task.version.task_id, [S.STATUS_DONE_OK])
+    assert most == limit

@@ -399,3 +399,31 @@ async def test_list_agents_tracks_streams_last_seen_and_lost(tmp_path: Path) -> 
         assert list(none.agents) == []
     finally:
         await second.stop()
+
+
+@pytest.mark.parametrize("kind", ["receipt_timeout", "heartbeat_timeout", "execution_timeout"])
+@pytest.mark.parametrize("attempts", [1, 2])
+async def test_every_timeout_with_and_without_attempts_left(
+    harness: Harness, kind: str, attempts: int
+) -> None:
+    policy = pb.TaskPolicy(max_attempts=attempts)
+    getattr(policy, kind).CopyFrom(seconds(10))
+    task = await harness.create(policy)
+    if kind != "receipt_timeout":
+        task = await harness.report(task, S.STATUS_MACHINE_RECEIPT)
+    harness.clock.advance(5)
+    if kind == "execution_timeout":
+        await harness.report(task, S.STATUS_EXECUTING)  # updates do not extend an attempt
+    harness.clock.advance(4.999)
+    await harness.settled()
+    assert (await harness.get(task.version.task_id)).attempt == 1
+    harness.clock.advance(0.001)
+    if attempts == 1:
+        ended = await harness.until(task.version.task_id, status_is(S.STATUS_DONE_NOT_OK))
+        assert ended.status.task_error.code == pb.ERROR_CODE_TIMEOUT
+        assert ended.status.task_error.message.startswith(f"{kind} (10 s) passed")
+        assert len(ended.attempts) == 1
+    else:
+        resent = await harness.until(task.version.task_id, lambda t: t.attempt == 2)
+        assert resent.status.status == S.STATUS_SENT
+        assert resent.attempts[0].error.message.startswith(f"{kind} (10 s) passed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from agent_kit._grpc import ClientAuth, open_stub
+from storage.sqlite import add_credential
+from task_manager.auth import Role, new_token
 from task_manager.clock import ManualClock
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
@@ -197,3 +201,36 @@ async def test_flow_control_never_exceeds_max_in_flight(stub: AsyncStub) -> None
     agents = await stub.ListAgents(pb.ListAgentsRequest(entity_ids=["worker-1"]))
     assert agents.agents[0].tasks_in_flight == 0
     worker.cancel()
+
+
+async def test_only_the_holding_member_may_report(tmp_path: Path) -> None:
+    db = tmp_path / "tasks.db"
+    tokens = {}
+    for name, role, entities in (
+        ("ops", Role.OPERATOR, ()),
+        ("drone-1", Role.AGENT, ("drone-1", "pool-a")),
+        ("drone-2", Role.AGENT, ("drone-2", "pool-a")),
+    ):
+        credential, tokens[name] = new_token(name, role, entities, time.time_ns())
+        add_credential(db, credential)
+    server = await TaskManagerServer.start(
+        Settings(listen="127.0.0.1:0", db=db, shutdown_grace_s=1.0)
+    )
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+
+            def as_(name: str) -> AsyncStub:
+                return open_stub(channel, ClientAuth(token=tokens[name]))
+
+            one = await member(as_("drone-1"), "drone-1")
+            task = (await as_("ops").CreateTask(pool_task())).task
+            held = await next_execute(one)
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await report(as_("drone-2"), held, S.STATUS_MACHINE_RECEIPT)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "drone-1" in (denied.value.details() or "")
+            done = await report(as_("drone-1"), held, S.STATUS_DONE_OK)
+            assert done.version.task_id == task.version.task_id
+            one.cancel()
+    finally:
+        await server.stop()
