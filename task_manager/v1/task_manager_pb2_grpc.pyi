@@ -12,7 +12,13 @@ Lifecycle rules (binding; see README "Lifecycle"):
 - A task is stored at STATUS_CREATED with definition_version 1 and status_version 1.
   A task with a System assignee that is not is_executed_elsewhere is then released:
   STATUS_SENT, status_version 2, delivered to every ListenAsAgent stream whose
-  selector holds the assignee's system.entity_id.
+  selector holds the assignee's system.entity_id. A Team (pool) assignee's task goes
+  to one member stream at a time (see README "Pools and flow control"). With a future
+  CreateTaskRequest.scheduled_time it waits at STATUS_SCHEDULED_IN_MANAGER (version 2)
+  and is released at that time (version 3).
+- Timeouts and retries (TaskPolicy) end attempts; a new attempt starts at STATUS_SENT
+  with a new status_version (see TaskPolicy and README "Timeouts, attempts and
+  scheduling").
 - Every accepted status change increments status_version by exactly one. An update
   carries the status_version its author last saw and is accepted only if it equals
   the stored one (compare-and-set). A mismatch fails with ABORTED and the current
