@@ -78,13 +78,14 @@ class Caller:
         if self.role not in RIGHTS[method]:
             raise PermissionDenied(f"{self.role} {self.principal!r} may not call {method}")
 
-    def check_entity(self, entity_id: str | None, what: str) -> None:
-        """An agent acts only for its own entity ids; other roles are not bound to any."""
+    def check_entity(self, entity_id: str | None, action: str, subject: str) -> None:
+        """An agent acts only for its own entity ids; other roles are not bound to any.
+        (The message is built only for a refusal: this runs on every status update.)"""
         if self.role is Role.AGENT and entity_id not in self.entity_ids:
             owner = f"entity {entity_id!r}" if entity_id else "no agent"
             raise PermissionDenied(
-                f"agent {self.principal!r} may not {what}: it belongs to {owner}, and this"
-                f" token acts for {sorted(self.entity_ids)}"
+                f"agent {self.principal!r} may not {action} {subject}: it belongs to {owner},"
+                f" and this token acts for {sorted(self.entity_ids)}"
             )
 
     def author(self, claimed: Principal | None, entity_id: str | None = None) -> Principal | None:

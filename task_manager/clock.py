@@ -90,6 +90,6 @@ class ManualClock:
 
 
 def timestamp(ns: int) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(ns)
-    return stamp
+    # Built directly: FromNanoseconds validates, and this runs several times per write.
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    return Timestamp(seconds=seconds, nanos=nanos)

@@ -69,11 +69,15 @@ class Settings:
 
     def task_policy(self) -> TaskPolicy:
         """The policy a task gets for every field its CreateTaskRequest leaves unset."""
-        return TaskPolicy(
-            receipt_timeout=duration(self.receipt_timeout_s),
-            heartbeat_timeout=duration(self.heartbeat_timeout_s),
-            execution_timeout=duration(self.execution_timeout_s),
-            max_attempts=self.max_attempts,
-            retry_backoff=duration(self.retry_backoff_s),
-            max_retry_backoff=duration(self.max_retry_backoff_s),
-        )
+        policy = TaskPolicy(max_attempts=self.max_attempts)
+        # Zero durations stay unset: a smaller task, and no timeout to look at.
+        for name, seconds in (
+            ("receipt_timeout", self.receipt_timeout_s),
+            ("heartbeat_timeout", self.heartbeat_timeout_s),
+            ("execution_timeout", self.execution_timeout_s),
+            ("retry_backoff", self.retry_backoff_s),
+            ("max_retry_backoff", self.max_retry_backoff_s),
+        ):
+            if seconds > 0:
+                getattr(policy, name).CopyFrom(duration(seconds))
+        return policy

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from storage.base import Change
 from task_manager.errors import ServerShuttingDown, StreamEnded, StreamFellBehind
+from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1.task_manager_pb2 import (
     CancelRequest,
     CompleteRequest,
@@ -43,11 +44,11 @@ log = logging.getLogger(__name__)
 DEFAULT_STREAM_BUFFER = 1_024
 """Requests queued for one stream at most before it counts as fallen behind."""
 IN_FLIGHT_STATUSES = frozenset(Status.values()) - {
-    Status.STATUS_INVALID,
-    Status.STATUS_CREATED,
-    Status.STATUS_SCHEDULED_IN_MANAGER,
-    Status.STATUS_DONE_OK,
-    Status.STATUS_DONE_NOT_OK,
+    pb.STATUS_INVALID,
+    pb.STATUS_CREATED,
+    pb.STATUS_SCHEDULED_IN_MANAGER,
+    pb.STATUS_DONE_OK,
+    pb.STATUS_DONE_NOT_OK,
 }
 """A task at one of these is with its agent (or on its way): it counts as unfinished."""
 
@@ -59,12 +60,12 @@ future holds the task after the write, or None if the task had moved on."""
 def agent_request_for(task: Task) -> ListenAsAgentResponse | None:
     """The request a task at its current status puts on its agent's stream, if any."""
     status = task.status.status
-    if status == Status.STATUS_SENT:
+    if status == pb.STATUS_SENT:
         return ListenAsAgentResponse(execute_request=ExecuteRequest(task=task))
-    if status == Status.STATUS_CANCEL_REQUESTED:
+    if status == pb.STATUS_CANCEL_REQUESTED:
         cancel = CancelRequest(task_id=task.version.task_id, assignee=task.relations.assignee)
         return ListenAsAgentResponse(cancel_request=cancel)
-    if status == Status.STATUS_COMPLETE_REQUESTED:
+    if status == pb.STATUS_COMPLETE_REQUESTED:
         return ListenAsAgentResponse(complete_request=CompleteRequest(task_id=task.version.task_id))
     return None
 
@@ -133,24 +134,30 @@ class AgentStream:
         """Sends an ExecuteRequest now, or once there is room (flow control)."""
         task_id = task.version.task_id
         if task_id in self._held or self.has_room():
-            self.hold(task, Status.STATUS_SENT)
+            self.hold(task, pb.STATUS_SENT, pool_of(task))
             self.send(request)
         else:
             self._waiting[task_id] = (task, request)
 
-    def hold(self, task: Task, status: int) -> None:
+    def hold(self, task: Task, status: int, pool: str | None) -> None:
         task_id = task.version.task_id
-        self._waiting.pop(task_id, None)
-        self._held[task_id] = _Held(status, pool_of(task), task.version.status_version)
+        if self._waiting:
+            self._waiting.pop(task_id, None)
+        held = self._held.get(task_id)
+        if held is None:
+            self._held[task_id] = _Held(status, pool, task.version.status_version)
+        else:  # the common case: a status change of a task it has
+            held.status, held.status_version = status, task.version.status_version
 
     def forget(self, task_id: str) -> bool:
         """The task is no longer this agent's to run; True if that freed room."""
-        self._waiting.pop(task_id, None)
+        if self._waiting:
+            self._waiting.pop(task_id, None)
         if self._held.pop(task_id, None) is None:
             return False
         while self._waiting and self.has_room():
             _, (task, request) = self._waiting.popitem(last=False)
-            self.hold(task, Status.STATUS_SENT)
+            self.hold(task, pb.STATUS_SENT, pool_of(task))
             self.send(request)
         return True
 
@@ -158,7 +165,7 @@ class AgentStream:
         return [
             (task_id, held)
             for task_id, held in self._held.items()
-            if held.pool is not None and held.status == Status.STATUS_SENT
+            if held.pool is not None and held.status == pb.STATUS_SENT
         ]
 
     def end(self, reason: StreamEnded) -> None:
@@ -228,16 +235,21 @@ class Dispatcher:
     def publish(self, changes: Sequence[Change]) -> None:
         """Called after each commit with its changes, in revision order."""
         for change in changes:
-            entity_id = pool_of(change.task) or _system_entity(change.task)
+            task = change.task
+            pool = pool_of(task)
+            entity_id = pool or _system_entity(task)
             if entity_id is None:
                 continue
+            streams = self._streams_by_entity.get(entity_id)
+            if not streams and pool is None:
+                continue  # nobody listens for this agent: nothing to send or count
             live = []
-            for stream in self._streams_by_entity.get(entity_id, ()):
+            for stream in streams or ():
                 if stream.loading is None:
                     live.append(stream)
                 else:
                     stream.loading.append(change)
-            self._route(change.task, live)
+            self._route(task, live)
 
     def close(self) -> None:
         """Ends every stream with ServerShuttingDown and refuses new ones."""
@@ -254,12 +266,12 @@ class Dispatcher:
             self._route_pool_task(task, pool, streams)
             return
         entity_id = _system_entity(task)
-        if entity_id is None:
+        if entity_id is None or not streams:
             return
-        request = _encoded(task)
+        request = _encoded(task)  # once for every stream of the agent
         for stream in streams:
             if entity_id in stream.entity_ids:
-                self._deliver(stream, task, request)
+                self._deliver(stream, task, request, None)
 
     def _route_pool_task(self, task: Task, pool: str, streams: Sequence[AgentStream]) -> None:
         task_id, status, holder = task.version.task_id, task.status.status, holder_of(task)
@@ -271,29 +283,31 @@ class Dispatcher:
             if pool not in stream.entity_ids:
                 continue
             if holder and stream.member_for(pool) == holder:
-                self._deliver(stream, task, request)
+                self._deliver(stream, task, request, pool)
             elif stream.forget(task_id):
                 self._assign_all(stream.entity_ids)
         waiting = self._unassigned.setdefault(pool, OrderedDict())
         waiting.pop(task_id, None)
-        if status == Status.STATUS_SENT and not holder:
+        if status == pb.STATUS_SENT and not holder:
             waiting[task_id] = task
             self._assign(pool)
-        elif status == Status.STATUS_SENT and not self._member_listening(pool, holder):
+        elif status == pb.STATUS_SENT and not self._member_listening(pool, holder):
             self._write_holder(task, holder, "")  # its holder left before receiving it
         if not waiting:
             del self._unassigned[pool]
 
-    def _deliver(self, stream: AgentStream, task: Task, request: bytes | None) -> None:
+    def _deliver(
+        self, stream: AgentStream, task: Task, request: bytes | None, pool: str | None
+    ) -> None:
         status = task.status.status
         if status not in IN_FLIGHT_STATUSES:
             if stream.forget(task.version.task_id):
                 self._assign_all(stream.entity_ids)
-        elif status == Status.STATUS_SENT:
+        elif status == pb.STATUS_SENT:
             assert request is not None
             stream.send_execute(task, request)
         else:
-            stream.hold(task, status)
+            stream.hold(task, status, pool)
             if request is not None:
                 stream.send(request)
 
@@ -323,7 +337,7 @@ class Dispatcher:
             fresh = [stream for stream in members if stream.member_for(pool) not in tried]
             chosen = min(fresh or members, key=lambda s: (s.in_flight, s.last_assigned))
             chosen.last_assigned = next(self._ticks)
-            chosen.hold(task, Status.STATUS_SENT)  # its room is taken while the write runs
+            chosen.hold(task, pb.STATUS_SENT, pool)  # its room is taken during the write
             del waiting[task_id]
             self._write_holder(task, "", chosen.member_for(pool), chosen)
 

@@ -27,9 +27,9 @@ from task_manager.errors import (
     TerminalTask,
     VersionConflict,
 )
+from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1.task_manager_pb2 import (
     CreateTaskRequest,
-    ErrorCode,
     Principal,
     Status,
     StatusUpdate,
@@ -43,11 +43,9 @@ from task_manager.v1.task_manager_pb2 import (
     UpdateTaskRequest,
 )
 
-TERMINAL_STATUSES = frozenset({Status.STATUS_DONE_OK, Status.STATUS_DONE_NOT_OK})
-UNRELEASED_STATUSES = frozenset({Status.STATUS_CREATED, Status.STATUS_SCHEDULED_IN_MANAGER})
-OPERATOR_REQUEST_STATUSES = frozenset(
-    {Status.STATUS_CANCEL_REQUESTED, Status.STATUS_COMPLETE_REQUESTED}
-)
+TERMINAL_STATUSES = frozenset({pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK})
+UNRELEASED_STATUSES = frozenset({pb.STATUS_CREATED, pb.STATUS_SCHEDULED_IN_MANAGER})
+OPERATOR_REQUEST_STATUSES = frozenset({pb.STATUS_CANCEL_REQUESTED, pb.STATUS_COMPLETE_REQUESTED})
 
 MANAGER = Principal(system=System(service_name="task-manager"))
 """The author of the changes the task manager makes by itself (release to SENT)."""
@@ -69,7 +67,7 @@ def create_task(
     task = Task(
         version=TaskVersion(task_id=task_id, definition_version=1, status_version=1),
         display_name=request.display_name,
-        status=TaskStatus(status=Status.STATUS_CREATED),
+        status=TaskStatus(status=pb.STATUS_CREATED),
         description=request.description,
         is_executed_elsewhere=request.is_executed_elsewhere,
         create_time=now,
@@ -89,7 +87,7 @@ def create_task(
     if not is_releasable(task):
         return task
     if request.HasField("scheduled_time") and liveness.ns(request.scheduled_time) > now_ns:
-        scheduled = TaskStatus(status=Status.STATUS_SCHEDULED_IN_MANAGER)
+        scheduled = TaskStatus(status=pb.STATUS_SCHEDULED_IN_MANAGER)
         waiting = _with_status(task, scheduled, MANAGER, now_ns)
         tx.replace(_stored(waiting, None, None), 1)
         return waiting
@@ -105,7 +103,7 @@ def _send(
 ) -> Task:
     """Starts the next attempt: SENT, to be delivered to the agent. update is the agent's
     report that ended the previous attempt, if one did (kept for the retry check)."""
-    sent = _with_status(stored.task, TaskStatus(status=Status.STATUS_SENT), MANAGER, now_ns)
+    sent = _with_status(stored.task, TaskStatus(status=pb.STATUS_SENT), MANAGER, now_ns)
     sent.attempt += 1
     # A pool task's holder is chosen by the dispatcher once a member has room.
     agent = "" if assignee_kind(sent) == "team" else assignee_entity_id(sent) or ""
@@ -160,7 +158,7 @@ def expire(
         return Expiry(not_before_ns=started_ns + grace_ns)
     agent = task.attempts[-1].entity_id
     message = liveness.timeout_message(deadline.kind, task, agent)
-    error = TaskError(code=ErrorCode.ERROR_CODE_TIMEOUT, message=message)
+    error = TaskError(code=pb.ERROR_CODE_TIMEOUT, message=message)
     # An agent asked to cancel or complete that goes silent is not asked again.
     retry = task.status.status not in OPERATOR_REQUEST_STATUSES
     return Expiry(task=_end_attempt(tx, stored, error, retry, MANAGER, None, now_ns))
@@ -181,23 +179,21 @@ def _end_attempt(
     current = stored.task
     policy = current.policy
     if not retry or current.attempt >= policy.max_attempts:
-        failed = TaskStatus(status=Status.STATUS_DONE_NOT_OK, task_error=error)
+        failed = TaskStatus(status=pb.STATUS_DONE_NOT_OK, task_error=error)
         task = _with_status(current, failed, author, now_ns)
-        _close_attempt(task, Status.STATUS_DONE_NOT_OK, error, now_ns)
+        _close_attempt(task, pb.STATUS_DONE_NOT_OK, error, now_ns)
         agent_task = task if update is not None else stored.agent_task
         tx.replace(_stored(task, agent_task, update), current.version.status_version)
         return task
     ended = Task()
     ended.CopyFrom(current)
-    _close_attempt(ended, Status.STATUS_DONE_NOT_OK, error, now_ns)
+    _close_attempt(ended, pb.STATUS_DONE_NOT_OK, error, now_ns)
     reason = f"attempt {current.attempt} of {policy.max_attempts} failed: {error.message}"
     backoff_ns = liveness.retry_backoff_ns(policy, current.attempt)
     if backoff_ns == 0:
         ending = StoredTask(task=ended, agent_task=stored.agent_task, last_update=None)
         return _send(tx, ending, now_ns, reason, update)
-    waiting = _with_status(
-        ended, TaskStatus(status=Status.STATUS_SCHEDULED_IN_MANAGER), author, now_ns
-    )
+    waiting = _with_status(ended, TaskStatus(status=pb.STATUS_SCHEDULED_IN_MANAGER), author, now_ns)
     waiting.scheduled_time.CopyFrom(timestamp(now_ns + backoff_ns))
     tx.replace(_stored(waiting, stored.agent_task, update), current.version.status_version, reason)
     return waiting
@@ -211,7 +207,7 @@ def _close_attempt(
     attempt = task.attempts[-1]
     attempt.end_time.CopyFrom(timestamp(now_ns))
     attempt.outcome = outcome
-    if error is not None and error.code != ErrorCode.ERROR_CODE_INVALID:
+    if error is not None and error.code != pb.ERROR_CODE_INVALID:
         attempt.error.CopyFrom(error)
 
 
@@ -236,7 +232,7 @@ def hand_over(
         return None
     current = stored.task
     if (
-        current.status.status != Status.STATUS_SENT
+        current.status.status != pb.STATUS_SENT
         or current.version.status_version != seen.version.status_version
         or not current.attempts
         or current.attempts[-1].entity_id != old_holder
@@ -259,14 +255,15 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, no
     stored = _load(tx, update.version.task_id)
     current = stored.task
     assignee = assignee_entity_id(current)
-    caller.check_entity(assignee, f"update task {current.version.task_id}")
+    task_id = current.version.task_id
+    caller.check_entity(assignee, "update task", task_id)
     holder = current.attempts[-1].entity_id if current.attempts else ""
     if assignee_kind(current) == "team" and holder:
         # In a pool, only the member holding the attempt reports on it.
-        caller.check_entity(holder, f"update task {current.version.task_id} of pool {assignee}")
+        caller.check_entity(holder, "update task", f"{task_id} of pool {assignee}")
     claimed = update.author if update.HasField("author") else None
     author = caller.author(claimed, assignee)
-    if author is not None and author != claimed:
+    if author is not None and author is not claimed:
         # Stored as if sent with the author filled in, so a retry still matches it.
         filled = StatusUpdate()
         filled.CopyFrom(update)
@@ -282,11 +279,11 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, no
     requested = update.status.status
     status = update.status
     if requested in OPERATOR_REQUEST_STATUSES and current.status.status in UNRELEASED_STATUSES:
-        if requested == Status.STATUS_COMPLETE_REQUESTED:
+        if requested == pb.STATUS_COMPLETE_REQUESTED:
             raise _not_released(current, "complete")
         status = _cancelled_before_release(update.status.task_error.message)
-    failed = update.status.task_error.code == ErrorCode.ERROR_CODE_FAILED
-    if requested == Status.STATUS_DONE_NOT_OK and failed and current.attempts:
+    failed = update.status.task_error.code == pb.ERROR_CODE_FAILED
+    if requested == pb.STATUS_DONE_NOT_OK and failed and current.attempts:
         # The agent failed this attempt: the next one starts if attempts remain.
         return _end_attempt(tx, stored, update.status.task_error, True, author, update, now_ns)
     task = _with_status(current, status, author, now_ns)
@@ -310,13 +307,13 @@ def cancel_task(
     DONE_NOT_OK / ERROR_CODE_CANCELLED. Idempotent while the request is pending."""
     stored = _load(tx, task_id)
     current = stored.task
-    if current.status.status == Status.STATUS_CANCEL_REQUESTED:
+    if current.status.status == pb.STATUS_CANCEL_REQUESTED:
         return current
     _require_not_terminal(current)
     if current.status.status in UNRELEASED_STATUSES:
         status = _cancelled_before_release(reason)
     else:
-        status = _operator_request(current, Status.STATUS_CANCEL_REQUESTED)
+        status = _operator_request(current, pb.STATUS_CANCEL_REQUESTED)
     return _record_operator_change(tx, stored, status, author, reason, now_ns)
 
 
@@ -327,14 +324,14 @@ def complete_task(
     request is pending; refused for a task never sent or already being cancelled."""
     stored = _load(tx, task_id)
     current = stored.task
-    if current.status.status == Status.STATUS_COMPLETE_REQUESTED:
+    if current.status.status == pb.STATUS_COMPLETE_REQUESTED:
         return current
     _require_not_terminal(current)
     if current.status.status in UNRELEASED_STATUSES:
         raise _not_released(current, "complete")
-    if current.status.status == Status.STATUS_CANCEL_REQUESTED:
+    if current.status.status == pb.STATUS_CANCEL_REQUESTED:
         raise FailedPrecondition(f"task {task_id} is being cancelled; it cannot be completed")
-    status = _operator_request(current, Status.STATUS_COMPLETE_REQUESTED)
+    status = _operator_request(current, pb.STATUS_COMPLETE_REQUESTED)
     return _record_operator_change(tx, stored, status, author, reason, now_ns)
 
 
@@ -379,7 +376,7 @@ def update_task(
         updated.specification.CopyFrom(request.specification)
     status = current.status
     if current.status.status not in UNRELEASED_STATUSES:
-        status = TaskStatus(status=Status.STATUS_SENT)
+        status = TaskStatus(status=pb.STATUS_SENT)
     task = _with_status(updated, status, author, now_ns)
     reason = f"definition_version {have + 1}"
     tx.replace(_stored(task, stored.agent_task, None), current.version.status_version, reason)
@@ -426,10 +423,10 @@ def _not_released(task: Task, action: str) -> FailedPrecondition:
 
 def _cancelled_before_release(reason: str) -> TaskStatus:
     error = TaskError(
-        code=ErrorCode.ERROR_CODE_CANCELLED,
+        code=pb.ERROR_CODE_CANCELLED,
         message=reason or "cancelled before it was sent to an agent",
     )
-    return TaskStatus(status=Status.STATUS_DONE_NOT_OK, task_error=error)
+    return TaskStatus(status=pb.STATUS_DONE_NOT_OK, task_error=error)
 
 
 def _operator_request(current: Task, status: Status.ValueType) -> TaskStatus:

@@ -12,7 +12,8 @@ from enum import StrEnum
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from task_manager.v1.task_manager_pb2 import Status, Task, TaskPolicy
+from task_manager.v1 import task_manager_pb2 as pb
+from task_manager.v1.task_manager_pb2 import Task, TaskPolicy
 
 
 class DeadlineKind(StrEnum):
@@ -30,10 +31,10 @@ class Deadline:
 
 _NOT_RUNNING = frozenset(
     {
-        Status.STATUS_INVALID,
-        Status.STATUS_CREATED,
-        Status.STATUS_DONE_OK,
-        Status.STATUS_DONE_NOT_OK,
+        pb.STATUS_INVALID,
+        pb.STATUS_CREATED,
+        pb.STATUS_DONE_OK,
+        pb.STATUS_DONE_NOT_OK,
     }
 )
 
@@ -41,24 +42,27 @@ _NOT_RUNNING = frozenset(
 def next_deadline(task: Task, agent_task: Task | None) -> Deadline | None:
     """The earliest moment the task manager must act on this task by itself."""
     status = task.status.status
-    if status == Status.STATUS_SCHEDULED_IN_MANAGER:
+    if status == pb.STATUS_SCHEDULED_IN_MANAGER:
         if not task.HasField("scheduled_time"):
             return None
         return Deadline(ns(task.scheduled_time), DeadlineKind.RELEASE)
     if status in _NOT_RUNNING or not task.attempts:
         return None
     policy = task.policy
+    execution_ns = duration_ns(policy.execution_timeout)
+    receipt_ns = duration_ns(policy.receipt_timeout)
+    heartbeat_ns = duration_ns(policy.heartbeat_timeout)
+    if not (execution_ns or receipt_ns or heartbeat_ns):
+        return None  # the common case: no timeouts
     started_ns = ns(task.attempts[-1].start_time)
     deadlines = []
-    if policy.execution_timeout.ToNanoseconds() > 0:
-        at_ns = started_ns + policy.execution_timeout.ToNanoseconds()
-        deadlines.append(Deadline(at_ns, DeadlineKind.EXECUTION))
-    received = agent_task is not None and agent_task.status.status != Status.STATUS_SENT
-    if not received and policy.receipt_timeout.ToNanoseconds() > 0:
-        at_ns = started_ns + policy.receipt_timeout.ToNanoseconds()
-        deadlines.append(Deadline(at_ns, DeadlineKind.RECEIPT))
-    if received and agent_task is not None and policy.heartbeat_timeout.ToNanoseconds() > 0:
-        at_ns = ns(agent_task.last_update_time) + policy.heartbeat_timeout.ToNanoseconds()
+    if execution_ns > 0:
+        deadlines.append(Deadline(started_ns + execution_ns, DeadlineKind.EXECUTION))
+    received = agent_task is not None and agent_task.status.status != pb.STATUS_SENT
+    if not received and receipt_ns > 0:
+        deadlines.append(Deadline(started_ns + receipt_ns, DeadlineKind.RECEIPT))
+    if received and agent_task is not None and heartbeat_ns > 0:
+        at_ns = ns(agent_task.last_update_time) + heartbeat_ns
         deadlines.append(Deadline(at_ns, DeadlineKind.HEARTBEAT))
     return min(deadlines, default=None)
 
@@ -106,7 +110,11 @@ def seconds(duration: Duration) -> str:
 
 
 def ns(stamp: Timestamp) -> int:
-    return int(stamp.ToNanoseconds())
+    return stamp.seconds * 1_000_000_000 + stamp.nanos
+
+
+def duration_ns(value: Duration) -> int:
+    return value.seconds * 1_000_000_000 + value.nanos
 
 
 def duration(seconds_value: float) -> Duration:

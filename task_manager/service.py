@@ -151,7 +151,7 @@ class TaskManagerService:
         stored = await self._store.get(task_id)
         if stored is None:
             raise TaskNotFound(task_id)
-        caller.check_entity(assignee_entity_id(stored.task), f"read task {task_id}")
+        caller.check_entity(assignee_entity_id(stored.task), "read task", task_id)
         task = lifecycle.task_view(stored, view)
         wanted = request.definition_version
         if wanted not in (0, task.version.definition_version):
@@ -289,7 +289,7 @@ class TaskManagerService:
     ) -> AsyncIterator[ListenAsAgentResponse | bytes]:
         entity_ids = validation.agent_selector(request, self._limits)
         for entity_id in sorted(entity_ids):
-            caller.check_entity(entity_id, f"listen as {entity_id!r}")
+            caller.check_entity(entity_id, "listen as", repr(entity_id))
         # Subscribe first, then read the backlog, then skip what the backlog covered:
         # a change committed between the two is queued here, never lost.
         max_in_flight = request.max_in_flight
@@ -379,7 +379,7 @@ class TaskManagerService:
             stored = await self._store.get(task_id)
             if stored is None:
                 raise TaskNotFound(task_id)
-            caller.check_entity(assignee_entity_id(stored.task), f"read task {task_id}")
+            caller.check_entity(assignee_entity_id(stored.task), "read task", task_id)
         after = validation.decode_page_token(request.page_token)
         page_size = validation.page_size(
             request.page_size, validation.MAX_HISTORY_PAGE_SIZE, validation.MAX_HISTORY_PAGE_SIZE
