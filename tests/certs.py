@@ -51,10 +51,16 @@ class TestCA:
             .not_valid_after(now + datetime.timedelta(days=1))
         )
 
-    def issue(self, common_name: str, *, server: bool = False) -> Issued:
+    def issue(
+        self, common_name: str, *, server: bool = False, alternative_name: str | None = None
+    ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         builder = self._builder(subject, key.public_key())
+        if alternative_name is not None:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(alternative_name)]), critical=False
+            )
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(

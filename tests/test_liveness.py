@@ -427,3 +427,20 @@ async def test_every_timeout_with_and_without_attempts_left(
         resent = await harness.until(task.version.task_id, lambda t: t.attempt == 2)
         assert resent.status.status == S.STATUS_SENT
         assert resent.attempts[0].error.message.startswith(f"{kind} (10 s) passed")
+
+
+async def test_an_agents_scheduled_time_is_recorded(harness: Harness) -> None:
+    task = await harness.create(pb.TaskPolicy())
+    planned = timestamp(harness.clock.now_ns() + 3_600 * 10**9)
+    update = pb.StatusUpdate(
+        version=pb.TaskVersion(task_id=task.version.task_id, status_version=2),
+        status=pb.TaskStatus(status=S.STATUS_WILCO),
+        scheduled_time=planned,
+    )
+    answered = await harness.stub.UpdateStatus(pb.UpdateStatusRequest(status_update=update))
+    assert answered.task.scheduled_time == planned
+    assert (await harness.get(task.version.task_id)).scheduled_time == planned
+    history = await harness.stub.GetTaskHistory(
+        pb.GetTaskHistoryRequest(task_id=task.version.task_id)
+    )
+    assert history.entries[-1].scheduled_time == planned

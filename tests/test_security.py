@@ -280,6 +280,14 @@ async def test_mutual_tls_names_the_principal_by_certificate(db: Path, tmp_path:
                 async for _ in other:
                     pass
             assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # A name in the certificate's subject alternative names counts as much as its CN.
+        by_san = ca.issue("workstation-17", alternative_name="drone-cert")
+        as_san = ClientAuth(tls_ca=ca.cert, tls_cert=by_san.cert, tls_key=by_san.key)
+        async with open_channel(target, as_san) as channel:
+            reply = await open_stub(channel, as_san).GetTask(
+                pb.GetTaskRequest(task_id=task.version.task_id)
+            )
+            assert reply.task.version.task_id == task.version.task_id
         unknown = ClientAuth(tls_ca=ca.cert, tls_cert=stranger.cert, tls_key=stranger.key)
         async with open_channel(target, unknown) as channel:
             call = open_stub(channel, unknown).GetTask(pb.GetTaskRequest(task_id="whatever-1"))
