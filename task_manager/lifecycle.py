@@ -1,4 +1,5 @@
-"""The lifecycle rules: versions, compare-and-set, terminal states, release, cancel/complete.
+"""The lifecycle rules: versions, compare-and-set, terminal states, release, cancel and
+complete, attempts and what a due deadline does, definition updates, pool hand-overs.
 
 Each operation runs inside one store write transaction (a unit of work), so every check
 and the write it guards are atomic. Pure Python: no gRPC, no SQL.
@@ -27,6 +28,9 @@ from task_manager.errors import (
     TerminalTask,
     VersionConflict,
 )
+
+# Enum values are read as pb.STATUS_*: module attributes, far cheaper per write than
+# Status.STATUS_* (a Python-level lookup on the enum wrapper).
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1.task_manager_pb2 import (
     CreateTaskRequest,
