@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from task_manager.v1.task_manager_pb2 import StatusUpdate, Task, TaskHistoryEntry
+from task_manager.v1.task_manager_pb2 import StatusUpdate, Task, TaskHistoryEntry, TaskVersion
 
 T = TypeVar("T")
 
@@ -64,33 +64,32 @@ def assignee_entity_id(task: Task) -> str | None:
     return None
 
 
-DEFINITION_FIELDS = ("display_name", "description", "specification")
-"""What UpdateTask may change: a task's definition, versioned by definition_version."""
+def definition_only(task: Task) -> Task:
+    """The definition of a task (what UpdateTask may change): its id, definition_version,
+    display_name, description and specification."""
+    definition = Task(
+        version=TaskVersion(
+            task_id=task.version.task_id, definition_version=task.version.definition_version
+        ),
+        display_name=task.display_name,
+        description=task.description,
+    )
+    if task.HasField("specification"):
+        definition.specification.CopyFrom(task.specification)
+    return definition
 
 
 def with_definition(task: Task, definition: Task) -> Task:
-    """task with the definition fields and definition_version of definition."""
+    """task with the definition (and definition_version) of definition."""
     combined = Task()
     combined.CopyFrom(task)
-    for name in DEFINITION_FIELDS:
-        combined.ClearField(name)  # type: ignore[arg-type]
-    combined.MergeFrom(definition_only(definition))
     combined.version.definition_version = definition.version.definition_version
+    combined.display_name = definition.display_name
+    combined.description = definition.description
+    combined.ClearField("specification")
+    if definition.HasField("specification"):
+        combined.specification.CopyFrom(definition.specification)
     return combined
-
-
-def definition_only(task: Task) -> Task:
-    """The definition of a task: its id, definition_version and definition fields."""
-    definition = Task()
-    definition.version.task_id = task.version.task_id
-    definition.version.definition_version = task.version.definition_version
-    for name in DEFINITION_FIELDS:
-        if name == "specification":
-            if task.HasField("specification"):
-                definition.specification.CopyFrom(task.specification)
-        else:
-            setattr(definition, name, getattr(task, name))
-    return definition
 
 
 @dataclass(frozen=True, slots=True)
