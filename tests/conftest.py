@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from task_manager.clock import ManualClock
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from tests.helpers import AsyncStub
@@ -24,6 +25,17 @@ async def server(tmp_path: Path) -> AsyncIterator[TaskManagerServer]:
         Settings(listen="127.0.0.1:0", db=tmp_path / "tasks.db", shutdown_grace_s=1.0)
     )
     yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def clocked(tmp_path: Path) -> AsyncIterator[tuple[TaskManagerServer, ManualClock]]:
+    """A server whose time moves only when the test advances the clock."""
+    clock = ManualClock()
+    running = await TaskManagerServer.start(
+        Settings(listen="127.0.0.1:0", db=tmp_path / "tasks.db", shutdown_grace_s=1.0), clock
+    )
+    yield running, clock
     await running.stop()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -103,16 +102,6 @@ async def test_a_pool_task_waits_for_a_member(stub: AsyncStub) -> None:
     late = await member(stub, "rover-1", "pool-b")
     assert (await next_execute(late)).version.task_id == task.version.task_id
     late.cancel()
-
-
-@pytest.fixture
-async def clocked(tmp_path: Path) -> AsyncIterator[tuple[TaskManagerServer, ManualClock]]:
-    clock = ManualClock()
-    server = await TaskManagerServer.start(
-        Settings(listen="127.0.0.1:0", db=tmp_path / "tasks.db", shutdown_grace_s=1.0), clock
-    )
-    yield server, clock
-    await server.stop()
 
 
 async def test_a_retry_goes_to_another_member(

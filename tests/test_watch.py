@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -173,20 +173,6 @@ async def test_snapshot_and_live_events_rebuild_the_store_under_concurrent_write
             assert state[task.version.task_id] == task
         else:  # finished before the snapshot, untouched since
             assert task.status.status == S.STATUS_DONE_OK
-
-
-@pytest.fixture
-async def clocked() -> AsyncIterator[tuple[TaskManagerServer, ManualClock]]:
-    import tempfile
-
-    clock = ManualClock()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = await TaskManagerServer.start(
-            Settings(listen="127.0.0.1:0", db=Path(tmp) / "t.db", shutdown_grace_s=1.0),
-            clock=clock,
-        )
-        yield server, clock
-        await server.stop()
 
 
 async def test_idle_watcher_gets_heartbeat_bookmarks_that_advance(
