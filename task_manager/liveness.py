@@ -17,6 +17,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1.task_manager_pb2 import Task, TaskPolicy
 
+MAX_DURATION_S = 10 * 366 * 24 * 3600
+"""The longest timeout or retry backoff (about 10 years): deadlines stay far inside the
+int64 nanoseconds they are stored as."""
+
 
 class DeadlineKind(StrEnum):
     RELEASE = "scheduled_time"
@@ -83,13 +87,14 @@ def effective_policy(requested: TaskPolicy, defaults: TaskPolicy) -> TaskPolicy:
 
 
 def retry_backoff_ns(policy: TaskPolicy, ended_attempt: int) -> int:
-    """How long to wait before the attempt after ended_attempt."""
-    base = int(policy.retry_backoff.ToNanoseconds())
+    """How long to wait before the attempt after ended_attempt: doubling from
+    retry_backoff, at most max_retry_backoff (or MAX_DURATION_S without one)."""
+    base = duration_ns(policy.retry_backoff)
     if base <= 0:
         return 0
     backoff = base << min(max(ended_attempt - 1, 0), 62)
-    cap = int(policy.max_retry_backoff.ToNanoseconds())
-    return min(backoff, cap) if cap > 0 else backoff
+    cap = duration_ns(policy.max_retry_backoff) or MAX_DURATION_S * 1_000_000_000
+    return min(backoff, cap)
 
 
 def timeout_message(kind: DeadlineKind, task: Task, agent: str) -> str:

@@ -12,11 +12,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from storage.base import TaskQuery, TaskSelector
 from task_manager.errors import InvalidArgument
+from task_manager.liveness import MAX_DURATION_S
 from task_manager.v1.task_manager_pb2 import (
     CancelTaskRequest,
     CompleteTaskRequest,
@@ -26,6 +28,7 @@ from task_manager.v1.task_manager_pb2 import (
     QueryTasksRequest,
     Status,
     StatusUpdate,
+    TaskPolicy,
     TaskView,
     UpdateTaskRequest,
     WatchTasksRequest,
@@ -56,6 +59,8 @@ class FieldLimits:
     entity_id_chars: int = 256
     filter_ids: int = 1_000
     """Entity ids per agent stream; task ids and entity ids per watch filter."""
+    max_attempts: int = 100
+    """The most attempts a TaskPolicy may ask for."""
 
 
 # Set by the task manager itself; an UpdateStatus may not claim them.
@@ -65,7 +70,8 @@ MANAGER_SET_STATUSES = frozenset(
 _STATUSES = frozenset(Status.values())
 _TASK_VIEWS = frozenset(TaskView.values())
 _FILTER_TYPES = frozenset(QueryTasksRequest.FilterType.values())
-_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799  # years 0001 to 9999
+# Times are stored as int64 nanoseconds since the epoch: years 1678 to 2262.
+_MIN_SECONDS, _MAX_SECONDS = -(2**63) // 10**9 + 1, (2**63 - 1) // 10**9 - 1
 
 
 def task_id(value: str, field: str = "task_id") -> str:
@@ -92,6 +98,10 @@ def check_create_task(request: CreateTaskRequest, limits: FieldLimits) -> None:
         task_id(relations.parent_task_id, "relations.parent_task_id")
     if relations.HasField("assignee"):
         _check_assignee(relations.assignee, limits)
+    if request.HasField("policy"):
+        _check_policy(request.policy, limits)
+    if request.HasField("scheduled_time"):
+        _timestamp(request.scheduled_time, "scheduled_time")
 
 
 def check_status_update(update: StatusUpdate, limits: FieldLimits) -> None:
@@ -305,8 +315,28 @@ def _enum(known: frozenset[int], value: int, field: str) -> None:
 
 def _timestamp(stamp: Timestamp, field: str) -> int:
     if not (0 <= stamp.nanos < 1_000_000_000 and _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS):
-        raise InvalidArgument(field, "is not a valid timestamp")
+        raise InvalidArgument(field, "is not a valid timestamp (years 1678 to 2262)")
     return int(stamp.ToNanoseconds())
+
+
+def _duration(value: Duration, field: str) -> None:
+    if not (0 <= value.nanos < 1_000_000_000 and 0 <= value.seconds <= MAX_DURATION_S):
+        raise InvalidArgument(field, "must be between 0 and 10 years")
+
+
+def _check_policy(policy: TaskPolicy, limits: FieldLimits) -> None:
+    for name in (
+        "receipt_timeout",
+        "heartbeat_timeout",
+        "execution_timeout",
+        "retry_backoff",
+        "max_retry_backoff",
+    ):
+        _duration(getattr(policy, name), f"policy.{name}")
+    if policy.max_attempts > limits.max_attempts:
+        raise InvalidArgument(
+            "policy.max_attempts", f"{policy.max_attempts} is more than {limits.max_attempts}"
+        )
 
 
 def _quote(value: str, limit: int = 40) -> str:

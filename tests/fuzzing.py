@@ -1,4 +1,5 @@
-"""Hypothesis strategies that build any message of a protobuf type from its descriptor.
+"""Hypothesis strategies that build any message of a protobuf type from its descriptor,
+or mutate a valid one.
 
 Every field may be set or not; strings mix free text with well-shaped ids; integers span
 the field's whole range; enums include values the schema does not name. Nesting stops at
@@ -7,7 +8,7 @@ a fixed depth so examples stay small.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -27,6 +28,31 @@ _INT_RANGES = {
     FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
     FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
 }
+
+
+_EDGES = sorted(
+    {
+        *(
+            sign * 2**bits + delta
+            for bits in (31, 32, 53, 62, 63, 64)
+            for sign in (1, -1)
+            for delta in (-1, 0, 1)
+        ),
+        # Seconds at the ends of what fits in int64 nanoseconds, and of the Timestamp range,
+        # and between the two (a time that is a valid Timestamp but overflows nanoseconds).
+        *(2**bits for bits in range(33, 38)),
+        10**11,
+        9_223_372_036,
+        -9_223_372_037,
+        253_402_300_799,
+        253_402_300_800,
+        -62_135_596_800,
+        10**10,
+        10**12,
+        10**15,
+    }
+)
+"""Integers where arithmetic and storage tend to break: sizes, overflow points, limits."""
 
 
 def messages(
@@ -64,26 +90,33 @@ def _single_values(
         return st.deferred(lambda: messages(nested, ids, depth + 1))
     if kind in _INT_RANGES:
         low, high = _INT_RANGES[kind]
-        return st.one_of(st.integers(-3, 1_100), st.integers(low, high)).filter(
-            lambda value: low <= value <= high
-        )
+        edges = st.sampled_from([value for value in _EDGES if low <= value <= high])
+        small = st.integers(max(low, -3), 1_100)
+        # Mostly plausible values, so a message often gets past its first check and
+        # reaches deeper code with one bad value.
+        return st.one_of(small, small, small, edges, edges, st.integers(low, high))
     if kind == FieldDescriptor.TYPE_ENUM:
         assert field.enum_type is not None
-        named = [value.number for value in field.enum_type.values]
-        return st.one_of(st.sampled_from(named), st.integers(-(2**31), 2**31 - 1))
+        named = st.sampled_from([value.number for value in field.enum_type.values])
+        return st.one_of(named, named, named, st.integers(-(2**31), 2**31 - 1))
     if kind == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         return st.floats(width=32) if kind == FieldDescriptor.TYPE_FLOAT else st.floats()
     if kind == FieldDescriptor.TYPE_STRING:
-        return st.one_of(ids, st.text(max_size=60), st.text(min_size=300, max_size=2_000))
+        return st.one_of(ids, ids, st.text(max_size=60), st.text(min_size=300, max_size=2_000))
     if kind == FieldDescriptor.TYPE_BYTES:
         return st.binary(max_size=200)
     raise AssertionError(f"no strategy for field type {kind} ({field.full_name})")
 
 
-def _build(message_class: type[Message], descriptor: Descriptor, values: dict[str, Any]) -> Message:
-    message = message_class()
+def _build(
+    message_class: type[Message],
+    descriptor: Descriptor,
+    values: dict[str, Any],
+    into: Message | None = None,
+) -> Message:
+    message = message_class() if into is None else into
     for name, value in values.items():
         field = descriptor.fields_by_name[name]
         target = getattr(message, name)
@@ -108,3 +141,34 @@ def byte_strings() -> st.SearchStrategy[bytes]:
 def _varint_bomb(prefix: bytes) -> bytes:
     # A field header claiming a huge length-delimited payload that is not there.
     return b"\x0a\xff\xff\xff\xff\x0f" + prefix
+
+
+def mutants(
+    valid: Message, ids: st.SearchStrategy[str], mutations: int = 2
+) -> st.SearchStrategy[Message]:
+    """valid with one to `mutations` fields, anywhere in it, set to arbitrary values: the
+    message gets past most checks and carries a bad value deep into the server."""
+
+    @st.composite
+    def mutate(draw: st.DrawFn) -> Message:
+        message = type(valid)()
+        message.CopyFrom(valid)
+        for _ in range(draw(st.integers(1, mutations))):
+            target: Message = message
+            depth = 0
+            while True:
+                descriptor = cast(Descriptor, target.DESCRIPTOR)
+                fields: list[FieldDescriptor] = list(descriptor.fields)
+                field = draw(st.sampled_from(fields))
+                descend = _is_message(field) and not field.is_repeated and depth < MAX_DEPTH
+                if descend and draw(st.booleans()):
+                    target = getattr(target, field.name)
+                    depth += 1
+                    continue
+                value = draw(_field_values(field, ids, depth))
+                target.ClearField(field.name)
+                _build(type(target), descriptor, {field.name: value}, into=target)
+                break
+        return message
+
+    return mutate()

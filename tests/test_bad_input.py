@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.duration_pb2 import Duration
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -187,6 +189,36 @@ CASES: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "relations.assignee.team.entity_id",
     ),
     (
+        "a timeout past int64 nanoseconds",
+        lambda s: s.CreateTask(_with_policy(receipt_timeout=Duration(seconds=2**62))),
+        Code.INVALID_ARGUMENT,
+        "policy.receipt_timeout",
+    ),
+    (
+        "a negative backoff",
+        lambda s: s.CreateTask(_with_policy(retry_backoff=Duration(seconds=-5))),
+        Code.INVALID_ARGUMENT,
+        "policy.retry_backoff",
+    ),
+    (
+        "max_attempts over the limit",
+        lambda s: s.CreateTask(_with_policy(max_attempts=2**31)),
+        Code.INVALID_ARGUMENT,
+        "policy.max_attempts",
+    ),
+    (
+        "scheduled_time past the year 2262",
+        lambda s: s.CreateTask(_scheduled(200_000_000_000)),
+        Code.INVALID_ARGUMENT,
+        "scheduled_time",
+    ),
+    (
+        "a time range past the year 2262",
+        lambda s: s.QueryTasks(_updated_after(10**10)),
+        Code.INVALID_ARGUMENT,
+        "update_time_range.start",
+    ),
+    (
         "unknown task view",
         lambda s: s.GetTask(_unknown_view()),
         Code.INVALID_ARGUMENT,
@@ -336,6 +368,24 @@ def _big_progress() -> pb.UpdateStatusRequest:
 def _with_parent(parent: str) -> pb.CreateTaskRequest:
     request = create_request()
     request.relations.parent_task_id = parent
+    return request
+
+
+def _with_policy(**policy: Any) -> pb.CreateTaskRequest:
+    request = create_request()
+    request.policy.CopyFrom(pb.TaskPolicy(**policy))
+    return request
+
+
+def _scheduled(seconds: int) -> pb.CreateTaskRequest:
+    request = create_request()
+    request.scheduled_time.seconds = seconds
+    return request
+
+
+def _updated_after(seconds: int) -> pb.QueryTasksRequest:
+    request = pb.QueryTasksRequest()
+    request.update_time_range.update_start_time.seconds = seconds
     return request
 
 

@@ -17,7 +17,9 @@ import grpc
 import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -26,11 +28,12 @@ from task_manager.auth import Role, new_token
 from task_manager.v1 import lattice_compat_pb2
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1.task_manager_pb2_grpc import TaskManagerStub
-from tests.fuzzing import byte_strings, messages
+from tests.fuzzing import byte_strings, messages, mutants
 from tests.helpers import ServerProcess
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
-"""Well-typed messages per run; raw byte strings are half as many."""
+"""Well-typed messages per run; mutated valid requests and raw byte strings are half as
+many each (800 cases by default)."""
 REFUSED_ANSWERS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 METHODS: list[MethodDescriptor] = [
     method
@@ -209,6 +212,67 @@ def test_random_and_truncated_bytes_get_proper_answers(world: FuzzWorld) -> None
     world.check_unharmed()
 
 
+def _valid_requests() -> dict[str, Message]:
+    """One valid request of every type, about the target tasks (which the fuzzing agent
+    and operator may change), for mutation."""
+    now = int(time.time())
+    update = pb.StatusUpdate(
+        version=pb.TaskVersion(task_id=TARGET_IDS[1], status_version=2, definition_version=1),
+        status=pb.TaskStatus(status=pb.Status.STATUS_EXECUTING),
+        scheduled_time=Timestamp(seconds=now + 60),
+    )
+    create = pb.CreateTaskRequest(
+        display_name="fuzzed",
+        description="a task",
+        policy=pb.TaskPolicy(
+            receipt_timeout=Duration(seconds=60), max_attempts=2, retry_backoff=Duration(seconds=1)
+        ),
+        scheduled_time=Timestamp(seconds=now + 3600),
+    )
+    create.relations.assignee.system.entity_id = "fuzz-agent-1"
+    query = pb.QueryTasksRequest(page_size=10, view=pb.TaskView.TASK_VIEW_MANAGER)
+    query.update_time_range.update_start_time.seconds = now - 3600
+    query.status_filter.status.append(pb.Status.STATUS_SENT)
+    requests: list[Message] = [
+        create,
+        pb.GetTaskRequest(task_id=TARGET_IDS[0], definition_version=1),
+        query,
+        pb.UpdateStatusRequest(status_update=update),
+        pb.ListenAsAgentRequest(
+            entity_ids=pb.EntityIds(entity_ids=["fuzz-agent-1"]), max_in_flight=2
+        ),
+        pb.CancelTaskRequest(task_id=TARGET_IDS[2], reason="fuzz"),
+        pb.CompleteTaskRequest(task_id=TARGET_IDS[3], reason="fuzz"),
+        pb.GetTaskHistoryRequest(task_id=TARGET_IDS[0], page_size=10),
+        pb.StatusReport(report_id=1, status_update=update),
+        pb.WatchTasksRequest(
+            filter=pb.WatchFilter(assignee_entity_ids=["fuzz-agent-1"]),
+            heartbeat_interval_ms=1_000,
+            rate_limit=pb.RateLimit(update_per_task_limit_ms=500),
+        ),
+        pb.ListAgentsRequest(entity_ids=["fuzz-agent-1"]),
+        pb.UpdateTaskRequest(task_id=TARGET_IDS[4], definition_version=1, display_name="y"),
+    ]
+    return {request.DESCRIPTOR.full_name: request for request in requests}
+
+
+VALID_REQUESTS = _valid_requests()
+
+
+def test_mutated_valid_requests_get_proper_answers(world: FuzzWorld) -> None:
+    @settings(FUZZ_SETTINGS, max_examples=max(EXAMPLES // 2, 100))
+    @given(method=st.sampled_from(METHODS), identity=IDENTITY_CHOICES, data=st.data())
+    def fuzz(method: MethodDescriptor, identity: str, data: st.DataObject) -> None:
+        valid = VALID_REQUESTS[method.input_type.full_name]
+        payload = data.draw(mutants(valid, IDS)).SerializeToString()
+        assume(not _untouchable(payload))
+        world.call(method, identity, [payload] if method.client_streaming else payload)
+
+    fuzz()
+    world.check_unharmed()
+
+
 def test_every_method_is_fuzzed() -> None:
+    assert {m.input_type.full_name for m in METHODS} == set(VALID_REQUESTS)
     request_types = {message_factory.GetMessageClass(m.input_type) for m in METHODS}
     assert len(METHODS) == 17 and len(request_types) == 12

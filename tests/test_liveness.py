@@ -17,6 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import StringValue
 
+from task_manager import liveness
 from task_manager.clock import ManualClock, timestamp
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
@@ -444,3 +445,16 @@ async def test_an_agents_scheduled_time_is_recorded(harness: Harness) -> None:
         pb.GetTaskHistoryRequest(task_id=task.version.task_id)
     )
     assert history.entries[-1].scheduled_time == planned
+
+
+def test_retry_backoff_doubles_up_to_its_cap_or_ten_years() -> None:
+    day = seconds(86_400)
+    capped = pb.TaskPolicy(retry_backoff=day, max_retry_backoff=seconds(3 * 86_400))
+    assert [liveness.retry_backoff_ns(capped, n) // 10**9 for n in (1, 2, 3)] == [
+        86_400,
+        172_800,
+        259_200,
+    ]
+    uncapped = pb.TaskPolicy(retry_backoff=day)
+    assert liveness.retry_backoff_ns(uncapped, 99) == liveness.MAX_DURATION_S * 10**9
+    assert liveness.retry_backoff_ns(pb.TaskPolicy(), 5) == 0
