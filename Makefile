@@ -20,7 +20,8 @@ serve: install
 test: install
 	$(PY) -m pytest
 
-# The hostile-input tests at scale: 10,000 messages and 5,000 byte strings.
+# The hostile-input tests at scale: 10,000 messages, 5,000 mutated valid requests and
+# 5,000 byte strings.
 fuzz: install
 	FUZZ_EXAMPLES=10000 $(PY) -m pytest --timeout=3600 tests/test_fuzz.py
 
