@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -89,12 +90,26 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     if settings.tls_cert is None or settings.tls_key is None:
         raise ServerStartError("TLS needs both --tls-cert and --tls-key")
-    client_ca = settings.client_ca.read_bytes() if settings.client_ca else None
+    cert = _pem(settings.tls_cert, "--tls-cert", b"CERTIFICATE-----")
+    key = _pem(settings.tls_key, "--tls-key", b"PRIVATE KEY-----")
+    client_ca = None
+    if settings.client_ca is not None:
+        client_ca = _pem(settings.client_ca, "--client-ca", b"CERTIFICATE-----")
     return grpc.ssl_server_credentials(
-        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def _pem(path: Path, flag: str, marker: bytes) -> bytes:
+    """The file's bytes, if it looks like the PEM it should be (gRPC's own error for a
+    wrong file is only a log line and a failure to listen)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ServerStartError(f"cannot read {flag} {path}: {exc.strerror}") from exc
+    if b"-----BEGIN " not in data or marker not in data:
+        raise ServerStartError(f"{flag} {path} is not a PEM file with a {marker[:-5].decode()}")
+    return data
 
 
 class TaskManagerServer:
@@ -135,6 +150,7 @@ class TaskManagerServer:
         clock = clock or SystemClock()
 
         def hand_over(task: Task, old: str, new: str) -> asyncio.Future[Task | None]:
+            # `store` is bound below; streams (and so hand-overs) exist only once it is.
             return store.submit(lambda tx: lifecycle.hand_over(tx, task, old, new, clock.now_ns()))
 
         dispatcher = Dispatcher(hand_over, settings.stream_buffer)
@@ -199,9 +215,10 @@ class TaskManagerServer:
                 port = server.add_secure_port(settings.listen, server_credentials)
         except RuntimeError as exc:
             await store.close()
-            raise ServerStartError(
-                f"cannot listen on {settings.listen}: the address is in use or not available"
-            ) from exc
+            why = "the address is in use or not available"
+            if server_credentials is not None:
+                why += ", or the TLS certificate and key do not match"
+            raise ServerStartError(f"cannot listen on {settings.listen}: {why}") from exc
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in SERVICE_NAMES:

@@ -402,3 +402,15 @@ async def test_an_internal_error_returns_only_an_id(
     assert "secret" not in details and "Traceback" not in details
     error_id = details.removeprefix("internal error (id ").removesuffix(")")
     assert any(error_id in record.getMessage() for record in caplog.records)
+
+
+async def test_tls_files_that_are_not_pem_are_a_clear_start_error(db: Path, tmp_path: Path) -> None:
+    issued = TestCA(tmp_path).issue("localhost", server=True)
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("hello")
+    with pytest.raises(ServerStartError, match=r"--tls-key .* is not a PEM file"):
+        await start(db, tls_cert=issued.cert, tls_key=not_pem)
+    with pytest.raises(ServerStartError, match="cannot read --tls-cert"):
+        await start(db, tls_cert=tmp_path / "missing.pem", tls_key=issued.key)
+    with pytest.raises(ServerStartError, match="needs both"):
+        await start(db, tls_cert=issued.cert)
