@@ -288,8 +288,10 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, no
         status = _cancelled_before_release(update.status.task_error.message)
     failed = update.status.task_error.code == pb.ERROR_CODE_FAILED
     if requested == pb.STATUS_DONE_NOT_OK and failed and current.attempts:
-        # The agent failed this attempt: the next one starts if attempts remain.
-        return _end_attempt(tx, stored, update.status.task_error, True, author, update, now_ns)
+        # The agent failed this attempt: the next one starts if attempts remain, unless
+        # an operator asked to cancel or complete it meanwhile.
+        retry = current.status.status not in OPERATOR_REQUEST_STATUSES
+        return _end_attempt(tx, stored, update.status.task_error, retry, author, update, now_ns)
     task = _with_status(current, status, author, now_ns)
     if update.HasField("scheduled_time"):
         task.scheduled_time.CopyFrom(update.scheduled_time)

@@ -1,7 +1,8 @@
 """Hypothesis stateful test: the server against a simple model of the lifecycle rules.
 
-Random creates, updates with right and wrong versions, retries, cancels, completes and
-agent reconnects; after every step GetTask must agree with the model for every task.
+Random creates (with up to three attempts), updates with right and wrong versions,
+failed attempts, retries, cancels, completes, definition updates and agent reconnects;
+after every step GetTask must agree with the model for every task.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from tests.helpers import ServerProcess, agent
 S = pb.Status
 TERMINAL = {S.STATUS_DONE_OK, S.STATUS_DONE_NOT_OK}
 UNRELEASED = {S.STATUS_CREATED}
-DELIVERABLE = {S.STATUS_SENT, S.STATUS_CANCEL_REQUESTED, S.STATUS_COMPLETE_REQUESTED}
+OPERATOR_REQUESTS = {S.STATUS_CANCEL_REQUESTED, S.STATUS_COMPLETE_REQUESTED}
+DELIVERABLE = {S.STATUS_SENT, *OPERATOR_REQUESTS}
 REPORTABLE = [
     S.STATUS_MACHINE_RECEIPT,
     S.STATUS_ACK,
@@ -53,6 +55,9 @@ class ModelTask:
     status: int
     version: int
     created_order: int
+    max_attempts: int = 1
+    attempt: int = 0
+    definition: int = 1
     last_request: pb.UpdateStatusRequest | None = field(default=None)
 
 
@@ -81,8 +86,12 @@ class LifecycleMachine(RuleBasedStateMachine):
     def start(self) -> None:
         self.created = 0
 
-    def _create(self, entity: str | None, elsewhere: bool) -> ModelTask:
-        request = pb.CreateTaskRequest(display_name="model", is_executed_elsewhere=elsewhere)
+    def _create(self, entity: str | None, elsewhere: bool, attempts: int = 1) -> ModelTask:
+        request = pb.CreateTaskRequest(
+            display_name="model",
+            is_executed_elsewhere=elsewhere,
+            policy=pb.TaskPolicy(max_attempts=attempts),
+        )
         if entity is not None:
             request.relations.assignee.CopyFrom(agent(entity))
         task = self.stub.CreateTask(request, timeout=CALL_TIMEOUT).task
@@ -90,26 +99,45 @@ class LifecycleMachine(RuleBasedStateMachine):
         expected = (S.STATUS_SENT, 2) if released else (S.STATUS_CREATED, 1)
         assert (task.status.status, task.version.status_version) == expected
         self.created += 1
-        model = ModelTask(task.version.task_id, entity, *expected, created_order=self.created)
+        model = ModelTask(
+            task.version.task_id,
+            entity,
+            *expected,
+            created_order=self.created,
+            max_attempts=attempts,
+            attempt=1 if released else 0,
+        )
         self.model[model.task_id] = model
         return model
 
-    @rule(target=tasks, entity=st.sampled_from([0, 1, None]), elsewhere=st.booleans())
-    def create(self, entity: int | None, elsewhere: bool) -> str:
-        return self._create(None if entity is None else self.entities[entity], elsewhere).task_id
+    @rule(
+        target=tasks,
+        entity=st.sampled_from([0, 1, None]),
+        elsewhere=st.booleans(),
+        attempts=st.sampled_from([1, 1, 2, 3]),
+    )
+    def create(self, entity: int | None, elsewhere: bool, attempts: int) -> str:
+        entity_id = None if entity is None else self.entities[entity]
+        return self._create(entity_id, elsewhere, attempts).task_id
 
     @rule(
-        task_id=tasks, status=st.sampled_from(REPORTABLE), skew=st.sampled_from([0, 0, 0, 1, 3, -2])
+        task_id=tasks,
+        status=st.sampled_from(REPORTABLE),
+        skew=st.sampled_from([0, 0, 0, 1, 3, -2]),
+        failed=st.booleans(),
     )
-    def update(self, task_id: str, status: int, skew: int) -> None:
+    def update(self, task_id: str, status: int, skew: int, failed: bool) -> None:
         model = self.model[task_id]
         version = model.version + skew
         if version <= 0:
             return
+        reported = pb.TaskStatus(status=status)  # type: ignore[arg-type]
+        if status == S.STATUS_DONE_NOT_OK and failed:
+            reported.task_error.code = pb.ERROR_CODE_FAILED
         request = pb.UpdateStatusRequest(
             status_update=pb.StatusUpdate(
                 version=pb.TaskVersion(task_id=task_id, status_version=version),
-                status=pb.TaskStatus(status=status),  # type: ignore[arg-type]
+                status=reported,
                 author=agent("model"),
             )
         )
@@ -134,6 +162,15 @@ class LifecycleMachine(RuleBasedStateMachine):
         if status == S.STATUS_CANCEL_REQUESTED and model.status in UNRELEASED:
             assert task.status.task_error.code == pb.ERROR_CODE_CANCELLED
             status = S.STATUS_DONE_NOT_OK
+        retried = (
+            status == S.STATUS_DONE_NOT_OK
+            and failed
+            and model.attempt >= 1
+            and model.attempt < model.max_attempts
+            and model.status not in OPERATOR_REQUESTS
+        )
+        if retried:  # the failed attempt ends; the next one starts at SENT
+            status, model.attempt = S.STATUS_SENT, model.attempt + 1
         model.status, model.version, model.last_request = status, model.version + 1, request
 
     @rule(task_id=tasks)
@@ -184,6 +221,34 @@ class LifecycleMachine(RuleBasedStateMachine):
             None,
         )
 
+    @rule(task_id=tasks, stale=st.booleans())
+    def update_definition(self, task_id: str, stale: bool) -> None:
+        model = self.model[task_id]
+        seen = model.definition - 1 if stale else model.definition
+        if seen == 0:
+            return
+        request = pb.UpdateTaskRequest(
+            task_id=task_id, definition_version=seen, display_name=f"model v{seen + 1}"
+        )
+        try:
+            task = self.stub.UpdateTask(request, timeout=CALL_TIMEOUT).task
+        except grpc.RpcError as error:
+            if model.status in TERMINAL:
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            elif stale:
+                assert error.code() == grpc.StatusCode.ABORTED
+            else:
+                assert model.status in OPERATOR_REQUESTS
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            return
+        assert not stale and model.status not in TERMINAL | OPERATOR_REQUESTS
+        assert task.display_name == f"model v{seen + 1}"
+        model.definition += 1
+        model.version += 1
+        model.last_request = None
+        if model.status not in UNRELEASED:
+            model.status = S.STATUS_SENT  # its agent gets the new definition
+
     @rule(entity=st.sampled_from([0, 1]))
     def reconnect(self, entity: int) -> None:
         entity_id = self.entities[entity]
@@ -213,6 +278,8 @@ class LifecycleMachine(RuleBasedStateMachine):
                 model.status,
                 model.version,
             )
+            assert task.version.definition_version == model.definition
+            assert task.attempt == model.attempt
 
 
 def _describe(message: pb.ListenAsAgentResponse) -> tuple[str, int]:

@@ -458,3 +458,13 @@ def test_retry_backoff_doubles_up_to_its_cap_or_ten_years() -> None:
     uncapped = pb.TaskPolicy(retry_backoff=day)
     assert liveness.retry_backoff_ns(uncapped, 99) == liveness.MAX_DURATION_S * 10**9
     assert liveness.retry_backoff_ns(pb.TaskPolicy(), 5) == 0
+
+
+async def test_a_failure_after_a_cancel_request_is_not_retried(harness: Harness) -> None:
+    task = await harness.create(pb.TaskPolicy(max_attempts=3))
+    task = await harness.report(task, S.STATUS_EXECUTING)
+    await harness.stub.CancelTask(pb.CancelTaskRequest(task_id=task.version.task_id))
+    cancelling = await harness.get(task.version.task_id)
+    failed = pb.TaskError(code=pb.ERROR_CODE_FAILED, message="crashed while stopping")
+    ended = await harness.report(cancelling, S.STATUS_DONE_NOT_OK, task_error=failed)
+    assert ended.status.status == S.STATUS_DONE_NOT_OK and ended.attempt == 1
