@@ -282,7 +282,7 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, no
 
     requested = update.status.status
     status = update.status
-    if requested in OPERATOR_REQUEST_STATUSES and current.status.status in UNRELEASED_STATUSES:
+    if requested in OPERATOR_REQUEST_STATUSES and not _with_an_agent(current):
         if requested == pb.STATUS_COMPLETE_REQUESTED:
             raise _not_released(current, "complete")
         status = _cancelled_before_release(update.status.task_error.message)
@@ -316,7 +316,7 @@ def cancel_task(
     if current.status.status == pb.STATUS_CANCEL_REQUESTED:
         return current
     _require_not_terminal(current)
-    if current.status.status in UNRELEASED_STATUSES:
+    if not _with_an_agent(current):
         status = _cancelled_before_release(reason)
     else:
         status = _operator_request(current, pb.STATUS_CANCEL_REQUESTED)
@@ -333,7 +333,7 @@ def complete_task(
     if current.status.status == pb.STATUS_COMPLETE_REQUESTED:
         return current
     _require_not_terminal(current)
-    if current.status.status in UNRELEASED_STATUSES:
+    if not _with_an_agent(current):
         raise _not_released(current, "complete")
     if current.status.status == pb.STATUS_CANCEL_REQUESTED:
         raise FailedPrecondition(f"task {task_id} is being cancelled; it cannot be completed")
@@ -412,6 +412,14 @@ def _load(tx: WriteTransaction, task_id: str) -> StoredTask:
     if stored is None:
         raise TaskNotFound(task_id)
     return stored
+
+
+def _with_an_agent(task: Task) -> bool:
+    """Whether an agent has (or is being sent) the task: not before its release, nor a
+    pool task no member holds yet (a cancel then ends it at once)."""
+    if task.status.status in UNRELEASED_STATUSES:
+        return False
+    return not (assignee_kind(task) == "team" and task.attempts and not task.attempts[-1].entity_id)
 
 
 def _require_not_terminal(task: Task) -> None:

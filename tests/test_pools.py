@@ -223,3 +223,18 @@ async def test_only_the_holding_member_may_report(tmp_path: Path) -> None:
             one.cancel()
     finally:
         await server.stop()
+
+
+async def test_cancelling_a_pool_task_no_member_holds_ends_it_at_once(stub: AsyncStub) -> None:
+    task = (await stub.CreateTask(pool_task("pool-empty"))).task
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.CompleteTask(pb.CompleteTaskRequest(task_id=task.version.task_id))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    cancelled = (await stub.CancelTask(pb.CancelTaskRequest(task_id=task.version.task_id))).task
+    assert cancelled.status.status == S.STATUS_DONE_NOT_OK
+    assert cancelled.status.task_error.code == pb.ERROR_CODE_CANCELLED
+    late = await member(stub, "rover-2", "pool-empty")
+    other = (await stub.CreateTask(pool_task("pool-empty"))).task
+    # The cancelled task never reaches the member who came later; the next one does.
+    assert (await next_execute(late)).version.task_id == other.version.task_id
+    late.cancel()
