@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -57,6 +58,7 @@ class TaskContext:
     """An instance of the type the handler was registered for, or the raw Any for the
     default handler; None if the task has no specification."""
     _reporter: _Reporter | None = field(default=None, repr=False, compare=False)
+    _running: _RunningTask | None = field(default=None, repr=False, compare=False)
 
     @property
     def task_id(self) -> str:
@@ -64,14 +66,21 @@ class TaskContext:
 
     async def progress(self, progress: Message) -> None:
         """Reports progress (EXECUTING with this progress). Heartbeats repeat it."""
-        if self._reporter is None:
+        if self._reporter is None or self._running is None:
             raise RuntimeError("progress can only be reported from a running handler")
         status = pb.TaskStatus(status=S.STATUS_EXECUTING)
         if isinstance(progress, any_pb2.Any):
             status.progress.CopyFrom(progress)
         else:
             status.progress.Pack(progress)
-        await self._reporter.report(status, final=False)
+        try:
+            await self._reporter.report(status, final=False)
+        except _StopRequested as requested:
+            # Asked to cancel or complete: the handler is stopped as for a pushed request.
+            self._running.request_stop(requested.reason)
+        except _TaskGone:
+            self._running.request_stop(_Stop.GONE)
+        await anyio.lowlevel.checkpoint()  # a stop takes effect here
 
 
 Handler = Callable[[TaskContext], Awaitable[Message | None]]
@@ -538,7 +547,7 @@ class Agent:
             self._task_group.start_soon(self._heartbeat, reporter, running, interval_s, heartbeats)
         try:
             with running.scope:
-                context = TaskContext(task=task, specification=specification, _reporter=reporter)
+                context = TaskContext(task, specification, _reporter=reporter, _running=running)
                 result = await handler(context)
         except Exception as exc:
             if running.stop is not None:
