@@ -214,6 +214,12 @@ class WriteTransaction(Protocol):
         """Records that an agent entity id was seen now (first seen, if it is new)."""
         ...
 
+    def add_credential(self, credential: Credential) -> None: ...
+
+    def revoke_credential(self, credential_id: str, now_ns: int) -> bool:
+        """False if there is no such credential, or it was already revoked."""
+        ...
+
 
 class ConcurrentModification(StoreError):
     """The compare-and-set inside the transaction found another status_version."""

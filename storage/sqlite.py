@@ -228,11 +228,23 @@ def _credentials_connection(path: Path) -> Iterator[sqlite3.Connection]:
             lock.close()
 
 
+def _insert_credential(conn: sqlite3.Connection, credential: Credential) -> None:
+    sqlite_utils.Database(conn).table("credentials").insert(
+        {**asdict(credential), "entity_ids": json.dumps(list(credential.entity_ids))}
+    )
+
+
+def _revoke_credential(conn: sqlite3.Connection, credential_id: str, now_ns: int) -> bool:
+    cursor = conn.execute(
+        "UPDATE credentials SET revoked_ns = ? WHERE credential_id = ? AND revoked_ns IS NULL",
+        (now_ns, credential_id),
+    )
+    return cursor.rowcount == 1
+
+
 def add_credential(path: Path, credential: Credential) -> None:
     with _credentials_connection(path) as conn:
-        sqlite_utils.Database(conn).table("credentials").insert(
-            {**asdict(credential), "entity_ids": json.dumps(list(credential.entity_ids))}
-        )
+        _insert_credential(conn, credential)
 
 
 def list_credentials(path: Path) -> list[Credential]:
@@ -243,11 +255,7 @@ def list_credentials(path: Path) -> list[Credential]:
 def revoke_credential(path: Path, credential_id: str, now_ns: int) -> bool:
     """Revokes a credential; False if there is no such credential or it was revoked."""
     with _credentials_connection(path) as conn:
-        cursor = conn.execute(
-            "UPDATE credentials SET revoked_ns = ? WHERE credential_id = ? AND revoked_ns IS NULL",
-            (now_ns, credential_id),
-        )
-        return cursor.rowcount == 1
+        return _revoke_credential(conn, credential_id, now_ns)
 
 
 def _load_definition(conn: sqlite3.Connection, task_id: str, version: int) -> Task | None:
@@ -384,6 +392,12 @@ class _Transaction:
 
     def load_definition(self, task_id: str, definition_version: int) -> Task | None:
         return _load_definition(self._conn, task_id, definition_version)
+
+    def add_credential(self, credential: Credential) -> None:
+        _insert_credential(self._conn, credential)
+
+    def revoke_credential(self, credential_id: str, now_ns: int) -> bool:
+        return _revoke_credential(self._conn, credential_id, now_ns)
 
     def agent_seen(self, entity_id: str, now_ns: int) -> None:
         self._conn.execute(

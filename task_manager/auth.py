@@ -52,8 +52,11 @@ RIGHTS: Mapping[str, frozenset[Role]] = {
     "UpdateStatus": frozenset({Role.AGENT, Role.ADMIN}),
     "ReportStatus": frozenset({Role.AGENT, Role.ADMIN}),
     "ListAgents": frozenset({Role.VIEWER, Role.ADMIN}),
+    "AddCredential": frozenset({Role.ADMIN}),
+    "ListCredentials": frozenset({Role.ADMIN}),
+    "RevokeCredential": frozenset({Role.ADMIN}),
 }
-"""Which roles may call each RPC. Token management is admin's, on the command line."""
+"""Which roles may call each RPC."""
 
 TOKEN_PREFIX = "tmk"
 TOKEN = "token"

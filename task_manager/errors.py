@@ -23,6 +23,12 @@ class TaskNotFound(TaskManagerError):
         self.task_id = task_id
 
 
+class CredentialNotFound(TaskManagerError):
+    def __init__(self, credential_id: str) -> None:
+        super().__init__(f"there is no credential {credential_id} in force")
+        self.credential_id = credential_id
+
+
 class TaskIdTaken(TaskManagerError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task_id {task_id} is already taken by another task")

@@ -283,13 +283,9 @@ class TaskManagerServer:
         while True:
             await sleep_until(clock, clock.now_ns() + interval_ns)
             try:
-                revoked = gate.credentials.replace(await self.store.credentials())
+                gate.reload(await self.store.credentials())
             except Exception:
                 log.exception("reading credentials failed; keeping the ones in force")
-                continue
-            if revoked:
-                ended = gate.streams.revoke(revoked)
-                log.info("credentials %s revoked; ended %d open streams", sorted(revoked), ended)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from storage.base import Credential as StoredCredential
 from storage.base import (
     HistoryCompacted,
     Store,
@@ -29,11 +30,12 @@ from storage.base import (
     assignee_entity_id,
     with_definition,
 )
-from task_manager import lifecycle, validation
+from task_manager import auth, lifecycle, validation
 from task_manager.auth import ANONYMOUS, Caller, Credentials, OpenStreams, RateLimiter, Role
-from task_manager.clock import Clock, sleep_until
+from task_manager.clock import Clock, sleep_until, timestamp
 from task_manager.dispatch import IN_FLIGHT_STATUSES, Dispatcher
 from task_manager.errors import (
+    CredentialNotFound,
     DefinitionConflict,
     FailedPrecondition,
     InvalidArgument,
@@ -52,6 +54,8 @@ from task_manager.errors import (
 from task_manager.presence import Presence
 from task_manager.v1 import lattice_compat_pb2, task_manager_pb2
 from task_manager.v1.task_manager_pb2 import (
+    AddCredentialRequest,
+    AddCredentialResponse,
     CancelTaskRequest,
     CancelTaskResponse,
     CompleteTaskRequest,
@@ -64,12 +68,16 @@ from task_manager.v1.task_manager_pb2 import (
     GetTaskResponse,
     ListAgentsRequest,
     ListAgentsResponse,
+    ListCredentialsRequest,
+    ListCredentialsResponse,
     ListenAsAgentRequest,
     ListenAsAgentResponse,
     Principal,
     QueryTasksRequest,
     QueryTasksResponse,
     ReportError,
+    RevokeCredentialRequest,
+    RevokeCredentialResponse,
     StatusReport,
     StatusReportResult,
     StatusUpdate,
@@ -338,6 +346,38 @@ class TaskManagerService:
             ]
         )
 
+    async def AddCredential(
+        self, request: AddCredentialRequest, context: Context, caller: Caller
+    ) -> AddCredentialResponse:
+        principal, role, entity_ids = validation.credential_binding(request, self._limits)
+        now_ns = self._clock.now_ns()
+        token = ""
+        if request.certificate:
+            credential = auth.certificate_binding(principal, role, entity_ids, now_ns)
+        else:
+            credential, token = auth.new_token(principal, role, entity_ids, now_ns)
+        await self._store.write(lambda tx: tx.add_credential(credential))
+        self.gate.reload(await self._store.credentials())  # in force now, not in a second
+        return AddCredentialResponse(credential=_credential_message(credential), token=token)
+
+    async def ListCredentials(
+        self, request: ListCredentialsRequest, context: Context, caller: Caller
+    ) -> ListCredentialsResponse:
+        stored = await self._store.credentials()
+        return ListCredentialsResponse(credentials=[_credential_message(c) for c in stored])
+
+    async def RevokeCredential(
+        self, request: RevokeCredentialRequest, context: Context, caller: Caller
+    ) -> RevokeCredentialResponse:
+        credential_id = validation.credential_id(request.credential_id)
+        now_ns = self._clock.now_ns()
+        if not await self._store.write(lambda tx: tx.revoke_credential(credential_id, now_ns)):
+            raise CredentialNotFound(credential_id)
+        stored = await self._store.credentials()
+        self.gate.reload(stored)  # its new calls fail and its streams end now
+        (revoked,) = (c for c in stored if c.credential_id == credential_id)
+        return RevokeCredentialResponse(credential=_credential_message(revoked))
+
     async def CancelTask(
         self,
         request: CancelTaskRequest,
@@ -399,6 +439,21 @@ REPORTS_IN_FLIGHT = 1_024
 """Reports of one ReportStatus stream in flight at most; beyond it the stream pushes back."""
 
 
+def _credential_message(stored: StoredCredential) -> task_manager_pb2.Credential:
+    """A credential as the API shows it: never its secret or hash."""
+    shown = task_manager_pb2.Credential(
+        credential_id=stored.credential_id,
+        kind=stored.kind,
+        principal=stored.principal,
+        role=stored.role,
+        entity_ids=stored.entity_ids,
+        create_time=timestamp(stored.created_ns),
+    )
+    if stored.revoked_ns is not None:
+        shown.revoke_time.CopyFrom(timestamp(stored.revoked_ns))
+    return shown
+
+
 def _log_failure(future: asyncio.Future[None]) -> None:
     if not future.cancelled() and (error := future.exception()) is not None:
         log.warning("recording agent presence failed: %s", error)
@@ -433,6 +488,15 @@ class Gate:
         self.credentials = credentials
         self.limiter = limiter
         self.streams = streams
+
+    def reload(self, stored: Sequence[StoredCredential]) -> set[str]:
+        """Takes the stored credentials as the ones in force, and ends the open streams of
+        any that no longer are; returns their ids."""
+        revoked = self.credentials.replace(stored)
+        if revoked:
+            ended = self.streams.revoke(revoked)
+            log.info("credentials %s revoked; ended %d open streams", sorted(revoked), ended)
+        return revoked
 
     def admit(self, method: str, context: Context) -> Caller:
         caller = self._identify(context)
@@ -484,6 +548,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TaskNotFound, grpc.StatusCode.NOT_FOUND),
+    (CredentialNotFound, grpc.StatusCode.NOT_FOUND),
     (TaskIdTaken, grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflict, grpc.StatusCode.ABORTED),
     (DefinitionConflict, grpc.StatusCode.ABORTED),

@@ -17,9 +17,11 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from storage.base import TaskQuery, TaskSelector
+from task_manager.auth import Role, check_binding
 from task_manager.errors import InvalidArgument
 from task_manager.liveness import MAX_DURATION_S
 from task_manager.v1.task_manager_pb2 import (
+    AddCredentialRequest,
     CancelTaskRequest,
     CompleteTaskRequest,
     CreateTaskRequest,
@@ -217,6 +219,35 @@ def entity_ids(values: Sequence[str], field: str, limits: FieldLimits) -> frozen
     for value in values:
         _entity_id(value, field, limits)
     return frozenset(values)
+
+
+CREDENTIAL_ID_PATTERN = re.compile(r"[0-9a-f]{12}")
+
+
+def credential_binding(
+    request: AddCredentialRequest, limits: FieldLimits
+) -> tuple[str, Role, tuple[str, ...]]:
+    """The principal, role and entity ids of a new credential."""
+    if not request.principal:
+        raise InvalidArgument("principal", "is required")
+    _max_chars(request.principal, limits.entity_id_chars, "principal")
+    try:
+        role = Role(request.role)
+    except ValueError:
+        known = ", ".join(role.value for role in Role)
+        raise InvalidArgument("role", f"{request.role!r} is not one of {known}") from None
+    ids = tuple(sorted(entity_ids(request.entity_ids, "entity_ids", limits)))
+    try:
+        check_binding(role, ids)
+    except ValueError as exc:
+        raise InvalidArgument("entity_ids", str(exc)) from None
+    return request.principal, role, ids
+
+
+def credential_id(value: str) -> str:
+    if not CREDENTIAL_ID_PATTERN.fullmatch(value):
+        raise InvalidArgument("credential_id", f"{_quote(value)} is not a credential id")
+    return value
 
 
 def watch_spec(request: WatchTasksRequest, limits: FieldLimits) -> WatchSpec:

@@ -159,6 +159,8 @@ def mutants(
             while True:
                 descriptor = cast(Descriptor, target.DESCRIPTOR)
                 fields: list[FieldDescriptor] = list(descriptor.fields)
+                if not fields:
+                    break  # an empty message: nothing to change
                 field = draw(st.sampled_from(fields))
                 descend = _is_message(field) and not field.is_repeated and depth < MAX_DEPTH
                 if descend and draw(st.booleans()):

@@ -1,5 +1,7 @@
 """Every RPC x every role x (own / someone else's task): the expected status code.
 
+Only admins manage credentials, so those RPCs appear in no other role's rights below.
+
 The expected rights below are written from the security issue's roles table, not read
 from the server's own table, so a mistake in either shows up here.
 """
@@ -180,7 +182,26 @@ async def _update_task(stub: AsyncStub, world: World, entity: str) -> None:
     await stub.UpdateTask(update)
 
 
+async def _add_credential(stub: AsyncStub, world: World, entity: str) -> None:
+    await stub.AddCredential(pb.AddCredentialRequest(principal="someone", role="viewer"))
+
+
+async def _list_credentials(stub: AsyncStub, world: World, entity: str) -> None:
+    await stub.ListCredentials(pb.ListCredentialsRequest())
+
+
+async def _revoke_credential(stub: AsyncStub, world: World, entity: str) -> None:
+    added = await world.admin.AddCredential(
+        pb.AddCredentialRequest(principal="short-lived", role="viewer")
+    )
+    credential_id = added.credential.credential_id
+    await stub.RevokeCredential(pb.RevokeCredentialRequest(credential_id=credential_id))
+
+
 CALLS: dict[str, Call] = {
+    "AddCredential": _add_credential,
+    "ListCredentials": _list_credentials,
+    "RevokeCredential": _revoke_credential,
     "UpdateTask": _update_task,
     "ListAgents": _list_agents,
     "CreateTask": _create,

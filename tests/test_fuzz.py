@@ -252,6 +252,9 @@ def _valid_requests() -> dict[str, Message]:
         ),
         pb.ListAgentsRequest(entity_ids=["fuzz-agent-1"]),
         pb.UpdateTaskRequest(task_id=TARGET_IDS[4], definition_version=1, display_name="y"),
+        pb.AddCredentialRequest(principal="fuzzed", role="agent", entity_ids=["fuzz-agent-9"]),
+        pb.ListCredentialsRequest(),
+        pb.RevokeCredentialRequest(credential_id="0123456789ab"),
     ]
     return {request.DESCRIPTOR.full_name: request for request in requests}
 
@@ -275,4 +278,4 @@ def test_mutated_valid_requests_get_proper_answers(world: FuzzWorld) -> None:
 def test_every_method_is_fuzzed() -> None:
     assert {m.input_type.full_name for m in METHODS} == set(VALID_REQUESTS)
     request_types = {message_factory.GetMessageClass(m.input_type) for m in METHODS}
-    assert len(METHODS) == 17 and len(request_types) == 12
+    assert len(METHODS) == 20 and len(request_types) == 15

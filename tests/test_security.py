@@ -414,3 +414,52 @@ async def test_tls_files_that_are_not_pem_are_a_clear_start_error(db: Path, tmp_
         await start(db, tls_cert=tmp_path / "missing.pem", tls_key=issued.key)
     with pytest.raises(ServerStartError, match="needs both"):
         await start(db, tls_cert=issued.cert)
+
+
+async def test_admins_manage_credentials_over_the_api_with_immediate_effect(db: Path) -> None:
+    _, admin_token = token_for(db, "ada", Role.ADMIN)
+    server = await start(db, credential_refresh_s=3600.0)  # no help from the reload loop
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            admin = stub_for(channel, admin_token)
+            added = await admin.AddCredential(
+                pb.AddCredentialRequest(principal="vera", role="viewer")
+            )
+            assert added.token.startswith("tmk_") and added.credential.role == "viewer"
+            viewer = stub_for(channel, added.token)
+            await viewer.QueryTasks(pb.QueryTasksRequest())  # in force at once
+            watch = viewer.WatchTasks(pb.WatchTasksRequest())
+            await watch.initial_metadata()
+
+            listed = await admin.ListCredentials(pb.ListCredentialsRequest())
+            assert {c.principal for c in listed.credentials} == {"ada", "vera"}
+            assert added.token not in str(listed)
+
+            credential_id = added.credential.credential_id
+            revoked = await admin.RevokeCredential(
+                pb.RevokeCredentialRequest(credential_id=credential_id)
+            )
+            assert revoked.credential.HasField("revoke_time")
+            assert await code_of(viewer.QueryTasks(pb.QueryTasksRequest())) == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+            with anyio.fail_after(10), pytest.raises(grpc.aio.AioRpcError) as ended:
+                async for _ in watch:
+                    pass
+            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            again = admin.RevokeCredential(pb.RevokeCredentialRequest(credential_id=credential_id))
+            assert await code_of(again) == grpc.StatusCode.NOT_FOUND
+            for bad in (
+                pb.AddCredentialRequest(principal="x", role="superuser"),
+                pb.AddCredentialRequest(principal="drone-9", role="agent"),
+                pb.AddCredentialRequest(principal="", role="viewer"),
+            ):
+                assert await code_of(admin.AddCredential(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+            cert = await admin.AddCredential(
+                pb.AddCredentialRequest(
+                    principal="drone-cert", role="agent", entity_ids=["drone-1"], certificate=True
+                )
+            )
+            assert cert.token == "" and cert.credential.kind == "certificate"
+    finally:
+        await server.stop()

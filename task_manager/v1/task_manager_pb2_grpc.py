@@ -96,6 +96,21 @@ class TaskManagerStub:
                 request_serializer=task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskRequest.SerializeToString,
                 response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskResponse.FromString,
                 _registered_method=True)
+        self.AddCredential = channel.unary_unary(
+                '/task_manager.v1.TaskManager/AddCredential',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.AddCredentialRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.AddCredentialResponse.FromString,
+                _registered_method=True)
+        self.ListCredentials = channel.unary_unary(
+                '/task_manager.v1.TaskManager/ListCredentials',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.ListCredentialsRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.ListCredentialsResponse.FromString,
+                _registered_method=True)
+        self.RevokeCredential = channel.unary_unary(
+                '/task_manager.v1.TaskManager/RevokeCredential',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -214,6 +229,27 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddCredential(self, request, context):
+        """Extension, admin only: credentials, as `task-manager tokens` manages them on the host.
+        A new bearer token is returned once and stored only as a hash; a revoked credential's
+        new calls fail and its open streams end, at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCredentials(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCredential(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -276,6 +312,21 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.UpdateTask,
                     request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskRequest.FromString,
                     response_serializer=task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskResponse.SerializeToString,
+            ),
+            'AddCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddCredential,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.AddCredentialRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.AddCredentialResponse.SerializeToString,
+            ),
+            'ListCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCredentials,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.ListCredentialsRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.ListCredentialsResponse.SerializeToString,
+            ),
+            'RevokeCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCredential,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -604,6 +655,87 @@ class TaskManager:
             '/task_manager.v1.TaskManager/UpdateTask',
             task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskRequest.SerializeToString,
             task__manager_dot_v1_dot_task__manager__pb2.UpdateTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/AddCredential',
+            task__manager_dot_v1_dot_task__manager__pb2.AddCredentialRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.AddCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/ListCredentials',
+            task__manager_dot_v1_dot_task__manager__pb2.ListCredentialsRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.ListCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/RevokeCredential',
+            task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -122,6 +122,13 @@ class TaskManagerStub:
     GetTask(definition_version = N) returns earlier definitions; TASK_VIEW_AGENT shows
     the definition the agent runs.
     """
+    AddCredential: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.AddCredentialRequest, _task_manager_pb2.AddCredentialResponse]
+    """Extension, admin only: credentials, as `task-manager tokens` manages them on the host.
+    A new bearer token is returned once and stored only as a hash; a revoked credential's
+    new calls fail and its open streams end, at once.
+    """
+    ListCredentials: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.ListCredentialsRequest, _task_manager_pb2.ListCredentialsResponse]
+    RevokeCredential: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.RevokeCredentialRequest, _task_manager_pb2.RevokeCredentialResponse]
 
 @_typing.type_check_only
 class TaskManagerAsyncStub(TaskManagerStub):
@@ -189,6 +196,13 @@ class TaskManagerAsyncStub(TaskManagerStub):
     GetTask(definition_version = N) returns earlier definitions; TASK_VIEW_AGENT shows
     the definition the agent runs.
     """
+    AddCredential: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.AddCredentialRequest, _task_manager_pb2.AddCredentialResponse]  # type: ignore[assignment]
+    """Extension, admin only: credentials, as `task-manager tokens` manages them on the host.
+    A new bearer token is returned once and stored only as a hash; a revoked credential's
+    new calls fail and its open streams end, at once.
+    """
+    ListCredentials: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.ListCredentialsRequest, _task_manager_pb2.ListCredentialsResponse]  # type: ignore[assignment]
+    RevokeCredential: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.RevokeCredentialRequest, _task_manager_pb2.RevokeCredentialResponse]  # type: ignore[assignment]
 
 class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
     """The operator- and agent-facing service. The five core RPCs are also served under
@@ -325,5 +339,30 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         GetTask(definition_version = N) returns earlier definitions; TASK_VIEW_AGENT shows
         the definition the agent runs.
         """
+
+    @_abc_1.abstractmethod
+    def AddCredential(
+        self,
+        request: _task_manager_pb2.AddCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.AddCredentialResponse, _abc.Awaitable[_task_manager_pb2.AddCredentialResponse]]:
+        """Extension, admin only: credentials, as `task-manager tokens` manages them on the host.
+        A new bearer token is returned once and stored only as a hash; a revoked credential's
+        new calls fail and its open streams end, at once.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCredentials(
+        self,
+        request: _task_manager_pb2.ListCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.ListCredentialsResponse, _abc.Awaitable[_task_manager_pb2.ListCredentialsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeCredential(
+        self,
+        request: _task_manager_pb2.RevokeCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.RevokeCredentialResponse, _abc.Awaitable[_task_manager_pb2.RevokeCredentialResponse]]: ...
 
 def add_TaskManagerServicer_to_server(servicer: TaskManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
