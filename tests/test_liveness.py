@@ -317,7 +317,7 @@ async def test_an_agent_killed_mid_task_is_timed_out_and_another_finishes(
             stub = AsyncStub(channel)
             request = create_request(None)
             request.relations.assignee.team.entity_id = "pool-a"
-            request.policy.CopyFrom(pb.TaskPolicy(heartbeat_timeout=seconds(1.5), max_attempts=2))
+            request.policy.CopyFrom(pb.TaskPolicy(heartbeat_timeout=seconds(3), max_attempts=2))
             task = (await stub.CreateTask(request)).task
             assert doomed.stdout is not None
             line = await anyio.to_thread.run_sync(doomed.stdout.readline)
@@ -326,8 +326,9 @@ async def test_an_agent_killed_mid_task_is_timed_out_and_another_finishes(
             async def current() -> pb.Task:
                 return (await stub.GetTask(pb.GetTaskRequest(task_id=task.version.task_id))).task
 
-            # Heartbeats (every 0.5 s) keep a silent handler's attempt alive well past the
-            # heartbeat_timeout: 4 of them after its progress report take 2 s.
+            # Heartbeats (every second) keep a silent handler's attempt alive past the
+            # heartbeat_timeout: 4 of them after its progress report take 4 s. (A timeout
+            # of 3 s leaves a loaded machine room to be late with a heartbeat.)
             with anyio.fail_after(30):
                 while (running := await current()).version.status_version < 11:  # noqa: ASYNC110
                     await anyio.sleep(0.1)
@@ -341,7 +342,7 @@ async def test_an_agent_killed_mid_task_is_timed_out_and_another_finishes(
                     await anyio.sleep(0.1)
         first, second = done.attempts
         assert first.outcome == S.STATUS_DONE_NOT_OK
-        assert "heartbeat_timeout (1.5 s)" in first.error.message
+        assert "heartbeat_timeout (3 s)" in first.error.message
         assert first.entity_id == "drone-1" and second.entity_id == "drone-2"
         assert second.outcome == S.STATUS_DONE_OK and done.attempt == 2
         result = StringValue()
