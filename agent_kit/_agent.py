@@ -8,11 +8,13 @@ resyncs after ABORTED, and reconnects forever until stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
+import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -20,6 +22,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import grpc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -59,10 +62,21 @@ class TaskContext:
     default handler; None if the task has no specification."""
     _reporter: _Reporter | None = field(default=None, repr=False, compare=False)
     _running: _RunningTask | None = field(default=None, repr=False, compare=False)
+    _updates: MemoryObjectReceiveStream[pb.Task] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def task_id(self) -> str:
         return self.task.version.task_id
+
+    async def updates(self) -> AsyncIterator[pb.Task]:
+        """The task's new definitions (UpdateTask) as they come, for a handler registered
+        with accepts_updates=True; the task manager already knows the agent runs each."""
+        if self._updates is None:
+            raise RuntimeError("register the handler with accepts_updates=True for updates")
+        async for task in self._updates:
+            yield task
 
     async def progress(self, progress: Message) -> None:
         """Reports progress (EXECUTING with this progress). Heartbeats repeat it."""
@@ -205,6 +219,8 @@ class _RunningTask:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     stop: _Stop | None = None
     reporter: _Reporter | None = None
+    updates: MemoryObjectSendStream[pb.Task] | None = None
+    """Where new definitions go, if the handler accepts them; otherwise they are rejected."""
 
     def request_stop(self, reason: _Stop) -> None:
         if self.stop is None:
@@ -236,7 +252,7 @@ class _Reporter:
         self._attempt = None if task is None else task.attempt
         # Reports name the definition this agent runs, so a newer one it did not take
         # does not show as what it runs.
-        self._definition_version = 0 if task is None else task.version.definition_version
+        self.definition_version = 0 if task is None else task.version.definition_version
         self._lock = anyio.Lock()  # heartbeats and the handler's progress take turns
         self.last_running: pb.TaskStatus | None = None
         """The latest non-final status reported: what a heartbeat repeats."""
@@ -265,7 +281,7 @@ class _Reporter:
                 version=pb.TaskVersion(
                     task_id=self._task_id,
                     status_version=self.status_version,
-                    definition_version=self._definition_version,
+                    definition_version=self.definition_version,
                 ),
                 status=status,
                 author=self._author,
@@ -351,6 +367,7 @@ class Agent:
         """The server sends at most this many unfinished tasks at a time (0: no limit)."""
         self._author = pb.Principal(system=pb.System(entity_id=entity_id))
         self._handlers: dict[str, tuple[type[Message], Handler]] = {}
+        self._accepting_updates: set[Handler] = set()
         self._default_handler = handler
         self._backoff = reconnect_backoff or Backoff(initial=0.1, maximum=10.0)
         self._remember_finished = remember_finished
@@ -362,11 +379,17 @@ class Agent:
         self._stub: AsyncStub | None = None
         self._reports: _ReportStream | None = None
 
-    def handler(self, specification_type: type[Message] | None = None) -> Callable[[H], H]:
+    def handler(
+        self, specification_type: type[Message] | None = None, *, accepts_updates: bool = False
+    ) -> Callable[[H], H]:
         """Registers a handler for tasks whose specification is of this message type,
-        or the default handler (no type)."""
+        or the default handler (no type). A new definition of a running task is rejected
+        (STATUS_VERSION_REJECTED), unless accepts_updates: then the task manager is told
+        the agent runs it, and the handler reads it from `ctx.updates()`."""
 
         def register(function: H) -> H:
+            if accepts_updates:
+                self._accepting_updates.add(function)
             if specification_type is None:
                 self._default_handler = function
             else:
@@ -454,7 +477,7 @@ class Agent:
         current = self._running.get(task_id)
         if current is not None and _is_new_definition(task, current.task):
             assert self._task_group is not None
-            self._task_group.start_soon(self._reject_definition, current, task)
+            self._task_group.start_soon(self._answer_definition, current, task)
             return
         if current is not None or self._finished.get(task_id, -1) >= task.attempt:
             return  # delivery is at least once: a repeat is a no-op
@@ -463,29 +486,39 @@ class Agent:
         assert self._task_group is not None
         self._task_group.start_soon(self._execute, task, running, name=f"task {task_id}")
 
-    async def _reject_definition(self, running: _RunningTask, update: pb.Task) -> None:
-        """A running handler keeps the definition it started with: the runtime answers a
-        new definition with STATUS_VERSION_REJECTED."""
+    async def _answer_definition(self, running: _RunningTask, update: pb.Task) -> None:
+        """A new definition of a running task: taken, if its handler accepts updates (the
+        latest status is reported again on it), else STATUS_VERSION_REJECTED and the
+        handler keeps the definition it has."""
         version = update.version.definition_version
-        # A repeat of this ExecuteRequest (a reconnect) is not rejected twice.
-        running.task = update
-        if running.reporter is None:
+        running.task = update  # a repeat of this ExecuteRequest is not answered twice
+        reporter = running.reporter
+        if reporter is None:
             return
+        updates = running.updates
         try:
-            rejected = pb.TaskStatus(status=S.STATUS_VERSION_REJECTED)
-            await running.reporter.report(rejected, final=False, repeat_in_heartbeats=False)
+            if updates is not None:
+                reporter.definition_version = version
+                taken = reporter.last_running or pb.TaskStatus(status=S.STATUS_EXECUTING)
+                await reporter.report(taken, final=False)
+                with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    updates.send_nowait(update)  # unless the handler finished meanwhile
+            else:
+                rejected = pb.TaskStatus(status=S.STATUS_VERSION_REJECTED)
+                await reporter.report(rejected, final=False, repeat_in_heartbeats=False)
             log.info(
-                "agent %s: task %s keeps running its definition; rejected version %d",
+                "agent %s: task %s definition %d %s",
                 self.entity_id,
                 update.version.task_id,
                 version,
+                "taken" if updates is not None else "rejected",
             )
         except _StopRequested as requested:
             running.request_stop(requested.reason)
         except _TaskGone:
             running.request_stop(_Stop.GONE)
         except (_Refused, grpc.aio.AioRpcError) as error:
-            log.warning("agent %s: could not reject a definition: %s", self.entity_id, error)
+            log.warning("agent %s: could not answer a new definition: %s", self.entity_id, error)
 
     def _on_stop(self, task_id: str, reason: _Stop) -> None:
         running = self._running.get(task_id)
@@ -545,9 +578,16 @@ class Agent:
         if interval_s > 0:
             assert self._task_group is not None
             self._task_group.start_soon(self._heartbeat, reporter, running, interval_s, heartbeats)
+        send: MemoryObjectSendStream[pb.Task] | None = None
+        receive: MemoryObjectReceiveStream[pb.Task] | None = None
+        if handler in self._accepting_updates:
+            send, receive = anyio.create_memory_object_stream[pb.Task](math.inf)
+            running.updates = send
+        context = TaskContext(
+            task, specification, _reporter=reporter, _running=running, _updates=receive
+        )
         try:
             with running.scope:
-                context = TaskContext(task, specification, _reporter=reporter, _running=running)
                 result = await handler(context)
         except Exception as exc:
             if running.stop is not None:
@@ -556,6 +596,10 @@ class Agent:
             return _done_not_ok(pb.ERROR_CODE_FAILED, f"{type(exc).__name__}: {exc}")
         finally:
             heartbeats.cancel()
+            running.updates = None
+            for stream in (send, receive):
+                if stream is not None:
+                    stream.close()
         if running.stop is not None:
             return _status_for_stop(running.stop)
         return _done_ok(result)

@@ -170,3 +170,35 @@ async def test_agent_kit_keeps_a_running_handler_on_its_definition(
     assert result.value == "orbit"
     agent_view = await get(stub, task, pb.TASK_VIEW_AGENT)
     assert agent_view.display_name == "orbit" and agent_view.version.definition_version == 1
+
+
+async def test_agent_kit_hands_updates_to_a_handler_that_accepts_them(
+    server: TaskManagerServer, stub: AsyncStub
+) -> None:
+    started = anyio.Event()
+    agent = Agent(server.address, "agent-1")
+
+    @agent.handler(accepts_updates=True)
+    async def mission(ctx: TaskContext) -> StringValue:
+        started.set()
+        async for task in ctx.updates():  # the first new definition is the last word
+            return StringValue(value=task.display_name)
+        raise AssertionError("no update came")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(agent.run)
+        task = (await stub.CreateTask(create_request(display_name="orbit"))).task
+        with anyio.fail_after(20):
+            await started.wait()
+        await stub.UpdateTask(update_request(await get(stub, task), display_name="land"))
+        with anyio.fail_after(20):
+            while (done := await get(stub, task)).status.status != S.STATUS_DONE_OK:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        group.cancel_scope.cancel()
+    result = StringValue()
+    done.status.result.Unpack(result)
+    assert result.value == "land"
+    agent_view = await get(stub, task, pb.TASK_VIEW_AGENT)
+    assert agent_view.version.definition_version == 2 and agent_view.display_name == "land"
+    history = await stub.GetTaskHistory(pb.GetTaskHistoryRequest(task_id=task.version.task_id))
+    assert S.STATUS_VERSION_REJECTED not in [entry.status.status for entry in history.entries]
