@@ -252,7 +252,10 @@ class Dispatcher:
                     live.append(stream)
                 else:
                     stream.loading.append(change)
-            self._route(task, live)
+            if pool is not None:
+                self._route_pool_task(task, pool, live)
+            else:
+                self._route_agent_task(task, entity_id, live)
 
     def close(self) -> None:
         """Ends every stream with ServerShuttingDown and refuses new ones."""
@@ -269,7 +272,11 @@ class Dispatcher:
             self._route_pool_task(task, pool, streams)
             return
         entity_id = _system_entity(task)
-        if entity_id is None or not streams:
+        if entity_id is not None:
+            self._route_agent_task(task, entity_id, streams)
+
+    def _route_agent_task(self, task: Task, entity_id: str, streams: Sequence[AgentStream]) -> None:
+        if not streams:
             return
         request = _encoded(task)  # once for every stream of the agent
         for stream in streams:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import grpc
@@ -17,7 +18,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import StringValue
 
-from task_manager import liveness
+from task_manager import lifecycle, liveness
 from task_manager.clock import ManualClock, timestamp
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
@@ -469,3 +470,27 @@ async def test_a_failure_after_a_cancel_request_is_not_retried(harness: Harness)
     failed = pb.TaskError(code=pb.ERROR_CODE_FAILED, message="crashed while stopping")
     ended = await harness.report(cancelling, S.STATUS_DONE_NOT_OK, task_error=failed)
     assert ended.status.status == S.STATUS_DONE_NOT_OK and ended.attempt == 1
+
+
+async def test_a_deadline_that_fails_to_fire_is_tried_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_expire = lifecycle.expire
+    failures: list[tuple[Any, ...]] = []
+
+    def flaky_expire(*args: Any) -> lifecycle.Expiry:
+        if not failures:
+            failures.append(args)
+            raise RuntimeError("injected: the unit failed once")
+        return real_expire(*args)
+
+    # A fault injected into the lifecycle: the only way to reach this path on purpose.
+    monkeypatch.setattr(lifecycle, "expire", flaky_expire)
+    task = await harness.create(pb.TaskPolicy(receipt_timeout=seconds(10)))
+    harness.clock.advance(10)
+    await harness.settled()
+    assert failures and (await harness.get(task.version.task_id)).status.status == S.STATUS_SENT
+    assert any("could not fire" in record.getMessage() for record in caplog.records)
+    harness.clock.advance(1)  # the timekeeper's poll interval
+    ended = await harness.until(task.version.task_id, status_is(S.STATUS_DONE_NOT_OK))
+    assert ended.status.task_error.code == pb.ERROR_CODE_TIMEOUT
