@@ -105,6 +105,35 @@ def client(scenario: str, target: str, **options: object) -> dict[str, Any]:
     return parsed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine, every core, kernel and steal included."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values) - idle, sum(values)
+
+
+def client_with_cpu(
+    scenario: str, server_pid: int, target: str, **options: object
+) -> dict[str, Any]:
+    """client(), plus where the CPU went while it ran: the server's CPU per call and how
+    busy the whole machine was. A machine near 100% busy means the figure is bounded by
+    the CPU every call costs, not by waiting."""
+    server_before, (busy_before, total_before) = cpu_seconds(server_pid), machine_jiffies()
+    measured = client(scenario, target, **options)
+    server_after, (busy_after, total_after) = cpu_seconds(server_pid), machine_jiffies()
+    if measured.get("calls"):
+        server_s = server_after - server_before
+        measured["server_cpu_us_per_call"] = server_s / measured["calls"] * 1e6
+    measured["machine_busy"] = (busy_after - busy_before) / max(1, total_after - total_before)
+    return measured
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -169,7 +198,7 @@ def measure(quick: bool) -> dict[str, Any]:
             the server log."""
             run = f"{name}-{len(durable)}"  # a new database file for every run
             with start_server(task_manager(workdir, run), workdir / f"{run}.log") as server:
-                measured = client(name, server.address, **options)
+                measured = client_with_cpu(name, server.process.pid, server.address, **options)
                 log = server.stop()
             durable.append(durable_from(log))
             return measured, log
@@ -180,13 +209,21 @@ def measure(quick: bool) -> dict[str, Any]:
         echo_command = [sys.executable, "-m", "bench.echo_server"]
         with start_server(echo_command, workdir / "echo.log") as echo:
             for _ in range(1 if quick else 3):
-                echo_rate = client("echo", echo.address, duration=duration)["rpc_per_s"]
+                baseline = client_with_cpu(
+                    "echo", echo.process.pid, echo.address, duration=duration
+                )
                 measured, log = scenario("update-status", duration=duration)
-                pairs.append((measured["rpc_per_s"] / echo_rate, echo_rate, measured, log))
+                pairs.append(
+                    (measured["rpc_per_s"] / baseline["rpc_per_s"], baseline, measured, log)
+                )
         pairs.sort(key=lambda pair: pair[0])
-        ratio, echo_rate, measured, log = pairs[len(pairs) // 2]
-        results["echo_rpc_per_s"] = echo_rate
+        ratio, baseline, measured, log = pairs[len(pairs) // 2]
+        results["echo_rpc_per_s"] = baseline["rpc_per_s"]
+        results["echo_server_cpu_us_per_call"] = baseline["server_cpu_us_per_call"]
+        results["echo_machine_busy"] = baseline["machine_busy"]
         results["update_status_per_s"] = measured["rpc_per_s"]
+        results["update_status_server_cpu_us_per_call"] = measured["server_cpu_us_per_call"]
+        results["update_status_machine_busy"] = measured["machine_busy"]
         results["update_status_writes_per_commit"] = writes_per_commit(log)
         results["update_status_vs_echo"] = ratio
         results["update_status_vs_echo_pairs"] = [round(pair[0], 3) for pair in pairs]
@@ -194,6 +231,7 @@ def measure(quick: bool) -> dict[str, Any]:
         measured, log = scenario("lifecycle", duration=duration)
         results["lifecycle_tasks_per_s"] = measured["tasks_per_s"]
         results["lifecycle_writes_per_commit"] = writes_per_commit(log)
+        results["lifecycle_machine_busy"] = measured["machine_busy"]
         measured, _ = scenario("lifecycle", duration=duration, unary="")
         results["lifecycle_unary_tasks_per_s"] = measured["tasks_per_s"]
 
@@ -241,9 +279,14 @@ def table(results: dict[str, Any]) -> str:
         "update_status_vs_echo",
         "update_status_vs_echo_pairs",
         "update_status_writes_per_commit",
+        "echo_server_cpu_us_per_call",
+        "update_status_server_cpu_us_per_call",
+        "echo_machine_busy",
+        "update_status_machine_busy",
         "lifecycle_tasks_per_s",
         "lifecycle_unary_tasks_per_s",
         "lifecycle_writes_per_commit",
+        "lifecycle_machine_busy",
         "dispatch_ms_p50",
         "dispatch_ms_p99",
         "watch_fanout_ms_p50",
