@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import sqlite_utils
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from storage.base import (
     AgentBacklog,
@@ -280,19 +281,22 @@ def _parse_task(blob: bytes | None) -> Task | None:
 
 
 def _entry_for(task: Task, revision: int, reason: str) -> TaskHistoryEntry:
-    return TaskHistoryEntry(
-        revision=revision,
-        task_id=task.version.task_id,
-        status_version=task.version.status_version,
-        definition_version=task.version.definition_version,
-        status=task.status,
-        author=task.last_updated_by if task.HasField("last_updated_by") else None,
-        time=task.last_update_time,
-        reason=reason,
-        scheduled_time=task.scheduled_time if task.HasField("scheduled_time") else None,
-        attempt=task.attempt,
-        current_attempt=task.attempts[-1] if task.attempts else None,
-    )
+    # Field by field: about a quarter cheaper than the keyword constructor, and this
+    # runs once per stored change.
+    entry = TaskHistoryEntry(revision=revision, reason=reason, attempt=task.attempt)
+    version = task.version
+    entry.task_id = version.task_id
+    entry.status_version = version.status_version
+    entry.definition_version = version.definition_version
+    entry.status.CopyFrom(task.status)
+    entry.time.CopyFrom(task.last_update_time)
+    if task.HasField("last_updated_by"):
+        entry.author.CopyFrom(task.last_updated_by)
+    if task.HasField("scheduled_time"):
+        entry.scheduled_time.CopyFrom(task.scheduled_time)
+    if task.attempts:
+        entry.current_attempt.CopyFrom(task.attempts[-1])
+    return entry
 
 
 def _task_at(entry: TaskHistoryEntry, current: Task) -> Task:
@@ -321,8 +325,10 @@ def _task_at(entry: TaskHistoryEntry, current: Task) -> Task:
     return task
 
 
-def _ns(timestamp: Any) -> int:
-    return int(timestamp.ToNanoseconds())
+def _ns(timestamp: Timestamp) -> int:
+    # Arithmetic rather than ToNanoseconds(): this runs three times per stored change,
+    # and stored timestamps were checked (or made by the clock) before they got here.
+    return timestamp.seconds * 1_000_000_000 + timestamp.nanos
 
 
 def _compacted_revision(conn: sqlite3.Connection) -> int:
@@ -356,22 +362,30 @@ class _Transaction:
 
     def insert(self, stored: StoredTask, reason: str = "") -> Change:
         change = self._append(stored, reason)
+        task = stored.task
         self._conn.execute(
             "INSERT INTO tasks (task_id, cursor, parent_task_id, assignee_entity_id, status,"
             " status_version, last_update_ns, agent_status, agent_last_update_ns, task,"
             " agent_task, last_update, deadline_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (stored.task.version.task_id, change.revision, *self._columns(stored)),
+            (
+                task.version.task_id,
+                change.revision,
+                task.relations.parent_task_id or None,
+                assignee_entity_id(task),
+                *self._state_columns(stored),
+            ),
         )
         return change
 
     def replace(self, stored: StoredTask, expected_status_version: int, reason: str = "") -> Change:
         task_id = stored.task.version.task_id
+        # A task's relations (parent, assignee) are fixed when it is created, so their
+        # columns, and the indexes over them, are written by insert() only.
         updated = self._conn.execute(
-            "UPDATE tasks SET parent_task_id = ?, assignee_entity_id = ?, status = ?,"
-            " status_version = ?, last_update_ns = ?, agent_status = ?,"
-            " agent_last_update_ns = ?, task = ?, agent_task = ?, last_update = ?,"
-            " deadline_ns = ? WHERE task_id = ? AND status_version = ?",
-            (*self._columns(stored), task_id, expected_status_version),
+            "UPDATE tasks SET status = ?, status_version = ?, last_update_ns = ?,"
+            " agent_status = ?, agent_last_update_ns = ?, task = ?, agent_task = ?,"
+            " last_update = ?, deadline_ns = ? WHERE task_id = ? AND status_version = ?",
+            (*self._state_columns(stored), task_id, expected_status_version),
         ).rowcount
         if updated != 1:
             row = self._conn.execute(
@@ -433,7 +447,8 @@ class _Transaction:
         return compacted
 
     @staticmethod
-    def _columns(stored: StoredTask) -> tuple[object, ...]:
+    def _state_columns(stored: StoredTask) -> tuple[object, ...]:
+        """The columns a change may alter, from status to deadline_ns."""
         task, agent_task = stored.task, stored.agent_task
         task_bytes = task.SerializeToString()
         if agent_task is None:
@@ -443,8 +458,6 @@ class _Transaction:
         else:
             agent_bytes = agent_task.SerializeToString()
         return (
-            task.relations.parent_task_id or None,
-            assignee_entity_id(task),
             task.status.status,
             task.version.status_version,
             _ns(task.last_update_time),
