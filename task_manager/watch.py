@@ -80,7 +80,9 @@ class Watch:
         """Every change after this one is offered to the watch; none before it is."""
         self._buffer = buffer
         self._pending: deque[Announced] = deque()
-        self._wakeup = asyncio.Event()
+        # Set while responses_after sleeps. A bare future rather than an asyncio.Event:
+        # one change wakes every watch, and the Event's bookkeeping showed in the profile.
+        self._waiter: asyncio.Future[None] | None = None
         self._ended: StreamEnded | None = None
 
     def offer(self, announced: Announced) -> None:
@@ -95,12 +97,17 @@ class Watch:
             )
             return
         self._pending.append(announced)
-        self._wakeup.set()
+        self._wake()
 
     def end(self, reason: StreamEnded) -> None:
         self._ended = reason
         self._pending.clear()
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def responses_after(
         self, covered: int, hub: WatchHub, clock: Clock, spec: WatchSpec
@@ -113,13 +120,14 @@ class Watch:
         last_sent_ns = clock.now_ns()
         timer: Timer | None = None  # armed and not yet fired
         timer_at = 0
+        loop = asyncio.get_running_loop()
 
         def on_timer() -> None:
             # The timer says itself that it fired: comparing clock readings cannot, as
             # a timer may fire a hair before now_ns() reaches its deadline.
             nonlocal timer
             timer = None
-            self._wakeup.set()
+            self._wake()
 
         try:
             while True:
@@ -160,7 +168,6 @@ class Watch:
                 deadline = last_sent_ns + spec.heartbeat_interval_ns
                 if held:
                     deadline = min(deadline, min(window_opens[task_id] for task_id in held))
-                self._wakeup.clear()
                 if self._pending or self._ended is not None:
                     continue
                 # One timer, re-armed only when an earlier wake-up is needed: a timer that
@@ -169,7 +176,13 @@ class Watch:
                     if timer is not None:
                         timer.cancel()
                     timer, timer_at = clock.call_at(deadline, on_timer), deadline
-                await self._wakeup.wait()
+                # Nothing can be offered between the checks above and here (no await), so
+                # no wake-up is missed.
+                self._waiter = loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
         finally:
             if timer is not None:
                 timer.cancel()
