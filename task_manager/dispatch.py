@@ -41,6 +41,7 @@ from task_manager.v1.task_manager_pb2 import (
     Status,
     Task,
 )
+from task_manager.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class AgentStream:
         self.last_assigned = 0
         self.starting = False
         """While the backlog is routed: it may exceed the buffer, which bounds live traffic."""
-        self._wakeup = asyncio.Event()
+        self._wakeup = Wakeup()
         self._ended: StreamEnded | None = None
 
     def member_for(self, pool: str) -> str:
@@ -183,8 +184,7 @@ class AgentStream:
                 yield self._pending.popleft()
             if self._ended is not None:
                 raise self._ended
-            self._wakeup.clear()
-            await self._wakeup.wait()
+            await self._wakeup.wait()  # no await since the checks: nothing missed
 
 
 class Dispatcher:

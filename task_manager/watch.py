@@ -7,7 +7,6 @@ has a bounded queue: one that falls behind is ended, never waited for.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from task_manager.v1.task_manager_pb2 import (
     TaskView,
     WatchTasksResponse,
 )
+from task_manager.wakeup import Wakeup
 
 DEFAULT_WATCH_BUFFER = 10_000
 """Events queued for one watch at most before it counts as fallen behind."""
@@ -80,9 +80,7 @@ class Watch:
         """Every change after this one is offered to the watch; none before it is."""
         self._buffer = buffer
         self._pending: deque[Announced] = deque()
-        # Set while responses_after sleeps. A bare future rather than an asyncio.Event:
-        # one change wakes every watch, and the Event's bookkeeping showed in the profile.
-        self._waiter: asyncio.Future[None] | None = None
+        self._wakeup = Wakeup()
         self._ended: StreamEnded | None = None
 
     def offer(self, announced: Announced) -> None:
@@ -97,17 +95,12 @@ class Watch:
             )
             return
         self._pending.append(announced)
-        self._wake()
+        self._wakeup.set()
 
     def end(self, reason: StreamEnded) -> None:
         self._ended = reason
         self._pending.clear()
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wakeup.set()
 
     async def responses_after(
         self, covered: int, hub: WatchHub, clock: Clock, spec: WatchSpec
@@ -120,14 +113,13 @@ class Watch:
         last_sent_ns = clock.now_ns()
         timer: Timer | None = None  # armed and not yet fired
         timer_at = 0
-        loop = asyncio.get_running_loop()
 
         def on_timer() -> None:
             # The timer says itself that it fired: comparing clock readings cannot, as
             # a timer may fire a hair before now_ns() reaches its deadline.
             nonlocal timer
             timer = None
-            self._wake()
+            self._wakeup.set()
 
         try:
             while True:
@@ -176,13 +168,7 @@ class Watch:
                     if timer is not None:
                         timer.cancel()
                     timer, timer_at = clock.call_at(deadline, on_timer), deadline
-                # Nothing can be offered between the checks above and here (no await), so
-                # no wake-up is missed.
-                self._waiter = loop.create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+                await self._wakeup.wait()  # no await since the checks: nothing missed
         finally:
             if timer is not None:
                 timer.cancel()
