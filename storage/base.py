@@ -45,6 +45,8 @@ class Change:
 
     entry: TaskHistoryEntry
     task: Task
+    encoded_task: bytes
+    """task serialised, once: every message that carries this change embeds these bytes."""
     deadline_ns: int | None = None
 
     @property
@@ -157,7 +159,8 @@ class QueriedTask:
 class AgentBacklog:
     """What an agent must be sent on connect, read at one store revision."""
 
-    tasks: Sequence[Task]
+    tasks: Sequence[tuple[Task, bytes]]
+    """Oldest first, each with its stored encoding (as Change.encoded_task)."""
     revision: int
 
 
@@ -200,6 +203,11 @@ class WriteTransaction(Protocol):
         """Compare-and-set: replaces the task only if its stored status_version is
         expected_status_version, and appends a history entry. Raises
         ConcurrentModification otherwise."""
+        ...
+
+    def encoded(self, task: Task) -> bytes:
+        """task serialised. A task this transaction stored is not serialised again: its
+        Change's encoded_task is returned."""
         ...
 
     def save_definition(self, definition: Task) -> None:

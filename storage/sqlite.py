@@ -361,8 +361,9 @@ class _Transaction:
         )
 
     def insert(self, stored: StoredTask, reason: str = "") -> Change:
-        change = self._append(stored, reason)
         task = stored.task
+        encoded_task = task.SerializeToString()
+        change = self._append(stored, reason, encoded_task)
         self._conn.execute(
             "INSERT INTO tasks (task_id, cursor, parent_task_id, assignee_entity_id, status,"
             " status_version, last_update_ns, agent_status, agent_last_update_ns, task,"
@@ -372,27 +373,34 @@ class _Transaction:
                 change.revision,
                 task.relations.parent_task_id or None,
                 assignee_entity_id(task),
-                *self._state_columns(stored),
+                *self._state_columns(stored, encoded_task),
             ),
         )
         return change
 
     def replace(self, stored: StoredTask, expected_status_version: int, reason: str = "") -> Change:
         task_id = stored.task.version.task_id
+        encoded_task = stored.task.SerializeToString()
         # A task's relations (parent, assignee) are fixed when it is created, so their
         # columns, and the indexes over them, are written by insert() only.
         updated = self._conn.execute(
             "UPDATE tasks SET status = ?, status_version = ?, last_update_ns = ?,"
             " agent_status = ?, agent_last_update_ns = ?, task = ?, agent_task = ?,"
             " last_update = ?, deadline_ns = ? WHERE task_id = ? AND status_version = ?",
-            (*self._state_columns(stored), task_id, expected_status_version),
+            (*self._state_columns(stored, encoded_task), task_id, expected_status_version),
         ).rowcount
         if updated != 1:
             row = self._conn.execute(
                 "SELECT status_version FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
             raise ConcurrentModification(task_id, row[0] if row else 0)
-        return self._append(stored, reason)
+        return self._append(stored, reason, encoded_task)
+
+    def encoded(self, task: Task) -> bytes:
+        for change in reversed(self.changes):
+            if change.task is task:
+                return change.encoded_task
+        return task.SerializeToString()
 
     def save_definition(self, definition: Task) -> None:
         self._conn.execute(
@@ -420,14 +428,14 @@ class _Transaction:
             (entity_id, now_ns, now_ns),
         )
 
-    def _append(self, stored: StoredTask, reason: str) -> Change:
+    def _append(self, stored: StoredTask, reason: str, encoded_task: bytes) -> Change:
         entry = _entry_for(stored.task, self.next_revision, reason)
         self._conn.execute(
             "INSERT INTO history (revision, task_id, entry, time_ns) VALUES (?, ?, ?, ?)",
             (entry.revision, entry.task_id, entry.SerializeToString(), _ns(entry.time)),
         )
         self.next_revision += 1
-        change = Change(entry=entry, task=stored.task, deadline_ns=stored.deadline_ns)
+        change = Change(entry, stored.task, encoded_task, stored.deadline_ns)
         self.changes.append(change)
         return change
 
@@ -447,14 +455,14 @@ class _Transaction:
         return compacted
 
     @staticmethod
-    def _state_columns(stored: StoredTask) -> tuple[object, ...]:
-        """The columns a change may alter, from status to deadline_ns."""
+    def _state_columns(stored: StoredTask, encoded_task: bytes) -> tuple[object, ...]:
+        """The columns a change may alter, from status to deadline_ns. encoded_task is
+        the change's one serialisation of stored.task."""
         task, agent_task = stored.task, stored.agent_task
-        task_bytes = task.SerializeToString()
         if agent_task is None:
             agent_bytes = None
         elif agent_task is task:  # an agent's report: both views are the same task
-            agent_bytes = task_bytes
+            agent_bytes = encoded_task
         else:
             agent_bytes = agent_task.SerializeToString()
         return (
@@ -463,7 +471,7 @@ class _Transaction:
             _ns(task.last_update_time),
             None if agent_task is None else agent_task.status.status,
             None if agent_task is None else _ns(agent_task.last_update_time),
-            task_bytes,
+            encoded_task,
             agent_bytes,
             None if stored.last_update is None else stored.last_update.SerializeToString(),
             stored.deadline_ns,
@@ -721,7 +729,8 @@ class SqliteStore:
         )
 
         def read(conn: sqlite3.Connection) -> AgentBacklog:
-            tasks = [Task.FromString(row[0]) for row in conn.execute(sql, (*ids, *wanted))]
+            rows = conn.execute(sql, (*ids, *wanted))
+            tasks = [(Task.FromString(blob), blob) for (blob,) in rows]
             return AgentBacklog(tasks=tasks, revision=self._last_revision(conn))
 
         return await self._read(read)
@@ -806,7 +815,11 @@ class SqliteStore:
                 old = _load_definition(conn, entry.task_id, entry.definition_version)
                 return task if old is None else with_definition(task, old)
 
-            return [Change(entry, _task_at(entry, definition(entry))) for entry in entries]
+            tasks = [_task_at(entry, definition(entry)) for entry in entries]
+            return [
+                Change(entry, task, task.SerializeToString())
+                for entry, task in zip(entries, tasks, strict=True)
+            ]
 
         return await self._read(read)
 

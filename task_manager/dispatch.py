@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from storage.base import Change
+from task_manager import wire
 from task_manager.errors import ServerShuttingDown, StreamEnded, StreamFellBehind
 
 # Enum values are read as pb.STATUS_*: module attributes, far cheaper per write than
@@ -36,7 +37,6 @@ from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1.task_manager_pb2 import (
     CancelRequest,
     CompleteRequest,
-    ExecuteRequest,
     ListenAsAgentResponse,
     Status,
     Task,
@@ -61,16 +61,18 @@ HandOver = Callable[[Task, str, str], "asyncio.Future[Task | None]"]
 future holds the task after the write, or None if the task had moved on."""
 
 
-def agent_request_for(task: Task) -> ListenAsAgentResponse | None:
-    """The request a task at its current status puts on its agent's stream, if any."""
+def agent_request(task: Task, encoded_task: bytes) -> bytes | None:
+    """The request (an encoded ListenAsAgentResponse) a task at its current status puts
+    on its agent's stream, if any. encoded_task is the task's stored encoding."""
     status = task.status.status
     if status == pb.STATUS_SENT:
-        return ListenAsAgentResponse(execute_request=ExecuteRequest(task=task))
+        return wire.LISTEN_EXECUTE.encode(wire.EXECUTE_REQUEST.encode(encoded_task))
     if status == pb.STATUS_CANCEL_REQUESTED:
         cancel = CancelRequest(task_id=task.version.task_id, assignee=task.relations.assignee)
-        return ListenAsAgentResponse(cancel_request=cancel)
+        return ListenAsAgentResponse(cancel_request=cancel).SerializeToString()
     if status == pb.STATUS_COMPLETE_REQUESTED:
-        return ListenAsAgentResponse(complete_request=CompleteRequest(task_id=task.version.task_id))
+        complete = CompleteRequest(task_id=task.version.task_id)
+        return ListenAsAgentResponse(complete_request=complete).SerializeToString()
     return None
 
 
@@ -219,17 +221,20 @@ class Dispatcher:
                     del self._streams_by_entity[entity_id]
             self._hand_back(stream)
 
-    def start(self, stream: AgentStream, backlog: Iterable[Task], revision: int) -> None:
-        """Routes the backlog (the agents' unfinished tasks, read at revision) to the
-        stream, then the changes published since that it had to skip until now."""
+    def start(
+        self, stream: AgentStream, backlog: Iterable[tuple[Task, bytes]], revision: int
+    ) -> None:
+        """Routes the backlog (the agents' unfinished tasks, read at revision, each with
+        its stored encoding) to the stream, then the changes published since that it had
+        to skip until now."""
         stream.starting = True
         try:
-            for task in backlog:
-                self._route(task, [stream])
+            for task, encoded_task in backlog:
+                self._route(task, encoded_task, [stream])
             loaded, stream.loading = stream.loading or [], None
             for change in loaded:
                 if change.revision > revision:
-                    self._route(change.task, [stream])
+                    self._route(change.task, change.encoded_task, [stream])
         finally:
             stream.starting = False
         for pool in stream.entity_ids:
@@ -253,9 +258,9 @@ class Dispatcher:
                 else:
                     stream.loading.append(change)
             if pool is not None:
-                self._route_pool_task(task, pool, live)
+                self._route_pool_task(task, change.encoded_task, pool, live)
             else:
-                self._route_agent_task(task, entity_id, live)
+                self._route_agent_task(task, change.encoded_task, entity_id, live)
 
     def close(self) -> None:
         """Ends every stream with ServerShuttingDown and refuses new ones."""
@@ -266,29 +271,33 @@ class Dispatcher:
 
     # -- routing ----------------------------------------------------------------------
 
-    def _route(self, task: Task, streams: Sequence[AgentStream]) -> None:
+    def _route(self, task: Task, encoded_task: bytes, streams: Sequence[AgentStream]) -> None:
         pool = pool_of(task)
         if pool is not None:
-            self._route_pool_task(task, pool, streams)
+            self._route_pool_task(task, encoded_task, pool, streams)
             return
         entity_id = _system_entity(task)
         if entity_id is not None:
-            self._route_agent_task(task, entity_id, streams)
+            self._route_agent_task(task, encoded_task, entity_id, streams)
 
-    def _route_agent_task(self, task: Task, entity_id: str, streams: Sequence[AgentStream]) -> None:
+    def _route_agent_task(
+        self, task: Task, encoded_task: bytes, entity_id: str, streams: Sequence[AgentStream]
+    ) -> None:
         if not streams:
             return
-        request = _encoded(task)  # once for every stream of the agent
+        request = agent_request(task, encoded_task)  # once for every stream of the agent
         for stream in streams:
             if entity_id in stream.entity_ids:
                 self._deliver(stream, task, request, None)
 
-    def _route_pool_task(self, task: Task, pool: str, streams: Sequence[AgentStream]) -> None:
+    def _route_pool_task(
+        self, task: Task, encoded_task: bytes, pool: str, streams: Sequence[AgentStream]
+    ) -> None:
         task_id, status, holder = task.version.task_id, task.status.status, holder_of(task)
         # A change of the task is committed: any hand-over written before it is done (the
         # store announces a commit before it resolves the writes' futures).
         self._handing_over.discard(task_id)
-        request = _encoded(task)
+        request = agent_request(task, encoded_task)
         for stream in streams:
             if pool not in stream.entity_ids:
                 continue
@@ -391,8 +400,3 @@ def _system_entity(task: Task) -> str | None:
     if assignee.WhichOneof("agent") != "system":
         return None
     return assignee.system.entity_id or None
-
-
-def _encoded(task: Task) -> bytes | None:
-    request = agent_request_for(task)
-    return None if request is None else request.SerializeToString()

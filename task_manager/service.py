@@ -30,7 +30,7 @@ from storage.base import (
     assignee_entity_id,
     with_definition,
 )
-from task_manager import auth, lifecycle, validation
+from task_manager import auth, lifecycle, validation, wire
 from task_manager.auth import ANONYMOUS, Caller, Credentials, OpenStreams, RateLimiter, Role
 from task_manager.clock import Clock, sleep_until, timestamp
 from task_manager.dispatch import IN_FLIGHT_STATUSES, Dispatcher
@@ -57,11 +57,8 @@ from task_manager.v1.task_manager_pb2 import (
     AddCredentialRequest,
     AddCredentialResponse,
     CancelTaskRequest,
-    CancelTaskResponse,
     CompleteTaskRequest,
-    CompleteTaskResponse,
     CreateTaskRequest,
-    CreateTaskResponse,
     GetTaskHistoryRequest,
     GetTaskHistoryResponse,
     GetTaskRequest,
@@ -84,9 +81,7 @@ from task_manager.v1.task_manager_pb2 import (
     Task,
     TaskPolicy,
     UpdateStatusRequest,
-    UpdateStatusResponse,
     UpdateTaskRequest,
-    UpdateTaskResponse,
     WatchTasksRequest,
     WatchTasksResponse,
 )
@@ -138,18 +133,20 @@ class TaskManagerService:
         request: CreateTaskRequest,
         context: Context,
         caller: Caller,
-    ) -> CreateTaskResponse:
+    ) -> bytes:
         validation.check_create_task(request, self._limits)
         author = caller.author(request.author if request.HasField("author") else None)
         if author is not None:
             request.author.CopyFrom(author)
         task_id = request.task_id or str(uuid.uuid4())
-        task = await self._store.write(
-            lambda tx: lifecycle.create_task(
-                tx, request, task_id, self._default_policy, self._clock.now_ns()
+        encoded_task = await self._store.write(
+            lambda tx: tx.encoded(
+                lifecycle.create_task(
+                    tx, request, task_id, self._default_policy, self._clock.now_ns()
+                )
             )
         )
-        return CreateTaskResponse(task=task)
+        return wire.CREATE_TASK_RESPONSE.encode(encoded_task)
 
     async def GetTask(
         self, request: GetTaskRequest, context: Context, caller: Caller
@@ -176,13 +173,13 @@ class TaskManagerService:
 
     async def UpdateTask(
         self, request: UpdateTaskRequest, context: Context, caller: Caller
-    ) -> UpdateTaskResponse:
+    ) -> bytes:
         validation.check_update_task(request, self._limits)
         author = caller.author(request.author if request.HasField("author") else None)
-        task = await self._store.write(
-            lambda tx: lifecycle.update_task(tx, request, author, self._clock.now_ns())
+        encoded_task = await self._store.write(
+            lambda tx: tx.encoded(lifecycle.update_task(tx, request, author, self._clock.now_ns()))
         )
-        return UpdateTaskResponse(task=task)
+        return wire.UPDATE_TASK_RESPONSE.encode(encoded_task)
 
     async def QueryTasks(
         self,
@@ -203,17 +200,18 @@ class TaskManagerService:
         request: UpdateStatusRequest,
         context: Context,
         caller: Caller,
-    ) -> UpdateStatusResponse:
+    ) -> bytes:
         if not request.HasField("status_update"):
             raise InvalidArgument("status_update", "is required")
-        task = await self._submit_status_update(request.status_update, caller)
-        return UpdateStatusResponse(task=task)
+        encoded_task = await self._submit_status_update(request.status_update, caller)
+        return wire.UPDATE_STATUS_RESPONSE.encode(encoded_task)
 
-    def _submit_status_update(self, update: StatusUpdate, caller: Caller) -> asyncio.Future[Task]:
-        """Checks an update and queues it; the future holds the task after the commit."""
+    def _submit_status_update(self, update: StatusUpdate, caller: Caller) -> asyncio.Future[bytes]:
+        """Checks an update and queues it; the future holds the task after the commit,
+        encoded."""
         validation.check_status_update(update, self._limits)
         return self._store.submit(
-            lambda tx: lifecycle.update_status(tx, update, caller, self._clock.now_ns())
+            lambda tx: tx.encoded(lifecycle.update_status(tx, update, caller, self._clock.now_ns()))
         )
 
     async def ReportStatus(
@@ -221,10 +219,10 @@ class TaskManagerService:
         reports: AsyncIterator[StatusReport | Undecodable],
         context: Context,
         caller: Caller,
-    ) -> AsyncIterator[StatusReportResult]:
+    ) -> AsyncIterator[StatusReportResult | bytes]:
         # Reports are read and queued for the writer as they come (so they share group
         # commits); results go back in the same order as each commit completes.
-        queued: asyncio.Queue[tuple[int, asyncio.Future[Task]] | None] = asyncio.Queue()
+        queued: asyncio.Queue[tuple[int, asyncio.Future[bytes]] | None] = asyncio.Queue()
         in_flight = asyncio.Semaphore(REPORTS_IN_FLIGHT)  # beyond it, the stream pushes back
 
         async def read_reports() -> None:
@@ -279,7 +277,7 @@ class TaskManagerService:
 
     def _queue_report(
         self, report: StatusReport | Undecodable, caller: Caller
-    ) -> tuple[int, asyncio.Future[Task]]:
+    ) -> tuple[int, asyncio.Future[bytes]]:
         if isinstance(report, Undecodable):
             return 0, _failed(InvalidArgument("report", f"is not a valid {report.type_name}"))
         try:
@@ -383,29 +381,31 @@ class TaskManagerService:
         request: CancelTaskRequest,
         context: Context,
         caller: Caller,
-    ) -> CancelTaskResponse:
-        task = await self._operator_request(request, caller, lifecycle.cancel_task)
-        return CancelTaskResponse(task=task)
+    ) -> bytes:
+        encoded_task = await self._operator_request(request, caller, lifecycle.cancel_task)
+        return wire.CANCEL_TASK_RESPONSE.encode(encoded_task)
 
     async def CompleteTask(
         self,
         request: CompleteTaskRequest,
         context: Context,
         caller: Caller,
-    ) -> CompleteTaskResponse:
-        task = await self._operator_request(request, caller, lifecycle.complete_task)
-        return CompleteTaskResponse(task=task)
+    ) -> bytes:
+        encoded_task = await self._operator_request(request, caller, lifecycle.complete_task)
+        return wire.COMPLETE_TASK_RESPONSE.encode(encoded_task)
 
     async def _operator_request(
         self,
         request: CancelTaskRequest | CompleteTaskRequest,
         caller: Caller,
         change: OperatorChange,
-    ) -> Task:
+    ) -> bytes:
         validation.check_operator_request(request, self._limits)
         author = caller.author(request.author if request.HasField("author") else None)
         return await self._store.write(
-            lambda tx: change(tx, request.task_id, author, request.reason, self._clock.now_ns())
+            lambda tx: tx.encoded(
+                change(tx, request.task_id, author, request.reason, self._clock.now_ns())
+            )
         )
 
     async def GetTaskHistory(
@@ -459,15 +459,19 @@ def _log_failure(future: asyncio.Future[None]) -> None:
         log.warning("recording agent presence failed: %s", error)
 
 
-def _failed(error: Exception) -> asyncio.Future[Task]:
-    future: asyncio.Future[Task] = asyncio.get_running_loop().create_future()
+def _failed(error: Exception) -> asyncio.Future[bytes]:
+    future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
     future.set_exception(error)
     return future
 
 
-async def _report_result(report_id: int, outcome: asyncio.Future[Task]) -> StatusReportResult:
+async def _report_result(
+    report_id: int, outcome: asyncio.Future[bytes]
+) -> StatusReportResult | bytes:
     try:
-        return StatusReportResult(report_id=report_id, task=await outcome)
+        return wire.STATUS_REPORT_RESULT.encode(
+            await outcome, StatusReportResult(report_id=report_id)
+        )
     except Exception as error:
         status = status_for(error)
         current = error.current if isinstance(error, VersionConflict) else 0
@@ -614,8 +618,9 @@ def _decoded(request: Message | Undecodable) -> Message:
     return request
 
 
-UnaryMethod = Callable[[Any, Context, Caller], Awaitable[Message]]
-StreamMethod = Callable[[Any, Context, Caller], AsyncIterator[Message]]
+UnaryMethod = Callable[[Any, Context, Caller], Awaitable[Message | bytes]]
+StreamMethod = Callable[[Any, Context, Caller], AsyncIterator[Message | bytes]]
+"""A method answers with a message, or with a message already encoded (see wire.py)."""
 Handler = Callable[[Any, Context], Any]
 """What grpc calls: a coroutine function (unary) or an async generator function."""
 
@@ -627,7 +632,7 @@ async def _refuse(context: Context, method: str, error: Exception) -> None:
 
 
 def _unary_handler(gate: Gate, name: str, method: UnaryMethod) -> Handler:
-    async def handle(request: Message | Undecodable, context: Context) -> Message:
+    async def handle(request: Message | Undecodable, context: Context) -> Message | bytes:
         try:
             caller = gate.admit(name, context)
             return await method(_decoded(request), context, caller)
@@ -643,7 +648,7 @@ def _stream_handler(gate: Gate, name: str, method: StreamMethod, client_streamin
     counts against its caller's open streams, and ends if the caller's credential is
     revoked (UNAUTHENTICATED)."""
 
-    async def handle(request: Any, context: Context) -> AsyncIterator[Message]:
+    async def handle(request: Any, context: Context) -> AsyncIterator[Message | bytes]:
         ended: list[Exception] = []
         handler_task = asyncio.current_task()
         assert handler_task is not None
@@ -670,19 +675,16 @@ def _stream_handler(gate: Gate, name: str, method: StreamMethod, client_streamin
     return handle
 
 
-def _serializer(response_type: type[Message]) -> Callable[[Message | bytes], bytes]:
-    # Watch events are encoded once per change and shared by every watcher as bytes.
-    def serialize(response: Message | bytes) -> bytes:
-        return response if isinstance(response, bytes) else response.SerializeToString()
-
-    return serialize
+def _serialize(response: Message | bytes) -> bytes:
+    # Answers that carry a changed task, agent requests and watch events come already
+    # encoded around the task's stored bytes (wire.py): one serialisation per change.
+    return response if isinstance(response, bytes) else response.SerializeToString()
 
 
 def _method_handler(
     servicer: TaskManagerService, method: MethodDescriptor
 ) -> grpc.RpcMethodHandler[Any, Any]:
     request_type = message_factory.GetMessageClass(method.input_type)
-    response_type = message_factory.GetMessageClass(method.output_type)
     behaviour = getattr(servicer, method.name)
     gate = servicer.gate
     deserializer = _safe_deserializer(request_type)
@@ -691,18 +693,18 @@ def _method_handler(
         return grpc.stream_stream_rpc_method_handler(
             _stream_handler(gate, method.name, behaviour, client_streaming=True),
             request_deserializer=deserializer,
-            response_serializer=_serializer(response_type),
+            response_serializer=_serialize,
         )
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
             _stream_handler(gate, method.name, behaviour, client_streaming=False),
             request_deserializer=deserializer,
-            response_serializer=_serializer(response_type),
+            response_serializer=_serialize,
         )
     return grpc.unary_unary_rpc_method_handler(
         _unary_handler(gate, method.name, behaviour),
         request_deserializer=deserializer,
-        response_serializer=_serializer(response_type),
+        response_serializer=_serialize,
     )
 
 

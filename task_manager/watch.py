@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from storage.base import Change, Snapshot, Store, TaskSelector
+from task_manager import wire
 from task_manager.clock import Clock, Timer, timestamp
 from task_manager.errors import ServerShuttingDown, StreamEnded, StreamFellBehind
 from task_manager.lifecycle import TERMINAL_STATUSES
@@ -64,11 +65,11 @@ class Announced:
             event_type=EventType.EVENT_TYPE_CREATED
             if self.created
             else EventType.EVENT_TYPE_UPDATE,
-            task=self.change.task,
             task_view=TaskView.TASK_VIEW_MANAGER,
             time=self.change.entry.time,
         )
-        return WatchTasksResponse(revision=self.revision, event=event).SerializeToString()
+        encoded_event = wire.TASK_EVENT.encode(self.change.encoded_task, event)
+        return wire.WATCH_EVENT.encode(encoded_event, WatchTasksResponse(revision=self.revision))
 
 
 class Watch:
