@@ -2,7 +2,8 @@
 
     python -m bench.load SCENARIO --target HOST:PORT [options]
 
-Scenarios: echo, update-status, lifecycle, dispatch, idle-streams. bench/run.py starts
+Scenarios: echo, update-status, lifecycle, dispatch, idle-streams, watch-fanout and
+push-fanout (its baseline). bench/run.py starts
 the servers and these processes; the numbers are only meaningful side by side.
 """
 
@@ -279,8 +280,7 @@ async def idle_streams(args: argparse.Namespace) -> dict[str, float]:
 async def watch_fanout(args: argparse.Namespace) -> dict[str, float]:
     """One update -> delivered to each of `watchers` WatchTasks streams, one round at a
     time. Latency: from the UpdateStatus call's start to the event's bytes arriving on
-    each stream (every watcher gets the rounds in order, so its k-th event is round k;
-    the bytes are not decoded, to measure delivery rather than this client's parsing)."""
+    each stream."""
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = AsyncStub(channel)
         task = (await stub.CreateTask(pb.CreateTaskRequest(display_name="bench"))).task
@@ -288,51 +288,87 @@ async def watch_fanout(args: argparse.Namespace) -> dict[str, float]:
             filter=pb.WatchFilter(task_ids=[task.version.task_id]),
             heartbeat_interval_ms=3_600_000,  # undecoded bytes: only events may arrive
         )
-        channels = [grpc.aio.insecure_channel(args.target) for _ in range(args.watchers // 100 + 1)]
-        arrivals: list[list[int]] = [[] for _ in range(args.watchers)]
-        sent_at: list[int] = []
-        all_arrived = asyncio.Event()
-        complete = 0
+        version = task.version.status_version
 
-        async def watcher(n: int, subscribed: asyncio.Event) -> None:
-            nonlocal complete
-            call = channels[n % len(channels)].unary_stream(
-                "/task_manager.v1.TaskManager/WatchTasks",
-                request_serializer=pb.WatchTasksRequest.SerializeToString,
-                response_deserializer=lambda data: data,
-            )(request)
-            await call.initial_metadata()
-            subscribed.set()
-            async for _ in call:
-                if len(arrivals[n]) == args.rounds:
-                    continue
-                arrivals[n].append(time.perf_counter_ns())
-                if len(arrivals[n]) == args.rounds:
-                    complete += 1
-                    if complete == args.watchers:
-                        all_arrived.set()
+        async def update() -> None:
+            nonlocal version
+            answer = await stub.UpdateStatus(typical_update(task.version.task_id, version))
+            version = answer.task.version.status_version
 
-        async with anyio.create_task_group() as group:
-            ready = [asyncio.Event() for _ in range(args.watchers)]
-            for n, subscribed in enumerate(ready):
-                group.start_soon(watcher, n, subscribed)
-            for subscribed in ready:
-                await subscribed.wait()
-            version = task.version.status_version
-            for _ in range(args.rounds):
-                update = typical_update(task.version.task_id, version)
-                sent_at.append(time.perf_counter_ns())
-                version = (await stub.UpdateStatus(update)).task.version.status_version
-                await asyncio.sleep(0.2)  # one update at a time: fan-out, not throughput
-            try:
-                await asyncio.wait_for(all_arrived.wait(), 60)
-            except TimeoutError:
-                counts = collections.Counter(len(times) for times in arrivals)
-                got = sorted(counts.items())
-                raise SystemExit(f"not every watcher got every round: {got}") from None
-            group.cancel_scope.cancel()
-        for extra in channels:
-            await extra.close(None)
+        watch = "/task_manager.v1.TaskManager/WatchTasks"
+        return await fan_out(args, watch, request.SerializeToString(), update)
+
+
+async def push_fanout(args: argparse.Namespace) -> dict[str, float]:
+    """The baseline of watch-fanout: the same clients against bench.echo_server, whose
+    Push answers like Echo and puts an event-sized message on every Listen stream."""
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        push = channel.unary_unary(
+            "/bench.Echo/Push",
+            request_serializer=pb.UpdateStatusRequest.SerializeToString,
+            response_deserializer=pb.UpdateStatusResponse.FromString,
+        )
+        request = typical_update("x" * 36, 1)
+
+        async def update() -> None:
+            await push(request)
+
+        return await fan_out(args, "/bench.Echo/Listen", b"", update)
+
+
+async def fan_out(
+    args: argparse.Namespace,
+    listen: str,
+    listen_request: bytes,
+    update: Callable[[], Awaitable[None]],
+) -> dict[str, float]:
+    """Opens `watchers` streams of the method `listen`, then makes `rounds` updates, one
+    at a time, each of which must reach every stream. Every stream gets the rounds in
+    order, so its k-th message is round k; the bytes are not decoded, to measure delivery
+    rather than this client's parsing."""
+    channels = [grpc.aio.insecure_channel(args.target) for _ in range(args.watchers // 100 + 1)]
+    arrivals: list[list[int]] = [[] for _ in range(args.watchers)]
+    sent_at: list[int] = []
+    all_arrived = asyncio.Event()
+    complete = 0
+
+    async def watcher(n: int, subscribed: asyncio.Event) -> None:
+        nonlocal complete
+        call = channels[n % len(channels)].unary_stream(
+            listen,
+            request_serializer=lambda data: data,
+            response_deserializer=lambda data: data,
+        )(listen_request)
+        await call.initial_metadata()
+        subscribed.set()
+        async for _ in call:
+            if len(arrivals[n]) == args.rounds:
+                continue
+            arrivals[n].append(time.perf_counter_ns())
+            if len(arrivals[n]) == args.rounds:
+                complete += 1
+                if complete == args.watchers:
+                    all_arrived.set()
+
+    async with anyio.create_task_group() as group:
+        ready = [asyncio.Event() for _ in range(args.watchers)]
+        for n, subscribed in enumerate(ready):
+            group.start_soon(watcher, n, subscribed)
+        for subscribed in ready:
+            await subscribed.wait()
+        for _ in range(args.rounds):
+            sent_at.append(time.perf_counter_ns())
+            await update()
+            await asyncio.sleep(0.2)  # one update at a time: fan-out, not throughput
+        try:
+            await asyncio.wait_for(all_arrived.wait(), 60)
+        except TimeoutError:
+            counts = collections.Counter(len(times) for times in arrivals)
+            got = sorted(counts.items())
+            raise SystemExit(f"not every watcher got every round: {got}") from None
+        group.cancel_scope.cancel()
+    for extra in channels:
+        await extra.close(None)
     latencies = sorted(
         (arrived - sent_at[k]) / 1e6 for times in arrivals for k, arrived in enumerate(times)
     )
@@ -351,6 +387,7 @@ SCENARIOS = {
     "dispatch": dispatch,
     "idle-streams": idle_streams,
     "watch-fanout": watch_fanout,
+    "push-fanout": push_fanout,
 }
 
 
