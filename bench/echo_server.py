@@ -18,6 +18,7 @@ import grpc
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import StringValue
 
+from task_manager.cli import tune_garbage_collector
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.wakeup import Wakeup
 
@@ -90,6 +91,7 @@ async def serve(listen: str) -> None:
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", handlers)])
     port = server.add_insecure_port(listen)
     await server.start()
+    tune_garbage_collector()  # as task-manager serve: the ratios compare code, not settings
     print(f"echo: serving on 127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()
 
