@@ -222,6 +222,7 @@ async def dispatch(args: argparse.Namespace) -> dict[str, float]:
             total = int(args.rate * args.duration)
 
             async def create(request: pb.CreateTaskRequest) -> None:
+                sent_at[request.task_id] = time.perf_counter()  # the call's start
                 await stub.CreateTask(request)
 
             start = time.perf_counter()
@@ -233,7 +234,6 @@ async def dispatch(args: argparse.Namespace) -> dict[str, float]:
                 request = pb.CreateTaskRequest(display_name="bench", task_id=task_id)
                 agent = walkers.agents[n % len(walkers.agents)]
                 request.relations.assignee.system.entity_id = agent
-                sent_at[task_id] = time.perf_counter()
                 group.start_soon(create, request)
             walkers.expect(total)
             with contextlib.suppress(TimeoutError):
