@@ -192,7 +192,8 @@ def tune_garbage_collector() -> None:
     a watch fan-out (p99 51 to 85 ms against 38 to 39 with this, three interleaved
     pairs). Call once the server is up: freeze() moves everything alive then (modules,
     descriptors, the server's own objects) out of the collector's sight. Garbage cycles
-    are still collected, 14 times less often."""
+    are still collected, 14 times less often: about 1.3 MB more resident memory under
+    full load."""
     gc.freeze()
     gc.set_threshold(YOUNG_COLLECTION_EVERY, 10, 10)
 
