@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test fuzz protos lint bench bench-quick clean
+.PHONY: install serve test fuzz protos lint bench bench-quick profile clean
 
 install: $(INSTALLED)
 
@@ -39,6 +39,11 @@ bench: install
 
 bench-quick: install
 	$(PY) -m bench.run --quick
+
+# Where the server's GIL goes under one scenario: make profile SCENARIO=lifecycle
+SCENARIO ?= update-status
+profile: install
+	$(PY) -m bench.profile $(SCENARIO)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
