@@ -63,12 +63,16 @@ def record(scenario: str, duration: float, workdir: Path) -> list[tuple[list[str
     options = dict(SCENARIOS[scenario])
     if "rounds" not in options:
         options["duration"] = duration
-    measured = client(scenario, address, **options)
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-    os.kill(int(children[0]), signal.SIGTERM)  # the server; py-spy writes when it exits
-    process.wait(120)
-    process.stdout.close()
+    try:
+        measured = client(scenario, address, **options)
+    finally:
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+        os.kill(int(children.split()[0]), signal.SIGTERM)  # py-spy writes when it exits
+        process.wait(120)
+        process.stdout.close()
     print(f"{scenario}: {json.dumps(measured)}", file=sys.stderr)
+    if not samples.exists():
+        raise SystemExit(f"py-spy wrote no samples:\n{(workdir / 'server.log').read_text()}")
     stacks = []
     for line in samples.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
