@@ -196,7 +196,8 @@ class WriteTransaction(Protocol):
         ...
 
     def insert(self, stored: StoredTask, reason: str = "") -> Change:
-        """Adds a new task (its id must be free) and its first history entry."""
+        """Adds a new task and its first history entry. Raises TaskExists, having
+        written nothing, if a task with that id is stored."""
         ...
 
     def replace(self, stored: StoredTask, expected_status_version: int, reason: str = "") -> Change:
@@ -227,6 +228,14 @@ class WriteTransaction(Protocol):
     def revoke_credential(self, credential_id: str, now_ns: int) -> bool:
         """False if there is no such credential, or it was already revoked."""
         ...
+
+
+class TaskExists(StoreError):
+    """insert() found a task with the same id already stored."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} is already stored")
+        self.task_id = task_id
 
 
 class ConcurrentModification(StoreError):

@@ -36,6 +36,7 @@ from storage.base import (
     StoreClosed,
     StoredTask,
     StoreError,
+    TaskExists,
     TaskQuery,
     TaskSelector,
     WriteTransaction,
@@ -363,20 +364,24 @@ class _Transaction:
     def insert(self, stored: StoredTask, reason: str = "") -> Change:
         task = stored.task
         encoded_task = task.SerializeToString()
-        change = self._append(stored, reason, encoded_task)
-        self._conn.execute(
+        # The id check is the insert itself: one statement, and a taken id writes nothing.
+        # The cursor is the revision of the history entry appended right after.
+        inserted = self._conn.execute(
             "INSERT INTO tasks (task_id, cursor, parent_task_id, assignee_entity_id, status,"
             " status_version, last_update_ns, agent_status, agent_last_update_ns, task,"
-            " agent_task, last_update, deadline_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " agent_task, last_update, deadline_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (task_id) DO NOTHING",
             (
                 task.version.task_id,
-                change.revision,
+                self.next_revision,
                 task.relations.parent_task_id or None,
                 assignee_entity_id(task),
                 *self._state_columns(stored, encoded_task),
             ),
-        )
-        return change
+        ).rowcount
+        if inserted != 1:
+            raise TaskExists(task.version.task_id)
+        return self._append(stored, reason, encoded_task)
 
     def replace(self, stored: StoredTask, expected_status_version: int, reason: str = "") -> Change:
         task_id = stored.task.version.task_id

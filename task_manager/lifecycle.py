@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from storage.base import (
     StoredTask,
+    TaskExists,
     WriteTransaction,
     assignee_entity_id,
     definition_only,
@@ -65,8 +66,6 @@ def create_task(
     """Stores the task at CREATED (versions 1/1), then releases it to its agent if it has
     one: SENT at status_version 2, or SCHEDULED_IN_MANAGER until a future scheduled_time.
     Returns the task as it stands after both."""
-    if tx.load(task_id) is not None:
-        raise TaskIdTaken(task_id)
     now = timestamp(now_ns)
     task = Task(
         version=TaskVersion(task_id=task_id, definition_version=1, status_version=1),
@@ -87,7 +86,10 @@ def create_task(
     if request.HasField("author"):
         task.created_by.CopyFrom(request.author)
         task.last_updated_by.CopyFrom(request.author)
-    tx.insert(StoredTask(task=task, agent_task=None, last_update=None))
+    try:
+        tx.insert(StoredTask(task=task, agent_task=None, last_update=None))
+    except TaskExists:
+        raise TaskIdTaken(task_id) from None
     if not is_releasable(task):
         return task
     if request.HasField("scheduled_time") and liveness.ns(request.scheduled_time) > now_ns:

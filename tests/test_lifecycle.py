@@ -285,10 +285,16 @@ async def test_created_task_keeps_every_field_it_was_given(stub: AsyncStub) -> N
 
 async def test_supplied_task_id_already_taken_is_already_exists(stub: AsyncStub) -> None:
     first = await create(stub, task_id="task-00001")
+    entries = await history(stub, "task-00001")
     error = await rpc_error(stub.CreateTask(create_request(task_id="task-00001")))
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "task-00001" in (error.details() or "")
+    # Nothing was written: the task, its history and the revision sequence are as before.
     assert await get(stub, "task-00001") == first
+    assert await history(stub, "task-00001") == entries
+    await create(stub, task_id="task-00002")
+    (created, *_) = await history(stub, "task-00002")
+    assert created.revision == entries[-1].revision + 1
 
 
 # -- operator requests --------------------------------------------------------------------
