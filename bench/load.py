@@ -3,8 +3,8 @@
     python -m bench.load SCENARIO --target HOST:PORT [options]
 
 Scenarios: echo, update-status, lifecycle, dispatch, idle-streams, watch-fanout and
-push-fanout (its baseline). bench/run.py starts
-the servers and these processes; the numbers are only meaningful side by side.
+push-fanout (its baseline). bench/run.py starts the servers and these processes; the
+numbers are only meaningful side by side.
 """
 
 from __future__ import annotations

@@ -820,11 +820,11 @@ class SqliteStore:
                 old = _load_definition(conn, entry.task_id, entry.definition_version)
                 return task if old is None else with_definition(task, old)
 
-            tasks = [_task_at(entry, definition(entry)) for entry in entries]
-            return [
-                Change(entry, task, task.SerializeToString())
-                for entry, task in zip(entries, tasks, strict=True)
-            ]
+            def change(entry: TaskHistoryEntry) -> Change:
+                task = _task_at(entry, definition(entry))
+                return Change(entry, task, task.SerializeToString())
+
+            return [change(entry) for entry in entries]
 
         return await self._read(read)
 
