@@ -195,9 +195,13 @@ class WriteTransaction(Protocol):
         """The task as this transaction sees it (including its own earlier writes)."""
         ...
 
-    def insert(self, stored: StoredTask, reason: str = "") -> Change:
-        """Adds a new task and its first history entry. Raises TaskExists, having
-        written nothing, if a task with that id is stored."""
+    def insert(
+        self, stored: StoredTask, reason: str = "", then: StoredTask | None = None
+    ) -> Change:
+        """Adds a new task and its first history entry; with then, the state the task
+        moves on to in the same change (as a replace() of it would, with a second entry),
+        and the task is stored at that state. Returns the last Change. Raises TaskExists,
+        having written nothing, if a task with that id is stored."""
         ...
 
     def replace(self, stored: StoredTask, expected_status_version: int, reason: str = "") -> Change:

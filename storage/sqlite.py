@@ -361,9 +361,14 @@ class _Transaction:
             deadline_ns=row[3],
         )
 
-    def insert(self, stored: StoredTask, reason: str = "") -> Change:
+    def insert(
+        self, stored: StoredTask, reason: str = "", then: StoredTask | None = None
+    ) -> Change:
         task = stored.task
         encoded_task = task.SerializeToString()
+        # With then, the row is written once, at the state the task moves on to.
+        row = stored if then is None else then
+        encoded_row = encoded_task if then is None else then.task.SerializeToString()
         # The id check is the insert itself: one statement, and a taken id writes nothing.
         # The cursor is the revision of the history entry appended right after.
         inserted = self._conn.execute(
@@ -376,12 +381,15 @@ class _Transaction:
                 self.next_revision,
                 task.relations.parent_task_id or None,
                 assignee_entity_id(task),
-                *self._state_columns(stored, encoded_task),
+                *self._state_columns(row, encoded_row),
             ),
         ).rowcount
         if inserted != 1:
             raise TaskExists(task.version.task_id)
-        return self._append(stored, reason, encoded_task)
+        change = self._append(stored, reason, encoded_task)
+        if then is not None:
+            change = self._append(then, reason, encoded_row)
+        return change
 
     def replace(self, stored: StoredTask, expected_status_version: int, reason: str = "") -> Change:
         task_id = stored.task.version.task_id

@@ -86,18 +86,33 @@ def create_task(
     if request.HasField("author"):
         task.created_by.CopyFrom(request.author)
         task.last_updated_by.CopyFrom(request.author)
+    created = StoredTask(task=task, agent_task=None, last_update=None)
+    # The task reaches its first held state in the same change, so its row is written
+    # once, at that state, with one history entry for each step.
+    released: StoredTask | None = None
+    if is_releasable(task):
+        if request.HasField("scheduled_time") and liveness.ns(request.scheduled_time) > now_ns:
+            scheduled = TaskStatus(status=pb.STATUS_SCHEDULED_IN_MANAGER)
+            released = _stored(_with_status(task, scheduled, MANAGER, now_ns), None, None)
+        else:
+            released = _sent(created, now_ns)
     try:
-        tx.insert(StoredTask(task=task, agent_task=None, last_update=None))
+        tx.insert(created, then=released)
     except TaskExists:
         raise TaskIdTaken(task_id) from None
-    if not is_releasable(task):
-        return task
-    if request.HasField("scheduled_time") and liveness.ns(request.scheduled_time) > now_ns:
-        scheduled = TaskStatus(status=pb.STATUS_SCHEDULED_IN_MANAGER)
-        waiting = _with_status(task, scheduled, MANAGER, now_ns)
-        tx.replace(_stored(waiting, None, None), 1)
-        return waiting
-    return _send(tx, StoredTask(task=task, agent_task=None, last_update=None), now_ns, "")
+    return task if released is None else released.task
+
+
+def _sent(stored: StoredTask, now_ns: int, update: StatusUpdate | None = None) -> StoredTask:
+    """The task as the next attempt starts: SENT, to be delivered to the agent. update is
+    the agent's report that ended the previous attempt, if one did (kept for the retry
+    check)."""
+    sent = _with_status(stored.task, TaskStatus(status=pb.STATUS_SENT), MANAGER, now_ns)
+    sent.attempt += 1
+    # A pool task's holder is chosen by the dispatcher once a member has room.
+    agent = "" if assignee_kind(sent) == "team" else assignee_entity_id(sent) or ""
+    sent.attempts.add(number=sent.attempt, entity_id=agent, start_time=timestamp(now_ns))
+    return _stored(sent, sent, update)
 
 
 def _send(
@@ -107,15 +122,10 @@ def _send(
     reason: str,
     update: StatusUpdate | None = None,
 ) -> Task:
-    """Starts the next attempt: SENT, to be delivered to the agent. update is the agent's
-    report that ended the previous attempt, if one did (kept for the retry check)."""
-    sent = _with_status(stored.task, TaskStatus(status=pb.STATUS_SENT), MANAGER, now_ns)
-    sent.attempt += 1
-    # A pool task's holder is chosen by the dispatcher once a member has room.
-    agent = "" if assignee_kind(sent) == "team" else assignee_entity_id(sent) or ""
-    sent.attempts.add(number=sent.attempt, entity_id=agent, start_time=timestamp(now_ns))
-    tx.replace(_stored(sent, sent, update), stored.task.version.status_version, reason)
-    return sent
+    """Starts the next attempt of a stored task (see _sent)."""
+    sent = _sent(stored, now_ns, update)
+    tx.replace(sent, stored.task.version.status_version, reason)
+    return sent.task
 
 
 def _stored(task: Task, agent_task: Task | None, last_update: StatusUpdate | None) -> StoredTask:
