@@ -198,10 +198,10 @@ class WriteTransaction(Protocol):
     def insert(
         self, stored: StoredTask, reason: str = "", then: StoredTask | None = None
     ) -> Change:
-        """Adds a new task and its first history entry; with then, the state the task
-        moves on to in the same change (as a replace() of it would, with a second entry),
-        and the task is stored at that state. Returns the last Change. Raises TaskExists,
-        having written nothing, if a task with that id is stored."""
+        """Adds a new task and its first history entry. then is the state the task
+        moves on to in the same change, if any: it gets a second entry, as replace()
+        would give it, and the row is stored at that state. Returns the last Change.
+        Raises TaskExists, having written nothing, if a task with that id is stored."""
         ...
 
     def replace(self, stored: StoredTask, expected_status_version: int, reason: str = "") -> Change:

@@ -87,8 +87,8 @@ def create_task(
         task.created_by.CopyFrom(request.author)
         task.last_updated_by.CopyFrom(request.author)
     created = StoredTask(task=task, agent_task=None, last_update=None)
-    # The task reaches its first held state in the same change, so its row is written
-    # once, at that state, with one history entry for each step.
+    # A task released at once is stored at the state it is released to: one row
+    # written, with a history entry for CREATED and one for the release.
     released: StoredTask | None = None
     if is_releasable(task):
         if request.HasField("scheduled_time") and liveness.ns(request.scheduled_time) > now_ns:
