@@ -4,12 +4,19 @@
 UpdateStatus, so the ratio against it isolates what the Task Manager itself costs.
 `Push` does the same and also puts one watch-event-sized message on every open `Listen`
 stream: the fan-out floor of grpc.aio, with no store and no watch logic.
+
+It also serves the three Task Manager methods the lifecycle and dispatch scenarios call,
+with nothing behind them (`Floor`): `CreateTask` pushes the new task to its assignee's
+`ListenAsAgent` streams and answers it, and `ReportStatus` answers each report with the
+task at the next status_version. Nothing is stored or checked, so the same clients
+measure the floor that grpc.aio sets for those scenarios on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -42,6 +49,82 @@ class Listener:
     def __init__(self) -> None:
         self.pending: deque[bytes] = deque()
         self.wakeup = Wakeup()
+
+
+class Floor:
+    """CreateTask, ListenAsAgent and ReportStatus with no store and no checks."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, set[Listener]] = {}
+        self.task_numbers = itertools.count()
+
+    async def create_task(
+        self, request: pb.CreateTaskRequest, context: Any
+    ) -> pb.CreateTaskResponse:
+        task = pb.Task(display_name=request.display_name, relations=request.relations)
+        task.version.task_id = request.task_id or f"floor-{next(self.task_numbers):012d}"
+        task.version.definition_version, task.version.status_version = 1, 2
+        task.status.status = pb.STATUS_SENT
+        for stamp in (task.create_time, task.last_update_time):
+            stamp.GetCurrentTime()
+        execute = pb.ListenAsAgentResponse(execute_request=pb.ExecuteRequest(task=task))
+        message = execute.SerializeToString()
+        for listener in self.listeners.get(request.relations.assignee.system.entity_id, ()):
+            listener.pending.append(message)
+            listener.wakeup.set()
+        return pb.CreateTaskResponse(task=task)
+
+    async def listen_as_agent(
+        self, request: pb.ListenAsAgentRequest, context: Any
+    ) -> AsyncIterator[bytes]:
+        listener = Listener()
+        entity_ids = list(request.entity_ids.entity_ids)
+        for entity_id in entity_ids:
+            self.listeners.setdefault(entity_id, set()).add(listener)
+        try:
+            await context.send_initial_metadata(())
+            while True:
+                while listener.pending:
+                    yield listener.pending.popleft()
+                await listener.wakeup.wait()
+        finally:
+            for entity_id in entity_ids:
+                self.listeners[entity_id].discard(listener)
+
+    async def report_status(
+        self, reports: AsyncIterator[pb.StatusReport], context: Any
+    ) -> AsyncIterator[pb.StatusReportResult]:
+        async for report in reports:
+            update = report.status_update
+            task = pb.Task(display_name="bench", status=update.status)
+            task.version.task_id = update.version.task_id
+            task.version.definition_version = 1
+            task.version.status_version = update.version.status_version + 1
+            for stamp in (task.create_time, task.last_update_time):
+                stamp.GetCurrentTime()
+            yield pb.StatusReportResult(report_id=report.report_id, task=task)
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        return grpc.method_handlers_generic_handler(
+            "task_manager.v1.TaskManager",
+            {
+                "CreateTask": grpc.unary_unary_rpc_method_handler(
+                    self.create_task,
+                    request_deserializer=pb.CreateTaskRequest.FromString,
+                    response_serializer=pb.CreateTaskResponse.SerializeToString,
+                ),
+                "ListenAsAgent": grpc.unary_stream_rpc_method_handler(
+                    self.listen_as_agent,
+                    request_deserializer=pb.ListenAsAgentRequest.FromString,
+                    response_serializer=bytes,
+                ),
+                "ReportStatus": grpc.stream_stream_rpc_method_handler(
+                    self.report_status,
+                    request_deserializer=pb.StatusReport.FromString,
+                    response_serializer=pb.StatusReportResult.SerializeToString,
+                ),
+            },
+        )
 
 
 async def serve(listen: str) -> None:
@@ -88,7 +171,8 @@ async def serve(listen: str) -> None:
     handlers["Listen"] = grpc.unary_stream_rpc_method_handler(
         listen_for_pushes, request_deserializer=Empty.FromString, response_serializer=bytes
     )
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", handlers)])
+    echo_handler = grpc.method_handlers_generic_handler("bench.Echo", handlers)
+    server.add_generic_rpc_handlers([echo_handler, Floor().handler()])
     port = server.add_insecure_port(listen)
     await server.start()
     tune_garbage_collector()  # as task-manager serve: the ratios compare code, not settings

@@ -205,7 +205,8 @@ async def lifecycle(args: argparse.Namespace) -> dict[str, float]:
             await asyncio.sleep(args.duration)
             rate = (walkers.done - done_before) / (time.perf_counter() - started)
             group.cancel_scope.cancel()
-        return {"tasks_per_s": rate}
+        # calls: every task finished, warm-up included (what server CPU is divided by)
+        return {"tasks_per_s": rate, "calls": walkers.done}
 
 
 async def dispatch(args: argparse.Namespace) -> dict[str, float]:

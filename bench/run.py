@@ -229,17 +229,31 @@ def measure(quick: bool) -> dict[str, Any]:
         results["update_status_vs_echo"] = ratio
         results["update_status_vs_echo_pairs"] = [round(pair[0], 3) for pair in pairs]
 
+        # The lifecycle's and dispatch's baseline: the same clients against the raw
+        # server's Floor (the methods they call, with nothing behind them), run right
+        # before ours.
+        with start_server(echo_command, workdir / "floor.log") as echo:
+            floor = client_with_cpu("lifecycle", echo.process.pid, echo.address, duration=duration)
         measured, log = scenario("lifecycle", duration=duration)
         results["lifecycle_tasks_per_s"] = measured["tasks_per_s"]
+        results["lifecycle_floor_tasks_per_s"] = floor["tasks_per_s"]
+        results["lifecycle_vs_floor"] = measured["tasks_per_s"] / floor["tasks_per_s"]
+        results["lifecycle_server_cpu_us_per_task"] = measured["server_cpu_us_per_call"]
+        results["lifecycle_floor_server_cpu_us_per_task"] = floor["server_cpu_us_per_call"]
+        results["lifecycle_floor_machine_busy"] = floor["machine_busy"]
         results["lifecycle_writes_per_commit"] = writes_per_commit(log)
         results["lifecycle_machine_busy"] = measured["machine_busy"]
         measured, _ = scenario("lifecycle", duration=duration, unary="")
         results["lifecycle_unary_tasks_per_s"] = measured["tasks_per_s"]
 
         rate = max(10.0, results["lifecycle_tasks_per_s"] / 2)
+        with start_server(echo_command, workdir / "floor.log") as echo:
+            floor = client("dispatch", echo.address, duration=duration, rate=rate)
         measured, _ = scenario("dispatch", duration=duration, rate=rate)
         results["dispatch_ms_p50"] = measured["p50_ms"]
         results["dispatch_ms_p99"] = measured["p99_ms"]
+        results["dispatch_floor_ms_p50"] = floor["p50_ms"]
+        results["dispatch_floor_ms_p99"] = floor["p99_ms"]
         results["dispatch_rate_per_s"] = rate
 
         # Fan-out's baseline: the same clients against the raw server's Push and Listen,
@@ -297,11 +311,18 @@ def table(results: dict[str, Any]) -> str:
         "echo_machine_busy",
         "update_status_machine_busy",
         "lifecycle_tasks_per_s",
+        "lifecycle_floor_tasks_per_s",
+        "lifecycle_vs_floor",
         "lifecycle_unary_tasks_per_s",
         "lifecycle_writes_per_commit",
+        "lifecycle_server_cpu_us_per_task",
+        "lifecycle_floor_server_cpu_us_per_task",
         "lifecycle_machine_busy",
+        "lifecycle_floor_machine_busy",
         "dispatch_ms_p50",
         "dispatch_ms_p99",
+        "dispatch_floor_ms_p50",
+        "dispatch_floor_ms_p99",
         "watch_fanout_ms_p50",
         "watch_fanout_ms_p99",
         "push_fanout_ms_p50",
