@@ -18,7 +18,7 @@ import argparse
 import asyncio
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -43,19 +43,49 @@ def typical_response() -> pb.UpdateStatusResponse:
 
 
 class Listener:
-    """One open Listen stream: what is waiting for it, and how to wake it (as cheaply as
-    the Task Manager's own watches)."""
+    """One open stream: what is waiting for it, and how to wake it (as cheaply as the
+    Task Manager's own watches)."""
 
     def __init__(self) -> None:
         self.pending: deque[bytes] = deque()
         self.wakeup = Wakeup()
 
 
+class Listeners:
+    """Open streams by key (what a stream's request names), and what is pushed to them."""
+
+    def __init__(self, keys_of: Callable[[Any], Iterable[str]]) -> None:
+        self.keys_of = keys_of
+        self.by_key: dict[str, set[Listener]] = {}
+
+    def push(self, key: str, message: bytes) -> None:
+        for listener in self.by_key.get(key, ()):
+            listener.pending.append(message)
+            listener.wakeup.set()
+
+    async def listen(self, request: Any, context: Any) -> AsyncIterator[bytes]:
+        """The stream handler: headers at once (so the client knows it is subscribed),
+        then every message pushed to one of its keys."""
+        listener = Listener()
+        keys = list(self.keys_of(request))
+        for key in keys:
+            self.by_key.setdefault(key, set()).add(listener)
+        try:
+            await context.send_initial_metadata(())
+            while True:
+                while listener.pending:
+                    yield listener.pending.popleft()
+                await listener.wakeup.wait()
+        finally:
+            for key in keys:
+                self.by_key[key].discard(listener)
+
+
 class Floor:
     """CreateTask, ListenAsAgent and ReportStatus with no store and no checks."""
 
     def __init__(self) -> None:
-        self.listeners: dict[str, set[Listener]] = {}
+        self.agents = Listeners(lambda request: request.entity_ids.entity_ids)
         self.task_numbers = itertools.count()
 
     async def create_task(
@@ -68,28 +98,9 @@ class Floor:
         for stamp in (task.create_time, task.last_update_time):
             stamp.GetCurrentTime()
         execute = pb.ListenAsAgentResponse(execute_request=pb.ExecuteRequest(task=task))
-        message = execute.SerializeToString()
-        for listener in self.listeners.get(request.relations.assignee.system.entity_id, ()):
-            listener.pending.append(message)
-            listener.wakeup.set()
+        assignee = request.relations.assignee.system.entity_id
+        self.agents.push(assignee, execute.SerializeToString())
         return pb.CreateTaskResponse(task=task)
-
-    async def listen_as_agent(
-        self, request: pb.ListenAsAgentRequest, context: Any
-    ) -> AsyncIterator[bytes]:
-        listener = Listener()
-        entity_ids = list(request.entity_ids.entity_ids)
-        for entity_id in entity_ids:
-            self.listeners.setdefault(entity_id, set()).add(listener)
-        try:
-            await context.send_initial_metadata(())
-            while True:
-                while listener.pending:
-                    yield listener.pending.popleft()
-                await listener.wakeup.wait()
-        finally:
-            for entity_id in entity_ids:
-                self.listeners[entity_id].discard(listener)
 
     async def report_status(
         self, reports: AsyncIterator[pb.StatusReport], context: Any
@@ -114,7 +125,7 @@ class Floor:
                     response_serializer=pb.CreateTaskResponse.SerializeToString,
                 ),
                 "ListenAsAgent": grpc.unary_stream_rpc_method_handler(
-                    self.listen_as_agent,
+                    self.agents.listen,
                     request_deserializer=pb.ListenAsAgentRequest.FromString,
                     response_serializer=bytes,
                 ),
@@ -136,28 +147,14 @@ async def serve(listen: str) -> None:
         time=response.task.last_update_time,
     )
     event = pb.WatchTasksResponse(revision=12, event=change).SerializeToString()
-    listeners: set[Listener] = set()
+    listeners = Listeners(lambda request: ("",))  # every Listen stream hears every Push
 
     async def echo(request: pb.UpdateStatusRequest, context: Any) -> pb.UpdateStatusResponse:
         return response
 
     async def push(request: pb.UpdateStatusRequest, context: Any) -> pb.UpdateStatusResponse:
-        for listener in listeners:
-            listener.pending.append(event)
-            listener.wakeup.set()
+        listeners.push("", event)
         return response
-
-    async def listen_for_pushes(request: Empty, context: Any) -> AsyncIterator[bytes]:
-        listener = Listener()
-        listeners.add(listener)
-        try:
-            await context.send_initial_metadata(())
-            while True:
-                while listener.pending:
-                    yield listener.pending.popleft()
-                await listener.wakeup.wait()
-        finally:
-            listeners.discard(listener)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     handlers = {
@@ -169,7 +166,7 @@ async def serve(listen: str) -> None:
         for name, behaviour in (("Echo", echo), ("Push", push))
     }
     handlers["Listen"] = grpc.unary_stream_rpc_method_handler(
-        listen_for_pushes, request_deserializer=Empty.FromString, response_serializer=bytes
+        listeners.listen, request_deserializer=Empty.FromString, response_serializer=bytes
     )
     echo_handler = grpc.method_handlers_generic_handler("bench.Echo", handlers)
     server.add_generic_rpc_handlers([echo_handler, Floor().handler()])

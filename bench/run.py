@@ -232,7 +232,7 @@ def measure(quick: bool) -> dict[str, Any]:
         # The lifecycle's and dispatch's baseline: the same clients against the raw
         # server's Floor (the methods they call, with nothing behind them), run right
         # before ours.
-        with start_server(echo_command, workdir / "floor.log") as echo:
+        with start_server(echo_command, workdir / "floor-lifecycle.log") as echo:
             floor = client_with_cpu("lifecycle", echo.process.pid, echo.address, duration=duration)
         measured, log = scenario("lifecycle", duration=duration)
         results["lifecycle_tasks_per_s"] = measured["tasks_per_s"]
@@ -247,7 +247,7 @@ def measure(quick: bool) -> dict[str, Any]:
         results["lifecycle_unary_tasks_per_s"] = measured["tasks_per_s"]
 
         rate = max(10.0, results["lifecycle_tasks_per_s"] / 2)
-        with start_server(echo_command, workdir / "floor.log") as echo:
+        with start_server(echo_command, workdir / "floor-dispatch.log") as echo:
             floor = client("dispatch", echo.address, duration=duration, rate=rate)
         measured, _ = scenario("dispatch", duration=duration, rate=rate)
         results["dispatch_ms_p50"] = measured["p50_ms"]
