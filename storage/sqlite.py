@@ -589,9 +589,10 @@ class SqliteStore:
         conn.close()
 
     def _commit_batch(self, conn: sqlite3.Connection, first: _WriteJob, next_revision: int) -> int:
-        """Runs first, then every job queued until the batch is done, and commits them
-        in one transaction. Jobs queued while earlier units run join this commit instead
-        of waiting for the next one: fewer commits, each caller answered sooner."""
+        """Runs first, then each job queued meanwhile until the queue is empty (or the
+        batch is full), and commits them in one transaction. A job queued while earlier
+        units run joins this commit instead of waiting for the next one: fewer commits,
+        and each caller answered sooner."""
         batch: list[_WriteJob] = []
         outcomes: list[_Outcome] = []
         changes: list[Change] = []
