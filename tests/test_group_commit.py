@@ -15,8 +15,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from storage.base import Change, WriteTransaction
-from storage.sqlite import SqliteStore
+from storage.base import Change, StoreClosed, WriteTransaction
+from storage.sqlite import MAX_BATCH, SqliteStore
 from task_manager import lifecycle
 from task_manager.config import Settings
 from task_manager.v1 import task_manager_pb2 as pb
@@ -121,3 +121,42 @@ async def test_a_failing_unit_undoes_only_its_own_writes(tmp_path: Path) -> None
         ]
     finally:
         await store.close()
+
+
+async def test_a_batch_holds_at_most_max_batch_writes(tmp_path: Path) -> None:
+    published: list[Change] = []
+    store = await SqliteStore.open(tmp_path / "t.db", on_commit=published.extend)
+    try:
+        held = HeldWriter()
+        commits_before = store.commits
+        with releasing(held):
+            first = store.submit(held.unit(create("held-1")))
+            await held.wait_entered()
+            later = [store.submit(create(f"late-{n}")) for n in range(MAX_BATCH)]
+        await asyncio.gather(first, *later)
+
+        assert store.commits == commits_before + 2  # MAX_BATCH writes, then the last one
+        assert [change.revision for change in published] == list(range(1, MAX_BATCH + 2))
+    finally:
+        await store.close()
+
+
+async def test_closing_finishes_the_batch_in_progress_and_what_was_queued(
+    tmp_path: Path,
+) -> None:
+    store = await SqliteStore.open(tmp_path / "t.db", on_commit=lambda changes: None)
+    held = HeldWriter()
+    with releasing(held):
+        first = store.submit(held.unit(create("held-1")))
+        await held.wait_entered()
+        later = [store.submit(create(f"late-{n}")) for n in range(3)]
+        closing = asyncio.create_task(store.close())
+        await asyncio.sleep(0)  # one turn of the loop: close() queues its stop marker
+        refused = store.submit(create("too-late"))
+    await closing
+
+    tasks = await asyncio.gather(first, *later)
+    assert [task.version.task_id for task in tasks] == ["held-1", "late-0", "late-1", "late-2"]
+    assert store.commits == 1
+    with pytest.raises(StoreClosed):
+        await refused
