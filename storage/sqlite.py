@@ -10,8 +10,10 @@ import asyncio
 import fcntl
 import json
 import logging
+import os
 import queue
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +54,16 @@ MAX_BATCH = 512
 """Writes committed together at most: bounds how long a batch's first caller waits for
 the jobs that join it, and the latency one batch adds to the next."""
 READER_THREADS = 2
+WRITER_NICENESS = 10
+"""How far below the rest of the process the writer thread's priority is (Linux only).
+
+Under load the event loop holds the GIL most of the time. Whenever the writer became
+runnable (a job arrived, an SQL call returned), the kernel preempted the loop to run it,
+only for it to wait for the GIL the loop held: two context switches, dear on a virtual
+machine. At a lower priority the writer runs while the loop waits, and does more each
+turn: UpdateStatus 3,733 to 3,871 against 3,144 to 3,332 calls/s (three pairs), about 30
+writes per commit against 13; the lifecycle and dispatch unchanged. The writer still gets
+the CPU the rest of the process leaves, which on an idle core is all of it."""
 
 
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
@@ -276,6 +288,18 @@ _NOT_IN_FLIGHT = (
     Status.STATUS_DONE_NOT_OK,
 )
 """A task at one of these is not with its agent."""
+
+
+def _lower_this_threads_priority(by: int) -> None:
+    # Linux keeps a nice value per thread; elsewhere this call would renice the process.
+    if sys.platform != "linux":
+        return
+    thread_id = threading.get_native_id()
+    try:
+        niceness = os.getpriority(os.PRIO_PROCESS, thread_id)
+        os.setpriority(os.PRIO_PROCESS, thread_id, min(19, niceness + by))
+    except OSError as exc:  # not expected: lowering one's own priority needs no privilege
+        log.warning("could not lower the writer thread's priority: %s", exc)
 
 
 def _parse_task(blob: bytes | None) -> Task | None:
@@ -583,6 +607,7 @@ class SqliteStore:
         return future
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
+        _lower_this_threads_priority(WRITER_NICENESS)
         next_revision = self._last_revision(conn) + 1
         while (first := self._jobs.get()) is not None:
             next_revision = self._commit_batch(conn, first, next_revision)

@@ -7,6 +7,8 @@ units behind it, then lets it go, so what shares a commit does not depend on tim
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,7 +18,7 @@ import anyio
 import pytest
 
 from storage.base import Change, StoreClosed, WriteTransaction
-from storage.sqlite import MAX_BATCH, SqliteStore
+from storage.sqlite import MAX_BATCH, WRITER_NICENESS, SqliteStore
 from task_manager import lifecycle
 from task_manager.config import Settings
 from task_manager.v1 import task_manager_pb2 as pb
@@ -139,3 +141,14 @@ async def test_closing_finishes_the_batch_in_progress_and_what_was_queued(
     assert store.commits == 1
     with pytest.raises(StoreClosed):
         await refused
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are set on Linux only")
+async def test_the_writer_thread_alone_runs_at_a_lower_priority(store: SqliteStore) -> None:
+    # The writer lowers its priority as it starts: once it has run a unit, it has.
+    await store.write(create("any-1"))
+    (writer,) = [thread for thread in threading.enumerate() if thread.name == "sqlite-writer"]
+    assert writer.native_id is not None
+    loop_thread = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    expected = min(19, loop_thread + WRITER_NICENESS)
+    assert os.getpriority(os.PRIO_PROCESS, writer.native_id) == expected
