@@ -61,9 +61,10 @@ Under load the event loop holds the GIL most of the time. Whenever the writer be
 runnable (a job arrived, an SQL call returned), the kernel preempted the loop to run it,
 only for it to wait for the GIL the loop held: two context switches, dear on a virtual
 machine. At a lower priority the writer runs while the loop waits, and does more each
-turn: UpdateStatus 3,733 to 3,871 against 3,144 to 3,332 calls/s (three pairs), about 30
-writes per commit against 13; the lifecycle and dispatch unchanged. The writer still gets
-the CPU the rest of the process leaves, which on an idle core is all of it."""
+turn: UpdateStatus 3,752 to 3,821 against 3,210 to 3,329 calls/s (three pairs), about 30
+writes per commit against 13; the lifecycle and dispatch unchanged. On an idle core the
+writer still gets all of it; against busy threads of other processes, a tenth of a
+normal thread's share (nice 19 would leave it almost none)."""
 
 
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
