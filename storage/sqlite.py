@@ -55,7 +55,8 @@ MAX_BATCH = 512
 the jobs that join it, and the latency one batch adds to the next."""
 READER_THREADS = 2
 WRITER_NICENESS = 10
-"""How far below the rest of the process the writer thread's priority is (Linux only).
+"""By default, how far below the rest of the process the writer thread's priority is
+(Linux only; `task-manager serve --writer-niceness`).
 
 Under load the event loop holds the GIL most of the time. Whenever the writer became
 runnable (a job arrived, an SQL call returned), the kernel preempted the loop to run it,
@@ -293,7 +294,7 @@ _NOT_IN_FLIGHT = (
 
 def _lower_this_threads_priority(by: int) -> None:
     # Linux keeps a nice value per thread; elsewhere this call would renice the process.
-    if sys.platform != "linux":
+    if by == 0 or sys.platform != "linux":
         return
     thread_id = threading.get_native_id()
     try:
@@ -539,6 +540,7 @@ class SqliteStore:
         writer_conn: sqlite3.Connection,
         on_commit: OnCommit,
         loop: asyncio.AbstractEventLoop,
+        writer_niceness: int = WRITER_NICENESS,
     ) -> None:
         self.path = path
         # FULL (2) or EXTRA (3): every commit of the writer is fsynced before it returns.
@@ -556,13 +558,19 @@ class SqliteStore:
         self._local = threading.local()
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="sqlite-reader")
         self._writer = threading.Thread(
-            target=self._write_loop, args=(writer_conn,), name="sqlite-writer", daemon=True
+            target=self._write_loop,
+            args=(writer_conn, writer_niceness),
+            name="sqlite-writer",
+            daemon=True,
         )
         self._writer.start()
 
     @classmethod
-    async def open(cls, path: Path | str, on_commit: OnCommit) -> SqliteStore:
-        """Opens (creating or migrating) the database at path.
+    async def open(
+        cls, path: Path | str, on_commit: OnCommit, writer_niceness: int = WRITER_NICENESS
+    ) -> SqliteStore:
+        """Opens (creating or migrating) the database at path; its writer thread runs
+        writer_niceness below the caller's thread (Linux).
 
         Raises StoreError with a readable message if it cannot be opened.
         """
@@ -586,7 +594,7 @@ class SqliteStore:
         except BaseException:
             lock.close()
             raise
-        store = cls(path, conn, on_commit, asyncio.get_running_loop())
+        store = cls(path, conn, on_commit, asyncio.get_running_loop(), writer_niceness)
         store._lock = lock
         return store
 
@@ -607,8 +615,8 @@ class SqliteStore:
             self._jobs.put(_WriteJob(unit, future))
         return future
 
-    def _write_loop(self, conn: sqlite3.Connection) -> None:
-        _lower_this_threads_priority(WRITER_NICENESS)
+    def _write_loop(self, conn: sqlite3.Connection, niceness: int) -> None:
+        _lower_this_threads_priority(niceness)
         next_revision = self._last_revision(conn) + 1
         while (first := self._jobs.get()) is not None:
             next_revision = self._commit_batch(conn, first, next_revision)

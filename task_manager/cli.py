@@ -117,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
         " (default: each task's heartbeat timeout)",
     )
     serve.add_argument(
+        "--writer-niceness",
+        type=_niceness,
+        default=defaults.writer_niceness,
+        help="run the database writer thread this much below the rest (0 to 19;"
+        " 0 on a host shared with CPU-heavy work; default %(default)s)",
+    )
+    serve.add_argument(
         "--limit",
         type=_field_limit,
         action="append",
@@ -167,6 +174,13 @@ def _not_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _niceness(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError("must be from 0 to 19")
     return value
 
 
@@ -284,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_retry_backoff_s=args.max_retry_backoff,
         restart_grace_s=args.restart_grace,
         agent_lost_after_s=args.agent_lost_after,
+        writer_niceness=args.writer_niceness,
     )
     return asyncio.run(_serve(settings))
 

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.sqlite import WRITER_NICENESS
 from task_manager.liveness import duration
 from task_manager.v1.task_manager_pb2 import TaskPolicy
 from task_manager.validation import FieldLimits
@@ -66,6 +67,8 @@ class Settings:
     """An agent without an open stream for this long is listed as LOST."""
     timekeeper_poll_s: float = 1.0
     """The timekeeper looks for due deadlines at least this often."""
+    writer_niceness: int = WRITER_NICENESS
+    """How far below the event loop the store's writer thread runs (Linux; 0: level)."""
 
     def task_policy(self) -> TaskPolicy:
         """The policy a task gets for every field its CreateTaskRequest leaves unset."""

@@ -165,7 +165,9 @@ class TaskManagerServer:
                 timekeeper.notice(changes)
 
         try:
-            store = await SqliteStore.open(settings.db, on_commit=publish)
+            store = await SqliteStore.open(
+                settings.db, on_commit=publish, writer_niceness=settings.writer_niceness
+            )
         except Exception as exc:
             raise ServerStartError(str(exc)) from exc
         watch_hub.revision = await store.current_revision()

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -75,9 +75,11 @@ def wait_until(condition: Callable[[], T | None], timeout: float = 20.0, what: s
 class ServerProcess:
     """`task-manager serve` as a child process on a free port, for crash and restart tests."""
 
-    def __init__(self, db: Path, port: int = 0) -> None:
+    def __init__(self, db: Path, port: int = 0, options: Sequence[str] = ()) -> None:
         self.db = db
         self.port = port
+        self.options = options
+        """More `task-manager serve` options."""
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
         self.log_path = db.with_name(db.name + ".server.log")
@@ -93,6 +95,7 @@ class ServerProcess:
                 f"127.0.0.1:{self.port}",
                 "--db",
                 str(self.db),
+                *self.options,
             ],
             stdout=subprocess.PIPE,
             # A file, not a pipe: nobody reads the log while the server runs, and a full

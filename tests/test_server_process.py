@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -182,3 +183,37 @@ def test_a_non_loopback_address_needs_insecure(tmp_path: Path) -> None:
         if process.stdout is not None:
             process.stdout.close()
     assert code == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="threads have priorities of their own on Linux")
+def test_writer_niceness_sets_how_far_below_the_rest_the_writer_runs(tmp_path: Path) -> None:
+    def lowered_threads(pid: int) -> list[int]:
+        """How far below the main thread each thread runs that does not run level."""
+        main = os.getpriority(os.PRIO_PROCESS, pid)
+        below = (
+            os.getpriority(os.PRIO_PROCESS, int(t)) - main for t in os.listdir(f"/proc/{pid}/task")
+        )
+        return [difference for difference in below if difference != 0]
+
+    lowered = ServerProcess(tmp_path / "three.db", options=("--writer-niceness", "3")).start()
+    try:
+        assert lowered.process is not None
+        pid = lowered.process.pid
+        # The writer lowers itself as its thread starts, which may trail the first answer.
+        deadline = time.monotonic() + 30
+        while lowered_threads(pid) != [3] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lowered_threads(pid) == [3]
+    finally:
+        assert lowered.terminate() == 0
+
+    level = ServerProcess(tmp_path / "zero.db", options=("--writer-niceness", "0")).start()
+    try:
+        assert level.process is not None
+        assert lowered_threads(level.process.pid) == []
+    finally:
+        assert level.terminate() == 0
+
+    refused = _serve("--writer-niceness", "20", "--db", str(tmp_path / "x.db"))
+    assert refused.returncode == 2
+    assert "--writer-niceness: must be from 0 to 19" in refused.stderr
