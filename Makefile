@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test fuzz protos lint bench bench-quick profile clean
+.PHONY: install serve test fuzz protos lint bench bench-quick bench-compare profile clean
 
 install: $(INSTALLED)
 
@@ -39,6 +39,11 @@ bench: install
 
 bench-quick: install
 	$(PY) -m bench.run --quick
+
+# Another revision's server beside this one, in interleaved pairs: make bench-compare REV=6921684
+bench-compare: install
+	@test -n "$(REV)" || { echo "usage: make bench-compare REV=<commit>"; exit 2; }
+	$(PY) -m bench.compare $(REV)
 
 # Where the server's GIL goes under one scenario: make profile SCENARIO=lifecycle
 SCENARIO ?= update-status

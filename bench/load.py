@@ -215,7 +215,7 @@ async def dispatch(args: argparse.Namespace) -> dict[str, float]:
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = AsyncStub(channel)
         async with anyio.create_task_group() as group:
-            walkers = Walkers(stub, args.agents, group)
+            walkers = Walkers(stub, args.agents, group, unary=args.unary)
             walkers.start()
             await walkers.all_connected.wait()
             sent_at: dict[str, float] = {}

@@ -55,10 +55,12 @@ class Server:
 
 
 @contextmanager
-def start_server(command: list[str], log: Path) -> Iterator[Server]:
+def start_server(command: list[str], log: Path, cwd: Path = REPO_ROOT) -> Iterator[Server]:
+    """Runs command (from cwd: `python -m task_manager` serves the code found there) until
+    the block ends."""
     with log.open("w") as log_file:
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=REPO_ROOT
+            command, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=cwd
         )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -93,6 +95,10 @@ def task_manager(workdir: Path, name: str) -> list[str]:
     ]
 
 
+class ClientFailed(Exception):
+    """A bench client exited with an error (its stderr is the message)."""
+
+
 def client(scenario: str, target: str, **options: object) -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.load", scenario, "--target", target]
     for key, value in options.items():
@@ -101,7 +107,7 @@ def client(scenario: str, target: str, **options: object) -> dict[str, Any]:
             command.append(str(value))
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     if result.returncode != 0:
-        raise SystemExit(f"client {scenario} failed:\n{result.stderr}")
+        raise ClientFailed(f"client {scenario} failed:\n{result.stderr}")
     parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return parsed
 
@@ -279,7 +285,7 @@ def measure(quick: bool) -> dict[str, Any]:
         results["idle_stream_rss_kb"] = per_stream
     results["durable"] = all(durable)
     results["cores"] = os.cpu_count()
-    results["commit"] = _git_commit()
+    results["commit"] = git_commit()
     results["python"] = platform.python_version()
     results["grpcio"] = grpc.__version__
     results["quick"] = quick
@@ -288,7 +294,7 @@ def measure(quick: bool) -> dict[str, Any]:
     return results
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], capture_output=True, text=True, cwd=REPO_ROOT, check=False
