@@ -41,9 +41,10 @@ bench-quick: install
 	$(PY) -m bench.run --quick
 
 # Another revision's server beside this one, in interleaved pairs: make bench-compare REV=6921684
+# (ARGS="--pairs 5 --duration 10" for more; python -m bench.compare --help)
 bench-compare: install
-	@test -n "$(REV)" || { echo "usage: make bench-compare REV=<commit>"; exit 2; }
-	$(PY) -m bench.compare $(REV)
+	@test -n "$(REV)" || { echo "usage: make bench-compare REV=<commit> [ARGS=...]"; exit 2; }
+	$(PY) -m bench.compare $(REV) $(ARGS)
 
 # Where the server's GIL goes under one scenario: make profile SCENARIO=lifecycle
 SCENARIO ?= update-status
