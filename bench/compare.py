@@ -14,7 +14,6 @@ missing. Writes bench/results/compare-REV.json and prints a table of medians.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,9 @@ from bench.run import (
     REPO_ROOT,
     ClientFailed,
     client_with_cpu,
+    columns,
     git_commit,
+    save,
     start_server,
     task_manager,
     writes_per_commit,
@@ -203,10 +204,7 @@ def table(results: dict[str, Any]) -> str:
                 "" if ratio is None else f"{ratio:.2f}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
-    )
+    return columns(rows)
 
 
 def main() -> None:
@@ -218,9 +216,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="watch-fanout: updates")
     args = parser.parse_args()
     results = compare(args.revision, args.pairs, args.duration, args.rate, args.rounds)
-    output = REPO_ROOT / "bench" / "results" / f"compare-{args.revision}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    save(REPO_ROOT / "bench" / "results" / f"compare-{args.revision}.json", results)
     print(table(results))
 
 

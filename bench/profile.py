@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.run import REPO_ROOT, client, task_manager
+from bench.run import REPO_ROOT, client, save, task_manager
 
 SCENARIOS: dict[str, dict[str, object]] = {
     "update-status": {},
@@ -139,9 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
         summary = summarize(record(args.scenario, args.duration, Path(tmp)))
-    output = REPO_ROOT / "bench" / "results" / f"profile-{args.scenario}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(summary, indent=2) + "\n")
+    save(REPO_ROOT / "bench" / "results" / f"profile-{args.scenario}.json", summary)
     print(table(summary))
 
 

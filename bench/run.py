@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,10 +348,21 @@ def table(results: dict[str, Any]) -> str:
             verdict = "missing"
         shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
         rows.append((key, shown, "" if target is None else f"{target[0]} {target[1]}", verdict))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return columns(rows)
+
+
+def columns(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as left-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
     )
+
+
+def save(path: Path, results: dict[str, Any]) -> None:
+    """Writes results as indented JSON (bench/results/ is made if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
@@ -360,8 +371,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     results = measure(args.quick)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    save(args.output, results)
     print(json.dumps(results, indent=2))
     print()
     print(table(results))
