@@ -16,7 +16,7 @@ import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, TypeVarTuple
 
 import anyio
 import anyio.abc
@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, ClientAuth, open_channel, open_stub
+from agent_kit._supervisor import Supervisor, cancelled_inside_grpc
 from task_manager.v1 import task_manager_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class TaskContext:
 Handler = Callable[[TaskContext], Awaitable[Message | None]]
 """Returns the result (packed into the task's result), or None."""
 H = TypeVar("H", bound=Handler)
+Ts = TypeVarTuple("Ts")
 
 
 class AgentError(Exception):
@@ -125,82 +127,119 @@ class _Refused(Exception):
         self.details = details
 
 
+ReportCall = grpc.aio.StreamStreamCall[pb.StatusReport, pb.StatusReportResult]
+
+
+@dataclass
+class _ReportLink:
+    """One ReportStatus call: the reports queued for it and the answers awaited on it."""
+
+    call: ReportCall
+    outbox: MemoryObjectSendStream[pb.StatusReport]
+    queued: MemoryObjectReceiveStream[pb.StatusReport]
+    waiting: dict[int, asyncio.Future[pb.StatusReportResult]] = field(default_factory=dict)
+    ended_because: str = "the report stream ended"
+
+
 class _ReportStream:
     """All of an agent's status reports over one ReportStatus stream, opened on demand.
 
-    A stream message costs a fraction of a unary call. When the stream breaks, every
-    report waiting on it fails as UNAVAILABLE and its reporter retries it (a retried
-    report is idempotent on the server).
+    A stream message costs a fraction of a unary call. The call has one writer task and
+    one reader task, owned by the agent's task group; a reporter hands its report over
+    and waits for the answer. grpc.aio cancels the whole call when a coroutine inside
+    call.write() or read() is cancelled, so a reporter's task (a handler being cancelled,
+    a heartbeat being stopped) must never be inside one: cancelling a reporter only stops
+    its wait. When the stream breaks, every report waiting on it fails as UNAVAILABLE
+    and its reporter retries it (a retried report is idempotent on the server).
     """
 
-    def __init__(self, stub: AsyncStub, task_group: anyio.abc.TaskGroup) -> None:
+    def __init__(self, stub: AsyncStub, supervisor: Supervisor) -> None:
         self._stub = stub
-        self._task_group = task_group
-        self._call: grpc.aio.StreamStreamCall[pb.StatusReport, pb.StatusReportResult] | None
-        self._call = None
-        self._waiting: dict[int, asyncio.Future[pb.StatusReportResult]] = {}
+        self._supervisor = supervisor
+        self._link: _ReportLink | None = None
         self._report_ids = itertools.count(1)
-        self._write_lock = anyio.Lock()
 
     async def send(self, update: pb.StatusUpdate) -> pb.Task:
         """The task after the update; raises _Refused."""
-        call = self._open()
+        link = self._open()
         report_id = next(self._report_ids)
         result_future: asyncio.Future[pb.StatusReportResult]
         result_future = asyncio.get_running_loop().create_future()
-        self._waiting[report_id] = result_future
+        link.waiting[report_id] = result_future
         try:
-            try:
-                async with self._write_lock:
-                    await call.write(pb.StatusReport(report_id=report_id, status_update=update))
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
-                # InvalidStateError: the stream ended between opening and this write.
-                raise _Refused(grpc.StatusCode.UNAVAILABLE, "the report stream broke") from error
+            link.outbox.send_nowait(pb.StatusReport(report_id=report_id, status_update=update))
             result = await result_future
+        except anyio.ClosedResourceError as closed:
+            # The link ended between opening and queueing: a new one takes the retry.
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, link.ended_because) from closed
         finally:
-            self._waiting.pop(report_id, None)
-            # The reader may have failed this future while the write failed too: settle
-            # it either way, so no exception is left unretrieved.
-            if result_future.done() and not result_future.cancelled():
-                result_future.exception()
-            else:
+            link.waiting.pop(report_id, None)
+            if not result_future.done():
                 result_future.cancel()
         if result.WhichOneof("outcome") == "task":
             return result.task
         code = _CODES.get(result.error.code, grpc.StatusCode.UNKNOWN)
         raise _Refused(code, result.error.message)
 
-    def _open(self) -> grpc.aio.StreamStreamCall[pb.StatusReport, pb.StatusReportResult]:
-        if self._call is None:
-            self._call = self._stub.ReportStatus(None)
-            self._task_group.start_soon(self._read_results, self._call, name="report results")
-        return self._call
+    def _open(self) -> _ReportLink:
+        if self._link is None:
+            outbox, queued = anyio.create_memory_object_stream[pb.StatusReport](math.inf)
+            self._link = _ReportLink(self._stub.ReportStatus(None), outbox, queued)
+            self._supervisor.spawn(self._serve, self._link, name="report stream")
+        return self._link
 
-    async def _read_results(
-        self, call: grpc.aio.StreamStreamCall[pb.StatusReport, pb.StatusReportResult]
-    ) -> None:
-        reason: str | None = "the report stream ended"
+    async def _serve(self, link: _ReportLink) -> None:
         try:
-            async for result in call:
-                waiting = self._waiting.get(result.report_id)
+            async with anyio.create_task_group() as both:
+                both.start_soon(self._write_queued, link, both.cancel_scope)
+                await self._read_results(link)
+                both.cancel_scope.cancel()
+        finally:
+            # In one step (no await): reports sent after this go to a new stream.
+            if self._link is link:
+                self._link = None
+            link.outbox.close()
+            link.queued.close()
+            link.call.cancel()
+            stopping = not cancelled_inside_grpc()
+            for waiting in link.waiting.values():
+                if waiting.done():
+                    continue
+                if stopping:
+                    waiting.cancel()
+                else:
+                    error = _Refused(grpc.StatusCode.UNAVAILABLE, link.ended_because)
+                    waiting.set_exception(error)
+
+    async def _write_queued(self, link: _ReportLink, both: anyio.CancelScope) -> None:
+        try:
+            async for report in link.queued:
+                await self._write(link.call, report)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+            # InvalidStateError: the call ended before this write. The reader says why.
+            link.ended_because = f"the report stream broke: {error}"
+            both.cancel()
+        except asyncio.CancelledError:
+            if not cancelled_inside_grpc():
+                raise
+            link.ended_because = "the report stream was cancelled"
+            both.cancel()
+
+    async def _write(self, call: ReportCall, report: pb.StatusReport) -> None:
+        await call.write(report)
+
+    async def _read_results(self, link: _ReportLink) -> None:
+        try:
+            async for result in link.call:
+                waiting = link.waiting.get(result.report_id)
                 if waiting is not None and not waiting.done():
                     waiting.set_result(result)
         except grpc.aio.AioRpcError as error:
-            reason = f"the report stream failed: {error.code().name}: {error.details()}"
-        except BaseException:
-            reason = None  # cancelled (the agent is stopping): so are the waiting reports
-            raise
-        finally:
-            # In one step (no await): reports sent after this go to a new stream.
-            self._call = None
-            call.cancel()
-            for waiting in self._waiting.values():
-                if waiting.done():
-                    continue
-                if reason is None:
-                    waiting.cancel()
-                else:
-                    waiting.set_exception(_Refused(grpc.StatusCode.UNAVAILABLE, reason))
+            link.ended_because = f"the report stream failed: {error.code().name}: {error.details()}"
+        except asyncio.CancelledError:
+            if not cancelled_inside_grpc():
+                raise
+            link.ended_because = "the report stream was cancelled"
 
 
 class _TaskGone(Exception):
@@ -376,6 +415,8 @@ class Agent:
         self._finished: OrderedDict[str, int] = OrderedDict()
         self._connected = anyio.Event()
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._supervisor: Supervisor | None = None
+        self._stop_requested = False
         self._stub: AsyncStub | None = None
         self._reports: _ReportStream | None = None
 
@@ -408,14 +449,17 @@ class Agent:
         await self._connected.wait()
 
     async def run(self) -> None:
-        """Listens and runs handlers until stop() or cancellation. Raises AgentError if
-        the server refuses the agent for good (for example an invalid entity id)."""
+        """Listens and runs handlers until stop() or cancellation. Every other end of a
+        stream is logged and followed by a reconnect. Raises AgentError if the server
+        refuses the agent for good (for example an invalid entity id)."""
+        self._stop_requested = False
         try:
             channel = open_channel(self.target, self._auth)
             async with channel, anyio.create_task_group() as group:
                 self._stub = open_stub(channel, self._auth)
                 self._task_group = group
-                self._reports = _ReportStream(self._stub, group)
+                self._supervisor = Supervisor(group, f"agent {self.entity_id}")
+                self._reports = _ReportStream(self._stub, self._supervisor)
                 await self._listen_forever(self._stub)
         except ExceptionGroup as group:
             # Users expect the one reason the agent stopped, not the task group's wrapper.
@@ -423,12 +467,21 @@ class Agent:
             if refused is None:
                 raise
             raise refused from None
+        if not self._stop_requested:
+            # The listen loop never returns, and children cannot end the group: this is a
+            # bug in the runtime, and must not look like a clean stop.
+            raise AgentError(f"agent {self.entity_id}: the runtime ended without stop()")
 
     def stop(self) -> None:
         """Stops listening and cancels running handlers (their tasks are left as they
         are: no further report is sent)."""
+        self._stop_requested = True
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
+
+    def _spawn(self, function: Callable[[*Ts], Awaitable[None]], *args: *Ts, name: str) -> None:
+        assert self._supervisor is not None
+        self._supervisor.spawn(function, *args, name=name)
 
     async def _listen_forever(self, stub: AsyncStub) -> None:
         selector = pb.ListenAsAgentRequest(
@@ -457,6 +510,12 @@ class Agent:
                     error.code().name,
                     error.details(),
                 )
+            except asyncio.CancelledError:
+                if not cancelled_inside_grpc():
+                    raise
+                log.warning("agent %s: stream cancelled inside gRPC; reconnecting", self.entity_id)
+            except Exception:
+                log.exception("agent %s: stream failed unexpectedly; reconnecting", self.entity_id)
             finally:
                 call.cancel()
                 if self._connected.is_set():
@@ -476,15 +535,13 @@ class Agent:
         task_id = task.version.task_id
         current = self._running.get(task_id)
         if current is not None and _is_new_definition(task, current.task):
-            assert self._task_group is not None
-            self._task_group.start_soon(self._answer_definition, current, task)
+            self._spawn(self._answer_definition, current, task, name=f"definition of {task_id}")
             return
         if current is not None or self._finished.get(task_id, -1) >= task.attempt:
             return  # delivery is at least once: a repeat is a no-op
         running = _RunningTask(task)
         self._running[task_id] = running
-        assert self._task_group is not None
-        self._task_group.start_soon(self._execute, task, running, name=f"task {task_id}")
+        self._spawn(self._execute, task, running, name=f"task {task_id}")
 
     async def _answer_definition(self, running: _RunningTask, update: pb.Task) -> None:
         """A new definition of a running task: taken, if its handler accepts updates (the
@@ -527,8 +584,7 @@ class Agent:
         elif task_id not in self._finished:
             # Not ours in this process (e.g. we restarted): end it as asked.
             self._remember(task_id, ENDED_FOR_GOOD)
-            assert self._task_group is not None
-            self._task_group.start_soon(self._end_unknown_task, task_id, reason)
+            self._spawn(self._end_unknown_task, task_id, reason, name=f"ending {task_id}")
 
     async def _execute(self, task: pb.Task, running: _RunningTask) -> None:
         task_id = task.version.task_id
@@ -576,8 +632,14 @@ class Agent:
         heartbeats = anyio.CancelScope()
         interval_s = task.policy.heartbeat_timeout.ToNanoseconds() / 3e9
         if interval_s > 0:
-            assert self._task_group is not None
-            self._task_group.start_soon(self._heartbeat, reporter, running, interval_s, heartbeats)
+            self._spawn(
+                self._heartbeat,
+                reporter,
+                running,
+                interval_s,
+                heartbeats,
+                name=f"heartbeats of {task.version.task_id}",
+            )
         send: MemoryObjectSendStream[pb.Task] | None = None
         receive: MemoryObjectReceiveStream[pb.Task] | None = None
         if handler in self._accepting_updates:

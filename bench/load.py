@@ -26,6 +26,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 
 from agent_kit._agent import _ReportStream
 from agent_kit._grpc import AsyncStub
+from agent_kit._supervisor import Supervisor
 from task_manager.v1 import task_manager_pb2 as pb
 
 S = pb.Status
@@ -128,7 +129,9 @@ class Walkers:
         self.stub = stub
         self.group = group
         self.agents = [f"bench-agent-{i}" for i in range(agents)]
-        self.reports = {agent: _ReportStream(stub, group) for agent in self.agents}
+        self.reports = {
+            agent: _ReportStream(stub, Supervisor(group, agent)) for agent in self.agents
+        }
         self.unary = unary
         self.received_at: dict[str, float] = {}
         self.done = 0
