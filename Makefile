@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test fuzz protos lint bench bench-quick bench-compare profile clean
+.PHONY: install serve test fuzz stress protos lint bench bench-quick bench-compare profile clean
 
 install: $(INSTALLED)
 
@@ -24,6 +24,10 @@ test: install
 # 5,000 byte strings.
 fuzz: install
 	FUZZ_EXAMPLES=10000 $(PY) -m pytest --timeout=3600 tests/test_fuzz.py
+
+# The agent's cancellation storm at scale: 400 tasks a round, five rounds.
+stress: install
+	STRESS_TASKS=400 STRESS_ROUNDS=5 $(PY) -m pytest --timeout=1800 tests/test_agent_stress.py
 
 protos: install
 	$(PY) protos/generate.py

@@ -260,6 +260,9 @@ class _RunningTask:
     reporter: _Reporter | None = None
     updates: MemoryObjectSendStream[pb.Task] | None = None
     """Where new definitions go, if the handler accepts them; otherwise they are rejected."""
+    successor: pb.Task | None = None
+    """A later attempt of the task, delivered while this one was still running: it runs
+    once this one has ended."""
 
     def request_stop(self, reason: _Stop) -> None:
         if self.stop is None:
@@ -537,6 +540,12 @@ class Agent:
         if current is not None and _is_new_definition(task, current.task):
             self._spawn(self._answer_definition, current, task, name=f"definition of {task_id}")
             return
+        if current is not None and task.attempt > current.task.attempt:
+            # The earlier attempt ended on the server while its handler still runs here:
+            # stop that one, and run this one once it has wound down.
+            current.successor = task
+            current.request_stop(_Stop.GONE)
+            return
         if current is not None or self._finished.get(task_id, -1) >= task.attempt:
             return  # delivery is at least once: a repeat is a no-op
         running = _RunningTask(task)
@@ -581,8 +590,10 @@ class Agent:
         running = self._running.get(task_id)
         if running is not None:
             running.request_stop(reason)
-        elif task_id not in self._finished:
-            # Not ours in this process (e.g. we restarted): end it as asked.
+        elif self._finished.get(task_id) != ENDED_FOR_GOOD:
+            # Not running here: this process restarted, or ran an earlier attempt and the
+            # request is for a later one it never received. End it as asked (the server's
+            # state decides: a task that already ended is left alone).
             self._remember(task_id, ENDED_FOR_GOOD)
             self._spawn(self._end_unknown_task, task_id, reason, name=f"ending {task_id}")
 
@@ -605,6 +616,8 @@ class Agent:
         finally:
             del self._running[task_id]
             self._remember(task_id, task.attempt)
+            if running.successor is not None:
+                self._on_execute(running.successor)
 
     async def _steps_and_handler(
         self, task: pb.Task, running: _RunningTask, reporter: _Reporter

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.wrappers_pb2 import StringValue
 
 from agent_kit import Agent, OperatorClient, TaskContext, _agent
+from task_manager.clock import ManualClock
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
+from tests.helpers import AsyncStub, create_request
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
@@ -26,6 +30,23 @@ WAIT_S = 30.0
 async def client(server: TaskManagerServer) -> AsyncIterator[OperatorClient]:
     async with OperatorClient(server.address) as operator:
         yield operator
+
+
+async def create_with_policy(server: TaskManagerServer, policy: pb.TaskPolicy) -> pb.Task:
+    request = create_request("d1")
+    request.policy.CopyFrom(policy)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        return (await AsyncStub(channel).CreateTask(request)).task
+
+
+@asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[Agent]:
+    async with anyio.create_task_group() as group:
+        group.start_soon(agent.run)
+        with anyio.fail_after(WAIT_S):
+            await agent.wait_connected()
+        yield agent
+        agent.stop()
 
 
 async def wait_for_status(client: OperatorClient, task_id: str, status: int) -> pb.Task:
@@ -102,3 +123,60 @@ async def test_a_handler_cancelled_while_its_report_is_written_leaves_the_agent_
     result = StringValue()
     assert finished.status.result.Unpack(result)
     assert result.value == "second done"
+
+
+async def test_a_later_attempt_delivered_while_the_earlier_handler_runs_is_run_after_it(
+    clocked: tuple[TaskManagerServer, ManualClock],
+) -> None:
+    server, clock = clocked
+    attempts: list[int] = []
+    first_running = anyio.Event()
+
+    async def mission(task: TaskContext) -> StringValue:
+        attempts.append(task.task.attempt)
+        if task.task.attempt == 1:
+            first_running.set()
+            await anyio.sleep_forever()  # never notices that its attempt ended
+        return StringValue(value=f"attempt {task.task.attempt}")
+
+    # 300 s heartbeat_timeout: the agent's own heartbeats (every 100 s of real time) never
+    # come within the test; the server's clock is moved past the deadline instead.
+    policy = pb.TaskPolicy(heartbeat_timeout=Duration(seconds=300), max_attempts=2)
+    async with (
+        OperatorClient(server.address) as client,
+        running(Agent(server.address, "d1", mission)),
+    ):
+        task = await create_with_policy(server, policy)
+        with anyio.fail_after(WAIT_S):
+            await first_running.wait()
+        await wait_for_status(client, task.version.task_id, S.STATUS_EXECUTING)
+        clock.advance(301)  # attempt 1 times out; attempt 2 is sent to the same agent
+        done = await wait_for_status(client, task.version.task_id, S.STATUS_DONE_OK)
+    assert attempts == [1, 2]
+    assert done.attempt == 2
+
+
+async def test_a_cancel_for_a_later_attempt_than_the_one_the_agent_ran_is_answered(
+    clocked: tuple[TaskManagerServer, ManualClock],
+) -> None:
+    server, clock = clocked
+
+    async def mission(task: TaskContext) -> None:
+        if task.task.display_name == "blocker":
+            await anyio.sleep_forever()
+        raise RuntimeError("attempt 1 fails")
+
+    policy = pb.TaskPolicy(max_attempts=2, retry_backoff=Duration(seconds=60))
+    agent = Agent(server.address, "d1", mission, max_in_flight=1)
+    async with OperatorClient(server.address) as client, running(agent):
+        task = await create_with_policy(server, policy)
+        await wait_for_status(client, task.version.task_id, S.STATUS_SCHEDULED_IN_MANAGER)
+        blocker = await client.create_task(assignee_entity_id="d1", display_name="blocker")
+        await wait_for_status(client, blocker.version.task_id, S.STATUS_EXECUTING)
+        clock.advance(61)  # attempt 2 is sent, and held back: the agent's one slot is full
+        await wait_for_status(client, task.version.task_id, S.STATUS_SENT)
+        # The agent ran attempt 1 and never received attempt 2: the cancel is for that one.
+        await client.cancel_task(task.version.task_id)
+        done = await wait_for_status(client, task.version.task_id, S.STATUS_DONE_NOT_OK)
+    assert done.status.task_error.code == pb.ERROR_CODE_CANCELLED
+    assert done.attempt == 2
