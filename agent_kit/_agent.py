@@ -14,16 +14,16 @@ import itertools
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar, TypeVarTuple
+from typing import Any, TypeVar, TypeVarTuple
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 import grpc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from agent_kit._backoff import Backoff
@@ -79,22 +79,16 @@ class TaskContext:
         async for task in self._updates:
             yield task
 
-    async def progress(self, progress: Message) -> None:
-        """Reports progress (EXECUTING with this progress). Heartbeats repeat it."""
+    async def progress(self, progress: Message | str | Mapping[str, Any]) -> None:
+        """Reports progress: EXECUTING with this progress (a message; a string is sent as
+        a google.protobuf.StringValue, a dict as a google.protobuf.Struct). Never waits
+        for the server: the latest progress is sent as soon as the link allows, replacing
+        any not sent yet, and heartbeats repeat it."""
         if self._reporter is None or self._running is None:
             raise RuntimeError("progress can only be reported from a running handler")
         status = pb.TaskStatus(status=S.STATUS_EXECUTING)
-        if isinstance(progress, any_pb2.Any):
-            status.progress.CopyFrom(progress)
-        else:
-            status.progress.Pack(progress)
-        try:
-            await self._reporter.report(status, final=False)
-        except _StopRequested as requested:
-            # Asked to cancel or complete: the handler is stopped as for a pushed request.
-            self._running.request_stop(requested.reason)
-        except _TaskGone:
-            self._running.request_stop(_Stop.GONE)
+        status.progress.CopyFrom(packed(progress))
+        self._reporter.post(status)
         await anyio.lowlevel.checkpoint()  # a stop takes effect here
 
 
@@ -297,7 +291,9 @@ class _Reporter:
         self.definition_version = 0 if task is None else task.version.definition_version
         self._lock = anyio.Lock()  # heartbeats and the handler's progress take turns
         self.last_running: pb.TaskStatus | None = None
-        """The latest non-final status reported: what a heartbeat repeats."""
+        """The latest non-final status, reported or posted: what a heartbeat repeats."""
+        self.posted = anyio.Event()
+        """Set when the handler posts progress that is not sent yet."""
 
     async def report(
         self, status: pb.TaskStatus, *, final: bool, repeat_in_heartbeats: bool = True
@@ -307,18 +303,29 @@ class _Reporter:
         _StopRequested if an operator asked for cancel/complete (never overwrite that
         request with a progress step)."""
         async with self._lock:
-            await self._report(status, final)
+            await self._report(lambda: status, final)
         if not final and repeat_in_heartbeats:
             self.last_running = status
 
-    async def heartbeat(self) -> None:
-        """Repeats the latest status, so the task manager knows the agent is alive."""
-        if self.last_running is not None:
-            await self.report(self.last_running, final=False)
+    def post(self, status: pb.TaskStatus) -> None:
+        """Makes status the latest, to be sent by the next heartbeat, which comes at once."""
+        self.last_running = status
+        self.posted.set()
 
-    async def _report(self, status: pb.TaskStatus, final: bool) -> None:
+    async def heartbeat(self) -> None:
+        """Sends the latest status, so the task manager knows the agent is alive and sees
+        its progress. While the server cannot be reached, each retry sends the status
+        latest at the time: progress posted meanwhile replaces what was not sent."""
+        self.posted = anyio.Event()
+        if self.last_running is None:
+            return
+        async with self._lock:
+            await self._report(lambda: self.last_running or pb.TaskStatus(), final=False)
+
+    async def _report(self, latest: Callable[[], pb.TaskStatus], final: bool) -> None:
         backoff = Backoff(initial=0.05, maximum=5.0)
         while True:
+            status = latest()
             update = pb.StatusUpdate(
                 version=pb.TaskVersion(
                     task_id=self._task_id,
@@ -643,16 +650,15 @@ class Agent:
         handler, specification = found
         result: Message | None = None
         heartbeats = anyio.CancelScope()
-        interval_s = task.policy.heartbeat_timeout.ToNanoseconds() / 3e9
-        if interval_s > 0:
-            self._spawn(
-                self._heartbeat,
-                reporter,
-                running,
-                interval_s,
-                heartbeats,
-                name=f"heartbeats of {task.version.task_id}",
-            )
+        interval_s = task.policy.heartbeat_timeout.ToNanoseconds() / 3e9 or math.inf
+        self._spawn(
+            self._heartbeat,
+            reporter,
+            running,
+            interval_s,
+            heartbeats,
+            name=f"heartbeats of {task.version.task_id}",
+        )
         send: MemoryObjectSendStream[pb.Task] | None = None
         receive: MemoryObjectReceiveStream[pb.Task] | None = None
         if handler in self._accepting_updates:
@@ -686,11 +692,13 @@ class Agent:
         interval_s: float,
         scope: anyio.CancelScope,
     ) -> None:
-        """While the handler runs: repeats its latest status every interval_s (a third of
-        the task's heartbeat_timeout), and stops the handler if the task moved on."""
+        """While the handler runs: sends its progress as it is posted and repeats its
+        latest status every interval_s (a third of the task's heartbeat_timeout), and stops
+        the handler if the task moved on."""
         with scope:
             while True:
-                await anyio.sleep(interval_s)
+                with anyio.move_on_after(interval_s):
+                    await reporter.posted.wait()
                 try:
                     await reporter.heartbeat()
                 except _StopRequested as requested:
@@ -775,6 +783,24 @@ def _status_for_stop(reason: _Stop) -> pb.TaskStatus:
     if reason is _Stop.COMPLETE:
         return pb.TaskStatus(status=S.STATUS_DONE_OK)
     return _done_not_ok(pb.ERROR_CODE_CANCELLED, "cancelled at the operator's request")
+
+
+def packed(value: Message | str | Mapping[str, Any]) -> any_pb2.Any:
+    """A message as an Any (an Any as it is); a string as a StringValue, a mapping as a
+    Struct, so that any tool that knows the well-known types can show it."""
+    message: Message
+    if isinstance(value, any_pb2.Any):
+        return value
+    if isinstance(value, str):
+        message = wrappers_pb2.StringValue(value=value)
+    elif isinstance(value, Message):
+        message = value
+    else:
+        message = struct_pb2.Struct()
+        message.update(value)
+    wrapped = any_pb2.Any()
+    wrapped.Pack(message)
+    return wrapped
 
 
 def _done_ok(result: Message | None) -> pb.TaskStatus:

@@ -8,22 +8,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import grpc
 import pytest
+from google.protobuf import any_pb2
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import StringValue
 
-from agent_kit import Agent, OperatorClient, TaskContext, _agent
+from agent_kit import Agent, Backoff, OperatorClient, TaskContext, _agent
 from task_manager.clock import ManualClock
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request
+from tests.helpers import AsyncStub, ServerProcess, create_request
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
 WAIT_S = 30.0
+FAST_RECONNECT = Backoff(initial=0.02, maximum=0.3)
 
 
 @pytest.fixture
@@ -37,6 +41,32 @@ async def create_with_policy(server: TaskManagerServer, policy: pb.TaskPolicy) -
     request.policy.CopyFrom(policy)
     async with grpc.aio.insecure_channel(server.address) as channel:
         return (await AsyncStub(channel).CreateTask(request)).task
+
+
+def progress_text(progress: any_pb2.Any) -> str | None:
+    """A StringValue's text, a Struct as its dict's repr, None for no progress."""
+    text, structured = StringValue(), Struct()
+    if progress.Unpack(text):
+        return text.value
+    if progress.Unpack(structured):
+        return repr(dict(structured))
+    return None
+
+
+async def wait_for_progress(client: OperatorClient, task_id: str, text: str | None) -> pb.Task:
+    """Polls until the task's progress is this text (None: any progress at all)."""
+    with anyio.fail_after(WAIT_S):
+        while True:
+            try:
+                task = await client.get_task(task_id)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:  # just after a restart
+                    raise
+            else:
+                found = task.status.HasField("progress")
+                if found and (text is None or progress_text(task.status.progress) == text):
+                    return task
+            await anyio.sleep(0.02)
 
 
 @asynccontextmanager
@@ -180,3 +210,66 @@ async def test_a_cancel_for_a_later_attempt_than_the_one_the_agent_ran_is_answer
         done = await wait_for_status(client, task.version.task_id, S.STATUS_DONE_NOT_OK)
     assert done.status.task_error.code == pb.ERROR_CODE_CANCELLED
     assert done.attempt == 2
+
+
+async def test_progress_never_waits_for_a_server_that_is_down_and_the_latest_is_sent(
+    tmp_path: Path,
+) -> None:
+    server = ServerProcess(tmp_path / "tasks.db").start()
+    server_down, posted, release = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def mission(task: TaskContext) -> None:
+        await task.progress("before the outage")
+        await server_down.wait()
+        await task.progress("first")
+        await task.progress({"step": 2})
+        await task.progress("latest")
+        posted.set()  # reached only if progress() did not wait for the server
+        await release.wait()
+
+    agent = Agent(server.address, "d1", mission, reconnect_backoff=FAST_RECONNECT)
+    async with running(agent):
+        async with OperatorClient(server.address) as client:
+            task = await client.create_task(assignee_entity_id="d1")
+            await wait_for_progress(client, task.version.task_id, "before the outage")
+        await anyio.to_thread.run_sync(server.kill)
+        server_down.set()
+        with anyio.fail_after(WAIT_S):
+            await posted.wait()
+        restarted = await anyio.to_thread.run_sync(ServerProcess(server.db, port=server.port).start)
+        try:
+            async with OperatorClient(restarted.address) as client:
+                await wait_for_progress(client, task.version.task_id, "latest")
+                release.set()
+                await wait_for_status(client, task.version.task_id, S.STATUS_DONE_OK)
+                history = await client.history(task.version.task_id)
+        finally:
+            assert await anyio.to_thread.run_sync(restarted.terminate) == 0
+    sent = [progress_text(entry.status.progress) for entry in history]
+    assert "before the outage" in sent
+    assert sent[-2] == "latest"  # the last EXECUTING before DONE_OK
+    # Posted while no report could reach the server: replaced by the latest, never sent.
+    assert "first" not in sent
+    assert "{'step': 2.0}" not in sent
+
+
+async def test_progress_takes_a_string_or_a_dict_as_well_known_types(
+    server: TaskManagerServer, client: OperatorClient
+) -> None:
+    step = anyio.Event()
+    seen: list[pb.Task] = []
+
+    async def mission(task: TaskContext) -> None:
+        await task.progress({"battery": 0.5, "leg": "north"})
+        await step.wait()
+        await task.progress("halfway")
+        await anyio.sleep_forever()
+
+    async with running(Agent(server.address, "d1", mission)):
+        task = await client.create_task(assignee_entity_id="d1")
+        seen.append(await wait_for_progress(client, task.version.task_id, None))
+        step.set()
+        seen.append(await wait_for_progress(client, task.version.task_id, "halfway"))
+    structured = Struct()
+    assert seen[0].status.progress.Unpack(structured)
+    assert dict(structured) == {"battery": 0.5, "leg": "north"}
