@@ -13,6 +13,7 @@ import enum
 import itertools
 import logging
 import math
+import signal
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ class TaskContext:
     specification: Message | None
     """An instance of the type the handler was registered for, or the raw Any for the
     default handler; None if the task has no specification."""
+    resumed: bool = False
+    """True if this agent's process restarted while it ran the task, and the handler
+    (registered with resumable=True) is called again: task.status is the status last
+    reported, with its progress (see last_progress)."""
     _reporter: _Reporter | None = field(default=None, repr=False, compare=False)
     _running: _RunningTask | None = field(default=None, repr=False, compare=False)
     _updates: MemoryObjectReceiveStream[pb.Task] | None = field(
@@ -70,6 +75,13 @@ class TaskContext:
     @property
     def task_id(self) -> str:
         return self.task.version.task_id
+
+    @property
+    def last_progress(self) -> any_pb2.Any | None:
+        """For a resumed task, the progress last reported before the restart, if any."""
+        if self.resumed and self.task.status.HasField("progress"):
+            return self.task.status.progress
+        return None
 
     async def updates(self) -> AsyncIterator[pb.Task]:
         """The task's new definitions (UpdateTask) as they come, for a handler registered
@@ -417,6 +429,7 @@ class Agent:
         self._author = pb.Principal(system=pb.System(entity_id=entity_id))
         self._handlers: dict[str, tuple[type[Message], Handler]] = {}
         self._accepting_updates: set[Handler] = set()
+        self._resumable: set[Handler] = set()
         self._default_handler = handler
         self._backoff = reconnect_backoff or Backoff(initial=0.1, maximum=10.0)
         self._remember_finished = remember_finished
@@ -431,16 +444,27 @@ class Agent:
         self._reports: _ReportStream | None = None
 
     def handler(
-        self, specification_type: type[Message] | None = None, *, accepts_updates: bool = False
+        self,
+        specification_type: type[Message] | None = None,
+        *,
+        accepts_updates: bool = False,
+        resumable: bool = False,
     ) -> Callable[[H], H]:
         """Registers a handler for tasks whose specification is of this message type,
         or the default handler (no type). A new definition of a running task is rejected
         (STATUS_VERSION_REJECTED), unless accepts_updates: then the task manager is told
-        the agent runs it, and the handler reads it from `ctx.updates()`."""
+        the agent runs it, and the handler reads it from `ctx.updates()`.
+
+        A task this agent's process was running when it restarted is reported
+        DONE_NOT_OK / ERROR_CODE_FAILED ("restarted and lost the task"), so the task's
+        retry policy takes over; unless resumable: then the handler is called again, with
+        `ctx.resumed` set and `ctx.last_progress` the progress last reported."""
 
         def register(function: H) -> H:
             if accepts_updates:
                 self._accepting_updates.add(function)
+            if resumable:
+                self._resumable.add(function)
             if specification_type is None:
                 self._default_handler = function
             else:
@@ -482,6 +506,30 @@ class Agent:
             # bug in the runtime, and must not look like a clean stop.
             raise AgentError(f"agent {self.entity_id}: the runtime ended without stop()")
 
+    def run_until_signal(self) -> None:
+        """Runs the agent from a script until Ctrl+C (SIGINT) or SIGTERM, then stops it
+        cleanly, with no traceback. Raises AgentError as run() does."""
+        anyio.run(self._run_until_signal)
+
+    async def _run_until_signal(self) -> None:
+        refused: AgentError | None = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._stop_on_signal)
+            try:
+                await self.run()
+            except AgentError as error:
+                refused = error
+            group.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
+
+    async def _stop_on_signal(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for received in signals:
+                log.info("agent %s: %s; stopping", self.entity_id, signal.strsignal(received))
+                self.stop()
+                return
+
     def stop(self) -> None:
         """Stops listening and cancels running handlers (their tasks are left as they
         are: no further report is sent)."""
@@ -497,6 +545,7 @@ class Agent:
         selector = pb.ListenAsAgentRequest(
             entity_ids=pb.EntityIds(entity_ids=[self.entity_id, *self.pools]),
             max_in_flight=self.max_in_flight,
+            include_held_tasks=True,
         )
         while True:
             call = stub.ListenAsAgent(selector)
@@ -629,6 +678,9 @@ class Agent:
     async def _steps_and_handler(
         self, task: pb.Task, running: _RunningTask, reporter: _Reporter
     ) -> pb.TaskStatus:
+        if task.status.status != S.STATUS_SENT:
+            # Held past SENT, and unknown to this process: it restarted while running it.
+            return await self._run_handler(task, running, reporter)
         try:
             for step in STEPS_BEFORE_HANDLER:
                 if running.stop is not None:
@@ -648,6 +700,17 @@ class Agent:
                 pb.ERROR_CODE_REJECTED, f"agent has no handler for specification {type_name}"
             )
         handler, specification = found
+        resumed = task.status.status != S.STATUS_SENT
+        if resumed and handler not in self._resumable:
+            return _done_not_ok(
+                pb.ERROR_CODE_FAILED,
+                f"agent {self.entity_id} restarted and lost the task (it was"
+                f" {S.Name(task.status.status)} on attempt {task.attempt})",
+            )
+        if resumed and task.status.HasField("progress"):
+            reporter.last_running = pb.TaskStatus(
+                status=S.STATUS_EXECUTING, progress=task.status.progress
+            )
         result: Message | None = None
         heartbeats = anyio.CancelScope()
         interval_s = task.policy.heartbeat_timeout.ToNanoseconds() / 3e9 or math.inf
@@ -665,7 +728,12 @@ class Agent:
             send, receive = anyio.create_memory_object_stream[pb.Task](math.inf)
             running.updates = send
         context = TaskContext(
-            task, specification, _reporter=reporter, _running=running, _updates=receive
+            task,
+            specification,
+            resumed=resumed,
+            _reporter=reporter,
+            _running=running,
+            _updates=receive,
         )
         try:
             with running.scope:

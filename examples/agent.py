@@ -9,7 +9,6 @@ DONE_OK with the result below (or DONE_NOT_OK if the handler raises).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 
 import anyio
@@ -17,7 +16,16 @@ from google.protobuf.wrappers_pb2 import StringValue
 
 from agent_kit import Agent, TaskContext
 
+parser = argparse.ArgumentParser(description="An example agent.")
+parser.add_argument("--target", default="127.0.0.1:50051")
+parser.add_argument("--entity-id", default="drone-1")
+args = parser.parse_args()
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+agent = Agent(args.target, entity_id=args.entity_id)
+
+
+@agent.handler()  # every task; agent.handler(SomeMessage) for tasks of one specification type
 async def survey(task: TaskContext) -> StringValue:
     print(f"agent: executing {task.task_id} ({task.task.display_name or 'unnamed'})", flush=True)
     await anyio.sleep(1.0)  # the work itself
@@ -25,17 +33,6 @@ async def survey(task: TaskContext) -> StringValue:
     return StringValue(value=f"surveyed: {task.task.description or 'the area'}")
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="127.0.0.1:50051")
-    parser.add_argument("--entity-id", default="drone-1")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    agent = Agent(args.target, args.entity_id, survey)
-    print(f"agent: listening as {args.entity_id} on {args.target}", flush=True)
-    await agent.run()
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how this example stops
-        anyio.run(main)
+print(f"agent: listening as {args.entity_id} on {args.target}", flush=True)
+agent.run_until_signal()  # Ctrl+C or SIGTERM stops it cleanly
+print("agent: stopped", flush=True)

@@ -325,8 +325,9 @@ class Store(Protocol):
         """Every agent entity id ever seen, by entity id."""
         ...
 
-    async def tasks_in_flight(self, entity_ids: Collection[str]) -> dict[str, int]:
-        """For these entity ids, how many of their tasks were sent and have not ended."""
+    async def in_flight_task_ids(self, entity_ids: Collection[str]) -> dict[str, list[str]]:
+        """For these entity ids, the ids of their tasks that were sent and have not ended,
+        oldest first."""
         ...
 
     async def credentials(self) -> Sequence[Credential]:

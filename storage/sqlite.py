@@ -830,19 +830,22 @@ class SqliteStore:
 
         return await self._read(read)
 
-    async def tasks_in_flight(self, entity_ids: Collection[str]) -> dict[str, int]:
+    async def in_flight_task_ids(self, entity_ids: Collection[str]) -> dict[str, list[str]]:
         ids = sorted(entity_ids)
         if not ids:
             return {}
 
-        def read(conn: sqlite3.Connection) -> dict[str, int]:
+        def read(conn: sqlite3.Connection) -> dict[str, list[str]]:
             rows = conn.execute(
-                "SELECT assignee_entity_id, COUNT(*) FROM tasks"
+                "SELECT assignee_entity_id, task_id FROM tasks"
                 f" WHERE assignee_entity_id IN ({', '.join('?' * len(ids))})"
-                " AND status NOT IN (?, ?, ?, ?) GROUP BY assignee_entity_id",
+                " AND status NOT IN (?, ?, ?, ?) ORDER BY cursor",
                 (*ids, *_NOT_IN_FLIGHT),
-            ).fetchall()
-            return {entity_id: count for entity_id, count in rows}
+            )
+            held: dict[str, list[str]] = {}
+            for entity_id, task_id in rows:
+                held.setdefault(entity_id, []).append(task_id)
+            return held
 
         return await self._read(read)
 

@@ -96,9 +96,17 @@ class _Held:
 class AgentStream:
     """The requests waiting for one ListenAsAgent call, and the tasks its agent holds."""
 
-    def __init__(self, entity_ids: frozenset[str], max_in_flight: int, buffer: int) -> None:
+    def __init__(
+        self,
+        entity_ids: frozenset[str],
+        max_in_flight: int,
+        buffer: int,
+        include_held_tasks: bool = False,
+    ) -> None:
         self.entity_ids = entity_ids
         self.max_in_flight = max_in_flight
+        self.include_held_tasks = include_held_tasks
+        """Whether the backlog also re-sends the tasks its agents hold past SENT."""
         self._buffer = buffer
         self._pending: deque[bytes] = deque()
         self._held: dict[str, _Held] = {}
@@ -167,6 +175,9 @@ class AgentStream:
             self.send(request)
         return True
 
+    def holds(self, task_id: str) -> bool:
+        return task_id in self._held
+
     def unreceived_pool_tasks(self) -> list[tuple[str, _Held]]:
         return [
             (task_id, held)
@@ -203,12 +214,14 @@ class Dispatcher:
         self._closing: ServerShuttingDown | None = None
 
     @contextmanager
-    def open_stream(self, entity_ids: frozenset[str], max_in_flight: int) -> Iterator[AgentStream]:
+    def open_stream(
+        self, entity_ids: frozenset[str], max_in_flight: int, include_held_tasks: bool = False
+    ) -> Iterator[AgentStream]:
         """Registers a stream for the block's duration. Register BEFORE reading the
         backlog (then call start), so a change committed in between is not lost."""
         if self._closing is not None:
             raise self._closing
-        stream = AgentStream(entity_ids, max_in_flight, self._stream_buffer)
+        stream = AgentStream(entity_ids, max_in_flight, self._stream_buffer, include_held_tasks)
         for entity_id in entity_ids:
             self._streams_by_entity.setdefault(entity_id, set()).add(stream)
         try:
@@ -231,6 +244,8 @@ class Dispatcher:
         try:
             for task, encoded_task in backlog:
                 self._route(task, encoded_task, [stream])
+                if stream.include_held_tasks and stream.holds(task.version.task_id):
+                    self._resend_held(stream, task, encoded_task)
             loaded, stream.loading = stream.loading or [], None
             for change in loaded:
                 if change.revision > revision:
@@ -239,6 +254,13 @@ class Dispatcher:
             stream.starting = False
         for pool in stream.entity_ids:
             self._assign(pool)
+
+    @staticmethod
+    def _resend_held(stream: AgentStream, task: Task, encoded_task: bytes) -> None:
+        """Restart recovery: an ExecuteRequest for a task the stream's agent holds past
+        SENT, at its current status, so that an agent that restarted learns of it."""
+        if agent_request(task, encoded_task) is None:  # past SENT, nothing else pending
+            stream.send(wire.LISTEN_EXECUTE.encode(wire.EXECUTE_REQUEST.encode(encoded_task)))
 
     def publish(self, changes: Sequence[Change]) -> None:
         """Called after each commit with its changes, in revision order."""

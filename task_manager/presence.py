@@ -7,12 +7,15 @@ still lists every agent it ever saw.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from storage.base import SeenAgent
 from task_manager.clock import timestamp
 from task_manager.v1.task_manager_pb2 import AgentPresence, AgentState
+
+HELD_TASK_IDS_LISTED = 100
+"""An agent's held tasks listed by id at most; all are counted."""
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Presence:
         wanted = set(entity_ids)
         return sorted(e for e in self._agents if not wanted or e in wanted)
 
-    def describe(self, entity_id: str, in_flight: int, now_ns: int) -> AgentPresence:
+    def describe(self, entity_id: str, held_task_ids: Sequence[str], now_ns: int) -> AgentPresence:
         agent = self._agents[entity_id]
         if agent.streams > 0:
             state, last_seen_ns = AgentState.AGENT_STATE_CONNECTED, now_ns
@@ -64,5 +67,6 @@ class Presence:
             streams_open=agent.streams,
             first_seen=timestamp(agent.first_seen_ns),
             last_seen=timestamp(last_seen_ns),
-            tasks_in_flight=in_flight,
+            tasks_in_flight=len(held_task_ids),
+            held_task_ids=held_task_ids[:HELD_TASK_IDS_LISTED],
         )

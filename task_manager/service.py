@@ -298,9 +298,9 @@ class TaskManagerService:
             caller.check_entity(entity_id, "listen as", repr(entity_id))
         # Subscribe first, then read the backlog, then skip what the backlog covered:
         # a change committed between the two is queued here, never lost.
-        max_in_flight = request.max_in_flight
+        max_in_flight, include_held = request.max_in_flight, request.include_held_tasks
         with (
-            self._dispatcher.open_stream(entity_ids, max_in_flight) as stream,
+            self._dispatcher.open_stream(entity_ids, max_in_flight, include_held) as stream,
             self._present(entity_ids),
         ):
             # Headers now tell the agent it is subscribed, before any task arrives.
@@ -335,11 +335,11 @@ class TaskManagerService:
     ) -> ListAgentsResponse:
         wanted = validation.entity_ids(request.entity_ids, "entity_ids", self._limits)
         known = self._presence.known(wanted)
-        in_flight = await self._store.tasks_in_flight(known)
+        held = await self._store.in_flight_task_ids(known)
         now_ns = self._clock.now_ns()
         return ListAgentsResponse(
             agents=[
-                self._presence.describe(entity_id, in_flight.get(entity_id, 0), now_ns)
+                self._presence.describe(entity_id, held.get(entity_id, []), now_ns)
                 for entity_id in known
             ]
         )

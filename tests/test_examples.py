@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO_ROOT, ServerProcess
+import grpc
+
+from task_manager.v1 import task_manager_pb2, task_manager_pb2_grpc
+from tests.helpers import REPO_ROOT, ServerProcess, wait_until
 
 
 def test_example_operator_sees_the_example_agent_finish_a_task(tmp_path: Path) -> None:
@@ -49,3 +53,36 @@ def test_example_operator_sees_the_example_agent_finish_a_task(tmp_path: Path) -
         "STATUS_DONE_OK",
     ]
     assert "operator: result: surveyed: the north field" in lines
+
+
+def test_ctrl_c_stops_the_example_agent_cleanly(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "tasks.db").start()
+    agent = subprocess.Popen(
+        [sys.executable, "examples/agent.py", "--target", server.address],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert agent.stdout is not None
+        assert agent.stdout.readline().startswith("agent: listening as drone-1")
+        wait_until(lambda: "drone-1" in agent_ids(server.address), what="the agent to be connected")
+        agent.send_signal(signal.SIGINT)
+        output, _ = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(30)
+        assert server.terminate() == 0
+    assert agent.returncode == 0, output
+    assert "Traceback" not in output, output
+    assert output.splitlines()[-1] == "agent: stopped", output
+
+
+def agent_ids(address: str) -> list[str]:
+    """The entity ids with an open ListenAsAgent stream."""
+    with grpc.insecure_channel(address) as channel:
+        stub = task_manager_pb2_grpc.TaskManagerStub(channel)
+        agents = stub.ListAgents(task_manager_pb2.ListAgentsRequest()).agents
+    return [agent.entity_id for agent in agents if agent.streams_open]

@@ -1016,10 +1016,22 @@ class ListenAsAgentRequest(_message.Message):
 
     ENTITY_IDS_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    INCLUDE_HELD_TASKS_FIELD_NUMBER: _builtins.int
     max_in_flight: _builtins.int
     """Extension: flow control. The stream carries at most this many unfinished tasks
     (sent and not ended) at a time; further ExecuteRequests wait, oldest first, until one
     ends. Nothing is dropped. 0 = no limit.
+    """
+    include_held_tasks: _builtins.bool
+    """Extension: restart recovery. When set, the stream first also carries an
+    ExecuteRequest for every task the task manager believes these agents hold past
+    STATUS_SENT (MACHINE_RECEIPT, ACK, WILCO, EXECUTING, WAITING_FOR_UPDATE, ...), at its
+    current status and status_version, so that an agent that restarted learns what it
+    was running. An agent that still runs such a task ignores it (a repeat); one that
+    lost it (its process restarted) reports it (agent_kit: DONE_NOT_OK with
+    ERROR_CODE_FAILED, so the task's retry policy takes over, or resumes it). Unset (what
+    a Lattice agent sends): only tasks at STATUS_SENT are delivered, as in the Lattice
+    API; a task its agent lost then ends only by its timeouts.
     """
     @_builtins.property
     def entity_ids(self) -> Global___EntityIds: ...
@@ -1028,10 +1040,11 @@ class ListenAsAgentRequest(_message.Message):
         *,
         entity_ids: Global___EntityIds | None = ...,
         max_in_flight: _builtins.int = ...,
+        include_held_tasks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector", "entity_ids", b"entity_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector", "entity_ids", b"entity_ids", "max_in_flight", b"max_in_flight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector", "entity_ids", b"entity_ids", "include_held_tasks", b"include_held_tasks", "max_in_flight", b"max_in_flight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_agent_selector: _TypeAlias = _typing.Literal["entity_ids"]  # noqa: Y015
     _WhichOneofArgType_agent_selector: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector"]  # noqa: Y015
@@ -1618,6 +1631,7 @@ class AgentPresence(_message.Message):
     FIRST_SEEN_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     TASKS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    HELD_TASK_IDS_FIELD_NUMBER: _builtins.int
     entity_id: _builtins.str
     state: Global___AgentState.ValueType
     streams_open: _builtins.int
@@ -1629,6 +1643,12 @@ class AgentPresence(_message.Message):
     def last_seen(self) -> _timestamp_pb2.Timestamp:
         """Now while connected; otherwise when its last stream closed."""
 
+    @_builtins.property
+    def held_task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Those tasks' ids, oldest first (at most 100; tasks_in_flight counts them all): for a
+        LOST agent, the work that is stuck with it.
+        """
+
     def __init__(
         self,
         *,
@@ -1638,10 +1658,11 @@ class AgentPresence(_message.Message):
         first_seen: _timestamp_pb2.Timestamp | None = ...,
         last_seen: _timestamp_pb2.Timestamp | None = ...,
         tasks_in_flight: _builtins.int = ...,
+        held_task_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen", b"first_seen", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_id", b"entity_id", "first_seen", b"first_seen", "last_seen", b"last_seen", "state", b"state", "streams_open", b"streams_open", "tasks_in_flight", b"tasks_in_flight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_id", b"entity_id", "first_seen", b"first_seen", "held_task_ids", b"held_task_ids", "last_seen", b"last_seen", "state", b"state", "streams_open", b"streams_open", "tasks_in_flight", b"tasks_in_flight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
