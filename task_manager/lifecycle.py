@@ -52,6 +52,9 @@ TERMINAL_STATUSES = frozenset({pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK})
 UNRELEASED_STATUSES = frozenset({pb.STATUS_CREATED, pb.STATUS_SCHEDULED_IN_MANAGER})
 OPERATOR_REQUEST_STATUSES = frozenset({pb.STATUS_CANCEL_REQUESTED, pb.STATUS_COMPLETE_REQUESTED})
 
+NOT_WITH_AN_AGENT = frozenset(
+    {pb.STATUS_CREATED, pb.STATUS_SCHEDULED_IN_MANAGER, pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK}
+)
 MANAGER = Principal(system=System(service_name="task-manager"))
 """The author of the changes the task manager makes by itself (release to SENT)."""
 
@@ -178,6 +181,33 @@ def expire(
     # An agent asked to cancel or complete that goes silent is not asked again.
     retry = task.status.status not in OPERATOR_REQUEST_STATUSES
     return Expiry(task=_end_attempt(tx, stored, error, retry, MANAGER, None, now_ns))
+
+
+def end_lost_attempt(
+    tx: WriteTransaction, task_id: str, agent: str, lost_since_ns: int, now_ns: int
+) -> Task | None:
+    """Ends the task's attempt if its agent has been LOST (since lost_since_ns) for the
+    task's lost_agent_timeout; None if the task is not due (or moved on meanwhile)."""
+    stored = tx.load(task_id)
+    if stored is None:
+        return None
+    task = stored.task
+    timeout_ns = liveness.duration_ns(task.policy.lost_agent_timeout)
+    if (
+        not timeout_ns
+        or task.status.status in NOT_WITH_AN_AGENT
+        or not task.attempts
+        or task.attempts[-1].entity_id != agent
+        or now_ns < lost_since_ns + timeout_ns
+    ):
+        return None
+    message = (
+        f"lost_agent_timeout ({liveness.seconds(task.policy.lost_agent_timeout)}) passed:"
+        f" agent {agent} has had no stream since it was lost (attempt {task.attempt})"
+    )
+    error = TaskError(code=pb.ERROR_CODE_TIMEOUT, message=message)
+    retry = task.status.status not in OPERATOR_REQUEST_STATUSES
+    return _end_attempt(tx, stored, error, retry, MANAGER, None, now_ns)
 
 
 def _end_attempt(

@@ -47,6 +47,14 @@ class Presence:
             agent.streams -= 1
             agent.last_seen_ns = now_ns
 
+    def lost(self, now_ns: int) -> list[tuple[str, int]]:
+        """The agents LOST at now_ns, each with the moment it became LOST, by entity id."""
+        return sorted(
+            (entity_id, agent.last_seen_ns + self._lost_after_ns)
+            for entity_id, agent in self._agents.items()
+            if agent.streams == 0 and now_ns - agent.last_seen_ns >= self._lost_after_ns
+        )
+
     def known(self, entity_ids: Iterable[str] = ()) -> list[str]:
         """The entity ids asked for that have been seen (all of them if none is asked for),
         sorted."""

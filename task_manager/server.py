@@ -171,12 +171,15 @@ class TaskManagerServer:
         except Exception as exc:
             raise ServerStartError(str(exc)) from exc
         watch_hub.revision = await store.current_revision()
+        presence = Presence(int(settings.agent_lost_after_s * 1e9))
+        presence.load(await store.seen_agents())
         grace = settings.restart_grace_s
         timekeeper = Timekeeper(
             store,
             clock,
             None if grace is None else int(grace * 1e9),
             int(settings.timekeeper_poll_s * 1e9),
+            presence,
         )
         server = grpc.aio.server(options=_grpc_options(settings))
         credentials = Credentials(client_certificates=settings.client_ca is not None)
@@ -192,8 +195,6 @@ class TaskManagerServer:
             RateLimiter(settings.requests_per_second, clock),
             OpenStreams(settings.max_streams_per_principal),
         )
-        presence = Presence(int(settings.agent_lost_after_s * 1e9))
-        presence.load(await store.seen_agents())
         servicer = TaskManagerService(
             store,
             dispatcher,

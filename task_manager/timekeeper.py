@@ -1,5 +1,8 @@
 """Fires stored deadlines when they come: scheduled releases, and timeouts that end attempts.
 
+It also ends the attempts of agents LOST past their tasks' lost_agent_timeout: presence
+is in memory, so that timeout is checked on every round rather than stored.
+
 Deadlines live in the store (one per task, set by the lifecycle on every write), so a
 restart loses none: the timekeeper reads what is due, and each firing is a lifecycle unit
 that re-checks the deadline inside its own transaction (a task that moved on is left
@@ -16,6 +19,9 @@ from collections.abc import Sequence
 from storage.base import Change, Store
 from task_manager import lifecycle
 from task_manager.clock import Clock
+from task_manager.dispatch import IN_FLIGHT_STATUSES
+from task_manager.presence import Presence
+from task_manager.v1.task_manager_pb2 import Task
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +36,10 @@ class Timekeeper:
         clock: Clock,
         restart_grace_ns: int | None,
         poll_ns: int,
+        presence: Presence | None = None,
     ) -> None:
         self._store = store
+        self._presence = presence
         self._clock = clock
         self._started_ns = clock.now_ns()
         self._restart_grace_ns = restart_grace_ns
@@ -62,6 +70,7 @@ class Timekeeper:
             held = {task_id: at for task_id, at in held.items() if task_id in due_ids}
             work = [task_id for task_id, _ in due if held.get(task_id, 0) <= now_ns]
             await self._fire(work, now_ns, held)
+            await self._end_lost_attempts(now_ns)
             if len(due) == BATCH and work:
                 continue  # more may be due
             upcoming = await self._store.next_deadline(now_ns)
@@ -84,6 +93,32 @@ class Timekeeper:
         self._wake.set()  # the clock may have moved without reaching a timer of ours
         async with self._scanned:
             await self._scanned.wait_for(lambda: self._scanned_ns >= at_ns)
+
+    async def _end_lost_attempts(self, now_ns: int) -> None:
+        """Ends the attempts whose agent has been LOST for their lost_agent_timeout."""
+        lost = self._presence.lost(now_ns) if self._presence is not None else []
+        if not lost:
+            return
+        since = dict(lost)
+        backlog = await self._store.agent_backlog(since, IN_FLIGHT_STATUSES)
+        due = [
+            (task.version.task_id, task.attempts[-1].entity_id)
+            for task, _ in backlog.tasks
+            if task.policy.HasField("lost_agent_timeout") and task.attempts
+        ]
+
+        def end(task_id: str, agent: str) -> asyncio.Future[Task | None]:
+            lost_since_ns = since.get(agent, now_ns)
+            return self._store.submit(
+                lambda tx: lifecycle.end_lost_attempt(tx, task_id, agent, lost_since_ns, now_ns)
+            )
+
+        outcomes = await asyncio.gather(*(end(*pair) for pair in due), return_exceptions=True)
+        for (task_id, _), outcome in zip(due, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("lost agent's task %s could not be ended", task_id, exc_info=outcome)
+            elif outcome is not None:
+                self.fired += 1
 
     async def _fire(self, task_ids: list[str], now_ns: int, held: dict[str, int]) -> None:
         def expire(task_id: str) -> asyncio.Future[lifecycle.Expiry]:

@@ -362,6 +362,7 @@ def _check_policy(policy: TaskPolicy, limits: FieldLimits) -> None:
         "execution_timeout",
         "retry_backoff",
         "max_retry_backoff",
+        "lost_agent_timeout",
     ):
         _duration(getattr(policy, name), f"policy.{name}")
     if policy.max_attempts > limits.max_attempts:

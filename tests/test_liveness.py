@@ -494,3 +494,46 @@ async def test_a_deadline_that_fails_to_fire_is_tried_again(
     harness.clock.advance(1)  # the timekeeper's poll interval
     ended = await harness.until(task.version.task_id, status_is(S.STATUS_DONE_NOT_OK))
     assert ended.status.task_error.code == pb.ERROR_CODE_TIMEOUT
+
+
+async def test_an_attempt_ends_once_its_agent_was_lost_for_lost_agent_timeout(
+    tmp_path: Path,
+) -> None:
+    harness = await Harness(tmp_path / "tasks.db", ManualClock(), agent_lost_after_s=60.0).start()
+    try:
+        watched = await harness.create(
+            pb.TaskPolicy(lost_agent_timeout=seconds(30), max_attempts=2)
+        )
+        plain = await harness.create(pb.TaskPolicy())  # no lost_agent_timeout: waits for good
+        selector = pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=["drone-1"]))
+        stream = harness.stub.ListenAsAgent(selector)
+        for _ in range(2):
+            await stream.read()
+        watched = await harness.report(watched, S.STATUS_EXECUTING)
+        plain = await harness.report(plain, S.STATUS_EXECUTING)
+        stream.cancel()  # the agent goes away with both tasks
+        with anyio.fail_after(20):
+            while (await list_agent(harness, "drone-1")).streams_open:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        harness.clock.advance(60 + 29)  # LOST for 29 s
+        await harness.settled()
+        assert (await harness.get(watched.version.task_id)).status.status == S.STATUS_EXECUTING
+        harness.clock.advance(2)
+        await harness.settled()
+        retried = await harness.get(watched.version.task_id)
+        untouched = await harness.get(plain.version.task_id)
+    finally:
+        await harness.stop()
+    assert retried.status.status == S.STATUS_SENT
+    assert retried.attempt == 2
+    assert retried.attempts[0].error.code == pb.ERROR_CODE_TIMEOUT
+    assert retried.attempts[0].error.message == (
+        "lost_agent_timeout (30 s) passed: agent drone-1 has had no stream since it was lost"
+        " (attempt 1)"
+    )
+    assert untouched == plain
+
+
+async def list_agent(harness: Harness, entity_id: str) -> pb.AgentPresence:
+    request = pb.ListAgentsRequest(entity_ids=[entity_id])
+    return (await harness.stub.ListAgents(request)).agents[0]

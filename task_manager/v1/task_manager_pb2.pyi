@@ -300,6 +300,7 @@ class TaskPolicy(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     RETRY_BACKOFF_FIELD_NUMBER: _builtins.int
     MAX_RETRY_BACKOFF_FIELD_NUMBER: _builtins.int
+    LOST_AGENT_TIMEOUT_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
     """Attempts in all (0 = the server default, 1 unless configured). A timeout, or
     DONE_NOT_OK with ERROR_CODE_FAILED from the agent, ends an attempt; the next one
@@ -327,6 +328,15 @@ class TaskPolicy(_message.Message):
 
     @_builtins.property
     def max_retry_backoff(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def lost_agent_timeout(self) -> _duration_pb2.Duration:
+        """How long the attempt's agent may stay LOST (no ListenAsAgent stream for the server's
+        agent_lost_after, 60 s by default) before the attempt ends with ERROR_CODE_TIMEOUT
+        (retried if attempts remain). Counted from the moment the agent became LOST. Unset
+        or 0: never, since assets with intermittent links keep working offline. Applies to
+        tasks assigned to a System agent.
+        """
+
     def __init__(
         self,
         *,
@@ -336,10 +346,11 @@ class TaskPolicy(_message.Message):
         max_attempts: _builtins.int = ...,
         retry_backoff: _duration_pb2.Duration | None = ...,
         max_retry_backoff: _duration_pb2.Duration | None = ...,
+        lost_agent_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["execution_timeout", b"execution_timeout", "heartbeat_timeout", b"heartbeat_timeout", "max_retry_backoff", b"max_retry_backoff", "receipt_timeout", b"receipt_timeout", "retry_backoff", b"retry_backoff"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution_timeout", b"execution_timeout", "heartbeat_timeout", b"heartbeat_timeout", "lost_agent_timeout", b"lost_agent_timeout", "max_retry_backoff", b"max_retry_backoff", "receipt_timeout", b"receipt_timeout", "retry_backoff", b"retry_backoff"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_timeout", b"execution_timeout", "heartbeat_timeout", b"heartbeat_timeout", "max_attempts", b"max_attempts", "max_retry_backoff", b"max_retry_backoff", "receipt_timeout", b"receipt_timeout", "retry_backoff", b"retry_backoff"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_timeout", b"execution_timeout", "heartbeat_timeout", b"heartbeat_timeout", "lost_agent_timeout", b"lost_agent_timeout", "max_attempts", b"max_attempts", "max_retry_backoff", b"max_retry_backoff", "receipt_timeout", b"receipt_timeout", "retry_backoff", b"retry_backoff"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
