@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, ClientAuth, open_channel, open_stub
-from agent_kit._supervisor import Supervisor, cancelled_inside_grpc
+from agent_kit._supervisor import Supervisor, being_cancelled
 from task_manager.v1 import task_manager_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class _ReportStream:
             link.outbox.close()
             link.queued.close()
             link.call.cancel()
-            stopping = not cancelled_inside_grpc()
+            stopping = being_cancelled()
             for waiting in link.waiting.values():
                 if waiting.done():
                     continue
@@ -226,7 +226,7 @@ class _ReportStream:
             link.ended_because = f"the report stream broke: {error}"
             both.cancel()
         except asyncio.CancelledError:
-            if not cancelled_inside_grpc():
+            if being_cancelled():
                 raise
             link.ended_because = "the report stream was cancelled"
             both.cancel()
@@ -243,7 +243,7 @@ class _ReportStream:
         except grpc.aio.AioRpcError as error:
             link.ended_because = f"the report stream failed: {error.code().name}: {error.details()}"
         except asyncio.CancelledError:
-            if not cancelled_inside_grpc():
+            if being_cancelled():
                 raise
             link.ended_because = "the report stream was cancelled"
 
@@ -570,7 +570,7 @@ class Agent:
                     error.details(),
                 )
             except asyncio.CancelledError:
-                if not cancelled_inside_grpc():
+                if being_cancelled():
                     raise
                 log.warning("agent %s: stream cancelled inside gRPC; reconnecting", self.entity_id)
             except Exception:

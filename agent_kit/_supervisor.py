@@ -16,12 +16,13 @@ log = logging.getLogger("agent_kit")
 Ts = TypeVarTuple("Ts")
 
 
-def cancelled_inside_grpc() -> bool:
-    """Whether the CancelledError being handled came from grpc.aio rather than from a
-    cancellation of this task: a call cancelled locally raises CancelledError in every
-    task that reads or writes it, also in tasks nobody cancelled."""
+def being_cancelled() -> bool:
+    """Whether the current task is being cancelled (Agent.stop(), a cancel scope). grpc.aio
+    raises CancelledError from a call that was cancelled locally in every task that reads
+    or writes it, also in tasks nobody cancelled: such a CancelledError comes while this
+    is False, and is not a reason to stop."""
     task = asyncio.current_task()
-    return task is not None and task.cancelling() == 0
+    return task is not None and task.cancelling() > 0
 
 
 class Supervisor:
@@ -46,7 +47,7 @@ class Supervisor:
         try:
             await function(*args)
         except asyncio.CancelledError:
-            if not cancelled_inside_grpc():
+            if being_cancelled():
                 raise
             log.error("%s: %s ended in a stray cancellation; the agent goes on", self._owner, name)
         except Exception:
