@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import grpc
-from google.protobuf import json_format
 
 from agent_kit._grpc import ClientAuth
+from agent_kit._json import to_json
 from agent_kit._operator import SyncOperatorClient, WaitTimeout
 from task_manager.v1 import task_manager_pb2 as pb
 
@@ -87,13 +87,9 @@ def table(rows: Iterable[Sequence[str]], header: Sequence[str] = COLUMNS) -> str
     )
 
 
-def as_json(message: pb.Task | pb.TaskHistoryEntry) -> dict[str, object]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
-
-
 def show_tasks(tasks: Sequence[pb.Task], json_out: bool) -> None:
     if json_out:
-        print(json.dumps([as_json(t) for t in tasks], indent=2))
+        print(json.dumps([to_json(t) for t in tasks], indent=2))
     else:
         print(table(row(t) for t in tasks))
 
@@ -128,7 +124,7 @@ def cmd_list(client: SyncOperatorClient, args: argparse.Namespace) -> int:
 def cmd_history(client: SyncOperatorClient, args: argparse.Namespace) -> int:
     entries = client.history(args.task_id)
     if args.json:
-        print(json.dumps([as_json(e) for e in entries], indent=2))
+        print(json.dumps([to_json(e) for e in entries], indent=2))
         return EXIT_OK
     header = ("REVISION", "STATUS_VERSION", "STATUS", "TIME", "AUTHOR", "ERROR / REASON")
     lines = []
@@ -171,7 +167,7 @@ def cmd_wait(client: SyncOperatorClient, args: argparse.Namespace) -> int:
 
 
 def cmd_watch(client: SyncOperatorClient, args: argparse.Namespace) -> int:
-    live_table = sys.stdout.isatty() and not args.lines
+    live_table = sys.stdout.isatty() and not args.lines and not args.json
     latest: dict[str, pb.Task] = {}
     events = client.watch(
         task_ids=args.task_id,
@@ -184,7 +180,9 @@ def cmd_watch(client: SyncOperatorClient, args: argparse.Namespace) -> int:
     for count, response in enumerate(events, start=1):
         task = response.event.task
         latest[task.version.task_id] = task
-        if live_table:  # redraw in place: the current state of every task seen
+        if args.json:  # one object a line, flushed: a script reads events as they come
+            print(json.dumps(to_json(response), separators=(",", ":")), flush=True)
+        elif live_table:  # redraw in place: the current state of every task seen
             print("\x1b[H\x1b[2J" + table(row(t) for t in latest.values()), flush=True)
         else:
             print(f"{response.revision}  " + "  ".join(row(task)).rstrip(), flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
 
 from storage.sqlite import add_credential
 from task_manager.auth import Role, new_token
@@ -25,6 +27,35 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     running = ServerProcess(tmp_path_factory.mktemp("taskctl") / "tasks.db").start()
     yield running
     assert running.terminate() == 0
+
+
+@pytest.fixture(scope="module")
+def walker(server: ServerProcess) -> Iterator[str]:
+    """An agent_kit agent in its own process, as in the walkthrough: it reports progress
+    StringValue("halfway") and finishes with result StringValue("done by walker")."""
+    yield from _agent_process(server, "walker")
+
+
+@pytest.fixture(scope="module")
+def stuck_walker(server: ServerProcess) -> Iterator[str]:
+    """The same agent, except that its handler never returns after reporting progress."""
+    yield from _agent_process(server, "stuck-walker", "--hang")
+
+
+def _agent_process(server: ServerProcess, entity_id: str, *flags: str) -> Iterator[str]:
+    module = ("-m", "tests.agent_process", "--target", server.address)
+    agent = subprocess.Popen(
+        [sys.executable, *module, "--entity-id", entity_id, *flags],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        yield entity_id
+    finally:
+        agent.terminate()
+        agent.wait(30)
 
 
 def taskctl(
@@ -52,6 +83,72 @@ def finish(server: ServerProcess, task_id: str, status: pb.Status.ValueType) -> 
         stub = task_manager_pb2_grpc.TaskManagerStub(channel)
         task = stub.GetTask(pb.GetTaskRequest(task_id=task_id)).task
         stub.UpdateStatus(status_update(task, status))
+
+
+def done_by_walker(server: ServerProcess, walker: str, task_id: str) -> None:
+    """Creates task_id for the walker agent and waits until it is DONE_OK."""
+    created = taskctl(server, "create", "--assignee", walker, "--task-id", task_id)
+    assert created.returncode == 0, created.stderr
+    assert taskctl(server, "wait", task_id, "--timeout", "60").returncode == 0
+
+
+STRING_RESULT = {
+    "@type": "type.googleapis.com/google.protobuf.StringValue",
+    "value": "done by walker",
+}
+
+
+def test_json_of_a_task_whose_result_is_a_string_value(server: ServerProcess, walker: str) -> None:
+    done_by_walker(server, walker, "ctl-json-1")
+    (got,) = as_tasks(taskctl(server, "get", "ctl-json-1", "--json"))
+    assert got["status"]["result"] == STRING_RESULT  # type: ignore[index]
+    listed = as_tasks(taskctl(server, "list", "--json"))
+    (mine,) = [t for t in listed if t["version"]["task_id"] == "ctl-json-1"]  # type: ignore[index]
+    assert mine["status"]["result"] == STRING_RESULT  # type: ignore[index]
+    history = as_tasks(taskctl(server, "history", "ctl-json-1", "--json"))
+    assert history[-1]["status"]["result"] == STRING_RESULT  # type: ignore[index]
+    progress = {"@type": STRING_RESULT["@type"], "value": "halfway"}
+    assert progress in [entry["status"].get("progress") for entry in history]  # type: ignore[attr-defined]
+
+
+def test_watch_json_prints_one_object_per_event(server: ServerProcess, walker: str) -> None:
+    done_by_walker(server, walker, "ctl-json-2")
+    history = as_tasks(taskctl(server, "history", "ctl-json-2", "--json"))
+    watched = taskctl(
+        server,
+        "watch",
+        "--task-id",
+        "ctl-json-2",
+        "--from-revision",
+        "1",
+        "--max-events",
+        str(len(history)),
+        "--json",
+    )
+    assert watched.returncode == 0, watched.stderr
+    events = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert [e["revision"] for e in events] == [entry["revision"] for entry in history]
+    assert [e["event"]["task"]["status"]["status"] for e in events] == [
+        entry["status"]["status"]  # type: ignore[index]
+        for entry in history
+    ]
+    assert events[-1]["event"]["task"]["status"]["result"] == STRING_RESULT
+
+
+def test_json_shows_a_type_it_does_not_know_as_type_and_base64(server: ServerProcess) -> None:
+    unknown = any_pb2.Any(type_url="type.googleapis.com/acme.v1.Waypoints", value=b"\x08\x01")
+    with grpc.insecure_channel(server.address) as channel:
+        stub = task_manager_pb2_grpc.TaskManagerStub(channel)
+        request = pb.CreateTaskRequest(task_id="ctl-json-3", specification=unknown)
+        request.relations.assignee.system.entity_id = "nobody-listens"
+        stub.CreateTask(request)
+    opaque = {"@type": unknown.type_url, "value": base64.b64encode(unknown.value).decode()}
+    (got,) = as_tasks(taskctl(server, "get", "ctl-json-3", "--json"))
+    assert got["specification"] == opaque
+    listed = as_tasks(taskctl(server, "list", "--json"))
+    assert opaque in [task.get("specification") for task in listed]
+    table = taskctl(server, "get", "ctl-json-3")
+    assert table.returncode == 0, table.stderr
 
 
 def test_create_get_list_history_cancel_complete(server: ServerProcess) -> None:
