@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+)
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -529,8 +537,9 @@ class SyncOperatorClient:
         include_preexisting: bool = False,
         heartbeat_interval_ms: int = 0,
         rate_limit_ms: int = 0,
-    ) -> Iterator[pb.WatchTasksResponse]:
-        """As OperatorClient.watch; a blocking iterator."""
+    ) -> Generator[pb.WatchTasksResponse, None, None]:
+        """As OperatorClient.watch; a blocking iterator. Close it (or leave the loop that
+        exhausts it) before closing the client, e.g. with contextlib.closing."""
         events = self._client.watch(
             task_ids=task_ids,
             assignee_entity_ids=assignee_entity_ids,
@@ -541,12 +550,16 @@ class SyncOperatorClient:
             heartbeat_interval_ms=heartbeat_interval_ms,
             rate_limit_ms=rate_limit_ms,
         )
-        with self._portal.wrap_async_context_manager(_aclosing(events)) as opened:
+        pump = _WatchPump(events)
+        try:
             while True:
                 try:
-                    yield self._portal.call(opened.__anext__)
+                    response = self._portal.call(pump.next)
                 except StopAsyncIteration:
                     return
+                yield response
+        finally:  # also on Ctrl+C, wherever it lands: close() ends a pending read
+            self._portal.call(pump.close)
 
     @contextmanager
     def cancel_on_exit(self, task_id: str) -> Iterator[None]:
@@ -560,15 +573,35 @@ class SyncOperatorClient:
             raise
 
 
-@asynccontextmanager
-async def _aclosing(
-    events: AsyncGenerator[pb.WatchTasksResponse, None],
-) -> AsyncIterator[AsyncGenerator[pb.WatchTasksResponse, None]]:
-    # Closes the watch (and its stream) on the portal's loop when the caller stops.
-    try:
-        yield events
-    finally:
-        await events.aclose()
+class _WatchPump:
+    """Owns a watch generator on the portal's loop, for SyncOperatorClient.watch.
+
+    Closing cancels a read in progress first: Ctrl+C can land while a read is pending or
+    just being started, and a running generator cannot be closed.
+    """
+
+    def __init__(self, events: AsyncGenerator[pb.WatchTasksResponse, None]) -> None:
+        self._events = events
+        # Made on the loop, where they are used: the scope of the read in progress, and
+        # the event set when it has ended.
+        self._reading: anyio.CancelScope | None = None
+        self._idle: anyio.Event | None = None
+
+    async def next(self) -> pb.WatchTasksResponse:
+        self._idle = anyio.Event()
+        try:
+            with anyio.CancelScope() as self._reading:
+                return await self._events.__anext__()
+            raise StopAsyncIteration  # close() cancelled the read: the watch is over
+        finally:
+            self._idle.set()
+
+    async def close(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+        if self._idle is not None:
+            await self._idle.wait()
+        await self._events.aclose()
 
 
 async def _make_client(
