@@ -403,7 +403,11 @@ class SyncOperatorClient:
     ) -> None:
         self._portal_context = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_context.__enter__()
-        self._client: OperatorClient = self._portal.call(_make_client, target, author, auth)
+        try:
+            self._client: OperatorClient = self._portal.call(_make_client, target, author, auth)
+        except BaseException:  # a bad target or unreadable TLS files: no thread left behind
+            self._portal_context.__exit__(None, None, None)
+            raise
 
     def __enter__(self) -> SyncOperatorClient:
         return self

@@ -5,8 +5,11 @@ One function (agent_kit._grpc.target_with_port) serves the Agent, the operator c
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
+from agent_kit import Agent, OperatorClient, SyncOperatorClient, TaskContext
 from agent_kit._grpc import DEFAULT_PORT, target_with_port
 from task_manager.config import DEFAULT_LISTEN
 
@@ -38,3 +41,21 @@ def test_the_default_port_is_the_one_the_server_listens_on() -> None:
 def test_a_malformed_target_is_refused_with_what_was_wrong(typed: str) -> None:
     with pytest.raises(ValueError, match="malformed target"):
         target_with_port(typed)
+
+
+@pytest.mark.anyio
+async def test_the_agent_and_the_async_client_refuse_a_malformed_target() -> None:
+    async def handler(task: TaskContext) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="malformed target"):
+        await Agent("gateway:http", "drone-1", handler).run()
+    with pytest.raises(ValueError, match="malformed target"):
+        OperatorClient("gateway:http")
+
+
+def test_the_sync_client_refuses_a_malformed_target_and_leaves_no_thread() -> None:
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="malformed target"):
+        SyncOperatorClient("gateway:http")
+    assert threading.active_count() == before
