@@ -52,7 +52,17 @@ _EXIT_FOR_CODE = {
     grpc.StatusCode.DATA_LOSS: EXIT_UNEXPECTED,
 }
 TERMINAL = {pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK}
-COLUMNS = ("TASK_ID", "STATUS", "VERSION", "ASSIGNEE", "UPDATED", "PROGRESS", "NAME", "ERROR")
+COLUMNS = (
+    "TASK_ID",
+    "STATUS",
+    "VERSION",
+    "ASSIGNEE",
+    "UPDATED",
+    "PROGRESS",
+    "RESULT",
+    "NAME",
+    "ERROR",
+)
 HISTORY_COLUMNS = ("REVISION", "STATUS_VERSION", "STATUS", "TIME", "AUTHOR", "ERROR / REASON")
 
 
@@ -134,6 +144,7 @@ def row(task: pb.Task) -> tuple[str, ...]:
         principal_name(task.relations.assignee),
         clock_time(task.last_update_time),
         summary(task.status.progress),
+        summary(task.status.result),
         task.display_name,
         f"{pb.ErrorCode.Name(error.code).removeprefix('ERROR_CODE_')}: {error.message}"
         if task.status.HasField("task_error")
@@ -186,7 +197,10 @@ def policy_of(args: argparse.Namespace) -> TaskPolicy | None:
 
 
 def cmd_get(client: SyncOperatorClient, args: argparse.Namespace) -> int:
-    show_tasks([client.get_task(args.task_id, agent_view=args.agent_view)], args.json)
+    task = client.get_task(
+        args.task_id, agent_view=args.agent_view, definition_version=args.definition_version
+    )
+    show_tasks([task], args.json)
     return EXIT_OK
 
 
@@ -397,6 +411,13 @@ def _parser() -> argparse.ArgumentParser:
     get = command("get", cmd_get, "show one task")
     get.add_argument("task_id")
     get.add_argument("--agent-view", action="store_true", help="as its agent last reported it")
+    get.add_argument(
+        "--definition-version",
+        type=count,
+        default=0,
+        metavar="N",
+        help="an earlier definition (see taskctl update); the status is the current one",
+    )
     listing = command("list", cmd_list, "list tasks, oldest first")
     listing.add_argument("--parent", default="")
     filters = listing.add_mutually_exclusive_group()

@@ -107,6 +107,8 @@ STRING_RESULT = {
 
 def test_json_of_a_task_whose_result_is_a_string_value(server: ServerProcess, walker: str) -> None:
     done_by_walker(server, walker, "ctl-json-1")
+    header, line = taskctl(server, "get", "ctl-json-1").stdout.splitlines()
+    assert line[header.index("RESULT") :].startswith("done by walker")
     (got,) = as_tasks(taskctl(server, "get", "ctl-json-1", "--json"))
     assert got["status"]["result"] == STRING_RESULT  # type: ignore[index]
     listed = as_tasks(taskctl(server, "list", "--json"))
@@ -450,8 +452,24 @@ def test_update_gives_a_new_definition_and_a_stale_version_is_refused(
     assert stale.returncode == 6
     assert "ABORTED" in stale.stderr
     assert "definition_version 2, not 1" in stale.stderr
-    (latest,) = as_tasks(taskctl(server, "update", "ctl-update-1", "--description", "d", "--json"))
+    (latest,) = as_tasks(
+        taskctl(
+            server,
+            "update",
+            "ctl-update-1",
+            "--description",
+            "d",
+            "--spec",
+            'google.protobuf.StringValue="north"',
+            "--json",
+        )
+    )
     assert (latest["display_name"], latest["description"]) == ("b", "d")
+    assert latest["specification"]["value"] == "north"  # type: ignore[index]
+    (first,) = as_tasks(
+        taskctl(server, "get", "ctl-update-1", "--definition-version", "1", "--json")
+    )
+    assert (first["display_name"], first["version"]["definition_version"]) == ("a", 1)  # type: ignore[index]
     nothing = taskctl(server, "update", "ctl-update-1")
     assert nothing.returncode == 2
     assert "at least one of" in nothing.stderr
