@@ -6,8 +6,9 @@ The target defaults to TASK_MANAGER_TARGET or 127.0.0.1:50051 (a host alone mean
 50051). Exit codes: 0 done; 1 the waited-for task finished DONE_NOT_OK; 2 bad command
 line; 3 not found; 4 timed out; 5 server unavailable; 6 refused (invalid, conflict,
 finished task); 7 denied (no or bad credentials, or not allowed); 8 unexpected error
-(a bug: the message says what); 130 interrupted (Ctrl+C). Credentials: --token or
-TASK_MANAGER_TOKEN; TLS: --tls-ca (and --tls-cert/--tls-key for mutual TLS).
+(a bug: the message says what); 130 interrupted (Ctrl+C); 141 the reader of the output
+went away. Credentials: --token or TASK_MANAGER_TOKEN; TLS: --tls-ca (and
+--tls-cert/--tls-key for mutual TLS).
 """
 
 from __future__ import annotations
