@@ -64,7 +64,15 @@ COLUMNS = (
     "NAME",
     "ERROR",
 )
-HISTORY_COLUMNS = ("REVISION", "STATUS_VERSION", "STATUS", "TIME", "AUTHOR", "ERROR / REASON")
+HISTORY_COLUMNS = (
+    "REVISION",
+    "STATUS_VERSION",
+    "STATUS",
+    "TIME",
+    "AUTHOR",
+    "PROGRESS",
+    "ERROR / REASON",
+)
 
 
 def status_name(status: pb.Status.ValueType) -> str:
@@ -226,6 +234,7 @@ def cmd_history(client: SyncOperatorClient, args: argparse.Namespace) -> int:
             status_name(entry.status.status),
             clock_time(entry.time, "%Y-%m-%d %H:%M:%S"),
             principal_name(entry.author),
+            summary(entry.status.progress),
             entry.status.task_error.message or entry.reason,
         )
         for entry in entries
@@ -516,10 +525,11 @@ def execute(args: argparse.Namespace) -> int:
             code: int = args.run(client, args)
             return code
     except DefinitionConflict as conflict:
+        current = conflict.current_definition_version
         print(
             f"taskctl: ABORTED: task {conflict.task_id} is at definition_version "
-            f"{conflict.current_definition_version}, not {conflict.seen_definition_version}: "
-            "read it again (taskctl get) and decide anew",
+            f"{current if current is not None else 'a newer one'}, "
+            f"not {conflict.seen_definition_version}: read it again (taskctl get) and decide anew",
             file=sys.stderr,
         )
         return EXIT_REFUSED

@@ -116,6 +116,8 @@ def test_json_of_a_task_whose_result_is_a_string_value(server: ServerProcess, wa
     assert mine["status"]["result"] == STRING_RESULT  # type: ignore[index]
     history = as_tasks(taskctl(server, "history", "ctl-json-1", "--json"))
     assert history[-1]["status"]["result"] == STRING_RESULT  # type: ignore[index]
+    table = taskctl(server, "history", "ctl-json-1").stdout
+    assert "halfway" in table  # the progress report, in its own entry
     progress = {"@type": STRING_RESULT["@type"], "value": "halfway"}
     assert progress in [entry["status"].get("progress") for entry in history]  # type: ignore[attr-defined]
 
