@@ -370,12 +370,21 @@ def _redraw(latest: dict[str, pb.Task]) -> None:
     sys.stdout.flush()
 
 
-def _version() -> str:
-    try:
-        (distribution, *_) = metadata.packages_distributions()["agent_kit"]
-        return metadata.version(distribution)
-    except (KeyError, ValueError, metadata.PackageNotFoundError):
-        return "unknown (not installed)"
+class _PrintVersion(argparse.Action):
+    """--version, looked up only when asked for: scanning the installed distributions
+    costs every other command a noticeable pause."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=str(kwargs.get("help", "")))
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        try:  # the distribution holding this package, whatever it is named
+            (distribution, *_others) = metadata.packages_distributions()["agent_kit"]
+            version = metadata.version(distribution)
+        except (KeyError, ValueError, metadata.PackageNotFoundError):
+            version = "unknown (not installed)"
+        print(f"taskctl {version}")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -385,7 +394,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[-1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"taskctl {_version()}")
+    parser.add_argument("--version", action=_PrintVersion, help="print taskctl's version")
     parser.add_argument(
         "--target",
         default=os.environ.get("TASK_MANAGER_TARGET", "127.0.0.1:50051"),
