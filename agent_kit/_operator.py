@@ -92,6 +92,10 @@ class TaskPolicy:
         return cls(max_attempts=policy.max_attempts or None, **seconds)
 
 
+CURRENT_DEFINITION_VERSION_KEY = "x-current-definition-version"
+"""The trailer in which UpdateTask's ABORTED names the current definition_version."""
+
+
 class DefinitionConflict(grpc.aio.AioRpcError):
     """UpdateTask answered ABORTED: the task's definition moved on since the version the
     caller saw. Read the task again (current_definition_version) and decide anew."""
@@ -110,11 +114,10 @@ class DefinitionConflict(grpc.aio.AioRpcError):
         self.seen_definition_version = seen
         pairs: Iterable[tuple[str, str]] = error.trailing_metadata() or ()  # type: ignore[assignment]
         current = dict(pairs).get(CURRENT_DEFINITION_VERSION_KEY)
-        self.current_definition_version: int | None = int(current) if current else None
+        self.current_definition_version: int | None = (
+            int(current) if current and current.isdigit() else None
+        )
         """The task's definition_version now, from the server's trailer."""
-
-
-CURRENT_DEFINITION_VERSION_KEY = "x-current-definition-version"
 
 
 class OperatorClient:
