@@ -7,7 +7,7 @@ The target defaults to TASK_MANAGER_TARGET or 127.0.0.1:50051 (a host alone mean
 line; 3 not found; 4 timed out; 5 server unavailable; 6 refused (invalid, conflict,
 finished task); 7 denied (no or bad credentials, or not allowed); 8 unexpected error
 (a bug: the message says what); 130 interrupted (Ctrl+C); 141 the reader of the output
-went away. Credentials: --token or TASK_MANAGER_TOKEN; TLS: --tls-ca (and
+went away; 143 terminated (SIGTERM). Credentials: --token or TASK_MANAGER_TOKEN; TLS: --tls-ca (and
 --tls-cert/--tls-key for mutual TLS).
 """
 
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ EXIT_UNEXPECTED = 8
 scripts read as the task's outcome."""
 EXIT_INTERRUPTED = 130  # the shells' code for a command ended by SIGINT
 EXIT_BROKEN_PIPE = 141  # and by SIGPIPE
+EXIT_TERMINATED = 143  # and by SIGTERM
 _EXIT_FOR_CODE = {
     grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
     grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
@@ -310,7 +312,7 @@ def cmd_watch(client: SyncOperatorClient, args: argparse.Namespace) -> int:
     )
     if args.json:
         show = _json_lines
-    elif sys.stdout.isatty() and not args.lines:
+    elif sys.stdout.isatty() and os.environ.get("TERM") != "dumb" and not args.lines:
         show = _live_table
     else:
         show = _event_lines
@@ -516,7 +518,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_usage(parser, args)
+    # SIGTERM (`timeout 60 taskctl watch`, a service manager) unwinds like Ctrl+C: the
+    # terminal is restored and the connection closed.
+    signal.signal(signal.SIGTERM, _terminated)
     return execute(args)
+
+
+def _terminated(signal_number: int, frame: object) -> None:
+    raise SystemExit(EXIT_TERMINATED)
 
 
 def execute(args: argparse.Namespace) -> int:

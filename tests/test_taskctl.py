@@ -288,7 +288,10 @@ def test_a_token_from_the_flag_or_the_environment(tmp_path: Path) -> None:
 
 
 def taskctl_process(
-    server: ServerProcess, *args: str, stdout: int = subprocess.PIPE
+    server: ServerProcess,
+    *args: str,
+    stdout: int = subprocess.PIPE,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """taskctl running in the background; stdout a pipe unless given a file descriptor."""
     return subprocess.Popen(
@@ -297,7 +300,7 @@ def taskctl_process(
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO_ROOT,
-        env={**os.environ, "TASK_MANAGER_TARGET": server.address},
+        env={**os.environ, "TASK_MANAGER_TARGET": server.address, **(env or {})},
     )
 
 
@@ -338,22 +341,27 @@ def read_terminal(master: int, until: Callable[[bytes], bool], timeout: float = 
     return seen
 
 
+@pytest.mark.parametrize(("stop", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_the_live_table_redraws_on_the_alternate_screen_and_restores_it(
-    server: ServerProcess,
+    server: ServerProcess, stop: signal.Signals, exit_code: int
 ) -> None:
+    assignee = f"nobody-{stop.name}"  # no task yet: the watch starts empty
     master, terminal = pty.openpty()
-    watcher = taskctl_process(server, "watch", "--assignee", "nobody-here", stdout=terminal)
+    watcher = taskctl_process(
+        server, "watch", "--assignee", assignee, stdout=terminal, env={"TERM": "xterm"}
+    )
     os.close(terminal)
     try:
         shown = read_terminal(master, lambda seen: b"TASK_ID" in seen)
         # An empty watch shows its header, on the alternate screen: no scrollback filled.
         assert shown.startswith(taskctl_module.ALTERNATE_SCREEN.encode())
         assert b"STATUS" in shown
-        taskctl(server, "create", "--assignee", "nobody-here", "--task-id", "ctl-live-1")
-        shown += read_terminal(master, lambda seen: b"ctl-live-1" in seen)
+        task_id = f"ctl-live-{stop.name}"
+        taskctl(server, "create", "--assignee", assignee, "--task-id", task_id)
+        shown += read_terminal(master, lambda seen: task_id.encode() in seen)
         redraw = shown.rsplit(taskctl_module.HOME.encode(), 1)[1]
         assert redraw.endswith(taskctl_module.CLEAR_BELOW.encode())  # drawn in place
-        watcher.send_signal(signal.SIGINT)
+        watcher.send_signal(stop)
         shown += read_terminal(master, lambda seen: False)  # until it exits
         _, stderr = watcher.communicate(timeout=60)
     finally:
@@ -363,8 +371,8 @@ def test_the_live_table_redraws_on_the_alternate_screen_and_restores_it(
         os.close(master)
     restored = shown.rsplit(taskctl_module.NORMAL_SCREEN.encode(), 1)
     assert len(restored) == 2, shown
-    assert b"ctl-live-1" in restored[1]  # the last table stays on the normal screen
-    assert (watcher.returncode, stderr) == (130, "")
+    assert task_id.encode() in restored[1]  # the last table stays on the normal screen
+    assert (watcher.returncode, stderr) == (exit_code, "")
 
 
 def test_progress_shows_in_get_and_watch(server: ServerProcess, stuck_walker: str) -> None:
