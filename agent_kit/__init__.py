@@ -2,23 +2,33 @@
 
 - `Agent`: runs your async handler for each task sent to an agent entity; reports,
   versions, duplicates, cancellation and reconnects are handled for you.
-- `OperatorClient` (async) and `SyncOperatorClient`: create, query, cancel, complete.
+- `OperatorClient` (async) and `SyncOperatorClient`: create (with a `TaskPolicy`), query,
+  update, cancel, complete, watch, wait, and list agents.
 """
 
 from agent_kit._agent import Agent, AgentError, Handler, TaskContext
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import ClientAuth
-from agent_kit._operator import OperatorClient, SyncOperatorClient, WaitTimeout, assignee
+from agent_kit._operator import (
+    DefinitionConflict,
+    OperatorClient,
+    SyncOperatorClient,
+    TaskPolicy,
+    WaitTimeout,
+    assignee,
+)
 
 __all__ = [
     "Agent",
     "AgentError",
     "Backoff",
     "ClientAuth",
+    "DefinitionConflict",
     "Handler",
     "OperatorClient",
     "SyncOperatorClient",
     "TaskContext",
+    "TaskPolicy",
     "WaitTimeout",
     "assignee",
 ]

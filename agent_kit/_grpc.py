@@ -6,6 +6,7 @@ Keepalive settings let a client notice a dead server (and the server a dead clie
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,13 @@ if TYPE_CHECKING:
     AsyncStub = task_manager_pb2_grpc.TaskManagerAsyncStub
 else:
     AsyncStub = task_manager_pb2_grpc.TaskManagerStub
+
+DEFAULT_PORT = 50051
+"""The Task Manager's port when a target names only the host."""
+
+# Targets gRPC reads as URIs (dns:///host:port, unix:/path, ...): passed on as they are.
+_URI_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+_BRACKETED = re.compile(r"\[(?P<host>[^\]]+)\](?::(?P<port>[^:]*))?")
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -88,7 +96,35 @@ class ClientAuth:
         )
 
 
+def target_with_port(target: str) -> str:
+    """HOST, HOST:PORT, [IPV6] or [IPV6]:PORT as gRPC wants it: DEFAULT_PORT when none is
+    given. A bare IPv6 literal (::1) is bracketed. Raises ValueError for a malformed one."""
+    if target.startswith(_URI_SCHEMES):
+        return target
+    malformed = f"malformed target {target!r}: expected HOST[:PORT] or [IPV6][:PORT]"
+    bracketed = _BRACKETED.fullmatch(target)
+    port: str | None
+    if bracketed:
+        host, port = f"[{bracketed['host']}]", bracketed["port"]
+    elif "[" in target or "]" in target:
+        raise ValueError(malformed)
+    elif target.count(":") > 1:  # an IPv6 literal without brackets cannot carry a port
+        host, port = f"[{target}]", None
+    else:
+        host, colon, port = target.partition(":")
+        port = port if colon else None
+    if not host:
+        raise ValueError(malformed)
+    if port is None:
+        return f"{host}:{DEFAULT_PORT}"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"malformed target {target!r}: the port must be 1-65535")
+    return f"{host}:{int(port)}"
+
+
 def open_channel(target: str, auth: ClientAuth) -> grpc.aio.Channel:
+    """A channel to target (see target_with_port for the forms it may take)."""
+    target = target_with_port(target)
     if auth.uses_tls:
         return grpc.aio.secure_channel(target, auth.channel_credentials(), options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)

@@ -1,4 +1,4 @@
-"""The operator client: create, get, query, cancel, complete, history.
+"""The operator client: create, get, query, update, cancel, complete, history, agents.
 
 Async first (`OperatorClient`); `SyncOperatorClient` runs the same client in a
 background event loop for scripts.
@@ -7,11 +7,22 @@ background event loop for scripts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+import math
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+)
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, fields
 from datetime import datetime
+from functools import partial
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -32,6 +43,81 @@ TERMINAL = frozenset({pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK})
 def assignee(entity_id: str) -> pb.Principal:
     """The principal of the agent with this entity id."""
     return pb.Principal(system=pb.System(entity_id=entity_id))
+
+
+@dataclass(frozen=True)
+class TaskPolicy:
+    """How long the task manager waits on the agent, and how often it tries again.
+
+    Times are in seconds. A field left None takes the server's default
+    (`task-manager serve --receipt-timeout ...`); a timeout of 0 is no timeout.
+    """
+
+    receipt_timeout: float | None = None
+    """From SENT until the agent's first status update."""
+    heartbeat_timeout: float | None = None
+    """The longest gap between the agent's updates once it has the task."""
+    execution_timeout: float | None = None
+    """The longest one attempt may take."""
+    max_attempts: int | None = None
+    """Attempts in all."""
+    retry_backoff: float | None = None
+    """Wait before attempt n + 1: retry_backoff * 2^(n - 1) ..."""
+    max_retry_backoff: float | None = None
+    """... at most this long."""
+
+    def to_proto(self) -> pb.TaskPolicy:
+        """The wire message. Raises ValueError for a negative or non-finite value."""
+        policy = pb.TaskPolicy()
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"policy {field.name} must be a number >= 0, not {value!r}")
+            if field.name == "max_attempts":
+                policy.max_attempts = value
+            else:
+                getattr(policy, field.name).FromNanoseconds(round(value * 1e9))
+        return policy
+
+    @classmethod
+    def from_proto(cls, policy: pb.TaskPolicy) -> TaskPolicy:
+        """The policy a task carries (Task.policy), in seconds."""
+        seconds = {
+            field.name: value.ToNanoseconds() / 1e9
+            for field, value in policy.ListFields()
+            if field.name != "max_attempts"
+        }
+        return cls(max_attempts=policy.max_attempts or None, **seconds)
+
+
+CURRENT_DEFINITION_VERSION_KEY = "x-current-definition-version"
+"""The trailer in which UpdateTask's ABORTED names the current definition_version."""
+
+
+class DefinitionConflict(grpc.aio.AioRpcError):
+    """UpdateTask answered ABORTED: the task's definition moved on since the version the
+    caller saw. Read the task again (current_definition_version) and decide anew."""
+
+    def __init__(self, error: grpc.aio.AioRpcError, task_id: str, seen: int) -> None:
+        # grpc-stubs types trailing metadata as tuples; at run time it is the
+        # grpc.aio.Metadata this constructor takes.
+        super().__init__(
+            error.code(),
+            error.initial_metadata(),
+            error.trailing_metadata(),  # type: ignore[arg-type]
+            error.details(),
+            error.debug_error_string(),
+        )
+        self.task_id = task_id
+        self.seen_definition_version = seen
+        pairs: Iterable[tuple[str, str]] = error.trailing_metadata() or ()  # type: ignore[assignment]
+        current = dict(pairs).get(CURRENT_DEFINITION_VERSION_KEY)
+        self.current_definition_version: int | None = (
+            int(current) if current and current.isdigit() else None
+        )
+        """The task's definition_version now, from the server's trailer."""
 
 
 class OperatorClient:
@@ -68,14 +154,22 @@ class OperatorClient:
         self,
         *,
         assignee_entity_id: str | None = None,
+        assignee_pool: str | None = None,
         specification: Message | None = None,
         display_name: str = "",
         description: str = "",
         task_id: str = "",
         parent_task_id: str = "",
         is_executed_elsewhere: bool = False,
+        policy: TaskPolicy | None = None,
+        scheduled_time: datetime | None = None,
     ) -> pb.Task:
-        """Creates a task; with an assignee it is sent to that agent at once."""
+        """Creates a task, sent at once to its assignee: the agent assignee_entity_id, or
+        one member at a time of the pool assignee_pool. A task with neither is never sent
+        (unless is_executed_elsewhere, it just records work). A scheduled_time (timezone-
+        aware) in the future holds it at SCHEDULED_IN_MANAGER until then. Raises
+        ValueError for arguments that cannot be sent; the server's refusals as
+        grpc.aio.AioRpcError."""
         request = pb.CreateTaskRequest(
             display_name=display_name,
             description=description,
@@ -83,13 +177,56 @@ class OperatorClient:
             is_executed_elsewhere=is_executed_elsewhere,
             relations=pb.Relations(parent_task_id=parent_task_id),
         )
+        if assignee_entity_id is not None and assignee_pool is not None:
+            raise ValueError("a task has one assignee: an agent or a pool, not both")
         if assignee_entity_id is not None:
             request.relations.assignee.CopyFrom(assignee(assignee_entity_id))
+        if assignee_pool is not None:
+            request.relations.assignee.team.entity_id = assignee_pool
+        if specification is not None:
+            request.specification.CopyFrom(_packed(specification))
+        if policy is not None:
+            request.policy.CopyFrom(policy.to_proto())
+        if scheduled_time is not None:
+            request.scheduled_time.FromDatetime(_aware(scheduled_time, "scheduled_time"))
+        if self.author is not None:
+            request.author.CopyFrom(self.author)
+        return (await self._stub.CreateTask(request)).task
+
+    async def update_task(
+        self,
+        task_id: str,
+        *,
+        definition_version: int,
+        display_name: str | None = None,
+        description: str | None = None,
+        specification: Message | None = None,
+    ) -> pb.Task:
+        """A new definition of a task that has not ended; the fields left None keep their
+        value. definition_version is the one the caller saw (Task.version): if the task
+        moved on, raises DefinitionConflict (ABORTED) and changes nothing. A task already
+        with its agent is sent to it again with the new definition."""
+        request = pb.UpdateTaskRequest(task_id=task_id, definition_version=definition_version)
+        if display_name is not None:
+            request.display_name = display_name
+        if description is not None:
+            request.description = description
         if specification is not None:
             request.specification.CopyFrom(_packed(specification))
         if self.author is not None:
             request.author.CopyFrom(self.author)
-        return (await self._stub.CreateTask(request)).task
+        try:
+            return (await self._stub.UpdateTask(request)).task
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.ABORTED:
+                raise DefinitionConflict(error, task_id, definition_version) from None
+            raise
+
+    async def list_agents(self, entity_ids: Iterable[str] = ()) -> list[pb.AgentPresence]:
+        """Every agent that ever listened (or only these), by entity id: whether it is
+        connected, its open streams, when it was last seen, its tasks in flight."""
+        request = pb.ListAgentsRequest(entity_ids=list(entity_ids))
+        return list((await self._stub.ListAgents(request)).agents)
 
     async def get_task(
         self, task_id: str, *, agent_view: bool = False, definition_version: int = 0
@@ -269,55 +406,167 @@ class SyncOperatorClient:
     ) -> None:
         self._portal_context = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_context.__enter__()
-        self._client: OperatorClient = self._portal.call(_make_client, target, author, auth)
+        try:
+            self._client: OperatorClient = self._portal.call(_make_client, target, author, auth)
+        except BaseException:  # a bad target or unreadable TLS files: no thread left behind
+            self._portal_context.__exit__(None, None, None)
+            raise
 
     def __enter__(self) -> SyncOperatorClient:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.close()
 
     def close(self) -> None:
         self._portal.call(self._client.close)
         self._portal_context.__exit__(None, None, None)
 
-    def create_task(self, **fields: Any) -> pb.Task:
-        """Same arguments as OperatorClient.create_task."""
-        return self._portal.call(lambda: self._client.create_task(**fields))
+    def _call(self, method: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Runs one OperatorClient method on the portal's loop, type-checked against it."""
+        return self._portal.call(partial(method, *args, **kwargs))
 
-    def get_task(self, task_id: str, **options: Any) -> pb.Task:
-        return self._portal.call(lambda: self._client.get_task(task_id, **options))
+    def create_task(
+        self,
+        *,
+        assignee_entity_id: str | None = None,
+        assignee_pool: str | None = None,
+        specification: Message | None = None,
+        display_name: str = "",
+        description: str = "",
+        task_id: str = "",
+        parent_task_id: str = "",
+        is_executed_elsewhere: bool = False,
+        policy: TaskPolicy | None = None,
+        scheduled_time: datetime | None = None,
+    ) -> pb.Task:
+        """As OperatorClient.create_task."""
+        return self._call(
+            self._client.create_task,
+            assignee_entity_id=assignee_entity_id,
+            assignee_pool=assignee_pool,
+            specification=specification,
+            display_name=display_name,
+            description=description,
+            task_id=task_id,
+            parent_task_id=parent_task_id,
+            is_executed_elsewhere=is_executed_elsewhere,
+            policy=policy,
+            scheduled_time=scheduled_time,
+        )
 
-    def query_tasks(self, **filters: Any) -> list[pb.Task]:
-        """Every matching task (all pages), oldest first."""
+    def get_task(
+        self, task_id: str, *, agent_view: bool = False, definition_version: int = 0
+    ) -> pb.Task:
+        """As OperatorClient.get_task."""
+        return self._call(
+            self._client.get_task,
+            task_id,
+            agent_view=agent_view,
+            definition_version=definition_version,
+        )
+
+    def query_tasks(
+        self,
+        *,
+        parent_task_id: str = "",
+        statuses: Iterable[pb.Status.ValueType] = (),
+        exclude_statuses: bool = False,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+        agent_view: bool = False,
+        page_size: int = 100,
+    ) -> list[pb.Task]:
+        """Every matching task (all pages), oldest first; as OperatorClient.query_tasks."""
 
         async def collect() -> list[pb.Task]:
-            return [task async for task in self._client.query_tasks(**filters)]
+            tasks = self._client.query_tasks(
+                parent_task_id=parent_task_id,
+                statuses=statuses,
+                exclude_statuses=exclude_statuses,
+                updated_after=updated_after,
+                updated_before=updated_before,
+                agent_view=agent_view,
+                page_size=page_size,
+            )
+            return [task async for task in tasks]
 
         return self._portal.call(collect)
 
+    def update_task(
+        self,
+        task_id: str,
+        *,
+        definition_version: int,
+        display_name: str | None = None,
+        description: str | None = None,
+        specification: Message | None = None,
+    ) -> pb.Task:
+        """As OperatorClient.update_task (DefinitionConflict on ABORTED)."""
+        return self._call(
+            self._client.update_task,
+            task_id,
+            definition_version=definition_version,
+            display_name=display_name,
+            description=description,
+            specification=specification,
+        )
+
+    def list_agents(self, entity_ids: Iterable[str] = ()) -> list[pb.AgentPresence]:
+        """As OperatorClient.list_agents."""
+        return self._call(self._client.list_agents, entity_ids)
+
     def cancel_task(self, task_id: str, reason: str = "") -> pb.Task:
-        return self._portal.call(self._client.cancel_task, task_id, reason)
+        return self._call(self._client.cancel_task, task_id, reason)
 
     def complete_task(self, task_id: str, reason: str = "") -> pb.Task:
-        return self._portal.call(self._client.complete_task, task_id, reason)
+        return self._call(self._client.complete_task, task_id, reason)
 
     def history(self, task_id: str) -> list[pb.TaskHistoryEntry]:
-        return self._portal.call(self._client.history, task_id)
+        return self._call(self._client.history, task_id)
 
     def wait(self, task_id: str, timeout: float | None = None) -> pb.Task:
-        return self._portal.call(self._client.wait, task_id, timeout)
+        return self._call(self._client.wait, task_id, timeout)
 
-    def watch(self, **options: Any) -> Iterator[pb.WatchTasksResponse]:
-        """Same arguments as OperatorClient.watch; a blocking iterator."""
-        with self._portal.wrap_async_context_manager(
-            _aclosing(self._client.watch(**options))
-        ) as events:
+    def watch(
+        self,
+        *,
+        task_ids: Iterable[str] = (),
+        assignee_entity_ids: Iterable[str] = (),
+        statuses: Iterable[pb.Status.ValueType] = (),
+        parent_task_id: str = "",
+        start_revision: int = 0,
+        include_preexisting: bool = False,
+        heartbeat_interval_ms: int = 0,
+        rate_limit_ms: int = 0,
+    ) -> Generator[pb.WatchTasksResponse, None, None]:
+        """As OperatorClient.watch; a blocking iterator. Close it (or leave the loop that
+        exhausts it) before closing the client, e.g. with contextlib.closing."""
+        events = self._client.watch(
+            task_ids=task_ids,
+            assignee_entity_ids=assignee_entity_ids,
+            statuses=statuses,
+            parent_task_id=parent_task_id,
+            start_revision=start_revision,
+            include_preexisting=include_preexisting,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            rate_limit_ms=rate_limit_ms,
+        )
+        pump = _WatchPump(events)
+        try:
             while True:
                 try:
-                    yield self._portal.call(events.__anext__)
+                    response = self._portal.call(pump.next)
                 except StopAsyncIteration:
                     return
+                yield response
+        finally:  # also on Ctrl+C, wherever it lands: close() ends a pending read
+            self._portal.call(pump.close)
 
     @contextmanager
     def cancel_on_exit(self, task_id: str) -> Iterator[None]:
@@ -331,15 +580,35 @@ class SyncOperatorClient:
             raise
 
 
-@asynccontextmanager
-async def _aclosing(
-    events: AsyncGenerator[pb.WatchTasksResponse, None],
-) -> AsyncIterator[AsyncGenerator[pb.WatchTasksResponse, None]]:
-    # Closes the watch (and its stream) on the portal's loop when the caller stops.
-    try:
-        yield events
-    finally:
-        await events.aclose()
+class _WatchPump:
+    """Owns a watch generator on the portal's loop, for SyncOperatorClient.watch.
+
+    Closing cancels a read in progress first: Ctrl+C can land while a read is pending or
+    just being started, and a running generator cannot be closed.
+    """
+
+    def __init__(self, events: AsyncGenerator[pb.WatchTasksResponse, None]) -> None:
+        self._events = events
+        # Made on the loop, where they are used: the scope of the read in progress, and
+        # the event set when it has ended.
+        self._reading: anyio.CancelScope | None = None
+        self._idle: anyio.Event | None = None
+
+    async def next(self) -> pb.WatchTasksResponse:
+        self._idle = anyio.Event()
+        try:
+            with anyio.CancelScope() as self._reading:
+                return await self._events.__anext__()
+            raise StopAsyncIteration  # close() cancelled the read: the watch is over
+        finally:
+            self._idle.set()
+
+    async def close(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+        if self._idle is not None:
+            await self._idle.wait()
+        await self._events.aclose()
 
 
 async def _make_client(
@@ -347,6 +616,13 @@ async def _make_client(
 ) -> OperatorClient:
     # The channel must be created on the portal's event loop, where it will be used.
     return OperatorClient(target, author=author, auth=auth)
+
+
+def _aware(moment: datetime, name: str) -> datetime:
+    # A naive datetime could be UTC or local time: refused rather than guessed.
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (say datetime.now(UTC) + ...)")
+    return moment
 
 
 def _packed(specification: Message) -> any_pb2.Any:

@@ -1,42 +1,80 @@
 """`taskctl`: the Task Manager from the command line.
 
-    taskctl [--target HOST:PORT] create|get|list|history|cancel|complete|watch|wait ...
+    taskctl [--target HOST[:PORT]] create|get|list|history|update|cancel|complete|watch|wait|agents
 
-The target defaults to TASK_MANAGER_TARGET or 127.0.0.1:50051. Exit codes: 0 done;
-1 the waited-for task finished DONE_NOT_OK; 2 bad command line; 3 not found;
-4 timed out; 5 server unavailable; 6 refused (invalid, conflict, finished task);
-7 denied (no or bad credentials, or not allowed). Credentials: --token or
-TASK_MANAGER_TOKEN; TLS: --tls-ca (and --tls-cert/--tls-key for mutual TLS).
+The target defaults to TASK_MANAGER_TARGET or 127.0.0.1:50051 (a host alone means port
+50051). Exit codes: 0 done; 1 the waited-for task finished DONE_NOT_OK; 2 bad command
+line; 3 not found; 4 timed out; 5 server unavailable; 6 refused (invalid, conflict,
+finished task); 7 denied (no or bad credentials, or not allowed); 8 unexpected error
+(a bug: the message says what); 130 interrupted (Ctrl+C); 141 the reader of the output
+went away; 143 terminated (SIGTERM). Credentials: --token or TASK_MANAGER_TOKEN; TLS: --tls-ca (and
+--tls-cert/--tls-key for mutual TLS).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import shutil
+import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import any_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent_kit._grpc import ClientAuth
-from agent_kit._operator import SyncOperatorClient, WaitTimeout
+from agent_kit._grpc import ClientAuth, target_with_port
+from agent_kit._json import parse_any, summary, to_json
+from agent_kit._operator import DefinitionConflict, SyncOperatorClient, TaskPolicy, WaitTimeout
 from task_manager.v1 import task_manager_pb2 as pb
 
 EXIT_OK, EXIT_NOT_OK, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_UNAVAILABLE, EXIT_REFUSED = 5, 6
 EXIT_DENIED = 7
+EXIT_UNEXPECTED = 8
+"""taskctl or the server failed in a way no command line explains: never 1, which
+scripts read as the task's outcome."""
+EXIT_INTERRUPTED = 130  # the shells' code for a command ended by SIGINT
+EXIT_BROKEN_PIPE = 141  # and by SIGPIPE
+EXIT_TERMINATED = 143  # and by SIGTERM
 _EXIT_FOR_CODE = {
     grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
     grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
     grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
     grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_TIMEOUT,
     grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.INTERNAL: EXIT_UNEXPECTED,
+    grpc.StatusCode.UNKNOWN: EXIT_UNEXPECTED,
+    grpc.StatusCode.DATA_LOSS: EXIT_UNEXPECTED,
 }
 TERMINAL = {pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK}
-COLUMNS = ("TASK_ID", "STATUS", "VERSION", "ASSIGNEE", "UPDATED", "NAME", "ERROR")
+COLUMNS = (
+    "TASK_ID",
+    "STATUS",
+    "VERSION",
+    "ASSIGNEE",
+    "UPDATED",
+    "PROGRESS",
+    "RESULT",
+    "NAME",
+    "ERROR",
+)
+HISTORY_COLUMNS = (
+    "REVISION",
+    "STATUS_VERSION",
+    "STATUS",
+    "TIME",
+    "AUTHOR",
+    "PROGRESS",
+    "ERROR / REASON",
+)
 
 
 def status_name(status: pb.Status.ValueType) -> str:
@@ -53,25 +91,71 @@ def parse_status(text: str) -> pb.Status.ValueType:
         raise argparse.ArgumentTypeError(f"unknown status {text!r} (one of {known})") from None
 
 
+def seconds(text: str) -> float:
+    """A duration in seconds on the command line: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number >= 0 on the command line (a revision, a number of events)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def moment(text: str) -> datetime:
+    """An ISO 8601 time; one without an offset is local time, as `date` shows it."""
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time (say 2026-12-01T18:30:00+00:00)"
+        ) from None
+    return parsed if parsed.tzinfo is not None else parsed.astimezone()
+
+
+def specification(text: str) -> any_pb2.Any:
+    """TYPE=JSON: a message of a type taskctl knows (the well-known types), packed."""
+    type_name, equals, json_text = text.partition("=")
+    if not equals or not type_name:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not TYPE=JSON (say google.protobuf.StringValue='\"north\"')"
+        )
+    try:
+        return parse_any(type_name.strip(), json_text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def principal_name(principal: pb.Principal) -> str:
     system = principal.system
     name = system.entity_id or system.service_name
     return name or principal.team.entity_id or principal.user.user_id or "-"
 
 
+def clock_time(timestamp: Timestamp, form: str = "%H:%M:%S") -> str:
+    """A stored time in the local time zone; empty if unset."""
+    if not timestamp.seconds and not timestamp.nanos:
+        return ""
+    return timestamp.ToDatetime(UTC).astimezone().strftime(form)
+
+
 def row(task: pb.Task) -> tuple[str, ...]:
-    updated = (
-        task.last_update_time.ToDatetime().strftime("%H:%M:%S")
-        if task.HasField("last_update_time")
-        else ""
-    )
     error = task.status.task_error
     return (
         task.version.task_id,
         status_name(task.status.status),
         f"d{task.version.definition_version}/s{task.version.status_version}",
         principal_name(task.relations.assignee),
-        updated,
+        clock_time(task.last_update_time),
+        summary(task.status.progress),
+        summary(task.status.result),
         task.display_name,
         f"{pb.ErrorCode.Name(error.code).removeprefix('ERROR_CODE_')}: {error.message}"
         if task.status.HasField("task_error")
@@ -87,13 +171,9 @@ def table(rows: Iterable[Sequence[str]], header: Sequence[str] = COLUMNS) -> str
     )
 
 
-def as_json(message: pb.Task | pb.TaskHistoryEntry) -> dict[str, object]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
-
-
 def show_tasks(tasks: Sequence[pb.Task], json_out: bool) -> None:
     if json_out:
-        print(json.dumps([as_json(t) for t in tasks], indent=2))
+        print(json.dumps([to_json(t) for t in tasks], indent=2))
     else:
         print(table(row(t) for t in tasks))
 
@@ -101,18 +181,37 @@ def show_tasks(tasks: Sequence[pb.Task], json_out: bool) -> None:
 def cmd_create(client: SyncOperatorClient, args: argparse.Namespace) -> int:
     task = client.create_task(
         assignee_entity_id=args.assignee,
+        assignee_pool=args.pool,
+        specification=args.spec,
         display_name=args.name,
         description=args.description,
         task_id=args.task_id,
         parent_task_id=args.parent,
         is_executed_elsewhere=args.executed_elsewhere,
+        policy=policy_of(args),
+        scheduled_time=args.scheduled_time,
     )
     show_tasks([task], args.json)
     return EXIT_OK
 
 
+def policy_of(args: argparse.Namespace) -> TaskPolicy | None:
+    policy = TaskPolicy(
+        receipt_timeout=args.receipt_timeout,
+        heartbeat_timeout=args.heartbeat_timeout,
+        execution_timeout=args.execution_timeout,
+        max_attempts=args.max_attempts,
+        retry_backoff=args.retry_backoff,
+        max_retry_backoff=args.max_retry_backoff,
+    )
+    return None if policy == TaskPolicy() else policy
+
+
 def cmd_get(client: SyncOperatorClient, args: argparse.Namespace) -> int:
-    show_tasks([client.get_task(args.task_id, agent_view=args.agent_view)], args.json)
+    task = client.get_task(
+        args.task_id, agent_view=args.agent_view, definition_version=args.definition_version
+    )
+    show_tasks([task], args.json)
     return EXIT_OK
 
 
@@ -128,25 +227,36 @@ def cmd_list(client: SyncOperatorClient, args: argparse.Namespace) -> int:
 def cmd_history(client: SyncOperatorClient, args: argparse.Namespace) -> int:
     entries = client.history(args.task_id)
     if args.json:
-        print(json.dumps([as_json(e) for e in entries], indent=2))
+        print(json.dumps([to_json(e) for e in entries], indent=2))
         return EXIT_OK
-    header = ("REVISION", "STATUS_VERSION", "STATUS", "TIME", "AUTHOR", "ERROR / REASON")
-    lines = []
-    for entry in entries:
-        author = principal_name(entry.author)
-        note = entry.status.task_error.message or entry.reason
-        time = entry.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        lines.append(
-            (
-                str(entry.revision),
-                str(entry.status_version),
-                status_name(entry.status.status),
-                time,
-                author,
-                note,
-            )
+    lines = [
+        (
+            str(entry.revision),
+            str(entry.status_version),
+            status_name(entry.status.status),
+            clock_time(entry.time, "%Y-%m-%d %H:%M:%S"),
+            principal_name(entry.author),
+            summary(entry.status.progress),
+            entry.status.task_error.message or entry.reason,
         )
-    print(table(lines, header))
+        for entry in entries
+    ]
+    print(table(lines, HISTORY_COLUMNS))
+    return EXIT_OK
+
+
+def cmd_update(client: SyncOperatorClient, args: argparse.Namespace) -> int:
+    seen = args.definition_version
+    if seen is None:  # no guard given: the definition as it is now
+        seen = client.get_task(args.task_id).version.definition_version
+    task = client.update_task(
+        args.task_id,
+        definition_version=seen,
+        display_name=args.name,
+        description=args.description,
+        specification=args.spec,
+    )
+    show_tasks([task], args.json)
     return EXIT_OK
 
 
@@ -170,9 +280,28 @@ def cmd_wait(client: SyncOperatorClient, args: argparse.Namespace) -> int:
     return EXIT_OK if task.status.status == pb.STATUS_DONE_OK else EXIT_NOT_OK
 
 
+AGENT_COLUMNS: tuple[tuple[str, Callable[[pb.AgentPresence], str]], ...] = (
+    ("ENTITY_ID", lambda agent: agent.entity_id),
+    ("STATE", lambda agent: pb.AgentState.Name(agent.state).removeprefix("AGENT_STATE_")),
+    ("STREAMS", lambda agent: str(agent.streams_open)),
+    ("FIRST_SEEN", lambda agent: clock_time(agent.first_seen, "%Y-%m-%d %H:%M:%S")),
+    ("LAST_SEEN", lambda agent: clock_time(agent.last_seen, "%Y-%m-%d %H:%M:%S")),
+    ("IN_FLIGHT", lambda agent: str(agent.tasks_in_flight)),
+)
+"""`taskctl agents`, one (header, cell) pair per column: a new field is one line here."""
+
+
+def cmd_agents(client: SyncOperatorClient, args: argparse.Namespace) -> int:
+    agents = client.list_agents(args.entity_id)
+    if args.json:
+        print(json.dumps([to_json(a) for a in agents], indent=2))
+    else:
+        header = [name for name, _ in AGENT_COLUMNS]
+        print(table(([cell(a) for _, cell in AGENT_COLUMNS] for a in agents), header))
+    return EXIT_OK
+
+
 def cmd_watch(client: SyncOperatorClient, args: argparse.Namespace) -> int:
-    live_table = sys.stdout.isatty() and not args.lines
-    latest: dict[str, pb.Task] = {}
     events = client.watch(
         task_ids=args.task_id,
         assignee_entity_ids=args.assignee,
@@ -181,16 +310,83 @@ def cmd_watch(client: SyncOperatorClient, args: argparse.Namespace) -> int:
         start_revision=args.from_revision,
         include_preexisting=args.from_revision == 0,
     )
-    for count, response in enumerate(events, start=1):
-        task = response.event.task
-        latest[task.version.task_id] = task
-        if live_table:  # redraw in place: the current state of every task seen
-            print("\x1b[H\x1b[2J" + table(row(t) for t in latest.values()), flush=True)
-        else:
-            print(f"{response.revision}  " + "  ".join(row(task)).rstrip(), flush=True)
-        if args.max_events and count >= args.max_events:
-            break
+    if args.json:
+        show = _json_lines
+    elif sys.stdout.isatty() and os.environ.get("TERM") != "dumb" and not args.lines:
+        show = _live_table
+    else:
+        show = _event_lines
+    # closing(): the watch ends here, on Ctrl+C too, while the client is still open.
+    with contextlib.closing(events):
+        show(_first(events, args.max_events))
     return EXIT_OK
+
+
+def _first(events: Iterator[pb.WatchTasksResponse], limit: int) -> Iterator[pb.WatchTasksResponse]:
+    for seen, response in enumerate(events, start=1):
+        yield response
+        if limit and seen >= limit:
+            return
+
+
+def _json_lines(events: Iterable[pb.WatchTasksResponse]) -> None:
+    # One object a line, flushed: a script reads each event as it comes.
+    for response in events:
+        print(json.dumps(to_json(response), separators=(",", ":")), flush=True)
+
+
+def _event_lines(events: Iterable[pb.WatchTasksResponse]) -> None:
+    print(table([], ("REVISION", *COLUMNS)).rstrip(), flush=True)
+    for response in events:
+        print(f"{response.revision}  " + "  ".join(row(response.event.task)).rstrip(), flush=True)
+
+
+ALTERNATE_SCREEN, NORMAL_SCREEN = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l"
+HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
+
+
+def _live_table(events: Iterable[pb.WatchTasksResponse]) -> None:
+    """The current state of every task seen, redrawn in place on the terminal's
+    alternate screen (so the scrollback keeps what was there); on exit, Ctrl+C too, the
+    screen is restored and the last table printed once."""
+    latest: dict[str, pb.Task] = {}
+    sys.stdout.write(ALTERNATE_SCREEN)
+    try:
+        _redraw(latest)
+        for response in events:
+            task = response.event.task
+            latest[task.version.task_id] = task
+            _redraw(latest)
+    finally:
+        sys.stdout.write(NORMAL_SCREEN)
+        print(table(row(t) for t in latest.values()), flush=True)
+
+
+def _redraw(latest: dict[str, pb.Task]) -> None:
+    rows = [row(t) for t in latest.values()]
+    room = max(shutil.get_terminal_size().lines - 2, 1)
+    lines = table(rows[:room]).splitlines()
+    if len(rows) > room:
+        lines.append(f"... and {len(rows) - room} more (taskctl list shows them all)")
+    sys.stdout.write(HOME + "".join(line + CLEAR_LINE + "\n" for line in lines) + CLEAR_BELOW)
+    sys.stdout.flush()
+
+
+class _PrintVersion(argparse.Action):
+    """--version, looked up only when asked for: scanning the installed distributions
+    costs every other command a noticeable pause."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=str(kwargs.get("help", "")))
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        try:  # the distribution holding this package, whatever it is named
+            (distribution, *_others) = metadata.packages_distributions()["agent_kit"]
+            version = metadata.version(distribution)
+        except (KeyError, ValueError, metadata.PackageNotFoundError):
+            version = "unknown (not installed)"
+        print(f"taskctl {version}")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -200,10 +396,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[-1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_PrintVersion, help="print taskctl's version")
     parser.add_argument(
         "--target",
         default=os.environ.get("TASK_MANAGER_TARGET", "127.0.0.1:50051"),
-        help="HOST:PORT of the Task Manager (env TASK_MANAGER_TARGET)",
+        help="HOST[:PORT] of the Task Manager, port 50051 if left out (env TASK_MANAGER_TARGET)",
     )
     env = ClientAuth.from_env()
     parser.add_argument("--token", default=env.token, help="bearer token (env TASK_MANAGER_TOKEN)")
@@ -226,21 +423,22 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(run=run)
         sub.add_argument("--json", action="store_true", help="print JSON")
         return sub
 
-    create = command("create", cmd_create, "create a task (sent at once to its assignee)")
-    create.add_argument("--assignee", help="the agent's entity id")
-    create.add_argument("--name", default="", help="display name")
-    create.add_argument("--description", default="")
-    create.add_argument("--task-id", default="", help="your own id (default: a UUID)")
-    create.add_argument("--parent", default="", help="parent task id")
-    create.add_argument("--executed-elsewhere", action="store_true")
+    _create_parser(command("create", cmd_create, "create a task (sent at once to its assignee)"))
     get = command("get", cmd_get, "show one task")
     get.add_argument("task_id")
     get.add_argument("--agent-view", action="store_true", help="as its agent last reported it")
+    get.add_argument(
+        "--definition-version",
+        type=count,
+        default=0,
+        metavar="N",
+        help="an earlier definition (see taskctl update); the status is the current one",
+    )
     listing = command("list", cmd_list, "list tasks, oldest first")
     listing.add_argument("--parent", default="")
     filters = listing.add_mutually_exclusive_group()
@@ -248,6 +446,18 @@ def _parser() -> argparse.ArgumentParser:
     filters.add_argument("--exclude-status", type=parse_status, action="append")
     history = command("history", cmd_history, "every accepted change of a task")
     history.add_argument("task_id")
+    update = command("update", cmd_update, "give a task that has not ended a new definition")
+    update.add_argument("task_id")
+    update.add_argument("--name", help="new display name")
+    update.add_argument("--description", help="new description")
+    update.add_argument("--spec", type=specification, metavar="TYPE=JSON", help="new specification")
+    update.add_argument(
+        "--definition-version",
+        type=count,
+        metavar="N",
+        help="the definition version you saw: refused (exit 6) if the task moved on "
+        "(default: the current one)",
+    )
     for name, run in (("cancel", cmd_cancel), ("complete", cmd_complete)):
         sub = command(name, run, f"ask the agent to {name} a task")
         sub.add_argument("task_id")
@@ -259,20 +469,68 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--parent", default="")
     watch.add_argument(
         "--from-revision",
-        type=int,
+        type=count,
         default=0,
         help="replay from this revision (default: current tasks, then live)",
     )
-    watch.add_argument("--max-events", type=int, default=0, help="stop after this many")
+    watch.add_argument("--max-events", type=count, default=0, help="stop after this many")
     watch.add_argument("--lines", action="store_true", help="one line per event, even on a tty")
     wait = command("wait", cmd_wait, "wait until a task finishes (exit 0 DONE_OK, 1 NOT_OK)")
     wait.add_argument("task_id")
-    wait.add_argument("--timeout", type=float, default=None, help="seconds")
+    wait.add_argument("--timeout", type=seconds, default=None, help="seconds")
+    agents = command("agents", cmd_agents, "every agent that ever listened, connected or not")
+    agents.add_argument("entity_id", nargs="*", help="only these")
     return parser
 
 
+def _create_parser(create: argparse.ArgumentParser) -> None:
+    to = create.add_mutually_exclusive_group()
+    to.add_argument("--assignee", help="the agent's entity id")
+    to.add_argument("--pool", help="a pool's entity id: one member at a time gets the task")
+    to.add_argument(
+        "--unassigned",
+        action="store_true",
+        help="no assignee: the task is recorded but never sent to any agent",
+    )
+    create.add_argument("--name", default="", help="display name")
+    create.add_argument("--description", default="")
+    create.add_argument("--task-id", default="", help="your own id (default: a UUID)")
+    create.add_argument("--parent", default="", help="parent task id")
+    create.add_argument(
+        "--spec", type=specification, metavar="TYPE=JSON", help="specification, a known type"
+    )
+    create.add_argument(
+        "--scheduled-time",
+        type=moment,
+        metavar="ISO8601",
+        help="hold the task until then (no offset: local time)",
+    )
+    create.add_argument("--executed-elsewhere", action="store_true")
+    policy = create.add_argument_group("policy (seconds; 0 = no timeout; default: the server's)")
+    for name in ("receipt", "heartbeat", "execution"):
+        policy.add_argument(f"--{name}-timeout", type=seconds, metavar="S")
+    policy.add_argument("--max-attempts", type=count, metavar="N")
+    policy.add_argument("--retry-backoff", type=seconds, metavar="S")
+    policy.add_argument("--max-retry-backoff", type=seconds, metavar="S")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_usage(parser, args)
+    # SIGTERM (`timeout 60 taskctl watch`, a service manager) unwinds like Ctrl+C: the
+    # terminal is restored and the connection closed.
+    signal.signal(signal.SIGTERM, _terminated)
+    return execute(args)
+
+
+def _terminated(signal_number: int, frame: object) -> None:
+    raise SystemExit(EXIT_TERMINATED)
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Runs a parsed command line; every way it can end is an exit code and at most a
+    line on stderr, never a traceback."""
     try:
         auth = ClientAuth(
             token=args.token,
@@ -281,15 +539,52 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
         )
-        with SyncOperatorClient(args.target, auth=auth) as client:
+        with SyncOperatorClient(target_with_port(args.target), auth=auth) as client:
             code: int = args.run(client, args)
             return code
+    except DefinitionConflict as conflict:
+        current = conflict.current_definition_version
+        print(
+            f"taskctl: ABORTED: task {conflict.task_id} is at definition_version "
+            f"{current if current is not None else 'a newer one'}, "
+            f"not {conflict.seen_definition_version}: read it again (taskctl get) and decide anew",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
     except grpc.RpcError as error:
         status = error.code()
         print(f"taskctl: {status.name}: {error.details()}", file=sys.stderr)
         return _EXIT_FOR_CODE.get(status, EXIT_REFUSED)
+    except BrokenPipeError:  # `taskctl list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        print(f"taskctl: unexpected error: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot check alone; exits 2 with the reason."""
+    try:
+        target_with_port(args.target)
+    except ValueError as error:
+        parser.error(str(error))
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("a client certificate needs both --tls-cert and --tls-key")
+    for path in (args.tls_ca, args.tls_cert, args.tls_key):
+        if path is not None and not os.access(path, os.R_OK):
+            parser.error(f"cannot read {path}")
+    if args.command == "create":
+        unassigned = not (args.assignee or args.pool or args.executed_elsewhere)
+        if unassigned and not args.unassigned:
+            parser.error(
+                "no --assignee or --pool: such a task is never sent to any agent "
+                "(--unassigned creates it anyway)"
+            )
+    if args.command == "update" and (args.name, args.description, args.spec) == (None,) * 3:
+        parser.error("update needs at least one of --name, --description, --spec")
 
 
 if __name__ == "__main__":
