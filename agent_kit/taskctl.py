@@ -287,8 +287,16 @@ AGENT_COLUMNS: tuple[tuple[str, Callable[[pb.AgentPresence], str]], ...] = (
     ("FIRST_SEEN", lambda agent: clock_time(agent.first_seen, "%Y-%m-%d %H:%M:%S")),
     ("LAST_SEEN", lambda agent: clock_time(agent.last_seen, "%Y-%m-%d %H:%M:%S")),
     ("IN_FLIGHT", lambda agent: str(agent.tasks_in_flight)),
+    ("HELD_TASKS", lambda agent: held_tasks(agent)),
 )
 """`taskctl agents`, one (header, cell) pair per column: a new field is one line here."""
+
+
+def held_tasks(agent: pb.AgentPresence, shown: int = 3) -> str:
+    """The ids of the tasks an agent holds, the first few: for a LOST agent, stuck work."""
+    ids = list(agent.held_task_ids[:shown])
+    more = agent.tasks_in_flight - len(ids)
+    return ", ".join(ids + ([f"+{more} more"] if more > 0 else [])) or "-"
 
 
 def cmd_agents(client: SyncOperatorClient, args: argparse.Namespace) -> int:

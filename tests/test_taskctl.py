@@ -498,11 +498,44 @@ def test_agents_lists_every_agent_with_its_state(server: ServerProcess, walker: 
         "FIRST_SEEN",
         "LAST_SEEN",
         "IN_FLIGHT",
+        "HELD_TASKS",
     ]
     (line,) = [line for line in lines if line.split()[0] == walker]
     assert line.split()[1:3] == ["CONNECTED", "1"]
     (agent,) = as_tasks(taskctl(server, "agents", walker, "--json"))
     assert (agent["entity_id"], agent["state"]) == (walker, "AGENT_STATE_CONNECTED")
+
+
+def test_agents_shows_the_tasks_a_disconnected_agent_still_holds(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = task_manager_pb2_grpc.TaskManagerStub(channel)
+        request = pb.CreateTaskRequest(
+            task_id="ctl-held-1",
+            relations=pb.Relations(assignee=pb.Principal(system=pb.System(entity_id="gone-1"))),
+        )
+        task = stub.CreateTask(request).task
+        stream = stub.ListenAsAgent(
+            pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=["gone-1"]))
+        )
+        # grpc-stubs types a server stream as neither iterator nor call.
+        next(stream)  # type: ignore[call-overload]  # the ExecuteRequest: the agent has it
+        stub.UpdateStatus(status_update(task, pb.STATUS_EXECUTING))
+        stream.cancel()  # type: ignore[no-untyped-call]  # and goes away with it
+        wait_until(
+            lambda: (
+                not stub.ListAgents(pb.ListAgentsRequest(entity_ids=["gone-1"]))
+                .agents[0]
+                .streams_open
+            ),
+            what="gone-1's stream to close",
+        )
+    table = taskctl(server, "agents", "gone-1")
+    assert table.returncode == 0, table.stderr
+    _header, line = table.stdout.splitlines()
+    assert line.split()[1] == "DISCONNECTED"
+    assert line.split()[-1] == "ctl-held-1"
+    (agent,) = as_tasks(taskctl(server, "agents", "gone-1", "--json"))
+    assert agent["held_task_ids"] == ["ctl-held-1"]
 
 
 @pytest.mark.parametrize(
