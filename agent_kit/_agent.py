@@ -751,6 +751,13 @@ class Agent:
                     stream.close()
         if running.stop is not None:
             return _status_for_stop(running.stop)
+        if reporter.posted.is_set():
+            # Progress posted just before the handler returned is still shown: it goes out
+            # before the outcome (the outcome waits for the server all the same).
+            try:
+                await reporter.heartbeat()
+            except _StopRequested as requested:
+                return _status_for_stop(requested.reason)
         return _done_ok(result)
 
     async def _heartbeat(

@@ -273,3 +273,17 @@ async def test_progress_takes_a_string_or_a_dict_as_well_known_types(
     structured = Struct()
     assert seen[0].status.progress.Unpack(structured)
     assert dict(structured) == {"battery": 0.5, "leg": "north"}
+
+
+async def test_progress_posted_just_before_the_handler_returns_is_reported(
+    server: TaskManagerServer, client: OperatorClient
+) -> None:
+    async def mission(task: TaskContext) -> None:
+        await task.progress("last words")
+
+    async with running(Agent(server.address, "d1", mission)):
+        task = await client.create_task(assignee_entity_id="d1")
+        await wait_for_status(client, task.version.task_id, S.STATUS_DONE_OK)
+        history = await client.history(task.version.task_id)
+    assert progress_text(history[-2].status.progress) == "last words"
+    assert history[-2].status.status == S.STATUS_EXECUTING
