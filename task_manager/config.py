@@ -26,6 +26,9 @@ class Settings:
     db: Path = field(default_factory=lambda: Path(os.environ.get("TASK_MANAGER_DB", DEFAULT_DB)))
     shutdown_grace_s: float = 5.0
     """How long in-flight calls may take to finish after SIGTERM."""
+    drain_quiet_s: float = 0.1
+    """At a stop, calls gRPC received but had not yet started are answered UNAVAILABLE
+    until none has come for this long; gRPC would cancel them."""
     stream_buffer: int = 1_024
     """Requests queued for one agent stream before it counts as fallen behind."""
     keepalive_time_ms: int = 30_000
