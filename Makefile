@@ -2,19 +2,28 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed
+# Two stamps: serving needs the package only, everything else its dev extras too. The dev
+# install stamps both, so `make serve` after `make test` installs nothing.
+SERVING := $(VENV)/.installed-serving
+DEV := $(VENV)/.installed-dev
 
 .PHONY: install serve test fuzz stress protos lint bench bench-quick bench-compare profile clean
 
-install: $(INSTALLED)
+install: $(DEV)
 
-$(INSTALLED): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(INSTALLED)
 
-serve: install
+$(SERVING): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $(SERVING)
+
+$(DEV): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(DEV) $(SERVING)
+
+serve: $(SERVING)
 	$(VENV)/bin/task-manager serve
 
 test: install

@@ -15,6 +15,10 @@ from task_manager.v1.task_manager_pb2 import StatusUpdate, Task, TaskHistoryEntr
 
 T = TypeVar("T")
 
+MAX_REVISION = 2**63 - 1
+"""The largest revision any store holds: revisions are signed 64-bit integers (SQLite's
+INTEGER), though the protocol carries them as uint64."""
+
 
 class StoreError(Exception):
     """The store could not do what was asked (not a client mistake)."""

@@ -10,37 +10,68 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import NoReturn
 
 from storage.base import StoreError
 from storage.sqlite import add_credential, list_credentials, revoke_credential
+from task_manager import __version__
 from task_manager.auth import Role, certificate_binding, check_binding, new_token
-from task_manager.config import Settings
-from task_manager.server import ServerStartError, TaskManagerServer
+from task_manager.config import Settings, check_listen
 from task_manager.validation import FieldLimits
 
+ENVIRONMENT_PREFIX = "TASK_MANAGER_"
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 
-def _parser() -> argparse.ArgumentParser:
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line: what was wrong, and where to read more."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def environment_variable(flag: str) -> str:
+    """The variable an option can also be set with: --max-attempts is
+    TASK_MANAGER_MAX_ATTEMPTS."""
+    return ENVIRONMENT_PREFIX + flag.removeprefix("--").upper().replace("-", "_")
+
+
+def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
+    """The parser, with option defaults taken from the environment, and per command the
+    environment values it refused (reported only if that command runs)."""
     defaults = Settings()
-    parser = argparse.ArgumentParser(prog="task-manager", description=__doc__)
+    parser = _Parser(prog="task-manager", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the Task Manager gRPC service")
+    serve = commands.add_parser(
+        "serve",
+        help="run the Task Manager gRPC service",
+        description="Run the Task Manager gRPC service until SIGTERM or SIGINT.",
+        epilog="Every option can also be set in the environment, as TASK_MANAGER_ and the"
+        " option's name in capitals with - as _ (shown with each option); a flag given on"
+        " the command line wins. --insecure takes 1, true, yes or on (0, false, no, off:"
+        " not set); --limit takes NAME=VALUE pairs separated by commas.",
+    )
     serve.add_argument(
         "--listen",
+        type=_listen,
         default=defaults.listen,
-        help="HOST:PORT to listen on; port 0 picks a free one (env TASK_MANAGER_LISTEN,"
-        " default %(default)s)",
+        help="HOST:PORT to listen on ([::1]:PORT for IPv6); port 0 picks a free one"
+        " (default %(default)s)",
     )
     serve.add_argument(
         "--db",
         type=Path,
         default=defaults.db,
-        help="SQLite database file (env TASK_MANAGER_DB, default %(default)s)",
+        help="SQLite database file (default %(default)s)",
     )
     serve.add_argument(
         "--retention-revisions",
@@ -137,9 +168,8 @@ def _parser() -> argparse.ArgumentParser:
         "tokens",
         help="manage credentials (a running server picks changes up within a second)",
     )
-    tokens.add_argument(
-        "--db", type=Path, default=defaults.db, help="SQLite database file (default %(default)s)"
-    )
+    db_help = f"SQLite database file ({environment_variable('--db')}, default %(default)s)"
+    tokens.add_argument("--db", type=Path, default=defaults.db, help=db_help)
     actions = tokens.add_subparsers(dest="action", required=True)
     add = actions.add_parser(
         "add", help="issue a bearer token (printed once) or name a certificate"
@@ -157,28 +187,99 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead of a token: give client certificates naming PRINCIPAL (CN or SAN) the role",
     )
-    actions.add_parser("list", help="every credential, revoked ones too (never the secrets)")
+    listing = actions.add_parser(
+        "list", help="every credential, revoked ones too (never the secrets)"
+    )
     revoke = actions.add_parser("revoke", help="revoke a credential; its open streams end")
     revoke.add_argument("credential_id")
-    return parser
+    for subcommand in (add, listing, revoke):
+        # Also after the action (`tokens add NAME --db x.db`); unset, tokens' --db holds.
+        subcommand.add_argument("--db", type=Path, default=argparse.SUPPRESS, help=db_help)
+
+    for action in serve._actions:
+        if action.option_strings and action.dest != "help":
+            action.help = f"{action.help} [{environment_variable(action.option_strings[-1])}]"
+    refused = {
+        "serve": _defaults_from_environment(serve, environ),
+        "tokens": _defaults_from_environment(tokens, environ),
+    }
+    return parser, refused
+
+
+def _defaults_from_environment(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str]
+) -> list[str]:
+    """Sets each option's default from its TASK_MANAGER_* variable, converted and checked
+    as the flag would be; returns what was refused, one line each, naming the variable."""
+    refused = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = environment_variable(action.option_strings[-1])
+        if name not in environ:
+            continue
+        text = environ[name]
+        try:
+            value = _convert(action, text)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            refused.append(f"environment variable {name}={text!r}: {exc}")
+            continue
+        parser.set_defaults(**{action.dest: value})
+    return refused
+
+
+def _convert(action: argparse.Action, text: str) -> object:
+    if action.nargs == 0:  # a switch such as --insecure
+        if text.strip().lower() in TRUE_WORDS:
+            return True
+        if text.strip().lower() in FALSE_WORDS:
+            return False
+        raise argparse.ArgumentTypeError("must be 1, true, yes or on, or 0, false, no or off")
+    convert = action.type if callable(action.type) else str
+    if isinstance(action, argparse._AppendAction):  # repeatable: comma-separated
+        return [convert(item.strip()) for item in text.split(",") if item.strip()]
+    try:
+        return convert(text)
+    except argparse.ArgumentTypeError:
+        raise
+    except ValueError:
+        kind = getattr(convert, "__name__", "value")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind}") from None
+
+
+def _listen(text: str) -> str:
+    try:
+        return check_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
 def _at_least_1(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
 
 
 def _not_negative(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
 def _niceness(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if not 0 <= value <= 19:
         raise argparse.ArgumentTypeError("must be from 0 to 19")
     return value
@@ -213,6 +314,9 @@ def tune_garbage_collector() -> None:
 
 
 async def _serve(settings: Settings) -> int:
+    # Imported here, not above: gRPC reads GRPC_VERBOSITY once, when it is first imported.
+    from task_manager.server import ServerStartError, TaskManagerServer
+
     # Handlers first: a SIGTERM that arrives while starting must still stop us cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -267,7 +371,14 @@ def _tokens(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    # gRPC's C core logs to stderr by itself (a port in use: an E-line before our own
+    # one-line error). What matters reaches the user as our messages and call statuses;
+    # GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings the core's log back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    parser, refused = _parser(os.environ)
+    args = parser.parse_args(argv)
+    if refused[args.command]:
+        parser.exit(2, f"task-manager {args.command}: error: {refused[args.command][0]}\n")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -1,11 +1,12 @@
-"""Server settings: flags, then environment, then defaults.
+"""Server settings: their defaults, and the checks the command line applies to them.
 
-One dataclass carries them from the command line to the server.
+One dataclass carries them from the command line (flags, then environment) to the server.
 """
 
 from __future__ import annotations
 
-import os
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,14 +19,44 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DB = "taskmanager.db"
 
 
+HOST_NAME = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+LISTEN_EXAMPLES = "127.0.0.1:50051 for this machine only, 0.0.0.0:50051 for every interface"
+
+
+def check_listen(text: str) -> str:
+    """`text` if it is HOST:PORT as the server listens on; else ValueError saying why."""
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise ValueError(f"{text!r} is not HOST:PORT ({LISTEN_EXAMPLES})")
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(
+            f"{text!r}: the port {port!r} is not a number from 0 to 65535 (0: a free one)"
+        )
+    if not host:
+        raise ValueError(f"{text!r}: the host is missing ({LISTEN_EXAMPLES})")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{text!r}: {host} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"{text!r}: an IPv6 host goes in brackets, as in [::1]:50051")
+    elif not HOST_NAME.fullmatch(host):
+        raise ValueError(f"{text!r}: {host!r} is not a host name or an IP address")
+    return text
+
+
 @dataclass(frozen=True)
 class Settings:
-    listen: str = field(
-        default_factory=lambda: os.environ.get("TASK_MANAGER_LISTEN", DEFAULT_LISTEN)
-    )
-    db: Path = field(default_factory=lambda: Path(os.environ.get("TASK_MANAGER_DB", DEFAULT_DB)))
+    listen: str = DEFAULT_LISTEN
+    db: Path = Path(DEFAULT_DB)
     shutdown_grace_s: float = 5.0
     """How long in-flight calls may take to finish after SIGTERM."""
+    drain_quiet_s: float = 0.1
+    """At a stop, calls gRPC received but had not yet started are answered UNAVAILABLE
+    until none has come for this long; gRPC would cancel them."""
     stream_buffer: int = 1_024
     """Requests queued for one agent stream before it counts as fallen behind."""
     keepalive_time_ms: int = 30_000

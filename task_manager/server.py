@@ -13,6 +13,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from google.protobuf import (
+    any_pb2,
+    api_pb2,
+    duration_pb2,
+    empty_pb2,
+    field_mask_pb2,
+    source_context_pb2,
+    struct_pb2,
+    timestamp_pb2,
+    type_pb2,
+    wrappers_pb2,
+)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 # health.aio is the documented async servicer; grpc-stubs predates it.
@@ -33,6 +45,23 @@ from task_manager.v1.task_manager_pb2 import Task
 from task_manager.watch import WatchHub
 
 log = logging.getLogger(__name__)
+
+
+WELL_KNOWN_TYPES = (
+    any_pb2,
+    api_pb2,
+    duration_pb2,
+    empty_pb2,
+    field_mask_pb2,
+    source_context_pb2,
+    struct_pb2,
+    timestamp_pb2,
+    type_pb2,
+    wrappers_pb2,
+)
+"""Imported so reflection serves them: a specification or result is an Any that often
+holds one (a StringValue, a Struct), and generic tools resolve its type through
+reflection, which serves only what this process's descriptor pool holds."""
 
 
 class ServerStartError(Exception):
@@ -119,6 +148,7 @@ class TaskManagerServer:
         self,
         server: grpc.aio.Server,
         servicer: TaskManagerService,
+        gate: Gate,
         store: SqliteStore,
         dispatcher: Dispatcher,
         health_servicer: health_aio.HealthServicer,
@@ -127,6 +157,7 @@ class TaskManagerServer:
     ) -> None:
         self._server = server
         self._servicer = servicer
+        self._gate = gate
         self.store = store
         self.dispatcher = dispatcher
         self._health = health_servicer
@@ -236,7 +267,7 @@ class TaskManagerServer:
             "mutual" if settings.client_ca else "on" if server_credentials else "off",
             "on" if credentials.required else "off (no credentials stored)",
         )
-        running = cls(server, servicer, store, dispatcher, health_servicer, address, settings)
+        running = cls(server, servicer, gate, store, dispatcher, health_servicer, address, settings)
         running.timekeeper = timekeeper
         running._background = [
             asyncio.create_task(timekeeper.run()),
@@ -247,17 +278,34 @@ class TaskManagerServer:
 
     async def stop(self) -> None:
         """Graceful stop: agent streams end with UNAVAILABLE (agents reconnect elsewhere),
-        new calls are refused, in-flight calls and queued writes finish."""
+        new calls are refused with UNAVAILABLE, in-flight calls and queued writes finish."""
         if self._stopped:
             return
         self._stopped = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.shutdown_grace_s
         await self._health.enter_graceful_shutdown()
         for task in self._background:
             task.cancel()
+        self._gate.close()
         self._servicer.shut_down()
-        await self._server.stop(self._settings.shutdown_grace_s)
+        await self._drain(deadline)
+        await self._server.stop(max(0.0, deadline - loop.time()))
         await self.store.close()
         log.info("stopped after %d writes in %d commits", self.store.writes, self.store.commits)
+
+    async def _drain(self, deadline: float) -> None:
+        """Lets gRPC hand over the calls it has received but not yet started, until none
+        has come for drain_quiet_s (or the grace is over).
+
+        gRPC's own stop cancels such calls (clients see CANCELLED, which they do not
+        retry); handed over now, the closed gate answers them UNAVAILABLE, unapplied."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            seen = self._gate.arrivals
+            await asyncio.sleep(min(self._settings.drain_quiet_s, deadline - loop.time()))
+            if self._gate.arrivals == seen:
+                return
 
     async def compact(self, clock: Clock | None = None) -> int:
         """Applies the retention policy now; returns the compacted revision."""

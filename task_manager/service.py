@@ -492,6 +492,16 @@ class Gate:
         self.credentials = credentials
         self.limiter = limiter
         self.streams = streams
+        self.arrivals = 0
+        """Calls that reached a handler, admitted or not: the server's drain watches it."""
+        self._closing: ServerShuttingDown | None = None
+
+    def close(self) -> None:
+        """Refuses every later call with UNAVAILABLE before it does anything, so that a
+        client may safely retry it elsewhere or after the restart."""
+        self._closing = ServerShuttingDown(
+            "the task manager is shutting down; the call was not applied: retry it"
+        )
 
     def reload(self, stored: Sequence[StoredCredential]) -> set[str]:
         """Takes the stored credentials as the ones in force, and ends the open streams of
@@ -503,6 +513,9 @@ class Gate:
         return revoked
 
     def admit(self, method: str, context: Context) -> Caller:
+        self.arrivals += 1
+        if self._closing is not None:
+            raise self._closing
         caller = self._identify(context)
         caller.check_method(method)
         self.limiter.admit(caller.principal)

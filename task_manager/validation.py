@@ -16,7 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from storage.base import TaskQuery, TaskSelector
+from storage.base import MAX_REVISION, TaskQuery, TaskSelector
 from task_manager.auth import Role, check_binding
 from task_manager.errors import InvalidArgument
 from task_manager.liveness import MAX_DURATION_S
@@ -263,6 +263,13 @@ def watch_spec(request: WatchTasksRequest, limits: FieldLimits) -> WatchSpec:
         _enum(_STATUSES, status, "filter.statuses")
     if selector.parent_task_id:
         task_id(selector.parent_task_id, "filter.parent_task_id")
+    if request.start_revision > MAX_REVISION:
+        # A legal uint64 no store can reach: waiting for it would wait forever.
+        raise InvalidArgument(
+            "start_revision",
+            f"{request.start_revision} is beyond the largest revision a store can hold"
+            f" ({MAX_REVISION}, 2^63-1)",
+        )
     if request.include_preexisting and request.start_revision:
         raise InvalidArgument(
             "start_revision", "cannot be combined with include_preexisting (it starts now)"

@@ -104,10 +104,14 @@ class Watch:
         self._wakeup.set()
 
     async def responses_after(
-        self, covered: int, hub: WatchHub, clock: Clock, spec: WatchSpec
+        self, covered: int, hub: WatchHub, clock: Clock, spec: WatchSpec, *, committed: int
     ) -> AsyncIterator[bytes | WatchTasksResponse]:
         """Queued changes after `covered`, rate-limited per task if asked, with heartbeats
-        whenever the stream has been quiet for the heartbeat interval."""
+        whenever the stream has been quiet for the heartbeat interval.
+
+        `committed` is a revision known to be committed when the backlog ended. It is
+        below `covered` only for a start_revision ahead of the store: a heartbeat then
+        claims what has been committed, never the revision the watcher waits for."""
         window = spec.rate_limit_ns
         held: dict[str, Announced] = {}  # per task, the latest change waiting for its window
         window_opens: dict[str, int] = {}  # per task, when it may next be sent
@@ -156,7 +160,7 @@ class Watch:
                     bookmark = hub.revision
                     if held:
                         bookmark = min(bookmark, min(a.revision for a in held.values()) - 1)
-                    yield _heartbeat(max(covered, bookmark), clock)
+                    yield _heartbeat(max(min(covered, committed), bookmark), clock)
                     last_sent_ns = now
                 deadline = last_sent_ns + spec.heartbeat_interval_ns
                 if held:
@@ -245,24 +249,27 @@ async def watch_stream(
                     time=now,
                 )
                 yield WatchTasksResponse(revision=snapshot.revision, event=event)
-            covered = snapshot.revision
+            covered = committed = snapshot.revision
             yield _heartbeat(covered, clock)  # marks the end of the snapshot
         elif spec.start_revision > 0:
+            # A start_revision ahead of the store is accepted, as etcd does: the watch
+            # waits for it and skips what comes before it.
             covered = spec.start_revision - 1
+            committed = min(covered, hub.revision)
             while True:
                 page = await store.changes_after(covered, HISTORY_PAGE, spec.selector.task_ids)
                 for change in page:
                     if spec.selector.matches(change.task):
                         yield Announced(change).encoded
-                    covered = change.revision
+                    covered = committed = change.revision
                 if len(page) < HISTORY_PAGE:
                     break
         else:
             # From now: not the store's revision read later (a change committed after the
             # subscription but before that read would be skipped and lost), but the
             # point from which this watch is offered every change.
-            covered = watch.opened_at_revision
-        async for response in watch.responses_after(covered, hub, clock, spec):
+            covered = committed = watch.opened_at_revision
+        async for response in watch.responses_after(covered, hub, clock, spec, committed=committed):
             yield response
 
 

@@ -7,13 +7,16 @@ from typing import TypeVar
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import REPO_ROOT, create_request, status_update
+from tests.helpers import REPO_ROOT, ServerProcess, create_request, status_update
 
 LATTICE = "anduril.taskmanager.v1.TaskManagerAPI"
 M = TypeVar("M", bound=Message)
@@ -131,3 +134,36 @@ async def test_reflection_lists_and_describes_the_services(channel: grpc.aio.Cha
         m.name for f in described for s in f.service if s.name == "TaskManagerAPI" for m in s.method
     }
     assert methods == {"CreateTask", "GetTask", "QueryTasks", "UpdateStatus", "ListenAsAgent"}
+
+
+WELL_KNOWN_TYPES = [
+    "google.protobuf.Any",
+    "google.protobuf.Api",
+    "google.protobuf.Duration",
+    "google.protobuf.Empty",
+    "google.protobuf.FieldMask",
+    "google.protobuf.SourceContext",
+    "google.protobuf.Struct",
+    "google.protobuf.Timestamp",
+    "google.protobuf.Type",
+    "google.protobuf.StringValue",
+]
+
+
+def test_reflection_serves_the_well_known_types(tmp_path: Path) -> None:
+    # A server process of its own: in this one, the test's imports fill the pool.
+    server = ServerProcess(tmp_path / "tasks.db").start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            # As a generic tool (grpcurl, Postman) resolves types: through reflection only.
+            pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+            for name in WELL_KNOWN_TYPES:
+                assert pool.FindMessageTypeByName(name).full_name == name
+            packed = any_pb2.Any()
+            packed.Pack(wrappers_pb2.StringValue(value="done"))
+            type_name = packed.type_url.removeprefix("type.googleapis.com/")
+            decoded = message_factory.GetMessageClass(pool.FindMessageTypeByName(type_name))()
+            decoded.ParseFromString(packed.value)
+            assert decoded.value == "done"  # type: ignore[attr-defined]
+    finally:
+        assert server.terminate() == 0

@@ -423,7 +423,7 @@ async def test_heartbeats_keep_coming_when_timers_fire_early() -> None:
     hub = WatchHub()
     spec = WatchSpec(selector=TaskSelector(), heartbeat_interval_ns=50_000_000)
     with hub.open(spec.selector) as subscribed:
-        stream = subscribed.responses_after(0, hub, EarlyTimersClock(), spec)
+        stream = subscribed.responses_after(0, hub, EarlyTimersClock(), spec, committed=0)
         for _ in range(5):
             beat = await asyncio.wait_for(anext(stream), 5)
             assert isinstance(beat, pb.WatchTasksResponse)
