@@ -64,9 +64,7 @@ async def call_until_served(stub: AsyncStub, method: str, request: object) -> ob
             try:
                 return await getattr(stub, method)(request)
             except grpc.aio.AioRpcError as error:
-                # CANCELLED: a call in flight at the server's SIGTERM (to be answered
-                # UNAVAILABLE instead, which clients retry).
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
             await anyio.sleep(0.05)
 

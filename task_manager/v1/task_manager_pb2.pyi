@@ -1521,7 +1521,11 @@ class WatchTasksRequest(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
     start_revision: _builtins.int
-    """The first revision wanted. 0 = only changes after the stream starts."""
+    """The first revision wanted. 0 = only changes after the stream starts. A revision
+    ahead of the store is accepted and waits for it (changes before it are skipped, and
+    heartbeats claim only committed revisions). 2^63 and above, which no store can
+    reach: INVALID_ARGUMENT.
+    """
     include_preexisting: _builtins.bool
     """First send every matching task that is not finished, as EVENT_TYPE_PREEXISTING
     events all carrying one revision R (a consistent snapshot), then a heartbeat at R,

@@ -197,8 +197,8 @@ class TaskManagerServicer:
         revision order, never twice, none skipped, and one revision is never split; a
         watcher resumes with start_revision = last revision seen + 1, on any server of the
         same database, after any disconnect or restart. Heartbeats are bookmarks.
-        Errors: INVALID_ARGUMENT for a bad request; OUT_OF_RANGE when start_revision is at
-        or below the compacted revision (trailer x-compact-revision: resume by re-listing
+        Errors: INVALID_ARGUMENT for a bad request (start_revision >= 2^63 too);
+        OUT_OF_RANGE when start_revision is at or below the compacted revision (trailer x-compact-revision: resume by re-listing
         with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
         (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
         """

@@ -102,8 +102,8 @@ class TaskManagerStub:
     revision order, never twice, none skipped, and one revision is never split; a
     watcher resumes with start_revision = last revision seen + 1, on any server of the
     same database, after any disconnect or restart. Heartbeats are bookmarks.
-    Errors: INVALID_ARGUMENT for a bad request; OUT_OF_RANGE when start_revision is at
-    or below the compacted revision (trailer x-compact-revision: resume by re-listing
+    Errors: INVALID_ARGUMENT for a bad request (start_revision >= 2^63 too);
+    OUT_OF_RANGE when start_revision is at or below the compacted revision (trailer x-compact-revision: resume by re-listing
     with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
     (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
     """
@@ -176,8 +176,8 @@ class TaskManagerAsyncStub(TaskManagerStub):
     revision order, never twice, none skipped, and one revision is never split; a
     watcher resumes with start_revision = last revision seen + 1, on any server of the
     same database, after any disconnect or restart. Heartbeats are bookmarks.
-    Errors: INVALID_ARGUMENT for a bad request; OUT_OF_RANGE when start_revision is at
-    or below the compacted revision (trailer x-compact-revision: resume by re-listing
+    Errors: INVALID_ARGUMENT for a bad request (start_revision >= 2^63 too);
+    OUT_OF_RANGE when start_revision is at or below the compacted revision (trailer x-compact-revision: resume by re-listing
     with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
     (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
     """
@@ -307,8 +307,8 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         revision order, never twice, none skipped, and one revision is never split; a
         watcher resumes with start_revision = last revision seen + 1, on any server of the
         same database, after any disconnect or restart. Heartbeats are bookmarks.
-        Errors: INVALID_ARGUMENT for a bad request; OUT_OF_RANGE when start_revision is at
-        or below the compacted revision (trailer x-compact-revision: resume by re-listing
+        Errors: INVALID_ARGUMENT for a bad request (start_revision >= 2^63 too);
+        OUT_OF_RANGE when start_revision is at or below the compacted revision (trailer x-compact-revision: resume by re-listing
         with include_preexisting); RESOURCE_EXHAUSTED when the watcher fell too far behind
         (resume from the last revision seen + 1); UNAVAILABLE at server shutdown.
         """
