@@ -11,40 +11,14 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-# Imported for their descriptors: json_format finds an Any's type in the default pool,
-# which holds only the modules imported so far.
-from google.protobuf import (
-    any_pb2,
-    api_pb2,
-    descriptor_pool,
-    duration_pb2,
-    empty_pb2,
-    field_mask_pb2,
-    json_format,
-    message_factory,
-    source_context_pb2,
-    struct_pb2,
-    timestamp_pb2,
-    type_pb2,
-    wrappers_pb2,
-)
+from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
-from task_manager.v1 import task_manager_pb2
+# Imported for their descriptors: json_format finds an Any's type in the default pool,
+# which holds only the modules imported so far.
+import task_manager.v1.task_manager_pb2
+import task_manager.well_known_types  # noqa: F401
 
-WELL_KNOWN_MODULES = (
-    any_pb2,
-    api_pb2,
-    duration_pb2,
-    empty_pb2,
-    field_mask_pb2,
-    source_context_pb2,
-    struct_pb2,
-    timestamp_pb2,
-    type_pb2,
-    wrappers_pb2,
-    task_manager_pb2,
-)
 POOL = descriptor_pool.Default()
 _ANY = any_pb2.Any.DESCRIPTOR.full_name
 _SUMMARY_WIDTH = 40

@@ -13,24 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from google.protobuf import (
-    any_pb2,
-    api_pb2,
-    duration_pb2,
-    empty_pb2,
-    field_mask_pb2,
-    source_context_pb2,
-    struct_pb2,
-    timestamp_pb2,
-    type_pb2,
-    wrappers_pb2,
-)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 # health.aio is the documented async servicer; grpc-stubs predates it.
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
+# Imported for reflection: it serves only what this process's descriptor pool holds.
+import task_manager.well_known_types  # noqa: F401
 from storage.base import Change
 from storage.sqlite import SqliteStore
 from task_manager import lifecycle
@@ -45,23 +35,6 @@ from task_manager.v1.task_manager_pb2 import Task
 from task_manager.watch import WatchHub
 
 log = logging.getLogger(__name__)
-
-
-WELL_KNOWN_TYPES = (
-    any_pb2,
-    api_pb2,
-    duration_pb2,
-    empty_pb2,
-    field_mask_pb2,
-    source_context_pb2,
-    struct_pb2,
-    timestamp_pb2,
-    type_pb2,
-    wrappers_pb2,
-)
-"""Imported so reflection serves them: a specification or result is an Any that often
-holds one (a StringValue, a Struct), and generic tools resolve its type through
-reflection, which serves only what this process's descriptor pool holds."""
 
 
 class ServerStartError(Exception):

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from agent_kit import OperatorClient
 from task_manager.clock import ManualClock
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
@@ -48,3 +49,10 @@ async def channel(server: TaskManagerServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> AsyncStub:
     return AsyncStub(channel)
+
+
+@pytest.fixture
+async def client(server: TaskManagerServer) -> AsyncIterator[OperatorClient]:
+    """An operator client of the server fixture's server."""
+    async with OperatorClient(server.address) as operator:
+        yield operator

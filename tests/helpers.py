@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, TypeVar
 
+import anyio
 import grpc
 
+from agent_kit import Agent
 from agent_kit._grpc import AsyncStub as AsyncStub
 from task_manager.v1 import task_manager_pb2 as pb
 
@@ -58,6 +61,17 @@ def trailer(error: grpc.aio.AioRpcError, key: str) -> str | None:
     # aio gives (key, value) pairs; grpc-stubs types them as objects with .key/.value.
     pairs: Iterable[tuple[str, str]] = error.trailing_metadata() or ()  # type: ignore[assignment]
     return dict(pairs).get(key)
+
+
+@asynccontextmanager
+async def running(agent: Agent, connect_within_s: float = 30.0) -> AsyncIterator[Agent]:
+    """The agent runs, and is connected, for the block; stopped when it ends."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(agent.run)
+        with anyio.fail_after(connect_within_s):
+            await agent.wait_connected()
+        yield agent
+        agent.stop()
 
 
 def wait_until(condition: Callable[[], T | None], timeout: float = 20.0, what: str = "") -> T:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import anyio
@@ -15,29 +14,12 @@ from agent_kit import Agent, AgentError, Backoff, OperatorClient, SyncOperatorCl
 from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, ServerProcess, status_update
+from tests.helpers import AsyncStub, ServerProcess, running, status_update
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
 WAIT_S = 30.0
 FAST_RECONNECT = Backoff(initial=0.02, maximum=0.3)
-
-
-@asynccontextmanager
-async def running(agent: Agent) -> AsyncIterator[Agent]:
-    async with anyio.create_task_group() as group:
-        group.start_soon(agent.run)
-        with anyio.fail_after(WAIT_S):
-            await agent.wait_connected()
-        yield agent
-        agent.stop()
-        group.cancel_scope.cancel()
-
-
-@pytest.fixture
-async def client(server: TaskManagerServer) -> AsyncIterator[OperatorClient]:
-    async with OperatorClient(server.address) as operator:
-        yield operator
 
 
 async def wait_for_status(client: OperatorClient, task_id: str, statuses: Iterable[int]) -> pb.Task:

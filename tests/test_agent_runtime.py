@@ -6,8 +6,6 @@ A handler cancelled while its report is being written must not take the agent do
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -22,18 +20,12 @@ from agent_kit import Agent, Backoff, OperatorClient, TaskContext, _agent
 from task_manager.clock import ManualClock
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, ServerProcess, create_request
+from tests.helpers import AsyncStub, ServerProcess, create_request, running
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
 WAIT_S = 30.0
 FAST_RECONNECT = Backoff(initial=0.02, maximum=0.3)
-
-
-@pytest.fixture
-async def client(server: TaskManagerServer) -> AsyncIterator[OperatorClient]:
-    async with OperatorClient(server.address) as operator:
-        yield operator
 
 
 async def create_with_policy(server: TaskManagerServer, policy: pb.TaskPolicy) -> pb.Task:
@@ -67,16 +59,6 @@ async def wait_for_progress(client: OperatorClient, task_id: str, text: str | No
                 if found and (text is None or progress_text(task.status.progress) == text):
                     return task
             await anyio.sleep(0.02)
-
-
-@asynccontextmanager
-async def running(agent: Agent) -> AsyncIterator[Agent]:
-    async with anyio.create_task_group() as group:
-        group.start_soon(agent.run)
-        with anyio.fail_after(WAIT_S):
-            await agent.wait_connected()
-        yield agent
-        agent.stop()
 
 
 async def wait_for_status(client: OperatorClient, task_id: str, status: int) -> pb.Task:

@@ -16,16 +16,9 @@ from tests.helpers import REPO_ROOT, ServerProcess, wait_until
 
 def test_example_operator_sees_the_example_agent_finish_a_task(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "tasks.db").start()
-    agent = subprocess.Popen(
-        [sys.executable, "examples/agent.py", "--target", server.address],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    agent = start_example_agent(server.address)
     try:
         assert agent.stdout is not None
-        assert agent.stdout.readline().startswith("agent: listening as drone-1")
         operator = subprocess.run(
             [sys.executable, "examples/operator.py", "--target", server.address],
             cwd=REPO_ROOT,
@@ -58,16 +51,9 @@ def test_example_operator_sees_the_example_agent_finish_a_task(tmp_path: Path) -
 
 def test_ctrl_c_stops_the_example_agent_cleanly(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "tasks.db").start()
-    agent = subprocess.Popen(
-        [sys.executable, "examples/agent.py", "--target", server.address],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    agent = start_example_agent(server.address)
     try:
         assert agent.stdout is not None
-        assert agent.stdout.readline().startswith("agent: listening as drone-1")
         wait_until(lambda: "drone-1" in agent_ids(server.address), what="the agent to be connected")
         assert server.terminate() == 0  # the agent's stream ends: it logs, and reconnects
         seen: list[str] = []
@@ -86,6 +72,20 @@ def test_ctrl_c_stops_the_example_agent_cleanly(tmp_path: Path) -> None:
     assert output.splitlines()[-1] == "agent: stopped", output
     # gRPC's own C-core log lines (I1201 12:00:00.000 ... chttp2_transport.cc] ...) stay out.
     assert not re.search(r"^[IWE]\d{4} ", output, re.MULTILINE), output
+
+
+def start_example_agent(address: str) -> subprocess.Popen[str]:
+    """examples/agent.py, once it says it listens; its stderr goes to its stdout."""
+    agent = subprocess.Popen(
+        [sys.executable, "examples/agent.py", "--target", address],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert agent.stdout is not None
+    assert agent.stdout.readline().startswith("agent: listening as drone-1")
+    return agent
 
 
 def agent_ids(address: str) -> list[str]:

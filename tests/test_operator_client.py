@@ -6,7 +6,6 @@ Policy, scheduled_time, pool assignees, parent tasks, UpdateTask and ListAgents.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import pytest
 from google.protobuf.wrappers_pb2 import StringValue
 
 from agent_kit import DefinitionConflict, OperatorClient, SyncOperatorClient, TaskPolicy
-from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
 from tests.helpers import AsyncStub, ServerProcess
 
@@ -30,12 +28,6 @@ FULL_POLICY = TaskPolicy(
     retry_backoff=0.25,
     max_retry_backoff=10,
 )
-
-
-@pytest.fixture
-async def client(server: TaskManagerServer) -> AsyncIterator[OperatorClient]:
-    async with OperatorClient(server.address) as operator:
-        yield operator
 
 
 @pytest.mark.anyio

@@ -6,9 +6,6 @@ agent still runs is kept; a Lattice agent that does not ask sees only tasks at S
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import anyio
 import grpc
 import pytest
@@ -17,21 +14,11 @@ from google.protobuf.wrappers_pb2 import StringValue
 from agent_kit import Agent, OperatorClient, TaskContext
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request, status_update
+from tests.helpers import AsyncStub, create_request, running, status_update
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
 WAIT_S = 30.0
-
-
-@asynccontextmanager
-async def running(agent: Agent) -> AsyncIterator[Agent]:
-    async with anyio.create_task_group() as group:
-        group.start_soon(agent.run)
-        with anyio.fail_after(WAIT_S):
-            await agent.wait_connected()
-        yield agent
-        agent.stop()
 
 
 async def wait_for(client: OperatorClient, task_id: str, status: int, attempt: int = 1) -> pb.Task:
