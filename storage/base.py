@@ -70,6 +70,14 @@ def assignee_entity_id(task: Task) -> str | None:
     return None
 
 
+def holder_entity_id(task: Task) -> str | None:
+    """The agent holding the task's current attempt (for a pool task, the member it went
+    to; None while it has none), indexed so what an agent holds is one lookup."""
+    if task.attempts:
+        return task.attempts[-1].entity_id or None
+    return task.relations.assignee.system.entity_id or None
+
+
 def definition_only(task: Task) -> Task:
     """The definition of a task (what UpdateTask may change): its id, definition_version,
     display_name, description and specification."""
@@ -330,8 +338,12 @@ class Store(Protocol):
         ...
 
     async def in_flight_task_ids(self, entity_ids: Collection[str]) -> dict[str, list[str]]:
-        """For these entity ids, the ids of their tasks that were sent and have not ended,
-        oldest first."""
+        """For these agents, the ids of the tasks they hold (sent to them, for a pool task
+        the member it went to, and not ended), oldest first."""
+        ...
+
+    async def tasks_held_by(self, entity_ids: Collection[str]) -> Sequence[Task]:
+        """The tasks these agents hold (as in_flight_task_ids), oldest first."""
         ...
 
     async def credentials(self) -> Sequence[Credential]:

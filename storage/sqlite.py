@@ -43,6 +43,7 @@ from storage.base import (
     TaskSelector,
     WriteTransaction,
     assignee_entity_id,
+    holder_entity_id,
     with_definition,
 )
 from task_manager.v1.task_manager_pb2 import Status, StatusUpdate, Task, TaskHistoryEntry
@@ -150,6 +151,17 @@ def _migrate_to_6(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_7(db: sqlite_utils.Database) -> None:
+    # Who holds each task's attempt (a pool task's member too): what an agent holds.
+    tasks = db.table("tasks")
+    tasks.add_column("holder_entity_id", str)
+    rows = db.execute("SELECT task_id, task FROM tasks").fetchall()
+    for task_id, blob in rows:
+        holder = holder_entity_id(Task.FromString(blob))
+        db.execute("UPDATE tasks SET holder_entity_id = ? WHERE task_id = ?", (holder, task_id))
+    tasks.create_index(["holder_entity_id", "status"])
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -157,6 +169,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_4,
     _migrate_to_5,
     _migrate_to_6,
+    _migrate_to_7,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 
@@ -401,7 +414,8 @@ class _Transaction:
         inserted = self._conn.execute(
             "INSERT INTO tasks (task_id, cursor, parent_task_id, assignee_entity_id, status,"
             " status_version, last_update_ns, agent_status, agent_last_update_ns, task,"
-            " agent_task, last_update, deadline_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " agent_task, last_update, deadline_ns, holder_entity_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (task_id) DO NOTHING",
             (
                 task.version.task_id,
@@ -426,7 +440,8 @@ class _Transaction:
         updated = self._conn.execute(
             "UPDATE tasks SET status = ?, status_version = ?, last_update_ns = ?,"
             " agent_status = ?, agent_last_update_ns = ?, task = ?, agent_task = ?,"
-            " last_update = ?, deadline_ns = ? WHERE task_id = ? AND status_version = ?",
+            " last_update = ?, deadline_ns = ?, holder_entity_id = ?"
+            " WHERE task_id = ? AND status_version = ?",
             (*self._state_columns(stored, encoded_task), task_id, expected_status_version),
         ).rowcount
         if updated != 1:
@@ -496,8 +511,8 @@ class _Transaction:
 
     @staticmethod
     def _state_columns(stored: StoredTask, encoded_task: bytes) -> tuple[object, ...]:
-        """The columns a change may alter, from status to deadline_ns. encoded_task is
-        the change's one serialisation of stored.task."""
+        """The columns a change may alter, from status to holder_entity_id. encoded_task
+        is the change's one serialisation of stored.task."""
         task, agent_task = stored.task, stored.agent_task
         if agent_task is None:
             agent_bytes = None
@@ -515,6 +530,7 @@ class _Transaction:
             agent_bytes,
             None if stored.last_update is None else stored.last_update.SerializeToString(),
             stored.deadline_ns,
+            holder_entity_id(task),
         )
 
 
@@ -837,8 +853,8 @@ class SqliteStore:
 
         def read(conn: sqlite3.Connection) -> dict[str, list[str]]:
             rows = conn.execute(
-                "SELECT assignee_entity_id, task_id FROM tasks"
-                f" WHERE assignee_entity_id IN ({', '.join('?' * len(ids))})"
+                "SELECT holder_entity_id, task_id FROM tasks"
+                f" WHERE holder_entity_id IN ({', '.join('?' * len(ids))})"
                 " AND status NOT IN (?, ?, ?, ?) ORDER BY cursor",
                 (*ids, *_NOT_IN_FLIGHT),
             )
@@ -846,6 +862,22 @@ class SqliteStore:
             for entity_id, task_id in rows:
                 held.setdefault(entity_id, []).append(task_id)
             return held
+
+        return await self._read(read)
+
+    async def tasks_held_by(self, entity_ids: Collection[str]) -> Sequence[Task]:
+        ids = sorted(entity_ids)
+        if not ids:
+            return []
+
+        def read(conn: sqlite3.Connection) -> list[Task]:
+            rows = conn.execute(
+                "SELECT task FROM tasks"
+                f" WHERE holder_entity_id IN ({', '.join('?' * len(ids))})"
+                " AND status NOT IN (?, ?, ?, ?) ORDER BY cursor",
+                (*ids, *_NOT_IN_FLIGHT),
+            )
+            return [Task.FromString(blob) for (blob,) in rows]
 
         return await self._read(read)
 

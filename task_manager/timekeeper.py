@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from storage.base import Change, Store
 from task_manager import lifecycle
 from task_manager.clock import Clock
-from task_manager.dispatch import IN_FLIGHT_STATUSES
 from task_manager.presence import Presence
 from task_manager.v1.task_manager_pb2 import Task
 
@@ -100,10 +99,9 @@ class Timekeeper:
         if not lost:
             return
         since = dict(lost)
-        backlog = await self._store.agent_backlog(since, IN_FLIGHT_STATUSES)
         due = [
             (task.version.task_id, task.attempts[-1].entity_id)
-            for task, _ in backlog.tasks
+            for task in await self._store.tasks_held_by(since)
             if task.policy.HasField("lost_agent_timeout") and task.attempts
         ]
 

@@ -534,6 +534,37 @@ async def test_an_attempt_ends_once_its_agent_was_lost_for_lost_agent_timeout(
     assert untouched == plain
 
 
+async def test_lost_agent_timeout_ends_the_attempt_of_a_pool_member_that_left(
+    tmp_path: Path,
+) -> None:
+    harness = await Harness(tmp_path / "tasks.db", ManualClock(), agent_lost_after_s=60.0).start()
+    try:
+        request = create_request(None)
+        request.relations.assignee.team.entity_id = "pool-a"
+        request.policy.lost_agent_timeout.CopyFrom(seconds(30))
+        await harness.stub.CreateTask(request)
+        selector = pb.ListenAsAgentRequest(
+            entity_ids=pb.EntityIds(entity_ids=["worker-1", "pool-a"])
+        )
+        stream = harness.stub.ListenAsAgent(selector)
+        response = await stream.read()
+        assert isinstance(response, pb.ListenAsAgentResponse)
+        held = await harness.report(response.execute_request.task, S.STATUS_EXECUTING)
+        stream.cancel()
+        with anyio.fail_after(20):
+            while (await list_agent(harness, "worker-1")).streams_open:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        harness.clock.advance(60 + 31)
+        await harness.settled()
+        ended = await harness.get(held.version.task_id)
+    finally:
+        await harness.stop()
+    assert ended.status.status == S.STATUS_DONE_NOT_OK
+    assert ended.status.task_error.message.startswith(
+        "lost_agent_timeout (30 s) passed: agent worker-1 "
+    )
+
+
 async def list_agent(harness: Harness, entity_id: str) -> pb.AgentPresence:
     request = pb.ListAgentsRequest(entity_ids=[entity_id])
     return (await harness.stub.ListAgents(request)).agents[0]

@@ -238,3 +238,20 @@ async def test_cancelling_a_pool_task_no_member_holds_ends_it_at_once(stub: Asyn
     # The cancelled task never reaches the member who came later; the next one does.
     assert (await next_execute(late)).version.task_id == other.version.task_id
     late.cancel()
+
+
+async def test_a_member_that_left_with_a_pool_task_is_listed_holding_it(stub: AsyncStub) -> None:
+    worker = await member(stub, "worker-1")
+    created = (await stub.CreateTask(pool_task())).task
+    task = await next_execute(worker)
+    assert task.version.task_id == created.version.task_id
+    await report(stub, task, S.STATUS_EXECUTING)
+    worker.cancel()  # the member goes away, past receipt: the task stays with it
+    with anyio.fail_after(20):
+        while True:
+            agents = (await stub.ListAgents(pb.ListAgentsRequest(entity_ids=["worker-1"]))).agents
+            if not agents[0].streams_open:
+                break
+            await anyio.sleep(0.01)
+    assert list(agents[0].held_task_ids) == [created.version.task_id]
+    assert agents[0].tasks_in_flight == 1

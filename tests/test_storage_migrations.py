@@ -24,6 +24,7 @@ def version_1_database(path: Path) -> pb.TaskHistoryEntry:
         version=pb.TaskVersion(task_id="old-task-1", definition_version=1, status_version=1)
     )
     task.status.status = pb.STATUS_CREATED
+    task.relations.assignee.system.entity_id = "drone-1"
     task.last_update_time.FromNanoseconds(1_600_000_000_123_456_789)
     entry = pb.TaskHistoryEntry(
         revision=1, task_id="old-task-1", status_version=1, definition_version=1
@@ -56,6 +57,7 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_history(tmp_path: 
     conn = sqlite3.connect(tmp_path / "old.db")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert conn.execute("SELECT time_ns FROM history").fetchone()[0] == 1_600_000_000_123_456_789
+    assert conn.execute("SELECT holder_entity_id FROM tasks").fetchone()[0] == "drone-1"
     conn.close()
 
 

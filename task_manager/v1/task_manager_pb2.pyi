@@ -333,8 +333,8 @@ class TaskPolicy(_message.Message):
         """How long the attempt's agent may stay LOST (no ListenAsAgent stream for the server's
         agent_lost_after, 60 s by default) before the attempt ends with ERROR_CODE_TIMEOUT
         (retried if attempts remain). Counted from the moment the agent became LOST. Unset
-        or 0: never, since assets with intermittent links keep working offline. Applies to
-        tasks assigned to a System agent.
+        or 0: never, since assets with intermittent links keep working offline. For a pool
+        task, the agent is the member holding the attempt.
         """
 
     def __init__(
@@ -1651,7 +1651,7 @@ class AgentPresence(_message.Message):
     state: Global___AgentState.ValueType
     streams_open: _builtins.int
     tasks_in_flight: _builtins.int
-    """Its tasks that were sent and have not finished."""
+    """The tasks it holds: sent to it (a pool task: the member it went to), not finished."""
     @_builtins.property
     def first_seen(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
