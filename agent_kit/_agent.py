@@ -664,6 +664,10 @@ class Agent:
             await self._report_final(reporter, final)
         except _TaskGone as gone:
             log.info("agent %s: task %s ended elsewhere: %s", self.entity_id, task_id, gone)
+            if running.stop in (_Stop.CANCEL, _Stop.COMPLETE) and running.successor is None:
+                # The request was for the task, which is on a later attempt now (its
+                # ExecuteRequest went by while this process was reconnecting): end that.
+                self._spawn(self._end_unknown_task, task_id, running.stop, name=f"ending {task_id}")
         except (_Refused, grpc.aio.AioRpcError) as error:
             log.error("agent %s: giving up on task %s: %s", self.entity_id, task_id, error)
         except Exception:
@@ -819,10 +823,14 @@ class Agent:
         return _Reporter(self._stub, self._reports, task_id, status_version, self._author, task)
 
     async def _end_unknown_task(self, task_id: str, reason: _Stop) -> None:
+        """Ends, as asked, a task this process does not run, if it still waits for that."""
         reporter = self._reporter(task_id, 0)
+        asked = (
+            S.STATUS_COMPLETE_REQUESTED if reason is _Stop.COMPLETE else S.STATUS_CANCEL_REQUESTED
+        )
         try:
             current = await reporter.read_task()
-            if current.status.status in TERMINAL:
+            if current.status.status != asked:
                 return
             reporter.status_version = current.version.status_version
             await reporter.report(_status_for_stop(reason), final=True)
