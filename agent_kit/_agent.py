@@ -24,9 +24,10 @@ import anyio.abc
 import anyio.lowlevel
 import grpc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from agent_kit._any import packed
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, ClientAuth, open_channel, open_stub
 from agent_kit._supervisor import Supervisor, being_cancelled
@@ -866,24 +867,6 @@ def _status_for_stop(reason: _Stop) -> pb.TaskStatus:
     if reason is _Stop.COMPLETE:
         return pb.TaskStatus(status=S.STATUS_DONE_OK)
     return _done_not_ok(pb.ERROR_CODE_CANCELLED, "cancelled at the operator's request")
-
-
-def packed(value: Message | str | Mapping[str, Any]) -> any_pb2.Any:
-    """A message as an Any (an Any as it is); a string as a StringValue, a mapping as a
-    Struct, so that any tool that knows the well-known types can show it."""
-    message: Message
-    if isinstance(value, any_pb2.Any):
-        return value
-    if isinstance(value, str):
-        message = wrappers_pb2.StringValue(value=value)
-    elif isinstance(value, Message):
-        message = value
-    else:
-        message = struct_pb2.Struct()
-        message.update(value)
-    wrapped = any_pb2.Any()
-    wrapped.Pack(message)
-    return wrapped
 
 
 def _done_ok(result: Message | None) -> pb.TaskStatus:

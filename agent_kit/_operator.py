@@ -27,9 +27,9 @@ from typing import ParamSpec, TypeVar
 import anyio
 import anyio.from_thread
 import grpc
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from agent_kit._any import packed
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, ClientAuth, open_channel, open_stub
 from task_manager.v1 import task_manager_pb2 as pb
@@ -184,7 +184,7 @@ class OperatorClient:
         if assignee_pool is not None:
             request.relations.assignee.team.entity_id = assignee_pool
         if specification is not None:
-            request.specification.CopyFrom(_packed(specification))
+            request.specification.CopyFrom(packed(specification))
         if policy is not None:
             request.policy.CopyFrom(policy.to_proto())
         if scheduled_time is not None:
@@ -212,7 +212,7 @@ class OperatorClient:
         if description is not None:
             request.description = description
         if specification is not None:
-            request.specification.CopyFrom(_packed(specification))
+            request.specification.CopyFrom(packed(specification))
         if self.author is not None:
             request.author.CopyFrom(self.author)
         try:
@@ -623,11 +623,3 @@ def _aware(moment: datetime, name: str) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (say datetime.now(UTC) + ...)")
     return moment
-
-
-def _packed(specification: Message) -> any_pb2.Any:
-    if isinstance(specification, any_pb2.Any):
-        return specification
-    packed = any_pb2.Any()
-    packed.Pack(specification)
-    return packed
