@@ -31,13 +31,14 @@ from agent_kit._any import packed
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, ClientAuth, open_channel, open_stub
 from agent_kit._supervisor import Supervisor, being_cancelled
+from task_manager.statuses import TERMINAL
 from task_manager.v1 import task_manager_pb2 as pb
 
 log = logging.getLogger(__name__)
 S = pb.Status
 
 REPORT_TIMEOUT_S = 30.0
-TERMINAL = frozenset({S.STATUS_DONE_OK, S.STATUS_DONE_NOT_OK})
+
 STEPS_BEFORE_HANDLER = (
     S.STATUS_MACHINE_RECEIPT,
     S.STATUS_ACK,

@@ -32,12 +32,12 @@ from google.protobuf.message import Message
 from agent_kit._any import packed
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, ClientAuth, open_channel, open_stub
+from task_manager.statuses import TERMINAL
 from task_manager.v1 import task_manager_pb2 as pb
 
 P = ParamSpec("P")
 T = TypeVar("T")
 Q = pb.QueryTasksRequest
-TERMINAL = frozenset({pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK})
 
 
 def assignee(entity_id: str) -> pb.Principal:

@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from task_manager.v1.task_manager_pb2 import StatusUpdate, Task, TaskHistoryEntry, TaskVersion
+
+if TYPE_CHECKING:
+    from storage.feed import ChangeFeed
 
 T = TypeVar("T")
 
@@ -258,17 +261,36 @@ class ConcurrentModification(StoreError):
     """The compare-and-set inside the transaction found another status_version."""
 
     def __init__(self, task_id: str, stored_status_version: int) -> None:
-        super().__init__(f"task {task_id} changed underneath the write")
+        super().__init__(
+            f"task {task_id} was changed by another write meanwhile (it is now at"
+            f" status_version {stored_status_version}): read it again and retry"
+        )
         self.task_id = task_id
         self.stored_status_version = stored_status_version
 
 
-OnCommit = Callable[[Sequence[Change]], None]
-"""Called on the event loop, after a commit, with that commit's changes in revision order."""
-
-
 class Store(Protocol):
-    """The durable task store."""
+    """The durable task store.
+
+    Its feed carries every committed change, in revision order and without a gap, and
+    hears of each commit before the writer's caller is answered (storage/feed.py)."""
+
+    @property
+    def feed(self) -> ChangeFeed: ...
+
+    @property
+    def durable(self) -> bool:
+        """Whether a commit is on disk before the writer's caller hears of it."""
+        ...
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed by this store; with `writes`, how much group commit
+        batches."""
+        ...
+
+    @property
+    def writes(self) -> int: ...
 
     async def write(self, unit: Callable[[WriteTransaction], T]) -> T:
         """Runs unit in a write transaction and returns its result once committed.

@@ -19,8 +19,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import NoReturn
 
+from storage import add_credential, list_credentials, revoke_credential
 from storage.base import StoreError
-from storage.sqlite import add_credential, list_credentials, revoke_credential
 from task_manager import __version__
 from task_manager.auth import Role, certificate_binding, check_binding, new_token
 from task_manager.config import Settings, check_listen
@@ -69,9 +69,8 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
     )
     serve.add_argument(
         "--db",
-        type=Path,
         default=defaults.db,
-        help="SQLite database file (default %(default)s)",
+        help="an SQLite database file, or a postgresql:// URL (default %(default)s)",
     )
     serve.add_argument(
         "--retention-revisions",
@@ -168,8 +167,11 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
         "tokens",
         help="manage credentials (a running server picks changes up within a second)",
     )
-    db_help = f"SQLite database file ({environment_variable('--db')}, default %(default)s)"
-    tokens.add_argument("--db", type=Path, default=defaults.db, help=db_help)
+    db_help = (
+        f"an SQLite database file or a postgresql:// URL ({environment_variable('--db')},"
+        " default %(default)s)"
+    )
+    tokens.add_argument("--db", default=defaults.db, help=db_help)
     actions = tokens.add_subparsers(dest="action", required=True)
     add = actions.add_parser(
         "add", help="issue a bearer token (printed once) or name a certificate"
@@ -194,7 +196,7 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
     revoke.add_argument("credential_id")
     for subcommand in (add, listing, revoke):
         # Also after the action (`tokens add NAME --db x.db`); unset, tokens' --db holds.
-        subcommand.add_argument("--db", type=Path, default=argparse.SUPPRESS, help=db_help)
+        subcommand.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
 
     for action in serve._actions:
         if action.option_strings and action.dest != "help":

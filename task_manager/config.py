@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.sqlite import WRITER_NICENESS
+from storage.group_commit import WRITER_NICENESS
 from task_manager.liveness import duration
 from task_manager.v1.task_manager_pb2 import TaskPolicy
 from task_manager.validation import FieldLimits
@@ -51,7 +51,8 @@ def check_listen(text: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     listen: str = DEFAULT_LISTEN
-    db: Path = Path(DEFAULT_DB)
+    db: str = DEFAULT_DB
+    """The SQLite file, or a postgresql:// URL."""
     shutdown_grace_s: float = 5.0
     """How long in-flight calls may take to finish after SIGTERM."""
     drain_quiet_s: float = 0.1

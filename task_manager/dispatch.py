@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from storage.base import Change
-from task_manager import wire
+from task_manager import statuses, wire
 from task_manager.errors import ServerShuttingDown, StreamEnded, StreamFellBehind
 
 # Enum values are read as pb.STATUS_*: module attributes, far cheaper per write than
@@ -38,7 +38,6 @@ from task_manager.v1.task_manager_pb2 import (
     CancelRequest,
     CompleteRequest,
     ListenAsAgentResponse,
-    Status,
     Task,
 )
 from task_manager.wakeup import Wakeup
@@ -47,15 +46,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STREAM_BUFFER = 1_024
 """Requests queued for one stream at most before it counts as fallen behind."""
-IN_FLIGHT_STATUSES = frozenset(Status.values()) - {
-    pb.STATUS_INVALID,
-    pb.STATUS_CREATED,
-    pb.STATUS_SCHEDULED_IN_MANAGER,
-    pb.STATUS_DONE_OK,
-    pb.STATUS_DONE_NOT_OK,
-}
-"""A task at one of these is with its agent (or on its way): it counts as unfinished."""
-
 HandOver = Callable[[Task, str, str], "asyncio.Future[Task | None]"]
 """Records a new holder of a pool task: (task as seen, old holder, new holder). The
 future holds the task after the write, or None if the task had moved on."""
@@ -341,7 +331,7 @@ class Dispatcher:
         self, stream: AgentStream, task: Task, request: bytes | None, pool: str | None
     ) -> None:
         status = task.status.status
-        if status not in IN_FLIGHT_STATUSES:
+        if status not in statuses.WITH_AN_AGENT:
             if stream.forget(task.version.task_id):
                 self._assign_all(stream.entity_ids)
         elif status == pb.STATUS_SENT:

@@ -17,7 +17,7 @@ from storage.base import (
     definition_only,
     with_definition,
 )
-from task_manager import liveness
+from task_manager import liveness, statuses
 from task_manager.auth import Caller
 from task_manager.clock import timestamp
 from task_manager.errors import (
@@ -48,13 +48,6 @@ from task_manager.v1.task_manager_pb2 import (
     UpdateTaskRequest,
 )
 
-TERMINAL_STATUSES = frozenset({pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK})
-UNRELEASED_STATUSES = frozenset({pb.STATUS_CREATED, pb.STATUS_SCHEDULED_IN_MANAGER})
-OPERATOR_REQUEST_STATUSES = frozenset({pb.STATUS_CANCEL_REQUESTED, pb.STATUS_COMPLETE_REQUESTED})
-
-NOT_WITH_AN_AGENT = frozenset(
-    {pb.STATUS_CREATED, pb.STATUS_SCHEDULED_IN_MANAGER, pb.STATUS_DONE_OK, pb.STATUS_DONE_NOT_OK}
-)
 MANAGER = Principal(system=System(service_name="task-manager"))
 """The author of the changes the task manager makes by itself (release to SENT)."""
 
@@ -179,7 +172,7 @@ def expire(
     message = liveness.timeout_message(deadline.kind, task, agent)
     error = TaskError(code=pb.ERROR_CODE_TIMEOUT, message=message)
     # An agent asked to cancel or complete that goes silent is not asked again.
-    retry = task.status.status not in OPERATOR_REQUEST_STATUSES
+    retry = task.status.status not in statuses.OPERATOR_REQUESTS
     return Expiry(task=_end_attempt(tx, stored, error, retry, MANAGER, None, now_ns))
 
 
@@ -195,7 +188,7 @@ def end_lost_attempt(
     timeout_ns = liveness.duration_ns(task.policy.lost_agent_timeout)
     if (
         not timeout_ns
-        or task.status.status in NOT_WITH_AN_AGENT
+        or task.status.status in statuses.NOT_WITH_AN_AGENT
         or not task.attempts
         or task.attempts[-1].entity_id != agent
         or now_ns < lost_since_ns + timeout_ns
@@ -206,7 +199,7 @@ def end_lost_attempt(
         f" agent {agent} has had no stream since it was lost (attempt {task.attempt})"
     )
     error = TaskError(code=pb.ERROR_CODE_TIMEOUT, message=message)
-    retry = task.status.status not in OPERATOR_REQUEST_STATUSES
+    retry = task.status.status not in statuses.OPERATOR_REQUESTS
     return _end_attempt(tx, stored, error, retry, MANAGER, None, now_ns)
 
 
@@ -324,7 +317,7 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, no
 
     requested = update.status.status
     status = update.status
-    if requested in OPERATOR_REQUEST_STATUSES and not _with_an_agent(current):
+    if requested in statuses.OPERATOR_REQUESTS and not _with_an_agent(current):
         if requested == pb.STATUS_COMPLETE_REQUESTED:
             raise _not_released(current, "complete")
         status = _cancelled_before_release(update.status.task_error.message)
@@ -332,15 +325,15 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, no
     if requested == pb.STATUS_DONE_NOT_OK and failed and current.attempts:
         # The agent failed this attempt: the next one starts if attempts remain, unless
         # an operator asked to cancel or complete it meanwhile.
-        retry = current.status.status not in OPERATOR_REQUEST_STATUSES
+        retry = current.status.status not in statuses.OPERATOR_REQUESTS
         return _end_attempt(tx, stored, update.status.task_error, retry, author, update, now_ns)
     task = _with_status(current, status, author, now_ns)
     if update.HasField("scheduled_time"):
         task.scheduled_time.CopyFrom(update.scheduled_time)
-    if task.status.status in TERMINAL_STATUSES:
+    if task.status.status in statuses.TERMINAL:
         _close_attempt(task, task.status.status, task.status.task_error, now_ns)
     # The agent view follows what agents report; operator requests leave it as it was.
-    if requested in OPERATOR_REQUEST_STATUSES:
+    if requested in statuses.OPERATOR_REQUESTS:
         agent_task = stored.agent_task
     else:
         agent_task = _agent_view(tx, stored, task, update)
@@ -407,7 +400,7 @@ def update_task(
     have = current.version.definition_version
     if request.definition_version != have:
         raise DefinitionConflict(request.task_id, request.definition_version, have)
-    if current.status.status in OPERATOR_REQUEST_STATUSES:
+    if current.status.status in statuses.OPERATOR_REQUESTS:
         raise FailedPrecondition(
             f"task {request.task_id} is {Status.Name(current.status.status)}: its definition"
             " can no longer change"
@@ -423,7 +416,7 @@ def update_task(
     if request.HasField("specification"):
         updated.specification.CopyFrom(request.specification)
     status = current.status
-    if current.status.status not in UNRELEASED_STATUSES:
+    if current.status.status not in statuses.UNRELEASED:
         status = TaskStatus(status=pb.STATUS_SENT)
     task = _with_status(updated, status, author, now_ns)
     reason = f"definition_version {have + 1}"
@@ -459,13 +452,13 @@ def _load(tx: WriteTransaction, task_id: str) -> StoredTask:
 def _with_an_agent(task: Task) -> bool:
     """Whether an agent has (or is being sent) the task: not before its release, nor a
     pool task no member holds yet (a cancel then ends it at once)."""
-    if task.status.status in UNRELEASED_STATUSES:
+    if task.status.status in statuses.UNRELEASED:
         return False
     return not (assignee_kind(task) == "team" and task.attempts and not task.attempts[-1].entity_id)
 
 
 def _require_not_terminal(task: Task) -> None:
-    if task.status.status in TERMINAL_STATUSES:
+    if task.status.status in statuses.TERMINAL:
         raise TerminalTask(task.version.task_id, Status.Name(task.status.status))
 
 
@@ -504,7 +497,7 @@ def _record_operator_change(
 ) -> Task:
     current = stored.task
     task = _with_status(current, status, author, now_ns)
-    if task.status.status in TERMINAL_STATUSES:
+    if task.status.status in statuses.TERMINAL:
         _close_attempt(task, task.status.status, task.status.task_error, now_ns)
     changed = _stored(task, stored.agent_task, None)
     tx.replace(changed, current.version.status_version, reason)

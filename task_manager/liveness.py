@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 # Enum values are read as pb.STATUS_*: module attributes, far cheaper per write than
 # Status.STATUS_* (a Python-level lookup on the enum wrapper).
+from task_manager import statuses
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1.task_manager_pb2 import Task, TaskPolicy
 
@@ -35,16 +36,6 @@ class Deadline:
     kind: DeadlineKind
 
 
-_NOT_RUNNING = frozenset(
-    {
-        pb.STATUS_INVALID,
-        pb.STATUS_CREATED,
-        pb.STATUS_DONE_OK,
-        pb.STATUS_DONE_NOT_OK,
-    }
-)
-
-
 def next_deadline(task: Task, agent_task: Task | None) -> Deadline | None:
     """The earliest moment the task manager must act on this task by itself."""
     status = task.status.status
@@ -52,7 +43,7 @@ def next_deadline(task: Task, agent_task: Task | None) -> Deadline | None:
         if not task.HasField("scheduled_time"):
             return None
         return Deadline(ns(task.scheduled_time), DeadlineKind.RELEASE)
-    if status in _NOT_RUNNING or not task.attempts:
+    if status not in statuses.WITH_AN_AGENT or not task.attempts:
         return None
     policy = task.policy
     execution_ns = duration_ns(policy.execution_timeout)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -21,8 +20,8 @@ from grpc_reflection.v1alpha import reflection
 
 # Imported for reflection: it serves only what this process's descriptor pool holds.
 import task_manager.well_known_types  # noqa: F401
-from storage.base import Change
-from storage.sqlite import SqliteStore
+from storage import open_store
+from storage.base import Store
 from task_manager import lifecycle
 from task_manager.auth import Credentials, OpenStreams, RateLimiter
 from task_manager.clock import Clock, SystemClock, sleep_until
@@ -122,7 +121,7 @@ class TaskManagerServer:
         server: grpc.aio.Server,
         servicer: TaskManagerService,
         gate: Gate,
-        store: SqliteStore,
+        store: Store,
         dispatcher: Dispatcher,
         health_servicer: health_aio.HealthServicer,
         address: str,
@@ -152,29 +151,16 @@ class TaskManagerServer:
         Raises ServerStartError for a port in use or a database that cannot be opened.
         """
         clock = clock or SystemClock()
+        try:
+            store = await open_store(settings.db, writer_niceness=settings.writer_niceness)
+        except Exception as exc:
+            raise ServerStartError(str(exc)) from exc
 
         def hand_over(task: Task, old: str, new: str) -> asyncio.Future[Task | None]:
-            # `store` is bound below; streams (and so hand-overs) exist only once it is.
             return store.submit(lambda tx: lifecycle.hand_over(tx, task, old, new, clock.now_ns()))
 
         dispatcher = Dispatcher(hand_over, settings.stream_buffer)
-        watch_hub = WatchHub(buffer=settings.watch_buffer)
-
-        timekeeper: Timekeeper | None = None  # needs the store; set right after it opens
-
-        def publish(changes: Sequence[Change]) -> None:
-            dispatcher.publish(changes)
-            watch_hub.publish(changes)
-            if timekeeper is not None:
-                timekeeper.notice(changes)
-
-        try:
-            store = await SqliteStore.open(
-                settings.db, on_commit=publish, writer_niceness=settings.writer_niceness
-            )
-        except Exception as exc:
-            raise ServerStartError(str(exc)) from exc
-        watch_hub.revision = await store.current_revision()
+        watch_hub = WatchHub(store.feed.revision, buffer=settings.watch_buffer)
         presence = Presence(int(settings.agent_lost_after_s * 1e9))
         presence.load(await store.seen_agents())
         grace = settings.restart_grace_s
@@ -185,6 +171,8 @@ class TaskManagerServer:
             int(settings.timekeeper_poll_s * 1e9),
             presence,
         )
+        for subscriber in (dispatcher.publish, watch_hub.publish, timekeeper.notice):
+            store.feed.subscribe(subscriber)
         server = grpc.aio.server(options=_grpc_options(settings))
         credentials = Credentials(client_certificates=settings.client_ca is not None)
         try:

@@ -20,8 +20,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from storage.base import Credential as StoredCredential
 from storage.base import (
+    ConcurrentModification,
     HistoryCompacted,
     Store,
     StoreClosed,
@@ -30,10 +30,11 @@ from storage.base import (
     assignee_entity_id,
     with_definition,
 )
-from task_manager import auth, lifecycle, validation, wire
+from storage.base import Credential as StoredCredential
+from task_manager import auth, lifecycle, statuses, validation, wire
 from task_manager.auth import ANONYMOUS, Caller, Credentials, OpenStreams, RateLimiter, Role
 from task_manager.clock import Clock, sleep_until, timestamp
-from task_manager.dispatch import IN_FLIGHT_STATUSES, Dispatcher
+from task_manager.dispatch import Dispatcher
 from task_manager.errors import (
     CredentialNotFound,
     DefinitionConflict,
@@ -305,7 +306,7 @@ class TaskManagerService:
         ):
             # Headers now tell the agent it is subscribed, before any task arrives.
             await context.send_initial_metadata(())
-            backlog = await self._store.agent_backlog(entity_ids, IN_FLIGHT_STATUSES)
+            backlog = await self._store.agent_backlog(entity_ids, statuses.WITH_AN_AGENT)
             self._dispatcher.start(stream, backlog.tasks, backlog.revision)
             async for agent_request in stream.requests():
                 yield agent_request
@@ -568,6 +569,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (CredentialNotFound, grpc.StatusCode.NOT_FOUND),
     (TaskIdTaken, grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflict, grpc.StatusCode.ABORTED),
+    # Another replica's write to the same task committed first: a conflict, not a fault.
+    (ConcurrentModification, grpc.StatusCode.ABORTED),
     (DefinitionConflict, grpc.StatusCode.ABORTED),
     (TerminalTask, grpc.StatusCode.FAILED_PRECONDITION),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
@@ -587,6 +590,8 @@ def status_for(error: Exception) -> _Status:
             trailers: tuple[tuple[str, str], ...] = ()
             if isinstance(error, VersionConflict):
                 trailers = ((CURRENT_STATUS_VERSION_KEY, str(error.current)),)
+            elif isinstance(error, ConcurrentModification):
+                trailers = ((CURRENT_STATUS_VERSION_KEY, str(error.stored_status_version)),)
             elif isinstance(error, DefinitionConflict):
                 trailers = ((CURRENT_DEFINITION_VERSION_KEY, str(error.current)),)
             elif isinstance(error, HistoryCompacted):

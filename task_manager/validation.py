@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from storage.base import MAX_REVISION, TaskQuery, TaskSelector
+from task_manager import statuses
 from task_manager.auth import Role, check_binding
 from task_manager.errors import InvalidArgument
 from task_manager.liveness import MAX_DURATION_S
@@ -65,10 +66,6 @@ class FieldLimits:
     """The most attempts a TaskPolicy may ask for."""
 
 
-# Set by the task manager itself; an UpdateStatus may not claim them.
-MANAGER_SET_STATUSES = frozenset(
-    {Status.STATUS_CREATED, Status.STATUS_SCHEDULED_IN_MANAGER, Status.STATUS_SENT}
-)
 _STATUSES = frozenset(Status.values())
 _TASK_VIEWS = frozenset(TaskView.values())
 _FILTER_TYPES = frozenset(QueryTasksRequest.FilterType.values())
@@ -118,7 +115,7 @@ def check_status_update(update: StatusUpdate, limits: FieldLimits) -> None:
     if status == Status.STATUS_INVALID:
         raise InvalidArgument("status_update.status.status", "is missing (STATUS_INVALID)")
     _enum(_STATUSES, status, "status_update.status.status")
-    if status in MANAGER_SET_STATUSES:
+    if status in statuses.SET_BY_MANAGER:
         raise InvalidArgument(
             "status_update.status.status",
             f"{Status.Name(status)} is set by the task manager, not reported",

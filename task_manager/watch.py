@@ -14,14 +14,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from storage.base import Change, Snapshot, Store, TaskSelector
-from task_manager import wire
+from task_manager import statuses, wire
 from task_manager.clock import Clock, Timer, timestamp
 from task_manager.errors import ServerShuttingDown, StreamEnded, StreamFellBehind
-from task_manager.lifecycle import TERMINAL_STATUSES
 from task_manager.v1.task_manager_pb2 import (
     EventType,
     Heartbeat,
-    Status,
     TaskEvent,
     TaskView,
     WatchTasksResponse,
@@ -31,7 +29,6 @@ from task_manager.wakeup import Wakeup
 DEFAULT_WATCH_BUFFER = 10_000
 """Events queued for one watch at most before it counts as fallen behind."""
 HISTORY_PAGE = 1_000
-NON_TERMINAL_STATUSES = frozenset(set(Status.values()) - TERMINAL_STATUSES - {0})
 
 
 @dataclass(frozen=True)
@@ -228,13 +225,13 @@ async def watch_stream(
         # covered: every matching change up to this revision is in the backlog sent.
         if spec.include_preexisting:
             selector = spec.selector
-            statuses = (selector.statuses or NON_TERMINAL_STATUSES) & NON_TERMINAL_STATUSES
-            if statuses:  # unfinished tasks only
+            unfinished = (selector.statuses or statuses.NOT_TERMINAL) & statuses.NOT_TERMINAL
+            if unfinished:
                 snapshot = await store.snapshot(
                     TaskSelector(
                         task_ids=selector.task_ids,
                         assignee_entity_ids=selector.assignee_entity_ids,
-                        statuses=statuses,
+                        statuses=unfinished,
                         parent_task_id=selector.parent_task_id,
                     )
                 )

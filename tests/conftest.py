@@ -1,18 +1,24 @@
-"""Fixtures: a real Task Manager on a free local port with a temp SQLite file."""
+"""Fixtures: a real Task Manager on a free local port, on each backend in turn.
+
+Every test that takes `database` (or a fixture built on it: `server`, `clocked`, `stub`,
+`client`) runs once per backend: a temp SQLite file, and a fresh database on the private
+PostgreSQL server the session starts (tests/postgres_fixture.py).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
+import os
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
 
 from agent_kit import OperatorClient
 from task_manager.clock import ManualClock
-from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
-from tests.helpers import AsyncStub
+from tests.helpers import LOG_DIR_VARIABLE, AsyncStub, Databases, server_settings
+
+BACKENDS = ("sqlite",)
 
 
 @pytest.fixture(scope="session")
@@ -20,22 +26,45 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _server_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    os.environ[LOG_DIR_VARIABLE] = str(tmp_path_factory.mktemp("server-logs"))
+    yield
+    del os.environ[LOG_DIR_VARIABLE]
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store backend the test runs on."""
+    param: str = request.param
+    return param
+
+
+@pytest.fixture(scope="session")
+def databases(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Databases:
+    return Databases(request, tmp_path_factory)
+
+
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[TaskManagerServer]:
-    running = await TaskManagerServer.start(
-        Settings(listen="127.0.0.1:0", db=tmp_path / "tasks.db", shutdown_grace_s=1.0)
-    )
+def database(backend: str, databases: Databases) -> str:
+    """A new, empty database on the backend under test."""
+    return databases.new(backend)
+
+
+@pytest.fixture
+async def server(database: str) -> AsyncIterator[TaskManagerServer]:
+    running = await TaskManagerServer.start(server_settings(database))
     yield running
     await running.stop()
 
 
 @pytest.fixture
-async def clocked(tmp_path: Path) -> AsyncIterator[tuple[TaskManagerServer, ManualClock]]:
+async def clocked(database: str) -> AsyncIterator[tuple[TaskManagerServer, ManualClock]]:
     """A server whose time moves only when the test advances the clock."""
     clock = ManualClock()
-    running = await TaskManagerServer.start(
-        Settings(listen="127.0.0.1:0", db=tmp_path / "tasks.db", shutdown_grace_s=1.0), clock
-    )
+    running = await TaskManagerServer.start(server_settings(database), clock)
     yield running, clock
     await running.stop()
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -17,9 +18,11 @@ from typing import IO, TypeVar
 
 import anyio
 import grpc
+import pytest
 
 from agent_kit import Agent
 from agent_kit._grpc import AsyncStub as AsyncStub
+from task_manager.config import Settings
 from task_manager.v1 import task_manager_pb2 as pb
 
 T = TypeVar("T")
@@ -74,6 +77,26 @@ async def running(agent: Agent, connect_within_s: float = 30.0) -> AsyncIterator
         agent.stop()
 
 
+class Databases:
+    """Makes new, empty databases of either backend."""
+
+    def __init__(self, request: pytest.FixtureRequest, tmp: pytest.TempPathFactory) -> None:
+        self._request = request
+        self._tmp = tmp
+
+    def new(self, backend: str) -> str:
+        """A new database's target (`--db`): an SQLite path or a postgresql:// URL."""
+        if backend == "sqlite":
+            return str(self._tmp.mktemp("db") / "tasks.db")
+        raise AssertionError(f"no such backend: {backend}")
+
+
+def server_settings(database: str, **options: object) -> Settings:
+    """Settings for a test's server: a free port, a short shutdown grace, the options."""
+    merged: dict[str, object] = {"listen": "127.0.0.1:0", "shutdown_grace_s": 1.0, **options}
+    return Settings(db=database, **merged)  # type: ignore[arg-type]
+
+
 def wait_until(condition: Callable[[], T | None], timeout: float = 20.0, what: str = "") -> T:
     """Polls condition until it returns something other than None/False, or fails."""
     deadline = time.monotonic() + timeout
@@ -86,17 +109,33 @@ def wait_until(condition: Callable[[], T | None], timeout: float = 20.0, what: s
         time.sleep(0.02)
 
 
+def _log_path_for(db: str) -> Path:
+    """Beside an SQLite file; for a URL, a new file where the test session keeps logs."""
+    if not db.startswith("postgresql://"):
+        return Path(db + ".server.log")
+    handle, name = tempfile.mkstemp(
+        prefix="server-", suffix=".log", dir=os.environ.get(LOG_DIR_VARIABLE)
+    )
+    os.close(handle)
+    return Path(name)
+
+
+LOG_DIR_VARIABLE = "TASK_MANAGER_TEST_LOGS"
+"""Where server processes of a database URL log (set by conftest.py to a temp dir)."""
+
+
 class ServerProcess:
     """`task-manager serve` as a child process on a free port, for crash and restart tests."""
 
-    def __init__(self, db: Path, port: int = 0, options: Sequence[str] = ()) -> None:
+    def __init__(self, db: str, port: int = 0, options: Sequence[str] = ()) -> None:
         self.db = db
+        """An SQLite file or a postgresql:// URL (the `database` fixture makes either)."""
         self.port = port
         self.options = options
         """More `task-manager serve` options."""
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
-        self.log_path = db.with_name(db.name + ".server.log")
+        self.log_path = _log_path_for(db)
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.process = subprocess.Popen(
@@ -108,7 +147,7 @@ class ServerProcess:
                 "--listen",
                 f"127.0.0.1:{self.port}",
                 "--db",
-                str(self.db),
+                self.db,
                 *self.options,
             ],
             stdout=subprocess.PIPE,

@@ -17,12 +17,11 @@ import grpc
 import pytest
 
 from agent_kit._grpc import ClientAuth, open_stub
-from storage.sqlite import add_credential
+from storage import add_credential
 from task_manager.auth import Role, new_token
-from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request
+from tests.helpers import AsyncStub, Databases, create_request, server_settings
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
@@ -68,8 +67,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    db = tmp_path_factory.mktemp("matrix") / "tasks.db"
+async def world(backend: str, databases: Databases) -> AsyncIterator[World]:
+    db = databases.new(backend)
     tokens = {}
     for identity, role, entities in (
         ("operator", Role.OPERATOR, ()),
@@ -80,9 +79,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         credential, tokens[identity] = new_token(identity, role, entities, time.time_ns())
         add_credential(db, credential)
     tokens["bad token"] = tokens["admin"][:-4] + "AAAA"
-    server = await TaskManagerServer.start(
-        Settings(listen="127.0.0.1:0", db=db, shutdown_grace_s=1.0)
-    )
+    server = await TaskManagerServer.start(server_settings(db))
     async with grpc.aio.insecure_channel(server.address) as channel:
         yield World(server, authorized(channel, tokens["admin"]), tokens)
     await server.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import anyio
 import grpc
@@ -11,10 +10,9 @@ import pytest
 from google.protobuf.wrappers_pb2 import Int64Value, StringValue
 
 from agent_kit import Agent, AgentError, Backoff, OperatorClient, SyncOperatorClient, TaskContext
-from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, ServerProcess, running, status_update
+from tests.helpers import AsyncStub, ServerProcess, running, server_settings, status_update
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
@@ -204,10 +202,9 @@ async def test_cancel_of_a_task_the_agent_does_not_hold_is_reported_cancelled(
     assert done.status.task_error.code == pb.ERROR_CODE_CANCELLED
 
 
-async def test_agent_reconnects_after_a_graceful_server_restart(tmp_path: Path) -> None:
-    settings = Settings(listen="127.0.0.1:0", db=tmp_path / "t.db", shutdown_grace_s=1.0)
-    first = await TaskManagerServer.start(settings)
-    restarted_settings = Settings(listen=first.address, db=settings.db, shutdown_grace_s=1.0)
+async def test_agent_reconnects_after_a_graceful_server_restart(database: str) -> None:
+    first = await TaskManagerServer.start(server_settings(database))
+    restarted_settings = server_settings(database, listen=first.address)
 
     async def quick(task: TaskContext) -> None:
         return None
@@ -226,8 +223,8 @@ async def test_agent_reconnects_after_a_graceful_server_restart(tmp_path: Path) 
             await second.stop()
 
 
-async def test_agent_survives_a_server_crash_mid_task_and_finishes_it(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "tasks.db").start()
+async def test_agent_survives_a_server_crash_mid_task_and_finishes_it(database: str) -> None:
+    server = ServerProcess(database).start()
     release = anyio.Event()
 
     async def mission(task: TaskContext) -> StringValue:
@@ -303,8 +300,8 @@ async def test_operator_client_round_trip(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_sync_operator_client_for_scripts(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "tasks.db").start()
+def test_sync_operator_client_for_scripts(database: str) -> None:
+    server = ServerProcess(database).start()
     try:
         with SyncOperatorClient(server.address) as client:
             task = client.create_task(assignee_entity_id="drone-1", task_id="script-task")

@@ -6,7 +6,6 @@ A handler cancelled while its report is being written must not take the agent do
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import anyio
 import grpc
@@ -195,9 +194,9 @@ async def test_a_cancel_for_a_later_attempt_than_the_one_the_agent_ran_is_answer
 
 
 async def test_progress_never_waits_for_a_server_that_is_down_and_the_latest_is_sent(
-    tmp_path: Path,
+    database: str,
 ) -> None:
-    server = ServerProcess(tmp_path / "tasks.db").start()
+    server = ServerProcess(database).start()
     server_down, posted, release = anyio.Event(), anyio.Event(), anyio.Event()
 
     async def mission(task: TaskContext) -> None:

@@ -11,7 +11,6 @@ import os
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
 import grpc
@@ -42,7 +41,7 @@ def policy() -> pb.TaskPolicy:
 class Server:
     """A server process that can be restarted on the same port and database."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: str) -> None:
         self.process = ServerProcess(db).start()
         self.restarting = False
 
@@ -56,8 +55,8 @@ class Server:
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    running = Server(tmp_path / "tasks.db")
+async def server(database: str) -> AsyncIterator[Server]:
+    running = Server(database)
     yield running
     assert running.process.terminate() == 0
 

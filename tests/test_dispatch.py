@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request, status_update
+from tests.helpers import AsyncStub, create_request, server_settings, status_update
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
@@ -192,10 +190,8 @@ async def test_a_disconnected_stream_does_not_block_dispatch_to_others(
 
 
 @pytest.fixture
-async def small_buffer_stub(tmp_path: Path) -> AsyncIterator[AsyncStub]:
-    running = await TaskManagerServer.start(
-        Settings(listen="127.0.0.1:0", db=tmp_path / "t.db", stream_buffer=4)
-    )
+async def small_buffer_stub(database: str) -> AsyncIterator[AsyncStub]:
+    running = await TaskManagerServer.start(server_settings(database, stream_buffer=4))
     # No BDP probing: the HTTP/2 window stays small, so a client that stops reading
     # really pushes back on the server instead of buffering megabytes.
     options = [("grpc.http2.bdp_probe", 0)]

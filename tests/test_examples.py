@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import grpc
 
@@ -14,8 +13,8 @@ from task_manager.v1 import task_manager_pb2, task_manager_pb2_grpc
 from tests.helpers import REPO_ROOT, ServerProcess, wait_until
 
 
-def test_example_operator_sees_the_example_agent_finish_a_task(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "tasks.db").start()
+def test_example_operator_sees_the_example_agent_finish_a_task(database: str) -> None:
+    server = ServerProcess(database).start()
     agent = start_example_agent(server.address)
     try:
         assert agent.stdout is not None
@@ -49,8 +48,8 @@ def test_example_operator_sees_the_example_agent_finish_a_task(tmp_path: Path) -
     assert "operator: result: surveyed: the north field" in lines
 
 
-def test_ctrl_c_stops_the_example_agent_cleanly(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "tasks.db").start()
+def test_ctrl_c_stops_the_example_agent_cleanly(database: str) -> None:
+    server = ServerProcess(database).start()
     agent = start_example_agent(server.address)
     try:
         assert agent.stdout is not None

@@ -23,13 +23,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from storage.sqlite import add_credential
+from storage import add_credential
 from task_manager.auth import Role, new_token
 from task_manager.v1 import lattice_compat_pb2
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1.task_manager_pb2_grpc import TaskManagerStub
 from tests.fuzzing import byte_strings, messages, mutants
-from tests.helpers import ServerProcess
+from tests.helpers import Databases, ServerProcess
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 """Well-typed messages per run; mutated valid requests and raw byte strings are half as
@@ -126,8 +126,8 @@ def _identity(data: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzWorld]:
-    db = tmp_path_factory.mktemp("fuzz") / "tasks.db"
+def world(backend: str, databases: Databases) -> Iterator[FuzzWorld]:
+    db = databases.new(backend)
     tokens: dict[str, str | None] = {"no credentials": None}
     for identity, role, entities in (
         ("operator", Role.OPERATOR, ()),

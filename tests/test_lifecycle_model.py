@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,7 +26,7 @@ from hypothesis.stateful import (
 
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1.task_manager_pb2_grpc import TaskManagerStub
-from tests.helpers import ServerProcess, agent
+from tests.helpers import Databases, ServerProcess, agent
 
 S = pb.Status
 TERMINAL = {S.STATUS_DONE_OK, S.STATUS_DONE_NOT_OK}
@@ -62,9 +61,8 @@ class ModelTask:
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskManagerStub]:
-    db: Path = tmp_path_factory.mktemp("model") / "tasks.db"
-    server = ServerProcess(db).start()
+def stub(backend: str, databases: Databases) -> Iterator[TaskManagerStub]:
+    server = ServerProcess(databases.new(backend)).start()
     channel = grpc.insecure_channel(server.address)
     yield TaskManagerStub(channel)
     channel.close()

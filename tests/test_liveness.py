@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -20,10 +19,9 @@ from google.protobuf.wrappers_pb2 import StringValue
 
 from task_manager import lifecycle, liveness
 from task_manager.clock import ManualClock, timestamp
-from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import REPO_ROOT, AsyncStub, create_request
+from tests.helpers import REPO_ROOT, AsyncStub, create_request, server_settings
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
@@ -38,7 +36,7 @@ def seconds(value: float) -> Duration:
 class Harness:
     """A server on a ManualClock, and a stub to it."""
 
-    def __init__(self, db: Path, clock: ManualClock, **settings: object) -> None:
+    def __init__(self, db: str, clock: ManualClock, **settings: object) -> None:
         self.db = db
         self.clock = clock
         self.settings = settings
@@ -47,11 +45,8 @@ class Harness:
         self.stub: AsyncStub
 
     async def start(self) -> Harness:
-        options: dict[str, object] = {"listen": "127.0.0.1:0", "shutdown_grace_s": 1.0}
-        options.update(self.settings)
         self.server = await TaskManagerServer.start(
-            Settings(db=self.db, **options),  # type: ignore[arg-type]
-            self.clock,
+            server_settings(self.db, **self.settings), self.clock
         )
         self.channel = grpc.aio.insecure_channel(self.server.address)
         self.stub = AsyncStub(self.channel)
@@ -102,8 +97,8 @@ class Harness:
 
 
 @pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    running = await Harness(tmp_path / "tasks.db", ManualClock()).start()
+async def harness(database: str) -> AsyncIterator[Harness]:
+    running = await Harness(database, ManualClock()).start()
     yield running
     await running.stop()
 
@@ -264,9 +259,9 @@ async def test_a_task_scheduled_in_the_future_is_released_then(harness: Harness)
     assert past.status.status == S.STATUS_SENT  # a past time releases at once
 
 
-async def test_deadlines_survive_a_restart_with_a_grace_period(tmp_path: Path) -> None:
+async def test_deadlines_survive_a_restart_with_a_grace_period(database: str) -> None:
     clock = ManualClock()
-    first = await Harness(tmp_path / "tasks.db", clock).start()
+    first = await Harness(database, clock).start()
     policy = pb.TaskPolicy(heartbeat_timeout=seconds(30), max_attempts=2)
     silent = await first.create(policy)
     silent = await first.report(silent, S.STATUS_EXECUTING)
@@ -276,7 +271,7 @@ async def test_deadlines_survive_a_restart_with_a_grace_period(tmp_path: Path) -
     await first.stop()
 
     clock.advance(300)  # the server was down for five minutes: every deadline is overdue
-    second = await Harness(tmp_path / "tasks.db", clock).start()
+    second = await Harness(database, clock).start()
     try:
         # A scheduled release is not a liveness timeout: it happens at once.
         await second.until(scheduled.version.task_id, status_is(S.STATUS_SENT))
@@ -305,12 +300,10 @@ def _agent_process(target: str, *flags: str) -> subprocess.Popen[str]:
 
 
 async def test_an_agent_killed_mid_task_is_timed_out_and_another_finishes(
-    tmp_path: Path,
+    database: str,
 ) -> None:
     # Real time here: a real process is killed, and heartbeats are real.
-    server = await TaskManagerServer.start(
-        Settings(listen="127.0.0.1:0", db=tmp_path / "tasks.db", shutdown_grace_s=1.0)
-    )
+    server = await TaskManagerServer.start(server_settings(database))
     doomed = _agent_process(server.address, "--entity-id", "drone-1", "--pool", "pool-a", "--hang")
     spare: subprocess.Popen[str] | None = None
     try:
@@ -359,9 +352,9 @@ async def test_an_agent_killed_mid_task_is_timed_out_and_another_finishes(
         await server.stop()
 
 
-async def test_list_agents_tracks_streams_last_seen_and_lost(tmp_path: Path) -> None:
+async def test_list_agents_tracks_streams_last_seen_and_lost(database: str) -> None:
     clock = ManualClock()
-    first = await Harness(tmp_path / "tasks.db", clock, agent_lost_after_s=60.0).start()
+    first = await Harness(database, clock, agent_lost_after_s=60.0).start()
 
     async def agents(harness: Harness) -> list[pb.AgentPresence]:
         return list((await harness.stub.ListAgents(pb.ListAgentsRequest())).agents)
@@ -391,7 +384,7 @@ async def test_list_agents_tracks_streams_last_seen_and_lost(tmp_path: Path) -> 
         assert (await agents(first))[0].state == pb.AGENT_STATE_LOST
     finally:
         await first.stop()
-    second = await Harness(tmp_path / "tasks.db", clock, agent_lost_after_s=60.0).start()
+    second = await Harness(database, clock, agent_lost_after_s=60.0).start()
     try:
         (remembered,) = await agents(second)  # a restart forgets no agent
         assert remembered.state == pb.AGENT_STATE_LOST
@@ -497,9 +490,9 @@ async def test_a_deadline_that_fails_to_fire_is_tried_again(
 
 
 async def test_an_attempt_ends_once_its_agent_was_lost_for_lost_agent_timeout(
-    tmp_path: Path,
+    database: str,
 ) -> None:
-    harness = await Harness(tmp_path / "tasks.db", ManualClock(), agent_lost_after_s=60.0).start()
+    harness = await Harness(database, ManualClock(), agent_lost_after_s=60.0).start()
     try:
         watched = await harness.create(
             pb.TaskPolicy(lost_agent_timeout=seconds(30), max_attempts=2)
@@ -535,9 +528,9 @@ async def test_an_attempt_ends_once_its_agent_was_lost_for_lost_agent_timeout(
 
 
 async def test_lost_agent_timeout_ends_the_attempt_of_a_pool_member_that_left(
-    tmp_path: Path,
+    database: str,
 ) -> None:
-    harness = await Harness(tmp_path / "tasks.db", ManualClock(), agent_lost_after_s=60.0).start()
+    harness = await Harness(database, ManualClock(), agent_lost_after_s=60.0).start()
     try:
         request = create_request(None)
         request.relations.assignee.team.entity_id = "pool-a"

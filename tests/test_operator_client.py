@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import anyio
 import grpc
@@ -186,8 +185,8 @@ def test_the_sync_client_takes_exactly_the_async_clients_arguments(method: str) 
     assert parameters(SyncOperatorClient) == parameters(OperatorClient)
 
 
-def test_the_sync_client_reaches_the_same_features(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "tasks.db").start()
+def test_the_sync_client_reaches_the_same_features(database: str) -> None:
+    server = ServerProcess(database).start()
     try:
         with SyncOperatorClient(server.address) as client:
             parent = client.create_task(assignee_pool="pool-s", policy=FULL_POLICY)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import anyio
 import grpc
@@ -12,13 +11,12 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from agent_kit._grpc import ClientAuth, open_stub
-from storage.sqlite import add_credential
+from storage import add_credential
 from task_manager.auth import Role, new_token
 from task_manager.clock import ManualClock
-from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request
+from tests.helpers import AsyncStub, create_request, server_settings
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
@@ -192,8 +190,7 @@ async def test_flow_control_never_exceeds_max_in_flight(stub: AsyncStub) -> None
     worker.cancel()
 
 
-async def test_only_the_holding_member_may_report(tmp_path: Path) -> None:
-    db = tmp_path / "tasks.db"
+async def test_only_the_holding_member_may_report(database: str) -> None:
     tokens = {}
     for name, role, entities in (
         ("ops", Role.OPERATOR, ()),
@@ -201,10 +198,8 @@ async def test_only_the_holding_member_may_report(tmp_path: Path) -> None:
         ("drone-2", Role.AGENT, ("drone-2", "pool-a")),
     ):
         credential, tokens[name] = new_token(name, role, entities, time.time_ns())
-        add_credential(db, credential)
-    server = await TaskManagerServer.start(
-        Settings(listen="127.0.0.1:0", db=db, shutdown_grace_s=1.0)
-    )
+        add_credential(database, credential)
+    server = await TaskManagerServer.start(server_settings(database))
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
 

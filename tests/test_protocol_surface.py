@@ -150,9 +150,9 @@ WELL_KNOWN_TYPES = [
 ]
 
 
-def test_reflection_serves_the_well_known_types(tmp_path: Path) -> None:
+def test_reflection_serves_the_well_known_types(database: str) -> None:
     # A server process of its own: in this one, the test's imports fill the pool.
-    server = ServerProcess(tmp_path / "tasks.db").start()
+    server = ServerProcess(database).start()
     try:
         with grpc.insecure_channel(server.address) as channel:
             # As a generic tool (grpcurl, Postman) resolves types: through reflection only.

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anyio
 import grpc
 import pytest
 
-from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request, status_update
+from tests.helpers import AsyncStub, create_request, server_settings, status_update
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
@@ -109,10 +106,10 @@ async def test_undecodable_report_is_refused_and_the_stream_goes_on(
 
 
 async def test_server_stop_ends_report_streams_with_unavailable_without_waiting(
-    tmp_path: Path,
+    database: str,
 ) -> None:
     # A grace period far longer than the deadline: stop must not wait for the stream.
-    settings = Settings(listen="127.0.0.1:0", db=tmp_path / "t.db", shutdown_grace_s=600)
+    settings = server_settings(database, shutdown_grace_s=600)
     server = await TaskManagerServer.start(settings)
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = AsyncStub(channel)

@@ -9,28 +9,29 @@ from pathlib import Path
 
 import anyio
 import grpc
+import psycopg
+import psycopg.sql
 import pytest
 
 from agent_kit import Agent, ClientAuth, OperatorClient, TaskContext
 from agent_kit._grpc import open_channel, open_stub
+from storage import add_credential, is_postgresql, list_credentials, revoke_credential
 from storage.base import Credential
-from storage.sqlite import add_credential, list_credentials, revoke_credential
 from task_manager import lifecycle
 from task_manager.auth import Role, certificate_binding, new_token
 from task_manager.clock import ManualClock
-from task_manager.config import Settings
 from task_manager.server import ServerStartError, TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.validation import FieldLimits
 from tests.certs import TestCA
-from tests.helpers import REPO_ROOT, AsyncStub, create_request, trailer
+from tests.helpers import REPO_ROOT, AsyncStub, create_request, server_settings, trailer
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
 OK = grpc.StatusCode.OK
 
 
-def token_for(db: Path, principal: str, role: Role, *entities: str) -> tuple[Credential, str]:
+def token_for(db: str, principal: str, role: Role, *entities: str) -> tuple[Credential, str]:
     credential, token = new_token(principal, role, entities, time.time_ns())
     add_credential(db, credential)
     return credential, token
@@ -40,11 +41,8 @@ def stub_for(channel: grpc.aio.Channel, token: str | None) -> AsyncStub:
     return open_stub(channel, ClientAuth(token=token))
 
 
-async def start(db: Path, **settings: object) -> TaskManagerServer:
-    options: dict[str, object] = {"listen": "127.0.0.1:0", "shutdown_grace_s": 1.0}
-    options.update(settings)
-    clock = options.pop("clock", None)
-    return await TaskManagerServer.start(Settings(db=db, **options), clock)  # type: ignore[arg-type]
+async def start(db: str, clock: ManualClock | None = None, **settings: object) -> TaskManagerServer:
+    return await TaskManagerServer.start(server_settings(db, **settings), clock)
 
 
 async def code_of(call: object) -> grpc.StatusCode:
@@ -56,11 +54,11 @@ async def code_of(call: object) -> grpc.StatusCode:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "tasks.db"
+def db(database: str) -> str:
+    return database
 
 
-async def test_without_credentials_the_loopback_server_is_open(db: Path) -> None:
+async def test_without_credentials_the_loopback_server_is_open(db: str) -> None:
     server = await start(db)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -71,7 +69,7 @@ async def test_without_credentials_the_loopback_server_is_open(db: Path) -> None
 
 
 async def test_once_a_token_exists_every_call_needs_one(
-    db: Path, caplog: pytest.LogCaptureFixture
+    db: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = await start(db, credential_refresh_s=0.05)
     try:
@@ -103,16 +101,36 @@ async def test_once_a_token_exists_every_call_needs_one(
         await server.stop()
 
 
-async def test_tokens_are_stored_only_as_hashes(db: Path) -> None:
+def stored_bytes(db: str) -> list[bytes]:
+    """Everything the database keeps: an SQLite file and its companions, or the text of
+    every row of every table of a PostgreSQL database."""
+    if not is_postgresql(db):
+        return [path.read_bytes() for path in Path(db).parent.iterdir()]
+    with psycopg.connect(db) as conn:
+        tables = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        ).fetchall()
+        return [
+            str(row[0]).encode()
+            for (table,) in tables
+            for row in conn.execute(
+                psycopg.sql.SQL("SELECT t::text FROM {} t").format(psycopg.sql.Identifier(table))
+            )
+        ]
+
+
+async def test_tokens_are_stored_only_as_hashes(db: str) -> None:
     credential, token = token_for(db, "olivia", Role.OPERATOR)
     secret = token.split("_", 2)[2]  # the secret itself may contain "_"
     assert secret not in credential.secret_hash
-    for path in db.parent.iterdir():
-        assert secret.encode() not in path.read_bytes(), path
+    stored = stored_bytes(db)
+    assert stored
+    for data in stored:
+        assert secret.encode() not in data
     assert [row.credential_id for row in list_credentials(db)] == [credential.credential_id]
 
 
-async def test_the_author_is_the_authenticated_caller(db: Path) -> None:
+async def test_the_author_is_the_authenticated_caller(db: str) -> None:
     _, operator = token_for(db, "olivia", Role.OPERATOR)
     _, drone = token_for(db, "drone", Role.AGENT, "drone-1")
     server = await start(db)
@@ -140,7 +158,7 @@ async def test_the_author_is_the_authenticated_caller(db: Path) -> None:
         await server.stop()
 
 
-async def test_revoking_a_token_refuses_new_calls_and_ends_its_streams(db: Path) -> None:
+async def test_revoking_a_token_refuses_new_calls_and_ends_its_streams(db: str) -> None:
     credential, drone = token_for(db, "drone", Role.AGENT, "drone-1")
     _, viewer = token_for(db, "vera", Role.VIEWER)
     server = await start(db, credential_refresh_s=0.05)
@@ -169,10 +187,10 @@ async def test_revoking_a_token_refuses_new_calls_and_ends_its_streams(db: Path)
         await server.stop()
 
 
-async def test_the_tokens_command_adds_lists_and_revokes(db: Path) -> None:
+async def test_the_tokens_command_adds_lists_and_revokes(db: str) -> None:
     def tokens(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "task_manager", "tokens", "--db", str(db), *args],
+            [sys.executable, "-m", "task_manager", "tokens", "--db", db, *args],
             capture_output=True,
             text=True,
             cwd=REPO_ROOT,
@@ -207,7 +225,7 @@ async def test_the_tokens_command_adds_lists_and_revokes(db: Path) -> None:
     assert "revoked" in tokens("list").stdout
 
 
-async def test_off_loopback_the_server_needs_tls_and_credentials(db: Path, tmp_path: Path) -> None:
+async def test_off_loopback_the_server_needs_tls_and_credentials(db: str, tmp_path: Path) -> None:
     with pytest.raises(ServerStartError, match=r"without TLS .* and authentication"):
         await start(db, listen="0.0.0.0:0")
     token_for(db, "olivia", Role.OPERATOR)
@@ -218,7 +236,7 @@ async def test_off_loopback_the_server_needs_tls_and_credentials(db: Path, tmp_p
     await server.stop()
 
 
-async def test_tls_with_a_token(db: Path, tmp_path: Path) -> None:
+async def test_tls_with_a_token(db: str, tmp_path: Path) -> None:
     ca = TestCA(tmp_path)
     issued = ca.issue("localhost", server=True)
     _, token = token_for(db, "olivia", Role.OPERATOR)
@@ -240,7 +258,7 @@ async def test_tls_with_a_token(db: Path, tmp_path: Path) -> None:
         await server.stop()
 
 
-async def test_mutual_tls_names_the_principal_by_certificate(db: Path, tmp_path: Path) -> None:
+async def test_mutual_tls_names_the_principal_by_certificate(db: str, tmp_path: Path) -> None:
     ca = TestCA(tmp_path)
     issued = ca.issue("localhost", server=True)
     add_credential(db, certificate_binding("drone-cert", Role.AGENT, ["drone-1"], time.time_ns()))
@@ -303,7 +321,7 @@ async def test_mutual_tls_names_the_principal_by_certificate(db: Path, tmp_path:
 
 
 async def test_requests_over_the_rate_get_resource_exhausted_with_a_retry_hint(
-    db: Path,
+    db: str,
 ) -> None:
     clock = ManualClock()
     server = await start(db, requests_per_second=5.0, clock=clock)
@@ -323,7 +341,7 @@ async def test_requests_over_the_rate_get_resource_exhausted_with_a_retry_hint(
         await server.stop()
 
 
-async def test_streams_per_principal_are_limited(db: Path) -> None:
+async def test_streams_per_principal_are_limited(db: str) -> None:
     server = await start(db, max_streams_per_principal=2)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -350,7 +368,7 @@ async def test_streams_per_principal_are_limited(db: Path) -> None:
         await server.stop()
 
 
-async def test_an_oversized_request_is_refused_and_changes_nothing(db: Path) -> None:
+async def test_an_oversized_request_is_refused_and_changes_nothing(db: str) -> None:
     server = await start(db, max_request_bytes=4096)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -363,7 +381,7 @@ async def test_an_oversized_request_is_refused_and_changes_nothing(db: Path) -> 
         await server.stop()
 
 
-async def test_field_limits_are_settings(db: Path) -> None:
+async def test_field_limits_are_settings(db: str) -> None:
     server = await start(db, limits=FieldLimits(display_name_chars=10))
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -382,7 +400,7 @@ async def test_field_limits_are_settings(db: Path) -> None:
 
 
 async def test_an_internal_error_returns_only_an_id(
-    db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    db: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(*args: object) -> pb.Task:
         raise RuntimeError("secret detail: /srv/keys")
@@ -404,7 +422,7 @@ async def test_an_internal_error_returns_only_an_id(
     assert any(error_id in record.getMessage() for record in caplog.records)
 
 
-async def test_tls_files_that_are_not_pem_are_a_clear_start_error(db: Path, tmp_path: Path) -> None:
+async def test_tls_files_that_are_not_pem_are_a_clear_start_error(db: str, tmp_path: Path) -> None:
     issued = TestCA(tmp_path).issue("localhost", server=True)
     not_pem = tmp_path / "notes.txt"
     not_pem.write_text("hello")
@@ -416,7 +434,7 @@ async def test_tls_files_that_are_not_pem_are_a_clear_start_error(db: Path, tmp_
         await start(db, tls_cert=issued.cert)
 
 
-async def test_admins_manage_credentials_over_the_api_with_immediate_effect(db: Path) -> None:
+async def test_admins_manage_credentials_over_the_api_with_immediate_effect(db: str) -> None:
     _, admin_token = token_for(db, "ada", Role.ADMIN)
     server = await start(db, credential_refresh_s=3600.0)  # no help from the reload loop
     try:

@@ -22,8 +22,8 @@ S = pb.Status
 
 
 @pytest.mark.anyio
-async def test_every_acknowledged_change_survives_sigkill(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "tasks.db").start()
+async def test_every_acknowledged_change_survives_sigkill(database: str) -> None:
+    server = ServerProcess(database).start()
     acknowledged: dict[str, pb.Task] = {}  # task id -> latest task the server confirmed
     enough = asyncio.Event()
 
@@ -48,7 +48,7 @@ async def test_every_acknowledged_change_survives_sigkill(tmp_path: Path) -> Non
     assert all(isinstance(r, grpc.aio.AioRpcError) for r in results), results
     confirmed = dict(acknowledged)  # only what was acknowledged before the kill counts
 
-    restarted = ServerProcess(tmp_path / "tasks.db").start()
+    restarted = ServerProcess(database).start()
     try:
         async with grpc.aio.insecure_channel(restarted.address) as channel:
             stub = AsyncStub(channel)
@@ -64,8 +64,8 @@ async def test_every_acknowledged_change_survives_sigkill(tmp_path: Path) -> Non
 
 
 @pytest.mark.anyio
-async def test_sigterm_ends_agent_streams_with_unavailable_and_exits_0(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "tasks.db").start()
+async def test_sigterm_ends_agent_streams_with_unavailable_and_exits_0(database: str) -> None:
+    server = ServerProcess(database).start()
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = AsyncStub(channel)
         stream = stub.ListenAsAgent(
@@ -93,7 +93,7 @@ def _serve(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_port_in_use_is_a_one_line_error_and_nonzero_exit(tmp_path: Path) -> None:
-    first = ServerProcess(tmp_path / "a.db").start()
+    first = ServerProcess(str(tmp_path / "a.db")).start()
     try:
         result = _serve("--listen", first.address, "--db", str(tmp_path / "b.db"))
     finally:
@@ -141,15 +141,16 @@ def test_settings_come_from_the_environment(tmp_path: Path) -> None:
     assert code == 0
 
 
-def test_a_second_server_on_the_same_database_refuses_to_start(tmp_path: Path) -> None:
-    first = ServerProcess(tmp_path / "tasks.db").start()
+def test_a_second_server_on_the_same_sqlite_file_refuses_to_start(tmp_path: Path) -> None:
+    db = str(tmp_path / "tasks.db")
+    first = ServerProcess(db).start()
     try:
-        result = _serve("--listen", "127.0.0.1:0", "--db", str(tmp_path / "tasks.db"))
+        result = _serve("--listen", "127.0.0.1:0", "--db", db)
     finally:
         assert first.terminate() == 0
     assert result.returncode != 0
     assert "in use by another task manager" in result.stderr
-    restarted = ServerProcess(tmp_path / "tasks.db").start()  # the lock went with it
+    restarted = ServerProcess(db).start()  # the lock went with it
     assert restarted.terminate() == 0
 
 
@@ -196,7 +197,7 @@ def test_writer_niceness_sets_how_far_below_the_rest_the_writer_runs(tmp_path: P
         )
         return [difference for difference in below if difference != 0]
 
-    lowered = ServerProcess(tmp_path / "three.db", options=("--writer-niceness", "3")).start()
+    lowered = ServerProcess(str(tmp_path / "three.db"), options=("--writer-niceness", "3")).start()
     try:
         assert lowered.process is not None
         pid = lowered.process.pid
@@ -208,7 +209,7 @@ def test_writer_niceness_sets_how_far_below_the_rest_the_writer_runs(tmp_path: P
     finally:
         assert lowered.terminate() == 0
 
-    level = ServerProcess(tmp_path / "zero.db", options=("--writer-niceness", "0")).start()
+    level = ServerProcess(str(tmp_path / "zero.db"), options=("--writer-niceness", "0")).start()
     try:
         assert level.process is not None
         assert lowered_threads(level.process.pid) == []
@@ -226,9 +227,9 @@ CORE_LOG_LINE = re.compile(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]", 
 
 @pytest.mark.anyio
 async def test_sigterm_answers_every_call_ok_or_unavailable_and_applies_exactly_the_ok_ones(
-    tmp_path: Path,
+    database: str,
 ) -> None:
-    server = ServerProcess(tmp_path / "tasks.db").start()
+    server = ServerProcess(database).start()
     outcomes: dict[str, grpc.StatusCode] = {}
     enough = asyncio.Event()
 
@@ -259,7 +260,7 @@ async def test_sigterm_answers_every_call_ok_or_unavailable_and_applies_exactly_
     assert "exception was never retrieved" not in log
     assert not CORE_LOG_LINE.search(log), log
 
-    restarted = ServerProcess(tmp_path / "tasks.db").start()
+    restarted = ServerProcess(database).start()
     try:
         async with grpc.aio.insecure_channel(restarted.address) as channel:
             stub = AsyncStub(channel)

@@ -9,7 +9,8 @@ import pytest
 import sqlite_utils
 
 from storage.base import StoreError
-from storage.sqlite import MIGRATIONS, SqliteStore
+from storage.sqlite import SqliteStore
+from storage.sqlite.schema import MIGRATIONS
 from task_manager.v1 import task_manager_pb2 as pb
 
 pytestmark = pytest.mark.anyio
@@ -46,7 +47,7 @@ def version_1_database(path: Path) -> pb.TaskHistoryEntry:
 
 async def test_a_version_1_database_is_migrated_and_keeps_its_history(tmp_path: Path) -> None:
     entry = version_1_database(tmp_path / "old.db")
-    store = await SqliteStore.open(tmp_path / "old.db", on_commit=lambda changes: None)
+    store = await SqliteStore.open(tmp_path / "old.db")
     try:
         assert list(await store.history("old-task-1", 0, 10)) == [entry]
         changes = await store.changes_after(0, 10)
@@ -66,4 +67,4 @@ async def test_a_database_from_a_newer_server_is_refused(tmp_path: Path) -> None
     conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     conn.close()
     with pytest.raises(StoreError, match="newer than this server"):
-        await SqliteStore.open(tmp_path / "new.db", on_commit=lambda changes: None)
+        await SqliteStore.open(tmp_path / "new.db")

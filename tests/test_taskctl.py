@@ -15,23 +15,22 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
-from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import any_pb2
 
 from agent_kit import taskctl as taskctl_module
-from storage.sqlite import add_credential
+from storage import add_credential
 from task_manager.auth import Role, new_token
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1 import task_manager_pb2_grpc
-from tests.helpers import REPO_ROOT, ServerProcess, status_update, wait_until
+from tests.helpers import REPO_ROOT, Databases, ServerProcess, status_update, wait_until
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    running = ServerProcess(tmp_path_factory.mktemp("taskctl") / "tasks.db").start()
+def server(backend: str, databases: Databases) -> Iterator[ServerProcess]:
+    running = ServerProcess(databases.new(backend)).start()
     yield running
     assert running.terminate() == 0
 
@@ -270,8 +269,8 @@ def test_watch_follows_changes_live(server: ServerProcess) -> None:
     assert all("ctl-watch-0" in line for line in rest)
 
 
-def test_a_token_from_the_flag_or_the_environment(tmp_path: Path) -> None:
-    db = tmp_path / "tasks.db"
+def test_a_token_from_the_flag_or_the_environment(database: str) -> None:
+    db = database
     credential, token = new_token("olivia", Role.OPERATOR, (), time.time_ns())
     add_credential(db, credential)
     secured = ServerProcess(db).start()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 import pytest
 
 from agent_kit import OperatorClient
+from storage import open_store
 from storage.base import TaskSelector
-from storage.sqlite import SqliteStore
 from task_manager import lifecycle
 from task_manager.auth import ANONYMOUS
 from task_manager.clock import ManualClock, SystemClock, Timer
@@ -19,7 +18,7 @@ from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.watch import WatchHub, WatchSpec, watch_stream
-from tests.helpers import AsyncStub, create_request, status_update, trailer
+from tests.helpers import AsyncStub, create_request, server_settings, status_update, trailer
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
@@ -233,8 +232,8 @@ async def test_rate_limit_keeps_the_latest_state_per_window_and_never_drops_crea
         call.cancel()
 
 
-async def test_slow_watcher_is_cut_off_while_a_fast_one_keeps_up(tmp_path: Path) -> None:
-    settings = Settings(listen="127.0.0.1:0", db=tmp_path / "t.db", watch_buffer=20)
+async def test_slow_watcher_is_cut_off_while_a_fast_one_keeps_up(database: str) -> None:
+    settings = server_settings(database, watch_buffer=20)
     server = await TaskManagerServer.start(settings)
     options = [("grpc.http2.bdp_probe", 0)]  # a small window: the slow reader pushes back
     try:
@@ -268,10 +267,8 @@ async def test_slow_watcher_is_cut_off_while_a_fast_one_keeps_up(tmp_path: Path)
         await server.stop()
 
 
-async def test_compacted_history_is_out_of_range_and_the_sdk_relists(tmp_path: Path) -> None:
-    settings = Settings(
-        listen="127.0.0.1:0", db=tmp_path / "t.db", retention_revisions=3, retention_age_s=0
-    )
+async def test_compacted_history_is_out_of_range_and_the_sdk_relists(database: str) -> None:
+    settings = server_settings(database, retention_revisions=3, retention_age_s=0)
     server = await TaskManagerServer.start(settings)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -358,9 +355,9 @@ def _progress(text: str) -> pb.google_dot_protobuf_dot_any__pb2.Any:  # type: ig
     return packed
 
 
-async def test_compaction_runs_once_per_interval_of_the_clock(tmp_path: Path) -> None:
+async def test_compaction_runs_once_per_interval_of_the_clock(database: str) -> None:
     clock = ManualClock()
-    settings = Settings(listen="127.0.0.1:0", db=tmp_path / "t.db", compaction_interval_s=60)
+    settings = server_settings(database, compaction_interval_s=60)
     server = await TaskManagerServer.start(settings, clock=clock)
     try:
         await until(lambda: server.compactions == 1)  # once at start
@@ -381,11 +378,12 @@ async def until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_a_change_committed_right_after_subscribing_is_never_lost(tmp_path: Path) -> None:
+async def test_a_change_committed_right_after_subscribing_is_never_lost(database: str) -> None:
     # Deterministic version of the race: the change commits in the gap between the
     # watch's registration (its headers go out) and the rest of its setup.
-    hub = WatchHub()
-    store = await SqliteStore.open(tmp_path / "t.db", on_commit=hub.publish)
+    store = await open_store(database)
+    hub = WatchHub(store.feed.revision)
+    store.feed.subscribe(hub.publish)
     try:
         clock = SystemClock()
         request = pb.CreateTaskRequest(display_name="raced")
@@ -447,11 +445,9 @@ async def test_a_snapshot_filtered_on_finished_statuses_lists_nothing(stub: Asyn
 
 
 async def test_history_of_a_task_whose_entries_were_all_compacted_is_empty_not_missing(
-    tmp_path: Path,
+    database: str,
 ) -> None:
-    settings = Settings(
-        listen="127.0.0.1:0", db=tmp_path / "t.db", retention_revisions=2, retention_age_s=0
-    )
+    settings = server_settings(database, retention_revisions=2, retention_age_s=0)
     server = await TaskManagerServer.start(settings)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:

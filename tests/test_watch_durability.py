@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from functools import partial
-from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -50,8 +49,8 @@ async def write_tasks(stub: AsyncStub, writer: int) -> None:
         await walk_task(stub, f"w{writer}-task-{n:04d}")
 
 
-async def test_watcher_sees_exactly_the_history_across_three_server_kills(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "tasks.db").start()
+async def test_watcher_sees_exactly_the_history_across_three_server_kills(database: str) -> None:
+    server = ServerProcess(database).start()
     port = server.port
     seen: list[int] = []
     enough, everything = asyncio.Event(), asyncio.Event()
@@ -76,7 +75,7 @@ async def test_watcher_sees_exactly_the_history_across_three_server_kills(tmp_pa
             await asyncio.wait_for(enough.wait(), 120)
             enough.clear()
             await asyncio.to_thread(server.kill)  # mid-write, mid-watch
-            server = await asyncio.to_thread(ServerProcess(tmp_path / "tasks.db", port=port).start)
+            server = await asyncio.to_thread(ServerProcess(database, port=port).start)
         await asyncio.wait_for(asyncio.gather(*writers), 300)
         await asyncio.wait_for(everything.wait(), 120)
         watching.cancel()

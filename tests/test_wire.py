@@ -8,15 +8,13 @@ re-serialised the task would not carry them).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from google.protobuf.any_pb2 import Any as AnyMessage
 from hypothesis import given
 from hypothesis import strategies as st
 
+from storage import open_store
 from storage.base import Change, WriteTransaction
-from storage.sqlite import SqliteStore
 from task_manager import lifecycle, wire
 from task_manager.clock import SystemClock, timestamp
 from task_manager.config import Settings
@@ -114,9 +112,10 @@ def test_a_watch_event_carries_the_stored_bytes() -> None:
     assert event.event.task == stored
 
 
-async def test_the_store_hands_out_the_bytes_it_wrote(tmp_path: Path) -> None:
+async def test_the_store_hands_out_the_bytes_it_wrote(database: str) -> None:
     published: list[Change] = []
-    store = await SqliteStore.open(tmp_path / "t.db", on_commit=published.extend)
+    store = await open_store(database)
+    store.feed.subscribe(published.extend)
     try:
         request = pb.CreateTaskRequest(
             display_name="once",

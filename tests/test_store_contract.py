@@ -1,7 +1,12 @@
-"""Group commit in the SQLite store: what one commit holds, and what a failing unit undoes.
+"""The store contract: what every backend must do, run on each of them.
 
-Each test holds the writer inside a first unit (on an event it waits for), queues more
-units behind it, then lets it go, so what shares a commit does not depend on timing.
+Group commit (what one commit holds, what a failing unit undoes), revisions (dense, in
+commit order, published before the writer's caller is answered), compare-and-set,
+history and compaction, and two stores on one database.
+
+The group-commit tests hold the writer inside a first unit (on an event it waits for),
+queue more units behind it, then let it go, so what shares a commit does not depend on
+timing.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import anyio
 import pytest
 
-from storage.base import Change, StoreClosed, WriteTransaction
-from storage.sqlite import MAX_BATCH, WRITER_NICENESS, SqliteStore
+from storage import open_store
+from storage.base import Change, Store, StoreClosed, WriteTransaction
+from storage.group_commit import MAX_BATCH, WRITER_NICENESS
 from task_manager import lifecycle
 from task_manager.config import Settings
 from task_manager.v1 import task_manager_pb2 as pb
@@ -44,14 +49,15 @@ def published() -> list[Change]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path, published: list[Change]) -> AsyncIterator[SqliteStore]:
-    opened = await SqliteStore.open(tmp_path / "t.db", on_commit=published.extend)
+async def store(database: str, published: list[Change]) -> AsyncIterator[Store]:
+    opened = await open_store(database)
+    opened.feed.subscribe(published.extend)
     yield opened
     await opened.close()  # a no-op for a test that closed it
 
 
 @asynccontextmanager
-async def writer_held(store: SqliteStore) -> AsyncIterator[asyncio.Future[pb.Task]]:
+async def writer_held(store: Store) -> AsyncIterator[asyncio.Future[pb.Task]]:
     """Keeps the writer inside a first unit (creating held-1) while the body queues
     more; lets it go on the way out. Yields the first unit's result."""
     entered, released = threading.Event(), threading.Event()
@@ -70,7 +76,7 @@ async def writer_held(store: SqliteStore) -> AsyncIterator[asyncio.Future[pb.Tas
 
 
 async def test_writes_queued_while_a_batch_runs_join_its_commit(
-    store: SqliteStore, published: list[Change]
+    store: Store, published: list[Change]
 ) -> None:
     commits_before = store.commits
     async with writer_held(store) as first:
@@ -90,7 +96,7 @@ async def test_writes_queued_while_a_batch_runs_join_its_commit(
 
 
 async def test_a_failing_unit_undoes_only_its_own_writes(
-    store: SqliteStore, published: list[Change]
+    store: Store, published: list[Change]
 ) -> None:
     def create_then_fail(tx: WriteTransaction) -> pb.Task:
         create("doomed-1")(tx)
@@ -115,7 +121,7 @@ async def test_a_failing_unit_undoes_only_its_own_writes(
 
 
 async def test_a_batch_holds_at_most_max_batch_writes(
-    store: SqliteStore, published: list[Change]
+    store: Store, published: list[Change]
 ) -> None:
     commits_before = store.commits
     async with writer_held(store) as first:
@@ -127,7 +133,7 @@ async def test_a_batch_holds_at_most_max_batch_writes(
 
 
 async def test_closing_finishes_the_batch_in_progress_and_what_was_queued(
-    store: SqliteStore,
+    store: Store,
 ) -> None:
     async with writer_held(store) as first:
         later = [store.submit(create(f"late-{n}")) for n in range(3)]
@@ -144,10 +150,10 @@ async def test_closing_finishes_the_batch_in_progress_and_what_was_queued(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are set on Linux only")
-async def test_the_writer_thread_alone_runs_at_a_lower_priority(store: SqliteStore) -> None:
+async def test_the_writer_thread_alone_runs_at_a_lower_priority(store: Store) -> None:
     # The writer lowers its priority as it starts: once it has run a unit, it has.
     await store.write(create("any-1"))
-    (writer,) = [thread for thread in threading.enumerate() if thread.name == "sqlite-writer"]
+    (writer,) = [thread for thread in threading.enumerate() if thread.name.endswith("-writer")]
     assert writer.native_id is not None
     loop_thread = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     expected = min(19, loop_thread + WRITER_NICENESS)
