@@ -193,8 +193,7 @@ class PrivatePostgres:
         try:
             self._root = Path(tempfile.mkdtemp(prefix="private-postgres-"))
             if self._as_root:
-                entry = pwd.getpwnam(self.os_user)
-                os.chown(self._root, entry.pw_uid, entry.pw_gid)
+                os.chown(self._root, *_uid_and_gid(self.os_user))
             self._initdb(bindir)
             self._start_on_a_free_port(bindir)
         except BaseException:
@@ -361,6 +360,17 @@ class PrivatePostgres:
             return _tail(self.log_path.read_text(errors="replace"))
         except OSError as error:
             return f"(no log: {error})"
+
+
+def _uid_and_gid(os_user: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(os_user)
+    except KeyError:
+        raise PostgresNotFound(
+            f"PostgreSQL refuses to run as root and there is no {os_user!r} OS user to run it "
+            f"as (Debian's postgresql package creates it). {INSTALL_HINT}"
+        ) from None
+    return entry.pw_uid, entry.pw_gid
 
 
 def _on_main_thread() -> bool:
