@@ -6,10 +6,14 @@ PY := $(VENV)/bin/python
 # install stamps both, so `make serve` after `make test` installs nothing.
 SERVING := $(VENV)/.installed-serving
 DEV := $(VENV)/.installed-dev
+# The tests start PostgreSQL servers of their own (devtools/private_postgres.py) from the
+# machine's server binaries: looked for once, installed if missing where we can (root with
+# apt-get, as on CI).
+POSTGRES := $(VENV)/.postgres-found
 
 .PHONY: install serve test fuzz stress protos lint bench bench-quick bench-compare profile clean
 
-install: $(DEV)
+install: $(DEV) $(POSTGRES)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +26,22 @@ $(SERVING): pyproject.toml | $(PY)
 $(DEV): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(DEV) $(SERVING)
+
+# Without the distribution's own cluster: the tests use none, and it would run on 5432 for
+# good. The last --check says why, if the binaries are still not found (a wrong PG_BINDIR).
+$(POSTGRES): | $(DEV)
+	$(PY) -m devtools.private_postgres --check 2>/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null || { \
+	    echo "PostgreSQL's server binaries (initdb, postgres) are missing: install them" \
+	      "(Debian: apt-get install postgresql) or set PG_BINDIR to their directory" >&2; \
+	    exit 1; }; \
+	  mkdir -p /etc/postgresql-common/createcluster.d && \
+	  echo 'create_main_cluster = false' \
+	    >/etc/postgresql-common/createcluster.d/no-main-cluster.conf && \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y --no-install-recommends postgresql && \
+	  $(PY) -m devtools.private_postgres --check; }
+	touch $(POSTGRES)
 
 serve: $(SERVING)
 	$(VENV)/bin/task-manager serve
