@@ -22,6 +22,10 @@ def is_postgresql(target: str) -> bool:
 async def open_store(target: str, writer_niceness: int = WRITER_NICENESS) -> Store:
     """Opens (creating or migrating) the store at target. Raises StoreError with a
     readable message if it cannot be opened."""
+    if is_postgresql(target):
+        from storage.postgres import PostgresStore
+
+        return await PostgresStore.open(target, writer_niceness)
     from storage.sqlite import SqliteStore
 
     return await SqliteStore.open(target, writer_niceness)
@@ -31,12 +35,20 @@ async def open_store(target: str, writer_niceness: int = WRITER_NICENESS) -> Sto
 
 
 def add_credential(target: str, credential: Credential) -> None:
+    if is_postgresql(target):
+        from storage import postgres
+
+        return postgres.add_credential(target, credential)
     from storage import sqlite
 
-    sqlite.add_credential(Path(target), credential)
+    return sqlite.add_credential(Path(target), credential)
 
 
 def list_credentials(target: str) -> list[Credential]:
+    if is_postgresql(target):
+        from storage import postgres
+
+        return postgres.list_credentials(target)
     from storage import sqlite
 
     return sqlite.list_credentials(Path(target))
@@ -44,6 +56,10 @@ def list_credentials(target: str) -> list[Credential]:
 
 def revoke_credential(target: str, credential_id: str, now_ns: int) -> bool:
     """Revokes a credential; False if there is no such credential or it was revoked."""
+    if is_postgresql(target):
+        from storage import postgres
+
+        return postgres.revoke_credential(target, credential_id, now_ns)
     from storage import sqlite
 
     return sqlite.revoke_credential(Path(target), credential_id, now_ns)

@@ -18,7 +18,9 @@ from task_manager.clock import ManualClock
 from task_manager.server import TaskManagerServer
 from tests.helpers import LOG_DIR_VARIABLE, AsyncStub, Databases, server_settings
 
-BACKENDS = ("sqlite",)
+pytest_plugins = ["tests.postgres_fixture"]
+
+BACKENDS = ("sqlite", "postgresql")
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +50,11 @@ def databases(
 
 
 @pytest.fixture
-def database(backend: str, databases: Databases) -> str:
+def database(backend: str, databases: Databases) -> Iterator[str]:
     """A new, empty database on the backend under test."""
-    return databases.new(backend)
+    target = databases.new(backend)
+    yield target
+    databases.drop(target)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import pytest
 
 from agent_kit import Agent
 from agent_kit._grpc import AsyncStub as AsyncStub
+from devtools.private_postgres import PrivatePostgres
 from task_manager.config import Settings
 from task_manager.v1 import task_manager_pb2 as pb
 
@@ -88,7 +89,19 @@ class Databases:
         """A new database's target (`--db`): an SQLite path or a postgresql:// URL."""
         if backend == "sqlite":
             return str(self._tmp.mktemp("db") / "tasks.db")
+        if backend == "postgresql":
+            return self._postgres().create_database()
         raise AssertionError(f"no such backend: {backend}")
+
+    def drop(self, target: str) -> None:
+        """Frees a database made by new() (a temp SQLite file goes with the session)."""
+        if target.startswith("postgresql://"):
+            self._postgres().drop_database(target.rsplit("/", 1)[1])
+
+    def _postgres(self) -> PrivatePostgres:
+        # Asked for only here: a run on SQLite alone starts no PostgreSQL.
+        server: PrivatePostgres = self._request.getfixturevalue("private_postgres")
+        return server
 
 
 def server_settings(database: str, **options: object) -> Settings:

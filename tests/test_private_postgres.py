@@ -17,7 +17,6 @@ from devtools.private_postgres import PostgresNotFound, PostgresStartError, Priv
 from tests.helpers import REPO_ROOT
 
 # The harness's own tests run with or without tests/conftest.py registering the plugin.
-pytest_plugins = ["tests.postgres_fixture"]
 
 
 def alive(pid: int) -> bool:

@@ -109,6 +109,19 @@ def _migrate_to_7(db: sqlite_utils.Database) -> None:
     tasks.create_index(["holder_entity_id", "status"])
 
 
+def _migrate_to_8(db: sqlite_utils.Database) -> None:
+    # Revisions are numbered at commit from a counter row (storage/sql.py), as on
+    # PostgreSQL: a task's cursor is set once its first change is numbered, and history
+    # keeps each change's deadline, so a change read back is whole.
+    db.table("tasks").transform(not_null={"cursor": False})
+    db.table("history").add_column("deadline_ns", int)
+    (newest,) = db.execute(
+        "SELECT COALESCE(MAX(revision), (SELECT value FROM meta"
+        " WHERE key = 'compacted_revision')) FROM history"
+    ).fetchone()
+    db.execute("INSERT INTO meta (key, value) VALUES ('revision', ?)", (newest,))
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -117,6 +130,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_5,
     _migrate_to_6,
     _migrate_to_7,
+    _migrate_to_8,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 

@@ -1,0 +1,385 @@
+"""The PostgreSQL store: the SQLite store's shape, for several gateway replicas.
+
+Writes go through one writer thread per replica with group commit, as on SQLite, and
+number their changes from one counter row at commit (storage/sql.py), which keeps
+revisions dense and in commit order across replicas. Every replica learns of every
+commit, its own and the others', from one tail (ChangeTail) that publishes to its feed
+in revision order: its own commits at once, from memory, and the others' read back
+from history when a NOTIFY (or the fallback poll) says there are any.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+
+from storage.base import Change, StoreClosed, StoreError, WriteTransaction
+from storage.feed import ChangeFeed, RevisionGap
+from storage.group_commit import WRITER_NICENESS, GroupCommitWriter, UnitResult
+from storage.postgres.schema import Connection, PgSession, connect, describe, migrate
+from storage.sql import Read, SqlReads, SqlTransaction, last_revision, record_batch
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+READER_THREADS = 2
+CHANNEL = "task_manager_commits"
+"""The NOTIFY channel: its payload is the newest revision of the commit."""
+TAIL_PAGE = 1_000
+"""Changes read back from history per query of the tail."""
+POLL_S = 1.0
+"""The tail reads history this often even without a NOTIFY: a lost notification
+(a LISTEN connection that dropped) delays changes by this much at most."""
+RECONNECT_S = 0.5
+"""Pause between attempts to reconnect the LISTEN connection."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _WriterConnection:
+    """The writer's side of group commit (BatchConnection) on PostgreSQL. It reconnects
+    at the next batch after losing its connection."""
+
+    def __init__(self, url: str, conn: Connection) -> None:
+        self._url = url
+        self._conn: Connection | None = conn
+        self.lock_hold_ns = 0
+        """Time spent holding the revision counter's lock (numbering to commit)."""
+
+    def begin(self) -> None:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._drop()
+            self._conn = connect(self._url, "writer")
+        self._execute("BEGIN")
+
+    def run(self, unit: Callable[[Any], Any]) -> UnitResult:
+        self._execute("SAVEPOINT unit")
+        assert self._conn is not None
+        tx = SqlTransaction(PgSession(self._conn))
+        try:
+            value = unit(tx)
+        except Exception as exc:
+            # A database error inside a unit (a lock timeout, a deadlock with another
+            # replica) fails the unit alone; if even the rollback fails, the connection
+            # is gone and so is the batch.
+            self._execute("ROLLBACK TO SAVEPOINT unit")
+            if isinstance(exc, psycopg.Error):
+                exc = StoreError(f"the database refused the write: {_first_line(exc)}")
+            return UnitResult(error=exc)
+        self._execute("RELEASE SAVEPOINT unit")
+        return UnitResult(value=value, changes=tx.changes)
+
+    def commit(self, changes: Sequence[Change]) -> None:
+        assert self._conn is not None
+        started = time.perf_counter_ns()
+        try:
+            session = PgSession(self._conn)
+            record_batch(session, changes)
+            if changes:
+                session.execute("SELECT pg_notify(?, ?)", (CHANNEL, str(changes[-1].revision)))
+            self._conn.execute("COMMIT")
+        except psycopg.Error as exc:
+            raise StoreError(f"the database could not commit: {_first_line(exc)}") from exc
+        if changes:
+            self.lock_hold_ns += time.perf_counter_ns() - started
+
+    def rollback(self) -> None:
+        if self._conn is None or self._conn.closed:
+            return
+        try:
+            self._conn.execute("ROLLBACK")
+        except psycopg.Error:
+            self._drop()  # reconnected at the next batch
+
+    def close(self) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+        self._conn = None
+
+    def _execute(self, sql: str) -> None:
+        try:
+            assert self._conn is not None
+            self._conn.execute(sql)
+        except psycopg.Error as exc:
+            raise StoreError(f"the database could not commit: {_first_line(exc)}") from exc
+
+
+@dataclass(slots=True)
+class _OwnBatch:
+    changes: Sequence[Change]
+    answer: Callable[[], None]
+
+    @property
+    def first(self) -> int:
+        return self.changes[0].revision
+
+    @property
+    def last(self) -> int:
+        return self.changes[-1].revision
+
+
+class ChangeTail:
+    """Publishes every commit to the database, in revision order, to one feed.
+
+    Commits of this store's writer arrive by `committed`: published at once when they
+    follow the feed, their callers answered right after. Commits of other replicas are
+    read from history, from the feed's revision on, when woken (a NOTIFY, an own commit
+    that does not follow the feed, the poll), and published first."""
+
+    def __init__(self, store: PostgresStore, url: str, feed: ChangeFeed) -> None:
+        self._store = store
+        self._url = url
+        self._feed = feed
+        self._own: collections.deque[_OwnBatch] = collections.deque()
+        self._reading = False
+        self._wake = asyncio.Event()
+        self.notified = 0
+        """The newest revision a NOTIFY announced."""
+        self.reads = 0
+        """Pages of history read back (others' commits, or a gap before our own)."""
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._follow(), name="postgres-tail"),
+            asyncio.create_task(self._listen(), name="postgres-listen"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Writes committed but not yet published (another replica's commit came
+        # first and was never read): their callers still hear back.
+        for batch in self._own:
+            batch.answer()
+        self._own.clear()
+
+    def committed(self, changes: Sequence[Change], answer: Callable[[], None]) -> None:
+        """The writer's commits (GroupCommitWriter's Committed), on the event loop."""
+        if not changes:
+            answer()
+            return
+        self._own.append(_OwnBatch(changes, answer))
+        if not self._reading:
+            self._publish_own()
+        if self._own:  # another replica's commits come first: read them
+            self._wake.set()
+
+    def _publish_own(self) -> None:
+        feed = self._feed
+        while self._own:
+            batch = self._own[0]
+            if batch.first > feed.revision + 1:
+                return
+            self._own.popleft()
+            if batch.last > feed.revision:  # else read back from history already
+                feed.publish(batch.changes[feed.revision + 1 - batch.first :])
+            batch.answer()
+
+    async def _follow(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_S)
+            self._wake.clear()
+            try:
+                await self._catch_up()
+            except StoreClosed:
+                return
+            except (StoreError, RevisionGap) as exc:
+                log.error("following the database's commits failed: %s", exc)
+
+    async def _catch_up(self) -> None:
+        """Reads and publishes history until the feed has everything committed so far
+        (at least up to this store's own commits waiting to be published)."""
+        empty_reads = 0
+        while True:
+            self._reading = True
+            try:
+                page = await self._store.changes_after(self._feed.revision, TAIL_PAGE)
+            finally:
+                self._reading = False
+            self.reads += 1
+            # A gap in a page, or a page that does not follow the feed, raises
+            # RevisionGap: revisions are dense, so that is a bug to report, never skip.
+            self._feed.publish(page)
+            self._publish_own()
+            if len(page) == TAIL_PAGE:
+                continue
+            if not self._own:
+                return
+            # Our commit is waiting for revisions before it. They committed before it
+            # did, so a read begun after our commit sees them; one begun before may not.
+            empty_reads = empty_reads + 1 if not page else 0
+            if empty_reads >= 2:
+                raise RevisionGap(
+                    f"revisions {self._feed.revision + 1} to {self._own[0].first - 1} are"
+                    " missing from history, though a later commit is in"
+                )
+
+    async def _listen(self) -> None:
+        """Holds the LISTEN connection, reconnecting when it drops, and catches up after
+        each (re)connect: notifications sent while it was down are lost."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True, application_name="task-manager listen"
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self._wake.set()
+                    async for notify in conn.notifies():
+                        revision = int(notify.payload)
+                        self.notified = max(self.notified, revision)
+                        if revision > self._feed.revision and not self._is_own(revision):
+                            self._wake.set()
+            except (psycopg.Error, OSError) as exc:
+                log.warning(
+                    "listening for commits on %s failed (%s); reconnecting",
+                    describe(self._url),
+                    _first_line(exc),
+                )
+                await asyncio.sleep(RECONNECT_S)
+
+    def _is_own(self, revision: int) -> bool:
+        return any(batch.first <= revision <= batch.last for batch in self._own)
+
+
+class PostgresStore(SqlReads):
+    """Store on a PostgreSQL database, which other replicas may share. Create it with
+    `await PostgresStore.open(url)`."""
+
+    def __init__(
+        self,
+        url: str,
+        writer_conn: Connection,
+        revision: int,
+        durable: bool,
+        loop: asyncio.AbstractEventLoop,
+        writer_niceness: int,
+    ) -> None:
+        self.url = url
+        self.durable = durable
+        self.feed = ChangeFeed(revision)
+        self._loop = loop
+        self._closed = False
+        self._local = threading.local()
+        self._reader_conns: list[Connection] = []
+        self._reader_lock = threading.Lock()
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="postgres-reader")
+        self.tail = ChangeTail(self, url, self.feed)
+        self._writer_connection = _WriterConnection(url, writer_conn)
+        self._writer: GroupCommitWriter[SqlTransaction] = GroupCommitWriter(
+            self._writer_connection, self.tail.committed, loop, "postgres-writer", writer_niceness
+        )
+        self.tail.start()
+
+    @classmethod
+    async def open(cls, url: str, writer_niceness: int = WRITER_NICENESS) -> PostgresStore:
+        """Connects to the database at url, creating or migrating its schema. Raises
+        StoreError with a readable message if it cannot."""
+
+        def prepare() -> tuple[Connection, int, bool]:
+            conn = connect(url, "writer")
+            try:
+                migrate(conn, url)
+                revision = last_revision(PgSession(conn))
+                fsync = conn.execute("SHOW fsync").fetchone()
+                synchronous = conn.execute("SHOW synchronous_commit").fetchone()
+            except BaseException:
+                conn.close()
+                raise
+            durable = fsync is not None and fsync[0] == "on"
+            durable = durable and synchronous is not None and synchronous[0] != "off"
+            return conn, revision, durable
+
+        conn, revision, durable = await asyncio.to_thread(prepare)
+        return cls(url, conn, revision, durable, asyncio.get_running_loop(), writer_niceness)
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
+
+    @property
+    def writes(self) -> int:
+        return self._writer.writes
+
+    @property
+    def commit_lock_hold_ns(self) -> int:
+        """Time this store's writer held the revision counter's lock, in total."""
+        return self._writer_connection.lock_hold_ns
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def write(self, unit: Callable[[WriteTransaction], T]) -> T:
+        return await self._writer.submit(unit)
+
+    def submit(self, unit: Callable[[WriteTransaction], T]) -> asyncio.Future[T]:
+        return self._writer.submit(unit)
+
+    async def compact(self, keep_revisions: int, older_than_ns: int) -> int:
+        if keep_revisions < 1:
+            raise ValueError("compaction must keep at least the newest revision")
+
+        def compact(tx: SqlTransaction) -> int:
+            return tx.compact(keep_revisions, older_than_ns)
+
+        return await self._writer.submit(compact)
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def _read(self, read: Read[T]) -> T:
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        return await self._loop.run_in_executor(self._readers, self._with_reader, read)
+
+    def _with_reader(self, read: Read[T]) -> T:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = connect(self.url, "reader")
+            self._local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        try:
+            # One snapshot for every statement of read, as SQLite's WAL readers have.
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                return read(PgSession(conn))
+            finally:
+                if not conn.broken:
+                    conn.execute("COMMIT")
+        except psycopg.OperationalError as exc:
+            raise StoreError(f"the database could not be read: {_first_line(exc)}") from exc
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # The writer's last batches reached the tail before close() resumes: the writer
+        # scheduled them on this loop before its thread ended.
+        await self._writer.close()
+        await self.tail.stop()
+        await asyncio.to_thread(self._readers.shutdown)
+        with self._reader_lock:
+            for conn in self._reader_conns:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+            self._reader_conns.clear()

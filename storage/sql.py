@@ -1,0 +1,582 @@
+"""The SQL both backends share: one schema shape, the same statements, over DB-API.
+
+SQLite and PostgreSQL keep the same tables (tasks, history, definitions, agents,
+credentials, meta) and answer the same statements, written here once with `?`
+placeholders. A backend supplies connections (a Session each) and transactions.
+
+Revisions are given at commit, the same way on both: the units of a batch make their
+changes unnumbered; then, as the batch's last statements, one counter row (meta's
+'revision') is advanced by the batch's size, the changes are numbered from it, and
+appended to history. While the batch holds that row's lock, no other batch can number
+anything, so revisions are dense and in commit order even with several writers on one
+PostgreSQL database (DESIGN.md section 7).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
+
+from storage.base import (
+    AgentBacklog,
+    Change,
+    ConcurrentModification,
+    Credential,
+    HistoryCompacted,
+    QueriedTask,
+    SeenAgent,
+    Snapshot,
+    StoredTask,
+    TaskExists,
+    TaskQuery,
+    TaskSelector,
+    assignee_entity_id,
+    holder_entity_id,
+)
+from storage.history import entry_for, ns, replay
+from task_manager import statuses
+from task_manager.v1.task_manager_pb2 import StatusUpdate, Task, TaskHistoryEntry
+
+T = TypeVar("T")
+
+WITH_AN_AGENT = ", ".join(str(status) for status in sorted(statuses.WITH_AN_AGENT))
+"""The statuses of a task its agent holds, as SQL (they are integers)."""
+
+CHUNK = 500
+"""Ids per IN (...) list: under SQLite's parameter limit, and PostgreSQL's."""
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Session(Protocol):
+    """A connection as the shared SQL sees it: statements with `?` placeholders."""
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> Cursor: ...
+
+    def executemany(self, sql: str, params: Sequence[Sequence[object]]) -> object: ...
+
+
+def marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def last_revision(session: Session) -> int:
+    """The newest committed revision: every revision up to it is committed and visible
+    to whoever reads this in the same transaction (both backends keep that true)."""
+    value: int = session.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0]
+    return value
+
+
+def compacted_revision(session: Session) -> int:
+    value: int = session.execute(
+        "SELECT value FROM meta WHERE key = 'compacted_revision'"
+    ).fetchone()[0]
+    return value
+
+
+def _parse_task(blob: bytes | None) -> Task | None:
+    return None if blob is None else Task.FromString(blob)
+
+
+# -- writes -------------------------------------------------------------------------------
+
+
+class SqlTransaction:
+    """WriteTransaction over a backend's writer session, inside one savepoint. Its
+    changes are numbered when the batch commits (record_batch)."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.changes: list[Change] = []
+
+    def load(self, task_id: str) -> StoredTask | None:
+        return load(self._session, task_id)
+
+    def insert(
+        self, stored: StoredTask, reason: str = "", then: StoredTask | None = None
+    ) -> Change:
+        task = stored.task
+        encoded_task = task.SerializeToString()
+        # With then, the row is written once, at the state the task moves on to.
+        row = stored if then is None else then
+        encoded_row = encoded_task if then is None else then.task.SerializeToString()
+        # The id check is the insert itself: one statement, and a taken id writes nothing.
+        # The cursor (creation order) is the revision of the first change, once numbered.
+        inserted = self._session.execute(
+            "INSERT INTO tasks (task_id, cursor, parent_task_id, assignee_entity_id, status,"
+            " status_version, last_update_ns, agent_status, agent_last_update_ns, task,"
+            " agent_task, last_update, deadline_ns, holder_entity_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (task_id) DO NOTHING",
+            (
+                task.version.task_id,
+                None,
+                task.relations.parent_task_id or None,
+                assignee_entity_id(task),
+                *_state_columns(row, encoded_row),
+            ),
+        ).rowcount
+        if inserted != 1:
+            raise TaskExists(task.version.task_id)
+        change = self._append(stored, reason, encoded_task)
+        if then is not None:
+            change = self._append(then, reason, encoded_row)
+        return change
+
+    def replace(self, stored: StoredTask, expected_status_version: int, reason: str = "") -> Change:
+        task_id = stored.task.version.task_id
+        encoded_task = stored.task.SerializeToString()
+        # A task's relations (parent, assignee) are fixed when it is created, so their
+        # columns, and the indexes over them, are written by insert() only.
+        updated = self._session.execute(
+            "UPDATE tasks SET status = ?, status_version = ?, last_update_ns = ?,"
+            " agent_status = ?, agent_last_update_ns = ?, task = ?, agent_task = ?,"
+            " last_update = ?, deadline_ns = ?, holder_entity_id = ?"
+            " WHERE task_id = ? AND status_version = ?",
+            (*_state_columns(stored, encoded_task), task_id, expected_status_version),
+        ).rowcount
+        if updated != 1:
+            row = self._session.execute(
+                "SELECT status_version FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            raise ConcurrentModification(task_id, row[0] if row else 0)
+        return self._append(stored, reason, encoded_task)
+
+    def encoded(self, task: Task) -> bytes:
+        for change in reversed(self.changes):
+            if change.task is task:
+                return change.encoded_task
+        return task.SerializeToString()
+
+    def save_definition(self, definition: Task) -> None:
+        self._session.execute(
+            "INSERT INTO definitions (task_id, definition_version, definition) VALUES (?, ?, ?)",
+            (
+                definition.version.task_id,
+                definition.version.definition_version,
+                definition.SerializeToString(),
+            ),
+        )
+
+    def load_definition(self, task_id: str, definition_version: int) -> Task | None:
+        return load_definition(self._session, task_id, definition_version)
+
+    def add_credential(self, credential: Credential) -> None:
+        insert_credential(self._session, credential)
+
+    def revoke_credential(self, credential_id: str, now_ns: int) -> bool:
+        return revoke_credential(self._session, credential_id, now_ns)
+
+    def agent_seen(self, entity_id: str, now_ns: int) -> None:
+        self._session.execute(
+            "INSERT INTO agents (entity_id, first_seen_ns, last_seen_ns) VALUES (?, ?, ?)"
+            " ON CONFLICT (entity_id) DO UPDATE SET last_seen_ns = excluded.last_seen_ns",
+            (entity_id, now_ns, now_ns),
+        )
+
+    def compact(self, keep_revisions: int, older_than_ns: int) -> int:
+        """Removes history entries outside the newest keep_revisions and older than
+        older_than_ns; returns the compacted revision."""
+        newest = last_revision(self._session)
+        row = self._session.execute(
+            "SELECT MAX(revision) FROM history WHERE revision <= ? AND time_ns < ?",
+            (newest - keep_revisions, older_than_ns),
+        ).fetchone()
+        compacted = compacted_revision(self._session)
+        if row[0] is not None and row[0] > compacted:
+            compacted = row[0]
+            self._session.execute("DELETE FROM history WHERE revision <= ?", (compacted,))
+            self._session.execute(
+                "UPDATE meta SET value = ? WHERE key = 'compacted_revision'", (compacted,)
+            )
+        return compacted
+
+    def _append(self, stored: StoredTask, reason: str, encoded_task: bytes) -> Change:
+        entry = entry_for(stored.task, 0, reason)  # numbered at commit
+        change = Change(entry, stored.task, encoded_task, stored.deadline_ns)
+        self.changes.append(change)
+        return change
+
+
+def record_batch(session: Session, changes: Sequence[Change]) -> None:
+    """Numbers a batch's changes (oldest first) and appends them to history: the last
+    statements of the batch's transaction, so its commit follows the commit of every
+    batch numbered before it."""
+    if not changes:
+        return
+    (newest,) = session.execute(
+        "UPDATE meta SET value = value + ? WHERE key = 'revision' RETURNING value",
+        (len(changes),),
+    ).fetchall()[0]
+    first = newest - len(changes) + 1
+    rows = []
+    created = []
+    for offset, change in enumerate(changes):
+        entry = change.entry
+        entry.revision = first + offset
+        rows.append(
+            (
+                entry.revision,
+                entry.task_id,
+                entry.SerializeToString(),
+                ns(entry.time),
+                change.deadline_ns,
+            )
+        )
+        if entry.status_version == 1:  # the task's first change: its creation
+            created.append((entry.revision, entry.task_id))
+    session.executemany(
+        "INSERT INTO history (revision, task_id, entry, time_ns, deadline_ns)"
+        " VALUES (?, ?, ?, ?, ?)",
+        rows,
+    )
+    if created:
+        session.executemany("UPDATE tasks SET cursor = ? WHERE task_id = ?", created)
+
+
+def _state_columns(stored: StoredTask, encoded_task: bytes) -> tuple[object, ...]:
+    """The columns a change may alter, from status to holder_entity_id. encoded_task is
+    the change's one serialisation of stored.task."""
+    task, agent_task = stored.task, stored.agent_task
+    if agent_task is None:
+        agent_bytes = None
+    elif agent_task is task:  # an agent's report: both views are the same task
+        agent_bytes = encoded_task
+    else:
+        agent_bytes = agent_task.SerializeToString()
+    return (
+        task.status.status,
+        task.version.status_version,
+        ns(task.last_update_time),
+        None if agent_task is None else agent_task.status.status,
+        None if agent_task is None else ns(agent_task.last_update_time),
+        encoded_task,
+        agent_bytes,
+        None if stored.last_update is None else stored.last_update.SerializeToString(),
+        stored.deadline_ns,
+        holder_entity_id(task),
+    )
+
+
+# -- credentials --------------------------------------------------------------------------
+
+
+def read_credentials(session: Session) -> list[Credential]:
+    rows = session.execute(
+        "SELECT credential_id, kind, principal, role, entity_ids, secret_hash, created_ns,"
+        " revoked_ns FROM credentials ORDER BY created_ns, credential_id"
+    ).fetchall()
+    return [
+        Credential(row[0], row[1], row[2], row[3], tuple(json.loads(row[4])), *row[5:])
+        for row in rows
+    ]
+
+
+def insert_credential(session: Session, credential: Credential) -> None:
+    session.execute(
+        "INSERT INTO credentials (credential_id, kind, principal, role, entity_ids,"
+        " secret_hash, created_ns, revoked_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            credential.credential_id,
+            credential.kind,
+            credential.principal,
+            credential.role,
+            json.dumps(list(credential.entity_ids)),
+            credential.secret_hash,
+            credential.created_ns,
+            credential.revoked_ns,
+        ),
+    )
+
+
+def revoke_credential(session: Session, credential_id: str, now_ns: int) -> bool:
+    """False if there is no such credential, or it was already revoked."""
+    cursor = session.execute(
+        "UPDATE credentials SET revoked_ns = ? WHERE credential_id = ? AND revoked_ns IS NULL",
+        (now_ns, credential_id),
+    )
+    return cursor.rowcount == 1
+
+
+# -- reads: each runs in one read transaction of the backend's --------------------------
+
+
+def load(session: Session, task_id: str) -> StoredTask | None:
+    row = session.execute(
+        "SELECT task, agent_task, last_update, deadline_ns FROM tasks WHERE task_id = ?",
+        (task_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return StoredTask(
+        task=Task.FromString(row[0]),
+        agent_task=_parse_task(row[1]),
+        last_update=None if row[2] is None else StatusUpdate.FromString(row[2]),
+        deadline_ns=row[3],
+    )
+
+
+def load_definition(session: Session, task_id: str, version: int) -> Task | None:
+    row = session.execute(
+        "SELECT definition FROM definitions WHERE task_id = ? AND definition_version = ?",
+        (task_id, version),
+    ).fetchone()
+    return None if row is None else Task.FromString(row[0])
+
+
+Read = Callable[[Session], T]
+
+
+def query(query: TaskQuery) -> Read[list[QueriedTask]]:
+    prefix = "agent_" if query.agent_view else ""
+    where = ["cursor > ?"]
+    params: list[object] = [query.after_cursor]
+    if query.agent_view:
+        where.append("agent_task IS NOT NULL")
+    if query.parent_task_id is not None:
+        where.append("parent_task_id = ?")
+        params.append(query.parent_task_id)
+    if query.statuses:
+        negation = "NOT " if query.exclude_statuses else ""
+        where.append(f"{prefix}status {negation}IN ({marks(len(query.statuses))})")
+        params.extend(sorted(query.statuses))
+    if query.updated_from_ns is not None:
+        where.append(f"{prefix}last_update_ns >= ?")
+        params.append(query.updated_from_ns)
+    if query.updated_to_ns is not None:
+        where.append(f"{prefix}last_update_ns <= ?")
+        params.append(query.updated_to_ns)
+    sql = (
+        f"SELECT cursor, {'agent_task' if query.agent_view else 'task'} FROM tasks"
+        f" WHERE {' AND '.join(where)} ORDER BY cursor LIMIT ?"
+    )
+    params.append(query.limit)
+
+    def read(session: Session) -> list[QueriedTask]:
+        return [
+            QueriedTask(cursor=row[0], task=Task.FromString(row[1]))
+            for row in session.execute(sql, params)
+        ]
+
+    return read
+
+
+def history(task_id: str, after_revision: int, limit: int) -> Read[list[TaskHistoryEntry]]:
+    def read(session: Session) -> list[TaskHistoryEntry]:
+        rows = session.execute(
+            "SELECT entry FROM history WHERE task_id = ? AND revision > ?"
+            " ORDER BY revision LIMIT ?",
+            (task_id, after_revision, limit),
+        )
+        return [TaskHistoryEntry.FromString(row[0]) for row in rows]
+
+    return read
+
+
+def agent_backlog(
+    assignee_entity_ids: Collection[str], wanted: Collection[int]
+) -> Read[AgentBacklog]:
+    ids, status_list = sorted(assignee_entity_ids), sorted(wanted)
+    sql = (
+        f"SELECT task FROM tasks WHERE assignee_entity_id IN ({marks(len(ids))})"
+        f" AND status IN ({marks(len(status_list))}) ORDER BY cursor"
+    )
+
+    def read(session: Session) -> AgentBacklog:
+        rows = session.execute(sql, (*ids, *status_list))
+        tasks = [(Task.FromString(blob), bytes(blob)) for (blob,) in rows]
+        return AgentBacklog(tasks=tasks, revision=last_revision(session))
+
+    return read
+
+
+def due(now_ns: int, limit: int) -> Read[list[tuple[str, int]]]:
+    def read(session: Session) -> list[tuple[str, int]]:
+        rows = session.execute(
+            "SELECT task_id, deadline_ns FROM tasks WHERE deadline_ns <= ?"
+            " ORDER BY deadline_ns LIMIT ?",
+            (now_ns, limit),
+        ).fetchall()
+        return [(task_id, deadline_ns) for task_id, deadline_ns in rows]
+
+    return read
+
+
+def next_deadline(after_ns: int) -> Read[int | None]:
+    def read(session: Session) -> int | None:
+        row = session.execute(
+            "SELECT MIN(deadline_ns) FROM tasks WHERE deadline_ns > ?", (after_ns,)
+        ).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    return read
+
+
+def seen_agents(session: Session) -> list[SeenAgent]:
+    rows = session.execute(
+        "SELECT entity_id, first_seen_ns, last_seen_ns FROM agents ORDER BY entity_id"
+    ).fetchall()
+    return [SeenAgent(*row) for row in rows]
+
+
+def in_flight_task_ids(entity_ids: Collection[str]) -> Read[dict[str, list[str]]]:
+    ids = sorted(entity_ids)
+
+    def read(session: Session) -> dict[str, list[str]]:
+        held: dict[str, list[str]] = {}
+        if not ids:
+            return held
+        rows = session.execute(
+            f"SELECT holder_entity_id, task_id FROM tasks WHERE holder_entity_id IN"
+            f" ({marks(len(ids))}) AND status IN ({WITH_AN_AGENT}) ORDER BY cursor",
+            ids,
+        )
+        for entity_id, task_id in rows:
+            held.setdefault(entity_id, []).append(task_id)
+        return held
+
+    return read
+
+
+def tasks_held_by(entity_ids: Collection[str]) -> Read[list[Task]]:
+    ids = sorted(entity_ids)
+
+    def read(session: Session) -> list[Task]:
+        if not ids:
+            return []
+        rows = session.execute(
+            f"SELECT task FROM tasks WHERE holder_entity_id IN ({marks(len(ids))})"
+            f" AND status IN ({WITH_AN_AGENT}) ORDER BY cursor",
+            ids,
+        )
+        return [Task.FromString(blob) for (blob,) in rows]
+
+    return read
+
+
+def changes_after(
+    after_revision: int, limit: int, task_ids: Collection[str] = ()
+) -> Read[list[Change]]:
+    ids = sorted(task_ids)
+    where = "revision > ?"
+    if ids:
+        where += f" AND task_id IN ({marks(len(ids))})"
+
+    def read(session: Session) -> list[Change]:
+        compacted = compacted_revision(session)
+        if after_revision < compacted:
+            raise HistoryCompacted(after_revision + 1, compacted)
+        rows = session.execute(
+            f"SELECT entry, deadline_ns FROM history WHERE {where} ORDER BY revision LIMIT ?",
+            (after_revision, *ids, limit),
+        ).fetchall()
+        entries = [(TaskHistoryEntry.FromString(row[0]), row[1]) for row in rows]
+        current = _tasks_by_id(session, {entry.task_id for entry, _ in entries})
+        return replay(
+            entries,
+            current,
+            lambda task_id, version: load_definition(session, task_id, version),
+        )
+
+    return read
+
+
+def _tasks_by_id(session: Session, task_ids: set[str]) -> dict[str, Task]:
+    tasks: dict[str, Task] = {}
+    ids = sorted(task_ids)
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        rows = session.execute(
+            f"SELECT task_id, task FROM tasks WHERE task_id IN ({marks(len(chunk))})", chunk
+        )
+        tasks.update((row[0], Task.FromString(row[1])) for row in rows)
+    return tasks
+
+
+def snapshot(selector: TaskSelector) -> Read[Snapshot]:
+    where, params = ["1 = 1"], []
+    for column, values in (
+        ("task_id", selector.task_ids),
+        ("assignee_entity_id", selector.assignee_entity_ids),
+        ("status", selector.statuses),
+    ):
+        if values:
+            where.append(f"{column} IN ({marks(len(values))})")
+            params.extend(sorted(values))
+    if selector.parent_task_id:
+        where.append("parent_task_id = ?")
+        params.append(selector.parent_task_id)
+    sql = f"SELECT task FROM tasks WHERE {' AND '.join(where)} ORDER BY cursor"
+
+    def read(session: Session) -> Snapshot:
+        tasks = [Task.FromString(row[0]) for row in session.execute(sql, params)]
+        return Snapshot(tasks=tasks, revision=last_revision(session))
+
+    return read
+
+
+class SqlReads:
+    """The Store's reads, for a backend that runs a Read in one read transaction."""
+
+    async def _read(self, read: Read[T]) -> T:
+        raise NotImplementedError
+
+    async def get(self, task_id: str) -> StoredTask | None:
+        return await self._read(lambda session: load(session, task_id))
+
+    async def query(self, task_query: TaskQuery) -> Sequence[QueriedTask]:
+        return await self._read(query(task_query))
+
+    async def history(
+        self, task_id: str, after_revision: int, limit: int
+    ) -> Sequence[TaskHistoryEntry]:
+        return await self._read(history(task_id, after_revision, limit))
+
+    async def agent_backlog(
+        self, assignee_entity_ids: Collection[str], statuses: Collection[int]
+    ) -> AgentBacklog:
+        return await self._read(agent_backlog(assignee_entity_ids, statuses))
+
+    async def current_revision(self) -> int:
+        return await self._read(last_revision)
+
+    async def changes_after(
+        self, after_revision: int, limit: int, task_ids: Collection[str] = ()
+    ) -> Sequence[Change]:
+        return await self._read(changes_after(after_revision, limit, task_ids))
+
+    async def snapshot(self, selector: TaskSelector) -> Snapshot:
+        return await self._read(snapshot(selector))
+
+    async def due(self, now_ns: int, limit: int) -> Sequence[tuple[str, int]]:
+        return await self._read(due(now_ns, limit))
+
+    async def next_deadline(self, after_ns: int) -> int | None:
+        return await self._read(next_deadline(after_ns))
+
+    async def definition(self, task_id: str, definition_version: int) -> Task | None:
+        return await self._read(
+            lambda session: load_definition(session, task_id, definition_version)
+        )
+
+    async def seen_agents(self) -> Sequence[SeenAgent]:
+        return await self._read(seen_agents)
+
+    async def in_flight_task_ids(self, entity_ids: Collection[str]) -> dict[str, list[str]]:
+        return await self._read(in_flight_task_ids(entity_ids))
+
+    async def tasks_held_by(self, entity_ids: Collection[str]) -> Sequence[Task]:
+        return await self._read(tasks_held_by(entity_ids))
+
+    async def credentials(self) -> Sequence[Credential]:
+        return await self._read(read_credentials)
