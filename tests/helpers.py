@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -14,10 +15,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import anyio
 import grpc
+import psycopg
 import pytest
 
 from agent_kit import Agent
@@ -102,6 +104,25 @@ class Databases:
         # Asked for only here: a run on SQLite alone starts no PostgreSQL.
         server: PrivatePostgres = self._request.getfixturevalue("private_postgres")
         return server
+
+
+def assert_store_consistent(db: str) -> None:
+    """The database is sound: SQLite's own integrity check passes, and on either backend
+    history holds every revision from the compacted one to the newest, once, and every
+    task has its creation cursor."""
+    if db.startswith("postgresql://"):
+        conn: Any = psycopg.connect(db)
+    else:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        revisions = [row[0] for row in conn.execute("SELECT revision FROM history ORDER BY 1")]
+        expected = list(range(meta["compacted_revision"] + 1, meta["revision"] + 1))
+        assert revisions == expected, "history has a gap or a duplicate"
+        assert conn.execute("SELECT COUNT(*) FROM tasks WHERE cursor IS NULL").fetchone()[0] == 0
+    finally:
+        conn.close()
 
 
 def server_settings(database: str, **options: object) -> Settings:

@@ -217,11 +217,14 @@ class ChangeTail:
             finally:
                 self._reading = False
             self.reads += 1
+            full = len(page) == TAIL_PAGE
+            if self._own:  # our own commits are published from memory, as they were made
+                page = [change for change in page if change.revision < self._own[0].first]
             # A gap in a page, or a page that does not follow the feed, raises
             # RevisionGap: revisions are dense, so that is a bug to report, never skip.
             self._feed.publish(page)
             self._publish_own()
-            if len(page) == TAIL_PAGE:
+            if full:
                 continue
             if not self._own:
                 return
