@@ -17,12 +17,23 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import pytest
 
 from storage import open_store
-from storage.base import Change, Store, StoreClosed, WriteTransaction
+from storage.base import (
+    Change,
+    ConcurrentModification,
+    HistoryCompacted,
+    Store,
+    StoreClosed,
+    StoreError,
+    TaskExists,
+    TaskQuery,
+    WriteTransaction,
+)
 from storage.group_commit import MAX_BATCH, WRITER_NICENESS
 from task_manager import lifecycle
 from task_manager.config import Settings
@@ -158,3 +169,160 @@ async def test_the_writer_thread_alone_runs_at_a_lower_priority(store: Store) ->
     loop_thread = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     expected = min(19, loop_thread + WRITER_NICENESS)
     assert os.getpriority(os.PRIO_PROCESS, writer.native_id) == expected
+
+
+# -- revisions, compare-and-set, history ----------------------------------------------
+
+
+def execute(task_id: str) -> Callable[[WriteTransaction], pb.Task]:
+    """A unit that moves a task on by one status, with compare-and-set."""
+
+    def unit(tx: WriteTransaction) -> pb.Task:
+        stored = tx.load(task_id)
+        assert stored is not None
+        task = pb.Task()
+        task.CopyFrom(stored.task)
+        task.version.status_version += 1
+        task.status.status = pb.STATUS_EXECUTING
+        tx.replace(type(stored)(task, stored.agent_task, None), stored.task.version.status_version)
+        return task
+
+    return unit
+
+
+async def test_revisions_are_dense_commit_ordered_and_published_before_the_answer(
+    store: Store, published: list[Change]
+) -> None:
+    answered_at: dict[str, int] = {}
+
+    async def write(n: int) -> None:
+        task = await store.write(create(f"t-{n}"))
+        # Published before this caller heard back: the feed already holds it.
+        answered_at[task.version.task_id] = store.feed.revision
+        assert any(c.task.version.task_id == f"t-{n}" for c in published)
+
+    await asyncio.gather(*(write(n) for n in range(40)))
+    assert [change.revision for change in published] == list(range(1, 41))
+    assert await store.current_revision() == store.feed.revision == 40
+    read_back = await store.changes_after(0, 100)
+    assert [c.revision for c in read_back] == list(range(1, 41))
+    assert [c.encoded_task for c in read_back] == [c.encoded_task for c in published]
+    # Creation order is commit order: QueryTasks pages by it.
+    queried = await store.query(TaskQuery(limit=100))
+    assert [q.task.version.task_id for q in queried] == [c.task.version.task_id for c in published]
+    assert [q.cursor for q in queried] == [c.revision for c in published]
+
+
+async def test_a_lost_compare_and_set_raises_and_writes_nothing(
+    store: Store, published: list[Change]
+) -> None:
+    created = await store.write(create("cas-1"))
+    await store.write(execute("cas-1"))
+    before = list(published)
+
+    def stale(tx: WriteTransaction) -> None:
+        stored = tx.load("cas-1")
+        assert stored is not None
+        tx.replace(stored, created.version.status_version)  # two versions behind
+
+    with pytest.raises(ConcurrentModification) as raised:
+        await store.write(stale)
+    assert raised.value.stored_status_version == created.version.status_version + 1
+    assert published == before
+    assert [e.status_version for e in await store.history("cas-1", 0, 10)] == [1, 2]
+
+
+async def test_a_taken_id_raises_and_writes_nothing(store: Store, published: list[Change]) -> None:
+    await store.write(create("taken-1"))
+
+    def insert_again(tx: WriteTransaction) -> None:
+        stored = tx.load("taken-1")
+        assert stored is not None
+        tx.insert(stored)
+
+    with pytest.raises(TaskExists):
+        await store.write(insert_again)
+    assert [c.revision for c in published] == [1]
+
+
+async def test_compaction_removes_old_history_and_says_so(store: Store) -> None:
+    for n in range(5):
+        await store.write(create(f"old-{n}"))
+    compacted = await store.compact(keep_revisions=2, older_than_ns=NOW_NS + 1)
+    assert compacted == 3
+    with pytest.raises(HistoryCompacted):
+        await store.changes_after(0, 10)
+    assert [c.revision for c in await store.changes_after(3, 10)] == [4, 5]
+    assert await store.history("old-0", 0, 10) == []
+    assert await store.get("old-0") is not None  # the task itself stays
+
+
+# -- two stores on one database -------------------------------------------------------
+
+
+async def test_a_second_store_on_one_sqlite_file_is_refused(tmp_path: Path) -> None:
+    first = await open_store(str(tmp_path / "tasks.db"))
+    try:
+        with pytest.raises(StoreError, match="in use by another task manager"):
+            await open_store(str(tmp_path / "tasks.db"))
+    finally:
+        await first.close()
+
+
+@asynccontextmanager
+async def two_stores(url: str) -> AsyncIterator[tuple[Store, Store]]:
+    first = await open_store(url)
+    try:
+        second = await open_store(url)
+        try:
+            yield first, second
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+
+
+async def test_two_stores_on_one_postgresql_database_each_publish_every_commit(
+    postgres_url: str,
+) -> None:
+    async with two_stores(postgres_url) as (first, second):
+        seen: dict[str, list[int]] = {"first": [], "second": []}
+        first.feed.subscribe(lambda changes: seen["first"].extend(c.revision for c in changes))
+        second.feed.subscribe(lambda changes: seen["second"].extend(c.revision for c in changes))
+        await asyncio.gather(
+            *(first.write(create(f"a-{n}")) for n in range(30)),
+            *(second.write(create(f"b-{n}")) for n in range(30)),
+        )
+        await until(lambda: len(seen["first"]) == 60 and len(seen["second"]) == 60)
+        assert seen["first"] == seen["second"] == list(range(1, 61))
+        # What one store acknowledged, the other reads at once.
+        await second.write(create("late-1"))
+        assert await first.get("late-1") is not None
+
+
+async def test_racing_compare_and_sets_on_two_stores_one_wins(postgres_url: str) -> None:
+    async with two_stores(postgres_url) as (first, second):
+        await first.write(create("raced-1"))
+        entered, released = threading.Event(), threading.Event()
+
+        def execute_then_wait(tx: WriteTransaction) -> pb.Task:
+            task = execute("raced-1")(tx)  # the row stays locked until this commits
+            entered.set()
+            assert released.wait(30), "the test never released the first writer"
+            return task
+
+        winner = first.submit(execute_then_wait)
+        assert await anyio.to_thread.run_sync(entered.wait, 30)
+        loser = second.submit(execute("raced-1"))  # loads the old version, waits on the row
+        released.set()
+        won = await winner
+        with pytest.raises(ConcurrentModification) as lost:
+            await loser
+        assert lost.value.stored_status_version == won.version.status_version
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Polls condition with a deadline."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - a counter has no event to wait on
+            await asyncio.sleep(0.01)
