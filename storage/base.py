@@ -242,6 +242,18 @@ class WriteTransaction(Protocol):
         """Records that an agent entity id was seen now (first seen, if it is new)."""
         ...
 
+    def renew_streams(
+        self, replica_id: str, entity_ids: Collection[str], now_ns: int, lease_ns: int
+    ) -> None:
+        """Records that this replica has streams open for exactly these agents, until
+        now_ns + lease_ns; forgets every lease that expired by now_ns."""
+        ...
+
+    def forget_other_replicas(self, replica_id: str) -> None:
+        """Forgets the streams of every other replica: for a database only this server
+        writes (a restarted server's old leases are its own, and void)."""
+        ...
+
     def add_credential(self, credential: Credential) -> None: ...
 
     def revoke_credential(self, credential_id: str, now_ns: int) -> bool:
@@ -291,6 +303,11 @@ class Store(Protocol):
 
     @property
     def writes(self) -> int: ...
+
+    @property
+    def shared(self) -> bool:
+        """Whether other servers may write this database at the same time."""
+        ...
 
     async def write(self, unit: Callable[[WriteTransaction], T]) -> T:
         """Runs unit in a write transaction and returns its result once committed.
@@ -370,6 +387,15 @@ class Store(Protocol):
 
     async def credentials(self) -> Sequence[Credential]:
         """Every stored credential, revoked ones included."""
+        ...
+
+    async def live_streams(self, now_ns: int) -> Sequence[tuple[str, str]]:
+        """(entity_id, replica_id) of every agent stream lease unexpired at now_ns."""
+        ...
+
+    async def orphaned_pool_tasks(self, now_ns: int, limit: int) -> Sequence[Task]:
+        """Pool tasks sent to a member (not yet received) for which no replica holds a
+        live stream lease at now_ns, oldest first."""
         ...
 
     async def close(self) -> None:

@@ -36,7 +36,7 @@ from storage.base import (
 )
 from storage.history import entry_for, ns, replay
 from task_manager import statuses
-from task_manager.v1.task_manager_pb2 import StatusUpdate, Task, TaskHistoryEntry
+from task_manager.v1.task_manager_pb2 import Status, StatusUpdate, Task, TaskHistoryEntry
 
 T = TypeVar("T")
 
@@ -183,6 +183,26 @@ class SqlTransaction:
             " ON CONFLICT (entity_id) DO UPDATE SET last_seen_ns = excluded.last_seen_ns",
             (entity_id, now_ns, now_ns),
         )
+
+    def renew_streams(
+        self, replica_id: str, entity_ids: Collection[str], now_ns: int, lease_ns: int
+    ) -> None:
+        ids = sorted(entity_ids)
+        keep = f" AND entity_id NOT IN ({marks(len(ids))})" if ids else ""
+        self._session.execute(
+            f"DELETE FROM agent_streams WHERE lease_expires_ns <= ? OR (replica_id = ?{keep})",
+            (now_ns, replica_id, *ids),
+        )
+        if ids:
+            self._session.executemany(
+                "INSERT INTO agent_streams (entity_id, replica_id, lease_expires_ns)"
+                " VALUES (?, ?, ?) ON CONFLICT (entity_id, replica_id)"
+                " DO UPDATE SET lease_expires_ns = excluded.lease_expires_ns",
+                [(entity_id, replica_id, now_ns + lease_ns) for entity_id in ids],
+            )
+
+    def forget_other_replicas(self, replica_id: str) -> None:
+        self._session.execute("DELETE FROM agent_streams WHERE replica_id <> ?", (replica_id,))
 
     def compact(self, keep_revisions: int, older_than_ns: int) -> int:
         """Removes history entries outside the newest keep_revisions and older than
@@ -464,6 +484,33 @@ def tasks_held_by(entity_ids: Collection[str]) -> Read[list[Task]]:
     return read
 
 
+def live_streams(now_ns: int) -> Read[list[tuple[str, str]]]:
+    def read(session: Session) -> list[tuple[str, str]]:
+        rows = session.execute(
+            "SELECT entity_id, replica_id FROM agent_streams WHERE lease_expires_ns > ?"
+            " ORDER BY entity_id, replica_id",
+            (now_ns,),
+        ).fetchall()
+        return [(entity_id, replica_id) for entity_id, replica_id in rows]
+
+    return read
+
+
+def orphaned_pool_tasks(now_ns: int, limit: int) -> Read[list[Task]]:
+    # A pool task's holder is a member, not the pool (its assignee); SENT: not received.
+    def read(session: Session) -> list[Task]:
+        rows = session.execute(
+            "SELECT task FROM tasks WHERE status = ? AND holder_entity_id IS NOT NULL"
+            " AND holder_entity_id <> assignee_entity_id AND NOT EXISTS (SELECT 1 FROM"
+            " agent_streams s WHERE s.entity_id = tasks.holder_entity_id"
+            " AND s.lease_expires_ns > ?) ORDER BY cursor LIMIT ?",
+            (Status.STATUS_SENT, now_ns, limit),
+        )
+        return [Task.FromString(blob) for (blob,) in rows]
+
+    return read
+
+
 def changes_after(
     after_revision: int, limit: int, task_ids: Collection[str] = ()
 ) -> Read[list[Change]]:
@@ -580,3 +627,9 @@ class SqlReads:
 
     async def credentials(self) -> Sequence[Credential]:
         return await self._read(read_credentials)
+
+    async def live_streams(self, now_ns: int) -> Sequence[tuple[str, str]]:
+        return await self._read(live_streams(now_ns))
+
+    async def orphaned_pool_tasks(self, now_ns: int, limit: int) -> Sequence[Task]:
+        return await self._read(orphaned_pool_tasks(now_ns, limit))

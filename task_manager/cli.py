@@ -140,6 +140,13 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
         help="seconds without a stream before ListAgents calls an agent LOST (default %(default)s)",
     )
     serve.add_argument(
+        "--replica-lease",
+        type=_positive,
+        default=defaults.replica_lease_s,
+        help="seconds a replica's agent streams count as open after it last renewed them:"
+        " a dead replica's pool tasks move on after this (default %(default)s)",
+    )
+    serve.add_argument(
         "--restart-grace",
         type=_not_negative,
         default=None,
@@ -280,6 +287,13 @@ def _not_negative(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    value = _not_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def _niceness(text: str) -> int:
     value = _whole_number(text)
     if not 0 <= value <= 19:
@@ -411,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_retry_backoff_s=args.max_retry_backoff,
         restart_grace_s=args.restart_grace,
         agent_lost_after_s=args.agent_lost_after,
+        replica_lease_s=args.replica_lease,
         writer_niceness=args.writer_niceness,
     )
     return asyncio.run(_serve(settings))

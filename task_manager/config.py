@@ -97,6 +97,12 @@ class Settings:
     each task's heartbeat_timeout."""
     agent_lost_after_s: float = 60.0
     """An agent without an open stream for this long is listed as LOST."""
+    replica_lease_s: float = 10.0
+    """A replica's agent streams count as open this long after it last renewed them:
+    a dead replica's pool tasks move to another member within this plus
+    cluster_refresh_s."""
+    cluster_refresh_s: float = 1.0
+    """How often a replica renews its leases and learns the others' agent streams."""
     timekeeper_poll_s: float = 1.0
     """The timekeeper looks for due deadlines at least this often."""
     writer_niceness: int = WRITER_NICENESS

@@ -9,7 +9,8 @@ Cancel or Complete requests on the streams that must hear of them:
   with the fewest unfinished tasks (never the one whose attempt just failed, if another
   can take it) and records it on the attempt with a write; the task goes to that member
   once the write commits. A member that leaves before reporting receipt hands its pool
-  tasks back, and they go to another member.
+  tasks back, and they go to another member; so does a member no replica has a stream
+  for any more (its replica died: task_manager/cluster.py finds those).
 - A stream with max_in_flight holds ExecuteRequests back while its agent has that many
   unfinished tasks, and sends them, oldest first, as those tasks end. Nothing is dropped.
 
@@ -322,8 +323,8 @@ class Dispatcher:
         if status == pb.STATUS_SENT and not holder:
             waiting[task_id] = task
             self._assign(pool)
-        elif status == pb.STATUS_SENT and not self._member_listening(pool, holder):
-            self._write_holder(task, holder, "")  # its holder left before receiving it
+        # A holder with no stream here may be listening on another replica: only the
+        # cluster sweep, which sees every replica's leases, hands its task back.
         if not waiting:
             del self._unassigned[pool]
 
@@ -374,6 +375,13 @@ class Dispatcher:
 
     def _member_listening(self, pool: str, member: str) -> bool:
         return any(s.member_for(pool) == member for s in self._streams_by_entity.get(pool, ()))
+
+    def hand_back(self, task: Task) -> None:
+        """Gives a pool task at SENT back to its pool, unless its holder listens here:
+        no replica has a stream for that member any more (task_manager/cluster.py)."""
+        pool, holder = pool_of(task), holder_of(task)
+        if pool is not None and holder and not self._member_listening(pool, holder):
+            self._write_holder(task, holder, "")
 
     def _hand_back(self, stream: AgentStream) -> None:
         """A closed member stream gives back the pool tasks it had not yet received."""

@@ -1,13 +1,14 @@
 """Agent presence: which entity ids have listened, which are connected, which are lost.
 
-Pure bookkeeping on a clock. The open streams are counted here as they open and close;
-first and last seen are also stored (the servicer writes them), so a restarted server
-still lists every agent it ever saw.
+Pure bookkeeping on a clock. This replica's open streams are counted here as they open
+and close; first and last seen are also stored, with this replica's stream leases
+(task_manager/cluster.py), so a restarted server still lists every agent it ever saw,
+and every replica sees the agents connected to the others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from storage.base import SeenAgent
@@ -23,6 +24,13 @@ class _Agent:
     first_seen_ns: int
     last_seen_ns: int
     streams: int = 0
+    """Open here."""
+    remote_streams: int = 0
+    """Open on other replicas (as of the last cluster refresh): one per replica."""
+
+    @property
+    def connected(self) -> bool:
+        return self.streams + self.remote_streams > 0
 
 
 class Presence:
@@ -47,12 +55,28 @@ class Presence:
             agent.streams -= 1
             agent.last_seen_ns = now_ns
 
+    def update_cluster(self, seen: Iterable[SeenAgent], remote_streams: Mapping[str, int]) -> None:
+        """What the database says of every replica's agents: first and last seen, and the
+        streams other replicas hold."""
+        for stored in seen:
+            agent = self._agents.setdefault(
+                stored.entity_id, _Agent(stored.first_seen_ns, stored.last_seen_ns)
+            )
+            agent.first_seen_ns = min(agent.first_seen_ns, stored.first_seen_ns)
+            agent.last_seen_ns = max(agent.last_seen_ns, stored.last_seen_ns)
+        for entity_id, agent in self._agents.items():
+            agent.remote_streams = remote_streams.get(entity_id, 0)
+
+    def local_entity_ids(self) -> list[str]:
+        """The agents with a stream open here, sorted."""
+        return sorted(e for e, agent in self._agents.items() if agent.streams > 0)
+
     def lost(self, now_ns: int) -> list[tuple[str, int]]:
         """The agents LOST at now_ns, each with the moment it became LOST, by entity id."""
         return sorted(
             (entity_id, agent.last_seen_ns + self._lost_after_ns)
             for entity_id, agent in self._agents.items()
-            if agent.streams == 0 and now_ns - agent.last_seen_ns >= self._lost_after_ns
+            if not agent.connected and now_ns - agent.last_seen_ns >= self._lost_after_ns
         )
 
     def known(self, entity_ids: Iterable[str] = ()) -> list[str]:
@@ -63,7 +87,7 @@ class Presence:
 
     def describe(self, entity_id: str, held_task_ids: Sequence[str], now_ns: int) -> AgentPresence:
         agent = self._agents[entity_id]
-        if agent.streams > 0:
+        if agent.connected:
             state, last_seen_ns = AgentState.AGENT_STATE_CONNECTED, now_ns
         elif now_ns - agent.last_seen_ns >= self._lost_after_ns:
             state, last_seen_ns = AgentState.AGENT_STATE_LOST, agent.last_seen_ns
@@ -72,7 +96,7 @@ class Presence:
         return AgentPresence(
             entity_id=entity_id,
             state=state,
-            streams_open=agent.streams,
+            streams_open=agent.streams + agent.remote_streams,
             first_seen=timestamp(agent.first_seen_ns),
             last_seen=timestamp(last_seen_ns),
             tasks_in_flight=len(held_task_ids),

@@ -25,6 +25,7 @@ from storage.base import Store
 from task_manager import lifecycle
 from task_manager.auth import Credentials, OpenStreams, RateLimiter
 from task_manager.clock import Clock, SystemClock, sleep_until
+from task_manager.cluster import Cluster
 from task_manager.config import Settings
 from task_manager.dispatch import Dispatcher
 from task_manager.presence import Presence
@@ -138,6 +139,7 @@ class TaskManagerServer:
         self._stopped = False
         self._background: list[asyncio.Task[None]] = []  # owned; cancelled in stop()
         self.timekeeper: Timekeeper | None = None
+        self.cluster: Cluster | None = None
         self.compactions = 0
 
     @property
@@ -173,6 +175,15 @@ class TaskManagerServer:
         )
         for subscriber in (dispatcher.publish, watch_hub.publish, timekeeper.notice):
             store.feed.subscribe(subscriber)
+        cluster = Cluster(
+            store,
+            presence,
+            dispatcher,
+            clock,
+            int(settings.replica_lease_s * 1e9),
+            int(settings.cluster_refresh_s * 1e9),
+        )
+        await cluster.join()
         server = grpc.aio.server(options=_grpc_options(settings))
         credentials = Credentials(client_certificates=settings.client_ca is not None)
         try:
@@ -195,6 +206,7 @@ class TaskManagerServer:
             settings.limits,
             settings.task_policy(),
             presence,
+            cluster,
             clock,
         )
         server.add_generic_rpc_handlers(generic_handlers(servicer))
@@ -234,7 +246,9 @@ class TaskManagerServer:
             asyncio.create_task(timekeeper.run()),
             asyncio.create_task(running._compact_forever(clock)),
             asyncio.create_task(running._refresh_credentials_forever(gate, clock)),
+            asyncio.create_task(cluster.run()),
         ]
+        running.cluster = cluster
         return running
 
     async def stop(self) -> None:

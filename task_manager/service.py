@@ -34,6 +34,7 @@ from storage.base import Credential as StoredCredential
 from task_manager import auth, lifecycle, statuses, validation, wire
 from task_manager.auth import ANONYMOUS, Caller, Credentials, OpenStreams, RateLimiter, Role
 from task_manager.clock import Clock, sleep_until, timestamp
+from task_manager.cluster import Cluster
 from task_manager.dispatch import Dispatcher
 from task_manager.errors import (
     CredentialNotFound,
@@ -116,9 +117,11 @@ class TaskManagerService:
         limits: validation.FieldLimits,
         default_policy: TaskPolicy,
         presence: Presence,
+        cluster: Cluster,
         clock: Clock,
     ) -> None:
         self._presence = presence
+        self._cluster = cluster
         self._store = store
         self._limits = limits
         self._default_policy = default_policy
@@ -313,23 +316,17 @@ class TaskManagerService:
 
     @contextmanager
     def _present(self, entity_ids: frozenset[str]) -> Iterator[None]:
-        """Counts an agent stream in the presence table while it is open."""
-        self._presence.opened(entity_ids, self._record_seen(entity_ids))
+        """Counts an agent stream in the presence table while it is open, and records
+        it (seen, and leased to this replica) in the store."""
+        now_ns = self._clock.now_ns()
+        self._presence.opened(entity_ids, now_ns)
+        self._cluster.streams_changed(entity_ids, now_ns)
         try:
             yield
         finally:
-            self._presence.closed(entity_ids, self._record_seen(entity_ids))
-
-    def _record_seen(self, entity_ids: frozenset[str]) -> int:
-        now_ns = self._clock.now_ns()
-
-        def record(tx: WriteTransaction) -> None:
-            for entity_id in entity_ids:
-                tx.agent_seen(entity_id, now_ns)
-
-        # Not awaited: presence is bookkeeping, and a stream must not wait on the disk.
-        self._store.submit(record).add_done_callback(_log_failure)
-        return now_ns
+            now_ns = self._clock.now_ns()
+            self._presence.closed(entity_ids, now_ns)
+            self._cluster.streams_changed(entity_ids, now_ns)
 
     async def ListAgents(
         self, request: ListAgentsRequest, context: Context, caller: Caller
@@ -453,11 +450,6 @@ def _credential_message(stored: StoredCredential) -> task_manager_pb2.Credential
     if stored.revoked_ns is not None:
         shown.revoke_time.CopyFrom(timestamp(stored.revoked_ns))
     return shown
-
-
-def _log_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and (error := future.exception()) is not None:
-        log.warning("recording agent presence failed: %s", error)
 
 
 def _failed(error: Exception) -> asyncio.Future[bytes]:

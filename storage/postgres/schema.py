@@ -76,6 +76,12 @@ MIGRATIONS: Sequence[str] = (
         first_seen_ns BIGINT NOT NULL,
         last_seen_ns BIGINT NOT NULL
     );
+    CREATE TABLE agent_streams (
+        entity_id TEXT NOT NULL,
+        replica_id TEXT NOT NULL,
+        lease_expires_ns BIGINT NOT NULL,
+        PRIMARY KEY (entity_id, replica_id)
+    );
     CREATE TABLE definitions (
         task_id TEXT NOT NULL,
         definition_version BIGINT NOT NULL,

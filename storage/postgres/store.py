@@ -279,6 +279,7 @@ class PostgresStore(SqlReads):
     ) -> None:
         self.url = url
         self.durable = durable
+        self.shared = True  # other replicas may serve the same database
         self.feed = ChangeFeed(revision)
         self._loop = loop
         self._closed = False

@@ -122,6 +122,15 @@ def _migrate_to_8(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('revision', ?)", (newest,))
 
 
+def _migrate_to_9(db: sqlite_utils.Database) -> None:
+    # Which server has streams open for which agent, until when (storage/sql.py).
+    db.table("agent_streams").create(
+        {"entity_id": str, "replica_id": str, "lease_expires_ns": int},
+        pk=("entity_id", "replica_id"),
+        not_null={"lease_expires_ns"},
+    )
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -131,6 +140,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_6,
     _migrate_to_7,
     _migrate_to_8,
+    _migrate_to_9,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 

@@ -87,6 +87,7 @@ class SqliteStore(SqlReads):
         self.path = path
         # FULL (2) or EXTRA (3): every commit of the writer is fsynced before it returns.
         self.durable: bool = writer_conn.execute("PRAGMA synchronous").fetchone()[0] >= 2
+        self.shared = False  # the store holds <db>.lock: no other server writes the file
         self.feed = ChangeFeed(last_revision(writer_conn))
         self._loop = loop
         self._closed = False
