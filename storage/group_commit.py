@@ -152,14 +152,15 @@ class GroupCommitWriter(Generic[Tx]):
         batch is full), and commits them in one transaction. A job queued while earlier
         units run joins this commit instead of waiting for the next one: fewer commits,
         and each caller answered sooner."""
-        batch: list[_Job] = []
+        batch: list[_Job] = [first]  # before begin(): a batch that cannot begin fails it
         outcomes: list[_Outcome] = []
         changes: list[Change] = []
         try:
             self._connection.begin()
             job: _Job | None = first
             while job is not None:
-                batch.append(job)
+                if job is not first:
+                    batch.append(job)
                 result = self._connection.run(job.unit)
                 outcomes.append(_Outcome(job, result.value, result.error))
                 changes.extend(result.changes)

@@ -56,6 +56,8 @@ class _WriterConnection:
     def __init__(self, url: str, conn: Connection) -> None:
         self._url = url
         self._conn: Connection | None = conn
+        self.backend_pid = conn.info.backend_pid
+        """The server process of this connection: the sender of our own NOTIFYs."""
         self.lock_hold_ns = 0
         """Time spent holding the revision counter's lock (numbering to commit)."""
 
@@ -63,6 +65,7 @@ class _WriterConnection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._drop()
             self._conn = connect(self._url, "writer")
+            self.backend_pid = self._conn.info.backend_pid
         self._execute("BEGIN")
 
     def run(self, unit: Callable[[Any], Any]) -> UnitResult:
@@ -143,8 +146,11 @@ class ChangeTail:
     read from history, from the feed's revision on, when woken (a NOTIFY, an own commit
     that does not follow the feed, the poll), and published first."""
 
-    def __init__(self, store: PostgresStore, url: str, feed: ChangeFeed) -> None:
+    def __init__(
+        self, store: PostgresStore, url: str, feed: ChangeFeed, writer_pid: Callable[[], int]
+    ) -> None:
         self._store = store
+        self._writer_pid = writer_pid
         self._url = url
         self._feed = feed
         self._own: collections.deque[_OwnBatch] = collections.deque()
@@ -248,9 +254,13 @@ class ChangeTail:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self._wake.set()
                     async for notify in conn.notifies():
+                        # Our own commits come by committed(), often after their NOTIFY:
+                        # reading them back would only delay them.
+                        if notify.pid == self._writer_pid():
+                            continue
                         revision = int(notify.payload)
                         self.notified = max(self.notified, revision)
-                        if revision > self._feed.revision and not self._is_own(revision):
+                        if revision > self._feed.revision:
                             self._wake.set()
             except (psycopg.Error, OSError) as exc:
                 log.warning(
@@ -259,9 +269,6 @@ class ChangeTail:
                     _first_line(exc),
                 )
                 await asyncio.sleep(RECONNECT_S)
-
-    def _is_own(self, revision: int) -> bool:
-        return any(batch.first <= revision <= batch.last for batch in self._own)
 
 
 class PostgresStore(SqlReads):
@@ -287,8 +294,8 @@ class PostgresStore(SqlReads):
         self._reader_conns: list[Connection] = []
         self._reader_lock = threading.Lock()
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="postgres-reader")
-        self.tail = ChangeTail(self, url, self.feed)
         self._writer_connection = _WriterConnection(url, writer_conn)
+        self.tail = ChangeTail(self, url, self.feed, lambda: self._writer_connection.backend_pid)
         self._writer: GroupCommitWriter[SqlTransaction] = GroupCommitWriter(
             self._writer_connection, self.tail.committed, loop, "postgres-writer", writer_niceness
         )
@@ -381,6 +388,11 @@ class PostgresStore(SqlReads):
         # scheduled them on this loop before its thread ended.
         await self._writer.close()
         await self.tail.stop()
+        log.info(
+            "revision counter's lock held %d ns in all; %d pages of history read back",
+            self.commit_lock_hold_ns,
+            self.tail.reads,
+        )
         await asyncio.to_thread(self._readers.shutdown)
         with self._reader_lock:
             for conn in self._reader_conns:
