@@ -126,14 +126,14 @@ def _dies_with_us(command: list[str]) -> list[str]:
 
 
 def ports_for(ports: str | None, replicas: int | None) -> list[int]:
-    """The replicas' ports: --ports as a comma list (or its first port, counted up), else
-    FIRST_PORT counted up, one per replica (2 by default)."""
+    """The replicas' ports: --ports as a comma list (or its first port, counted up; 0: a
+    free port each), else FIRST_PORT counted up, one per replica (2 by default)."""
     given = [int(port) for port in ports.split(",")] if ports else [FIRST_PORT]
     count = replicas if replicas is not None else len(given) if len(given) > 1 else 2
     if count < 1:
         raise ValueError("--replicas must be at least 1")
     if len(given) == 1:
-        return [given[0] + n for n in range(count)]
+        return [given[0] + n if given[0] else 0 for n in range(count)]
     if len(given) != count:
         raise ValueError(f"--ports names {len(given)} ports for {count} replicas")
     return given
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--replicas", type=int, help="how many replicas (default 2)")
     parser.add_argument(
-        "--ports", help=f"comma-separated ports, or the first one (default {FIRST_PORT}, +1...)"
+        "--ports",
+        help=f"comma-separated ports, or the first one (default {FIRST_PORT}, +1...; 0: free ones)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("serve_args", nargs="*", help=argparse.SUPPRESS)
