@@ -11,7 +11,7 @@ DEV := $(VENV)/.installed-dev
 # apt-get, as on CI).
 POSTGRES := $(VENV)/.postgres-found
 
-.PHONY: install serve test fuzz stress protos lint bench bench-quick bench-compare profile clean
+.PHONY: install serve serve-cluster test fuzz stress protos lint bench bench-quick bench-compare profile clean
 
 install: $(DEV) $(POSTGRES)
 
@@ -45,6 +45,12 @@ $(POSTGRES): | $(DEV)
 
 serve: $(SERVING)
 	$(VENV)/bin/task-manager serve
+
+# Replicas by hand: a private PostgreSQL (fsync on, gone when stopped) and two `task-manager
+# serve` on it, 127.0.0.1:50051 and :50052, until ^C (python -m devtools.cluster --help).
+# Needs the dev install: PostgreSQL's binaries are found (or installed) by that step.
+serve-cluster: install
+	$(PY) -m devtools.cluster
 
 test: install
 	$(PY) -m pytest

@@ -5,6 +5,11 @@
 Scenarios: echo, update-status, lifecycle, dispatch, idle-streams, watch-fanout and
 push-fanout (its baseline). bench/run.py starts the servers and these processes; the
 numbers are only meaningful side by side.
+
+`--target` may name several replicas of one database, comma-separated: update-status
+spreads its workers over them; lifecycle, dispatch and watch-fanout create and update
+tasks on the first and listen (agents, watchers) on the last, so every task crosses
+from one replica to another. The other scenarios use the first.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -85,8 +90,34 @@ async def run_for(
     return {"rpc_per_s": counted / elapsed, "calls": calls}
 
 
+def targets(args: argparse.Namespace) -> list[str]:
+    return [target.strip() for target in args.target.split(",")]
+
+
+def writer_and_listener(args: argparse.Namespace) -> tuple[grpc.aio.Channel, grpc.aio.Channel]:
+    """Channels to the first target (creates, updates) and to the last (listeners): one
+    channel when they are the same, as with a single replica."""
+    found = targets(args)
+    first, last = found[0], found[-1]
+    writer = grpc.aio.insecure_channel(first)
+    return writer, writer if last == first else grpc.aio.insecure_channel(last)
+
+
+@contextlib.asynccontextmanager
+async def writer_and_listener_stubs(
+    args: argparse.Namespace,
+) -> AsyncIterator[tuple[AsyncStub, AsyncStub]]:
+    writer, listener = writer_and_listener(args)
+    try:
+        yield AsyncStub(writer), AsyncStub(listener)
+    finally:
+        await writer.close(None)
+        if listener is not writer:
+            await listener.close(None)
+
+
 async def echo(args: argparse.Namespace) -> dict[str, float]:
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    async with grpc.aio.insecure_channel(targets(args)[0]) as channel:
         call = channel.unary_unary(
             ECHO_METHOD,
             request_serializer=pb.UpdateStatusRequest.SerializeToString,
@@ -101,19 +132,25 @@ async def echo(args: argparse.Namespace) -> dict[str, float]:
 
 
 async def update_status(args: argparse.Namespace) -> dict[str, float]:
-    async with grpc.aio.insecure_channel(args.target) as channel:
-        stub = AsyncStub(channel)
+    """`concurrency` workers, each updating a task of its own; worker n calls replica
+    n mod the number of targets."""
+    channels = [grpc.aio.insecure_channel(target) for target in targets(args)]
+    try:
+        stubs = [AsyncStub(channels[n % len(channels)]) for n in range(args.concurrency)]
         versions: list[tuple[str, int]] = []
-        for _ in range(args.concurrency):  # distinct tasks: no conflicts between workers
+        for stub in stubs:  # distinct tasks: no conflicts between workers
             task = (await stub.CreateTask(pb.CreateTaskRequest(display_name="bench"))).task
             versions.append((task.version.task_id, task.version.status_version))
 
         async def step(worker: int) -> None:
             task_id, version = versions[worker]
-            response = await stub.UpdateStatus(typical_update(task_id, version))
+            response = await stubs[worker].UpdateStatus(typical_update(task_id, version))
             versions[worker] = (task_id, response.task.version.status_version)
 
         return await run_for(args.duration, args.concurrency, step)
+    finally:
+        for channel in channels:
+            await channel.close(None)
 
 
 class Walkers:
@@ -183,10 +220,9 @@ class Walkers:
 
 async def lifecycle(args: argparse.Namespace) -> dict[str, float]:
     """Operators keep `concurrency` tasks in flight; agents walk each to DONE_OK."""
-    async with grpc.aio.insecure_channel(args.target) as channel:
-        stub = AsyncStub(channel)
+    async with writer_and_listener_stubs(args) as (stub, agents_stub):
         async with anyio.create_task_group() as group:
-            walkers = Walkers(stub, args.agents, group, unary=args.unary)
+            walkers = Walkers(agents_stub, args.agents, group, unary=args.unary)
             walkers.slots = asyncio.Semaphore(args.concurrency)
             walkers.start()
             await walkers.all_connected.wait()
@@ -215,10 +251,9 @@ async def lifecycle(args: argparse.Namespace) -> dict[str, float]:
 async def dispatch(args: argparse.Namespace) -> dict[str, float]:
     """Creates tasks at a fixed rate (the lifecycle walked by agents as above) and
     measures CreateTask call start -> ExecuteRequest read from the agent's stream."""
-    async with grpc.aio.insecure_channel(args.target) as channel:
-        stub = AsyncStub(channel)
+    async with writer_and_listener_stubs(args) as (stub, agents_stub):
         async with anyio.create_task_group() as group:
-            walkers = Walkers(stub, args.agents, group, unary=args.unary)
+            walkers = Walkers(agents_stub, args.agents, group, unary=args.unary)
             walkers.start()
             await walkers.all_connected.wait()
             sent_at: dict[str, float] = {}
@@ -261,8 +296,9 @@ async def idle_streams(args: argparse.Namespace) -> dict[str, float]:
     """Opens `streams` ListenAsAgent streams, says `ready` on stdout, and holds them
     until its standard input closes."""
     per_channel = 100
+    target = targets(args)[0]
     channels = [
-        grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range((args.streams + per_channel - 1) // per_channel)
     ]
     calls = []
@@ -284,8 +320,8 @@ async def idle_streams(args: argparse.Namespace) -> dict[str, float]:
 async def watch_fanout(args: argparse.Namespace) -> dict[str, float]:
     """One update -> delivered to each of `watchers` WatchTasks streams, one round at a
     time. Latency: from the UpdateStatus call's start to the event's bytes arriving on
-    each stream."""
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    each stream (the last target's, the writer on the first)."""
+    async with grpc.aio.insecure_channel(targets(args)[0]) as channel:
         stub = AsyncStub(channel)
         task = (await stub.CreateTask(pb.CreateTaskRequest(display_name="bench"))).task
         request = pb.WatchTasksRequest(
@@ -306,7 +342,7 @@ async def watch_fanout(args: argparse.Namespace) -> dict[str, float]:
 async def push_fanout(args: argparse.Namespace) -> dict[str, float]:
     """The baseline of watch-fanout: the same clients against bench.echo_server, whose
     Push answers like Echo and puts an event-sized message on every Listen stream."""
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    async with grpc.aio.insecure_channel(targets(args)[0]) as channel:
         push = channel.unary_unary(
             "/bench.Echo/Push",
             request_serializer=pb.UpdateStatusRequest.SerializeToString,
@@ -329,8 +365,9 @@ async def fan_out(
     """Opens `watchers` streams of the method `listen`, then makes `rounds` updates, one
     at a time, each of which must reach every stream. Every stream gets the rounds in
     order, so its k-th message is round k; the bytes are not decoded, to measure delivery
-    rather than this client's parsing."""
-    channels = [grpc.aio.insecure_channel(args.target) for _ in range(args.watchers // 100 + 1)]
+    rather than this client's parsing. The streams are opened on the last target."""
+    listener = targets(args)[-1]
+    channels = [grpc.aio.insecure_channel(listener) for _ in range(args.watchers // 100 + 1)]
     arrivals: list[list[int]] = [[] for _ in range(args.watchers)]
     sent_at: list[int] = []
     all_arrived = asyncio.Event()
@@ -398,7 +435,7 @@ SCENARIOS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--target", required=True)
+    parser.add_argument("--target", required=True, help="HOST:PORT[,HOST:PORT...]")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--agents", type=int, default=16)
