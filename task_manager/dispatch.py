@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from storage.base import Change
+from storage.base import Change, ConcurrentModification
 from task_manager import statuses, wire
 from task_manager.errors import ServerShuttingDown, StreamEnded, StreamFellBehind
 
@@ -404,8 +404,10 @@ class Dispatcher:
 
         def written(future: asyncio.Future[Task | None]) -> None:
             self._handing_over.discard(task_id)
-            failed = future.cancelled() or future.exception() is not None
-            if failed:
+            error = None if future.cancelled() else future.exception()
+            failed = future.cancelled() or error is not None
+            # Losing the compare-and-set to another replica's hand-over is no failure.
+            if failed and not isinstance(error, ConcurrentModification):
                 log.warning("could not hand pool task %s from %r to %r", task_id, old, new)
             moved_on = failed or future.result() is None
             # The task moved on, so the room taken for it is free again.

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from storage.base import Change, Store
+from storage.base import Change, ConcurrentModification, Store
 from task_manager import lifecycle
 from task_manager.clock import Clock
 from task_manager.presence import Presence
@@ -113,6 +113,8 @@ class Timekeeper:
 
         outcomes = await asyncio.gather(*(end(*pair) for pair in due), return_exceptions=True)
         for (task_id, _), outcome in zip(due, outcomes, strict=True):
+            if isinstance(outcome, ConcurrentModification):
+                continue  # changed meanwhile, by its agent or another replica
             if isinstance(outcome, BaseException):
                 log.error("lost agent's task %s could not be ended", task_id, exc_info=outcome)
             elif outcome is not None:
@@ -128,6 +130,8 @@ class Timekeeper:
 
         outcomes = await asyncio.gather(*map(expire, task_ids), return_exceptions=True)
         for task_id, outcome in zip(task_ids, outcomes, strict=True):
+            if isinstance(outcome, ConcurrentModification):
+                continue  # another replica's timekeeper (or a report) changed it first
             if isinstance(outcome, BaseException):
                 log.error("deadline of task %s could not fire", task_id, exc_info=outcome)
                 held[task_id] = now_ns + self._poll_ns  # try again later, not in a loop
