@@ -6,10 +6,14 @@ the path of an SQLite file.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from storage import sql
 from storage.base import Credential, Store
 from storage.group_commit import WRITER_NICENESS
+from storage.sql import Session
 
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
@@ -34,32 +38,32 @@ async def open_store(target: str, writer_niceness: int = WRITER_NICENESS) -> Sto
 # -- credentials, for `task-manager tokens`: whether or not a server has the store open --
 
 
-def add_credential(target: str, credential: Credential) -> None:
+@contextmanager
+def _credentials_session(target: str) -> Iterator[Session]:
+    """A session on target's database, migrated, in which each statement commits."""
     if is_postgresql(target):
         from storage import postgres
 
-        return postgres.add_credential(target, credential)
-    from storage import sqlite
+        with postgres.credentials_session(target) as session:
+            yield session
+    else:
+        from storage import sqlite
 
-    return sqlite.add_credential(Path(target), credential)
+        with sqlite.credentials_session(Path(target)) as conn:
+            yield conn
+
+
+def add_credential(target: str, credential: Credential) -> None:
+    with _credentials_session(target) as session:
+        sql.insert_credential(session, credential)
 
 
 def list_credentials(target: str) -> list[Credential]:
-    if is_postgresql(target):
-        from storage import postgres
-
-        return postgres.list_credentials(target)
-    from storage import sqlite
-
-    return sqlite.list_credentials(Path(target))
+    with _credentials_session(target) as session:
+        return sql.read_credentials(session)
 
 
 def revoke_credential(target: str, credential_id: str, now_ns: int) -> bool:
     """Revokes a credential; False if there is no such credential or it was revoked."""
-    if is_postgresql(target):
-        from storage import postgres
-
-        return postgres.revoke_credential(target, credential_id, now_ns)
-    from storage import sqlite
-
-    return sqlite.revoke_credential(Path(target), credential_id, now_ns)
+    with _credentials_session(target) as session:
+        return sql.revoke_credential(session, credential_id, now_ns)

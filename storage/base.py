@@ -210,6 +210,12 @@ class WriteTransaction(Protocol):
         """The task as this transaction sees it (including its own earlier writes)."""
         ...
 
+    def claim(self, task_id: str) -> StoredTask | None:
+        """As load, and the task is this transaction's until it commits; None also if
+        another writer holds it now (it is being changed elsewhere: leave it to that
+        one). What a timekeeper firing a deadline uses, so two never fire one."""
+        ...
+
     def insert(
         self, stored: StoredTask, reason: str = "", then: StoredTask | None = None
     ) -> Change:

@@ -14,9 +14,12 @@ PostgreSQL database (DESIGN.md section 7).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import Any, Protocol, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, Protocol, TypeVar
 
 from storage.base import (
     AgentBacklog,
@@ -27,13 +30,16 @@ from storage.base import (
     QueriedTask,
     SeenAgent,
     Snapshot,
+    StoreClosed,
     StoredTask,
     TaskExists,
     TaskQuery,
     TaskSelector,
+    WriteTransaction,
     assignee_entity_id,
     holder_entity_id,
 )
+from storage.group_commit import GroupCommitWriter
 from storage.history import entry_for, ns, replay
 from task_manager import statuses
 from task_manager.v1.task_manager_pb2 import Status, StatusUpdate, Task, TaskHistoryEntry
@@ -42,6 +48,8 @@ T = TypeVar("T")
 
 WITH_AN_AGENT = ", ".join(str(status) for status in sorted(statuses.WITH_AN_AGENT))
 """The statuses of a task its agent holds, as SQL (they are integers)."""
+
+READER_THREADS = 2
 
 CHUNK = 500
 """Ids per IN (...) list: under SQLite's parameter limit, and PostgreSQL's."""
@@ -95,12 +103,18 @@ class SqlTransaction:
     """WriteTransaction over a backend's writer session, inside one savepoint. Its
     changes are numbered when the batch commits (record_batch)."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, claim_clause: str = "") -> None:
         self._session = session
+        self._claim_clause = claim_clause
+        """How claim() locks a row, where other writers may want it (PostgreSQL: FOR
+        UPDATE SKIP LOCKED); empty for a database with one writer."""
         self.changes: list[Change] = []
 
     def load(self, task_id: str) -> StoredTask | None:
         return load(self._session, task_id)
+
+    def claim(self, task_id: str) -> StoredTask | None:
+        return load(self._session, task_id, self._claim_clause)
 
     def insert(
         self, stored: StoredTask, reason: str = "", then: StoredTask | None = None
@@ -331,9 +345,10 @@ def revoke_credential(session: Session, credential_id: str, now_ns: int) -> bool
 # -- reads: each runs in one read transaction of the backend's --------------------------
 
 
-def load(session: Session, task_id: str) -> StoredTask | None:
+def load(session: Session, task_id: str, lock_clause: str = "") -> StoredTask | None:
     row = session.execute(
-        "SELECT task, agent_task, last_update, deadline_ns FROM tasks WHERE task_id = ?",
+        "SELECT task, agent_task, last_update, deadline_ns FROM tasks WHERE task_id = ?"
+        + lock_clause,
         (task_id,),
     ).fetchone()
     if row is None:
@@ -633,3 +648,79 @@ class SqlReads:
 
     async def orphaned_pool_tasks(self, now_ns: int, limit: int) -> Sequence[Task]:
         return await self._read(orphaned_pool_tasks(now_ns, limit))
+
+
+Connection = TypeVar("Connection")
+
+
+class SqlStore(SqlReads, Generic[Connection]):
+    """What both backends' stores share: writes through the group-commit writer, reads
+    on reader threads with a connection each, and closing them.
+
+    A backend makes its writer, and says how a reader connects (_connect_reader), runs a
+    Read in one read transaction (_read_in), and closes a connection (_close_reader)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reader_name: str) -> None:
+        self._loop = loop
+        self._closed = False
+        self._local = threading.local()
+        self._reader_conns: list[Connection] = []
+        self._reader_lock = threading.Lock()
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix=reader_name)
+        self._writer: GroupCommitWriter[SqlTransaction]
+
+    def _connect_reader(self, stale: Connection | None) -> Connection | None:
+        """A new connection if there is none (stale is None) or it is no longer usable;
+        None to keep stale."""
+        raise NotImplementedError
+
+    def _read_in(self, conn: Connection, read: Read[T]) -> T:
+        raise NotImplementedError
+
+    def _close_reader(self, conn: Connection) -> None:
+        raise NotImplementedError
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
+
+    @property
+    def writes(self) -> int:
+        return self._writer.writes
+
+    async def write(self, unit: Callable[[WriteTransaction], T]) -> T:
+        return await self._writer.submit(unit)
+
+    def submit(self, unit: Callable[[WriteTransaction], T]) -> asyncio.Future[T]:
+        return self._writer.submit(unit)
+
+    async def compact(self, keep_revisions: int, older_than_ns: int) -> int:
+        if keep_revisions < 1:
+            raise ValueError("compaction must keep at least the newest revision")
+
+        def compact(tx: SqlTransaction) -> int:
+            return tx.compact(keep_revisions, older_than_ns)
+
+        return await self._writer.submit(compact)
+
+    async def _read(self, read: Read[T]) -> T:
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        return await self._loop.run_in_executor(self._readers, self._with_reader, read)
+
+    def _with_reader(self, read: Read[T]) -> T:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        fresh = self._connect_reader(conn)
+        if fresh is not None:
+            conn = self._local.conn = fresh
+            with self._reader_lock:
+                self._reader_conns.append(fresh)
+        assert conn is not None
+        return self._read_in(conn, read)
+
+    async def _close_readers(self) -> None:
+        await asyncio.to_thread(self._readers.shutdown)
+        with self._reader_lock:
+            for conn in self._reader_conns:
+                self._close_reader(conn)
+            self._reader_conns.clear()

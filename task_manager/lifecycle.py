@@ -153,8 +153,9 @@ def expire(
     """Acts on a task whose deadline has come: a scheduled release, or a timeout that ends
     the attempt (retried if attempts remain). A timeout does not fire within the restart
     grace (restart_grace_ns, or the task's heartbeat_timeout, after started_ns), so agents
-    can reconnect and report after a restart of the task manager."""
-    stored = tx.load(task_id)
+    can reconnect and report after a restart of the task manager. A task another
+    replica is changing right now is left to it."""
+    stored = tx.claim(task_id)
     if stored is None:
         return Expiry()
     deadline = liveness.next_deadline(stored.task, stored.agent_task)

@@ -174,12 +174,16 @@ async def test_the_writer_thread_alone_runs_at_a_lower_priority(store: Store) ->
 # -- revisions, compare-and-set, history ----------------------------------------------
 
 
-def execute(task_id: str) -> Callable[[WriteTransaction], pb.Task]:
-    """A unit that moves a task on by one status, with compare-and-set."""
+def execute(
+    task_id: str, after_load: Callable[[], object] = lambda: None
+) -> Callable[[WriteTransaction], pb.Task]:
+    """A unit that moves a task on by one status, with compare-and-set (after_load runs
+    between the load and the write)."""
 
     def unit(tx: WriteTransaction) -> pb.Task:
         stored = tx.load(task_id)
         assert stored is not None
+        after_load()
         task = pb.Task()
         task.CopyFrom(stored.task)
         task.version.status_version += 1
@@ -311,10 +315,16 @@ async def test_racing_compare_and_sets_on_two_stores_one_wins(postgres_url: str)
             assert released.wait(30), "the test never released the first writer"
             return task
 
+        loaded = threading.Event()
         winner = first.submit(execute_then_wait)
         assert await anyio.to_thread.run_sync(entered.wait, 30)
-        loser = second.submit(execute("raced-1"))  # loads the old version, waits on the row
-        released.set()
+        # It loads the version before the first writer's, then waits on the row (or
+        # finds it moved on, if the first commits before its write).
+        loser = second.submit(execute("raced-1", after_load=loaded.set))
+        try:
+            assert await anyio.to_thread.run_sync(loaded.wait, 30)
+        finally:
+            released.set()
         won = await winner
         with pytest.raises(ConcurrentModification) as lost:
             await loser
@@ -326,3 +336,37 @@ async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():  # noqa: ASYNC110 - a counter has no event to wait on
             await asyncio.sleep(0.01)
+
+
+async def test_a_claim_skips_a_task_another_store_is_writing(postgres_url: str) -> None:
+    async with two_stores(postgres_url) as (first, second):
+        await first.write(create("claimed-1"))
+        entered, released = threading.Event(), threading.Event()
+
+        def execute_then_wait(tx: WriteTransaction) -> pb.Task:
+            task = execute("claimed-1")(tx)
+            entered.set()
+            assert released.wait(30), "the test never released the first writer"
+            return task
+
+        def claim(tx: WriteTransaction) -> bool:
+            return tx.claim("claimed-1") is not None
+
+        writing = first.submit(execute_then_wait)
+        try:
+            assert await anyio.to_thread.run_sync(entered.wait, 30)
+            assert await second.write(claim) is False  # at once: not waiting for the lock
+        finally:
+            released.set()
+        await writing
+        assert await second.write(claim) is True
+
+
+async def test_a_claim_is_a_load_where_the_task_is_free(store: Store) -> None:
+    await store.write(create("free-1"))
+
+    def claim(tx: WriteTransaction) -> str | None:
+        stored = tx.claim("free-1")
+        return None if stored is None else stored.task.version.task_id
+
+    assert await store.write(claim) == "free-1"

@@ -14,25 +14,22 @@ import asyncio
 import collections
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
 
-from storage.base import Change, StoreClosed, StoreError, WriteTransaction
+from storage.base import Change, StoreClosed, StoreError
 from storage.feed import ChangeFeed, RevisionGap
 from storage.group_commit import WRITER_NICENESS, GroupCommitWriter, UnitResult
 from storage.postgres.schema import Connection, PgSession, connect, describe, migrate
-from storage.sql import Read, SqlReads, SqlTransaction, last_revision, record_batch
+from storage.sql import Read, SqlStore, SqlTransaction, last_revision, record_batch
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-READER_THREADS = 2
 CHANNEL = "task_manager_commits"
 """The NOTIFY channel: its payload is the newest revision of the commit."""
 TAIL_PAGE = 1_000
@@ -79,7 +76,7 @@ class _WriterConnection:
         self._execute(self._opening + "SAVEPOINT unit")
         self._opening = "RELEASE SAVEPOINT unit; "
         assert self._conn is not None
-        tx = SqlTransaction(PgSession(self._conn))
+        tx = SqlTransaction(PgSession(self._conn), claim_clause=" FOR UPDATE SKIP LOCKED")
         try:
             value = unit(tx)
         except Exception as exc:
@@ -278,7 +275,7 @@ class ChangeTail:
                 await asyncio.sleep(RECONNECT_S)
 
 
-class PostgresStore(SqlReads):
+class PostgresStore(SqlStore[Connection]):
     """Store on a PostgreSQL database, which other replicas may share. Create it with
     `await PostgresStore.open(url)`."""
 
@@ -295,15 +292,10 @@ class PostgresStore(SqlReads):
         self.durable = durable
         self.shared = True  # other replicas may serve the same database
         self.feed = ChangeFeed(revision)
-        self._loop = loop
-        self._closed = False
-        self._local = threading.local()
-        self._reader_conns: list[Connection] = []
-        self._reader_lock = threading.Lock()
-        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="postgres-reader")
+        super().__init__(loop, "postgres-reader")
         self._writer_connection = _WriterConnection(url, writer_conn)
         self.tail = ChangeTail(self, url, self.feed, lambda: self._writer_connection.backend_pid)
-        self._writer: GroupCommitWriter[SqlTransaction] = GroupCommitWriter(
+        self._writer = GroupCommitWriter(
             self._writer_connection, self.tail.committed, loop, "postgres-writer", writer_niceness
         )
         self.tail.start()
@@ -331,49 +323,18 @@ class PostgresStore(SqlReads):
         return cls(url, conn, revision, durable, asyncio.get_running_loop(), writer_niceness)
 
     @property
-    def commits(self) -> int:
-        return self._writer.commits
-
-    @property
-    def writes(self) -> int:
-        return self._writer.writes
-
-    @property
     def commit_lock_hold_ns(self) -> int:
         """Time this store's writer held the revision counter's lock, in total."""
         return self._writer_connection.lock_hold_ns
 
-    # -- writes -------------------------------------------------------------------------
-
-    async def write(self, unit: Callable[[WriteTransaction], T]) -> T:
-        return await self._writer.submit(unit)
-
-    def submit(self, unit: Callable[[WriteTransaction], T]) -> asyncio.Future[T]:
-        return self._writer.submit(unit)
-
-    async def compact(self, keep_revisions: int, older_than_ns: int) -> int:
-        if keep_revisions < 1:
-            raise ValueError("compaction must keep at least the newest revision")
-
-        def compact(tx: SqlTransaction) -> int:
-            return tx.compact(keep_revisions, older_than_ns)
-
-        return await self._writer.submit(compact)
-
     # -- reads --------------------------------------------------------------------------
 
-    async def _read(self, read: Read[T]) -> T:
-        if self._closed:
-            raise StoreClosed("the store is closed")
-        return await self._loop.run_in_executor(self._readers, self._with_reader, read)
+    def _connect_reader(self, stale: Connection | None) -> Connection | None:
+        if stale is not None and not stale.closed and not stale.broken:
+            return None
+        return connect(self.url, "reader")
 
-    def _with_reader(self, read: Read[T]) -> T:
-        conn: Connection | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.broken:
-            conn = connect(self.url, "reader")
-            self._local.conn = conn
-            with self._reader_lock:
-                self._reader_conns.append(conn)
+    def _read_in(self, conn: Connection, read: Read[T]) -> T:
         try:
             # One snapshot for every statement of read, as SQLite's WAL readers have.
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -384,6 +345,10 @@ class PostgresStore(SqlReads):
                     conn.execute("COMMIT")
         except psycopg.OperationalError as exc:
             raise StoreError(f"the database could not be read: {_first_line(exc)}") from exc
+
+    def _close_reader(self, conn: Connection) -> None:
+        with contextlib.suppress(psycopg.Error):
+            conn.close()
 
     # -- shutdown -----------------------------------------------------------------------
 
@@ -400,9 +365,4 @@ class PostgresStore(SqlReads):
             self.commit_lock_hold_ns,
             self.tail.reads,
         )
-        await asyncio.to_thread(self._readers.shutdown)
-        with self._reader_lock:
-            for conn in self._reader_conns:
-                with contextlib.suppress(psycopg.Error):
-                    conn.close()
-            self._reader_conns.clear()
+        await self._close_readers()

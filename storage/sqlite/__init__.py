@@ -1,6 +1,6 @@
 """The embedded SQLite backend: the zero-setup default (`--db PATH`)."""
 
-from storage.sqlite.credentials import add_credential, list_credentials, revoke_credential
+from storage.sqlite.credentials import credentials_session
 from storage.sqlite.store import SqliteStore
 
-__all__ = ["SqliteStore", "add_credential", "list_credentials", "revoke_credential"]
+__all__ = ["SqliteStore", "credentials_session"]

@@ -10,22 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from storage.base import Change, StoreClosed, StoreError, WriteTransaction
+from storage.base import Change, StoreError
 from storage.feed import ChangeFeed
 from storage.group_commit import WRITER_NICENESS, GroupCommitWriter, UnitResult
-from storage.sql import Read, SqlReads, SqlTransaction, last_revision, record_batch
+from storage.sql import Read, SqlStore, SqlTransaction, last_revision, record_batch
 from storage.sqlite.schema import connect, lock_database, migrate
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-READER_THREADS = 2
 
 
 class _WriterConnection:
@@ -74,7 +70,7 @@ class _WriterConnection:
             raise StoreError(f"the database could not commit: {exc}") from exc
 
 
-class SqliteStore(SqlReads):
+class SqliteStore(SqlStore[sqlite3.Connection]):
     """Store backed by one SQLite file. Create it with `await SqliteStore.open(...)`."""
 
     def __init__(
@@ -89,14 +85,9 @@ class SqliteStore(SqlReads):
         self.durable: bool = writer_conn.execute("PRAGMA synchronous").fetchone()[0] >= 2
         self.shared = False  # the store holds <db>.lock: no other server writes the file
         self.feed = ChangeFeed(last_revision(writer_conn))
-        self._loop = loop
-        self._closed = False
+        super().__init__(loop, "sqlite-reader")
         self._lock: IO[bytes] | None = None
-        self._reader_conns: list[sqlite3.Connection] = []
-        self._reader_lock = threading.Lock()
-        self._local = threading.local()
-        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="sqlite-reader")
-        self._writer: GroupCommitWriter[SqlTransaction] = GroupCommitWriter(
+        self._writer = GroupCommitWriter(
             _WriterConnection(writer_conn), self._publish, loop, "sqlite-writer", writer_niceness
         )
 
@@ -131,22 +122,6 @@ class SqliteStore(SqlReads):
         store._lock = lock
         return store
 
-    @property
-    def commits(self) -> int:
-        return self._writer.commits
-
-    @property
-    def writes(self) -> int:
-        return self._writer.writes
-
-    # -- writes -------------------------------------------------------------------------
-
-    async def write(self, unit: Callable[[WriteTransaction], T]) -> T:
-        return await self._writer.submit(unit)
-
-    def submit(self, unit: Callable[[WriteTransaction], T]) -> asyncio.Future[T]:
-        return self._writer.submit(unit)
-
     def _publish(self, changes: Sequence[Change], answer: Callable[[], None]) -> None:
         # On the event loop, after the commit: the one writer's commits come in revision
         # order, so they are published as they are, then the callers answered.
@@ -155,35 +130,24 @@ class SqliteStore(SqlReads):
         finally:
             answer()
 
-    async def compact(self, keep_revisions: int, older_than_ns: int) -> int:
-        if keep_revisions < 1:
-            raise ValueError("compaction must keep at least the newest revision")
-
-        def compact(tx: SqlTransaction) -> int:
-            return tx.compact(keep_revisions, older_than_ns)
-
-        return await self._writer.submit(compact)
-
     # -- reads --------------------------------------------------------------------------
 
-    async def _read(self, read: Read[T]) -> T:
-        if self._closed:
-            raise StoreClosed("the store is closed")
-        return await self._loop.run_in_executor(self._readers, self._with_reader, read)
+    def _connect_reader(self, stale: sqlite3.Connection | None) -> sqlite3.Connection | None:
+        if stale is not None:
+            return None
+        conn = connect(self.path)
+        conn.execute("PRAGMA query_only=1")
+        return conn
 
-    def _with_reader(self, read: Read[T]) -> T:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.path)
-            conn.execute("PRAGMA query_only=1")
-            self._local.conn = conn
-            with self._reader_lock:
-                self._reader_conns.append(conn)
+    def _read_in(self, conn: sqlite3.Connection, read: Read[T]) -> T:
         conn.execute("BEGIN")  # one snapshot for every statement of read
         try:
             return read(conn)
         finally:
             conn.execute("COMMIT")
+
+    def _close_reader(self, conn: sqlite3.Connection) -> None:
+        conn.close()
 
     # -- shutdown -----------------------------------------------------------------------
 
@@ -192,10 +156,6 @@ class SqliteStore(SqlReads):
             return
         self._closed = True
         await self._writer.close()
-        await asyncio.to_thread(self._readers.shutdown)
-        with self._reader_lock:
-            for conn in self._reader_conns:
-                conn.close()
-            self._reader_conns.clear()
+        await self._close_readers()
         if self._lock is not None:
             self._lock.close()  # releases the flock
