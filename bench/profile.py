@@ -6,13 +6,14 @@ permission is needed), one bench.load scenario drives it, and the samples are su
 each thread's share, what kind of code held the GIL, and our functions that held it
 most (inclusive). Writes bench/results/profile-SCENARIO.json and prints a table.
 
-    python -m bench.profile update-status [--duration 10]
+    python -m bench.profile update-status [--duration 10] [--postgresql]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.run import REPO_ROOT, client, save, task_manager
+from devtools.private_postgres import PrivatePostgres
 
 SCENARIOS: dict[str, dict[str, object]] = {
     "update-status": {},
@@ -39,15 +41,18 @@ LOOP_CALLBACK = "Handle._run (asyncio/events.py"
 mostly grpc.aio's Cython, which py-spy does not see into."""
 
 
-def record(scenario: str, duration: float, workdir: Path) -> list[tuple[list[str], int]]:
-    """Runs the server under py-spy through one scenario; its samples as (stack, count)."""
+def record(
+    scenario: str, duration: float, workdir: Path, db: str | None = None
+) -> list[tuple[list[str], int]]:
+    """Runs the server (on an SQLite file in workdir, or on db) under py-spy through one
+    scenario; its samples as (stack, count)."""
     samples = workdir / "samples.raw"
     spy = Path(sys.executable).parent / "py-spy"
     command = [
         str(spy),
         *("record", "--gil", "--threads", "--rate", "250", "--format", "raw"),
         *("--output", str(samples), "--"),
-        *task_manager(workdir, "profile"),
+        *task_manager(workdir, "profile", db),
     ]
     with (workdir / "server.log").open("w") as log:
         process = subprocess.Popen(
@@ -136,10 +141,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument(
+        "--postgresql",
+        action="store_true",
+        help="serve from a private PostgreSQL (fsync on) instead of an SQLite file",
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
-        summary = summarize(record(args.scenario, args.duration, Path(tmp)))
-    save(REPO_ROOT / "bench" / "results" / f"profile-{args.scenario}.json", summary)
+    name = f"profile-{args.scenario}{'-postgresql' if args.postgresql else ''}.json"
+    with tempfile.TemporaryDirectory(prefix="profile-") as tmp, contextlib.ExitStack() as stack:
+        db = None
+        if args.postgresql:
+            db = stack.enter_context(PrivatePostgres()).create_database()
+        summary = summarize(record(args.scenario, args.duration, Path(tmp), db))
+    save(REPO_ROOT / "bench" / "results" / name, summary)
     print(table(summary))
 
 
