@@ -255,6 +255,12 @@ class WriteTransaction(Protocol):
         now_ns + lease_ns; forgets every lease that expired by now_ns."""
         ...
 
+    def take_lease(self, name: str, holder: str, ttl_ns: int) -> bool:
+        """Holds the lease called name for holder until ttl_ns from now on the database's
+        clock, if it is free, expired or holder's already; False if another holds it.
+        For work one server of several does at a time."""
+        ...
+
     def forget_other_replicas(self, replica_id: str) -> None:
         """Forgets the streams of every other replica: for a database only this server
         writes (a restarted server's old leases are its own, and void)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Protocol, TypeVar
@@ -103,11 +104,16 @@ class SqlTransaction:
     """WriteTransaction over a backend's writer session, inside one savepoint. Its
     changes are numbered when the batch commits (record_batch)."""
 
-    def __init__(self, session: Session, claim_clause: str = "") -> None:
+    def __init__(
+        self, session: Session, claim_clause: str = "", clock_sql: str | None = None
+    ) -> None:
         self._session = session
         self._claim_clause = claim_clause
         """How claim() locks a row, where other writers may want it (PostgreSQL: FOR
         UPDATE SKIP LOCKED); empty for a database with one writer."""
+        self._clock_sql = clock_sql
+        """A query of the database's clock (ns since the epoch), where several servers
+        must agree on one; None: this process's clock (one server)."""
         self.changes: list[Change] = []
 
     def load(self, task_id: str) -> StoredTask | None:
@@ -214,6 +220,21 @@ class SqlTransaction:
                 " DO UPDATE SET lease_expires_ns = excluded.lease_expires_ns",
                 [(entity_id, replica_id, now_ns + lease_ns) for entity_id in ids],
             )
+
+    def take_lease(self, name: str, holder: str, ttl_ns: int) -> bool:
+        now_ns = (
+            time.time_ns()
+            if self._clock_sql is None
+            else int(self._session.execute(self._clock_sql).fetchone()[0])
+        )
+        taken = self._session.execute(
+            "INSERT INTO leases (name, holder, expires_ns) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
+            " expires_ns = excluded.expires_ns"
+            " WHERE leases.holder = excluded.holder OR leases.expires_ns <= ?",
+            (name, holder, now_ns + ttl_ns, now_ns),
+        ).rowcount
+        return taken == 1
 
     def forget_other_replicas(self, replica_id: str) -> None:
         self._session.execute("DELETE FROM agent_streams WHERE replica_id <> ?", (replica_id,))

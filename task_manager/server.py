@@ -244,7 +244,7 @@ class TaskManagerServer:
         running.timekeeper = timekeeper
         running._background = [
             asyncio.create_task(timekeeper.run()),
-            asyncio.create_task(running._compact_forever(clock)),
+            asyncio.create_task(running._compact_forever(clock, cluster.replica_id)),
             asyncio.create_task(running._refresh_credentials_forever(gate, clock)),
             asyncio.create_task(cluster.run()),
         ]
@@ -288,16 +288,22 @@ class TaskManagerServer:
         older_than_ns = now_ns - int(self._settings.retention_age_s * 1e9)
         return await self.store.compact(self._settings.retention_revisions, older_than_ns)
 
-    async def _compact_forever(self, clock: Clock) -> None:
+    async def _compact_forever(self, clock: Clock, replica_id: str) -> None:
+        """Compacts every interval, while this replica holds the compaction lease (one
+        replica of several at a time; it passes on if the holder stops renewing it)."""
         interval_ns = int(self._settings.compaction_interval_s * 1e9)
+        lease_ns = 2 * interval_ns
         compacted_before = 0
         while True:
             try:
-                compacted = await self.compact(clock)
-                self.compactions += 1
-                if compacted > compacted_before:  # quiet when nothing was removed
-                    log.info("history compacted up to revision %d", compacted)
-                    compacted_before = compacted
+                if await self.store.write(
+                    lambda tx: tx.take_lease("compaction", replica_id, lease_ns)
+                ):
+                    compacted = await self.compact(clock)
+                    self.compactions += 1
+                    if compacted > compacted_before:  # quiet when nothing was removed
+                        log.info("history compacted up to revision %d", compacted)
+                        compacted_before = compacted
             except Exception:
                 log.exception("compaction failed; trying again next interval")
             await sleep_until(clock, clock.now_ns() + interval_ns)

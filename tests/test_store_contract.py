@@ -370,3 +370,34 @@ async def test_a_claim_is_a_load_where_the_task_is_free(store: Store) -> None:
         return None if stored is None else stored.task.version.task_id
 
     assert await store.write(claim) == "free-1"
+
+
+# -- leases ---------------------------------------------------------------------------
+
+
+def take(name: str, holder: str, ttl_ns: int) -> Callable[[WriteTransaction], bool]:
+    return lambda tx: tx.take_lease(name, holder, ttl_ns)
+
+
+async def test_a_lease_is_held_by_one_holder_until_it_expires(store: Store) -> None:
+    hour = 3600 * 10**9
+    assert await store.write(take("compaction", "replica-a", hour)) is True
+    assert await store.write(take("compaction", "replica-a", hour)) is True  # renewed
+    assert await store.write(take("compaction", "replica-b", hour)) is False
+    assert await store.write(take("other-work", "replica-b", hour)) is True
+    # A lease that has run out is anyone's.
+    assert await store.write(take("short", "replica-a", 0)) is True
+    assert await store.write(take("short", "replica-b", hour)) is True
+    assert await store.write(take("short", "replica-a", hour)) is False
+
+
+async def test_two_stores_contend_for_one_lease_and_one_holds_it(postgres_url: str) -> None:
+    async with two_stores(postgres_url) as (first, second):
+        hour = 3600 * 10**9
+        contenders = [(first, "a"), (second, "b")] * 5
+        outcomes = await asyncio.gather(
+            *(store.write(take("compaction", name, hour)) for store, name in contenders)
+        )
+        holders = {name for (_, name), won in zip(contenders, outcomes, strict=True) if won}
+        assert len(holders) == 1  # whoever took it first keeps it; the other is refused
+        assert False in outcomes

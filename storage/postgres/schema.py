@@ -82,6 +82,11 @@ MIGRATIONS: Sequence[str] = (
         lease_expires_ns BIGINT NOT NULL,
         PRIMARY KEY (entity_id, replica_id)
     );
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_ns BIGINT NOT NULL
+    );
     CREATE TABLE definitions (
         task_id TEXT NOT NULL,
         definition_version BIGINT NOT NULL,

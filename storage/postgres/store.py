@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "task_manager_commits"
 """The NOTIFY channel: its payload is the newest revision of the commit."""
+CLOCK = "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000)::BIGINT"
+"""The database's clock: every replica's leases are timed by the same one."""
 TAIL_PAGE = 1_000
 """Changes read back from history per query of the tail."""
 POLL_S = 1.0
@@ -76,7 +78,9 @@ class _WriterConnection:
         self._execute(self._opening + "SAVEPOINT unit")
         self._opening = "RELEASE SAVEPOINT unit; "
         assert self._conn is not None
-        tx = SqlTransaction(PgSession(self._conn), claim_clause=" FOR UPDATE SKIP LOCKED")
+        tx = SqlTransaction(
+            PgSession(self._conn), claim_clause=" FOR UPDATE SKIP LOCKED", clock_sql=CLOCK
+        )
         try:
             value = unit(tx)
         except Exception as exc:

@@ -131,6 +131,15 @@ def _migrate_to_9(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_10(db: sqlite_utils.Database) -> None:
+    # Work one server of several does at a time (compaction), held until it expires.
+    db.table("leases").create(
+        {"name": str, "holder": str, "expires_ns": int},
+        pk="name",
+        not_null={"holder", "expires_ns"},
+    )
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -141,6 +150,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_7,
     _migrate_to_8,
     _migrate_to_9,
+    _migrate_to_10,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 
