@@ -6,8 +6,11 @@ background event loop for scripts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
+import signal
+import threading
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -27,6 +30,7 @@ from typing import ParamSpec, TypeVar
 import anyio
 import anyio.from_thread
 import grpc
+from anyio.from_thread import BlockingPortal
 from google.protobuf.message import Message
 
 from agent_kit._any import packed
@@ -407,7 +411,9 @@ class SyncOperatorClient:
         self._portal_context = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_context.__enter__()
         try:
-            self._client: OperatorClient = self._portal.call(_make_client, target, author, auth)
+            self._client: OperatorClient = _call_interruptibly(
+                self._portal, partial(_make_client, target, author, auth)
+            )
         except BaseException:  # a bad target or unreadable TLS files: no thread left behind
             self._portal_context.__exit__(None, None, None)
             raise
@@ -424,12 +430,12 @@ class SyncOperatorClient:
         self.close()
 
     def close(self) -> None:
-        self._portal.call(self._client.close)
+        _call_interruptibly(self._portal, self._client.close)
         self._portal_context.__exit__(None, None, None)
 
     def _call(self, method: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Runs one OperatorClient method on the portal's loop, type-checked against it."""
-        return self._portal.call(partial(method, *args, **kwargs))
+        return _call_interruptibly(self._portal, partial(method, *args, **kwargs))
 
     def create_task(
         self,
@@ -496,7 +502,7 @@ class SyncOperatorClient:
             )
             return [task async for task in tasks]
 
-        return self._portal.call(collect)
+        return _call_interruptibly(self._portal, collect)
 
     def update_task(
         self,
@@ -561,12 +567,12 @@ class SyncOperatorClient:
         try:
             while True:
                 try:
-                    response = self._portal.call(pump.next)
+                    response = _call_interruptibly(self._portal, pump.next)
                 except StopAsyncIteration:
                     return
                 yield response
         finally:  # also on Ctrl+C, wherever it lands: close() ends a pending read
-            self._portal.call(pump.close)
+            _call_interruptibly(self._portal, pump.close)
 
     @contextmanager
     def cancel_on_exit(self, task_id: str) -> Iterator[None]:
@@ -578,6 +584,38 @@ class SyncOperatorClient:
             with contextlib.suppress(grpc.RpcError):
                 self.cancel_task(task_id, reason=reason)
             raise
+
+
+def _call_interruptibly(portal: BlockingPortal, fn: Callable[[], Awaitable[T]]) -> T:
+    """portal.call(fn), except that a Ctrl+C while it waits cancels the call and raises
+    KeyboardInterrupt here, at a safe point.
+
+    Left to itself, Python raises KeyboardInterrupt wherever the main thread is, and a
+    with statement is not safe against it (bpo-29988): landing inside the wait for the
+    portal's answer, it left a lock held that the portal's thread needed, and taskctl
+    watch hung after Ctrl+C. So while waiting, SIGINT only sets a flag."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        return portal.call(fn)
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signal_number, frame: interrupted.set())
+    try:
+        future = portal.start_task_soon(fn)
+        # Not result(timeout=...): its TimeoutError is the builtin one, which the call
+        # itself may raise (a wait that timed out).
+        while not concurrent.futures.wait([future], timeout=INTERRUPT_CHECK_S).done:
+            if interrupted.is_set():
+                future.cancel()
+                raise KeyboardInterrupt
+        return future.result()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+INTERRUPT_CHECK_S = 0.05
+"""How soon a Ctrl+C takes effect while a blocking client waits for an answer."""
 
 
 class _WatchPump:

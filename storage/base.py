@@ -248,11 +248,9 @@ class WriteTransaction(Protocol):
         """Records that an agent entity id was seen now (first seen, if it is new)."""
         ...
 
-    def renew_streams(
-        self, replica_id: str, entity_ids: Collection[str], now_ns: int, lease_ns: int
-    ) -> None:
-        """Records that this replica has streams open for exactly these agents, until
-        now_ns + lease_ns; forgets every lease that expired by now_ns."""
+    def renew_streams(self, replica_id: str, entity_ids: Collection[str], lease_ns: int) -> None:
+        """Records that this replica has streams open for exactly these agents, for
+        lease_ns from now on the database's clock; forgets every lease expired by now."""
         ...
 
     def take_lease(self, name: str, holder: str, ttl_ns: int) -> bool:
@@ -401,13 +399,14 @@ class Store(Protocol):
         """Every stored credential, revoked ones included."""
         ...
 
-    async def live_streams(self, now_ns: int) -> Sequence[tuple[str, str]]:
-        """(entity_id, replica_id) of every agent stream lease unexpired at now_ns."""
+    async def live_streams(self) -> Sequence[tuple[str, str]]:
+        """(entity_id, replica_id) of every agent stream lease unexpired now, on the
+        database's clock."""
         ...
 
-    async def orphaned_pool_tasks(self, now_ns: int, limit: int) -> Sequence[Task]:
+    async def orphaned_pool_tasks(self, limit: int) -> Sequence[Task]:
         """Pool tasks sent to a member (not yet received) for which no replica holds a
-        live stream lease at now_ns, oldest first."""
+        live stream lease now, oldest first."""
         ...
 
     async def close(self) -> None:

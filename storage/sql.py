@@ -79,6 +79,14 @@ def marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
+def database_now_ns(session: Session, clock_sql: str | None) -> int:
+    """Now on the clock leases are timed by: the database's (clock_sql), where several
+    servers must agree on one, else this process's."""
+    if clock_sql is None:
+        return time.time_ns()
+    return int(session.execute(clock_sql).fetchone()[0])
+
+
 def last_revision(session: Session) -> int:
     """The newest committed revision: every revision up to it is committed and visible
     to whoever reads this in the same transaction (both backends keep that true)."""
@@ -204,9 +212,8 @@ class SqlTransaction:
             (entity_id, now_ns, now_ns),
         )
 
-    def renew_streams(
-        self, replica_id: str, entity_ids: Collection[str], now_ns: int, lease_ns: int
-    ) -> None:
+    def renew_streams(self, replica_id: str, entity_ids: Collection[str], lease_ns: int) -> None:
+        now_ns = database_now_ns(self._session, self._clock_sql)
         ids = sorted(entity_ids)
         keep = f" AND entity_id NOT IN ({marks(len(ids))})" if ids else ""
         self._session.execute(
@@ -222,11 +229,7 @@ class SqlTransaction:
             )
 
     def take_lease(self, name: str, holder: str, ttl_ns: int) -> bool:
-        now_ns = (
-            time.time_ns()
-            if self._clock_sql is None
-            else int(self._session.execute(self._clock_sql).fetchone()[0])
-        )
+        now_ns = database_now_ns(self._session, self._clock_sql)
         taken = self._session.execute(
             "INSERT INTO leases (name, holder, expires_ns) VALUES (?, ?, ?)"
             " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
@@ -520,8 +523,9 @@ def tasks_held_by(entity_ids: Collection[str]) -> Read[list[Task]]:
     return read
 
 
-def live_streams(now_ns: int) -> Read[list[tuple[str, str]]]:
+def live_streams(clock_sql: str | None) -> Read[list[tuple[str, str]]]:
     def read(session: Session) -> list[tuple[str, str]]:
+        now_ns = database_now_ns(session, clock_sql)
         rows = session.execute(
             "SELECT entity_id, replica_id FROM agent_streams WHERE lease_expires_ns > ?"
             " ORDER BY entity_id, replica_id",
@@ -532,9 +536,10 @@ def live_streams(now_ns: int) -> Read[list[tuple[str, str]]]:
     return read
 
 
-def orphaned_pool_tasks(now_ns: int, limit: int) -> Read[list[Task]]:
+def orphaned_pool_tasks(clock_sql: str | None, limit: int) -> Read[list[Task]]:
     # A pool task's holder is a member, not the pool (its assignee); SENT: not received.
     def read(session: Session) -> list[Task]:
+        now_ns = database_now_ns(session, clock_sql)
         rows = session.execute(
             "SELECT task FROM tasks WHERE status = ? AND holder_entity_id IS NOT NULL"
             " AND holder_entity_id <> assignee_entity_id AND NOT EXISTS (SELECT 1 FROM"
@@ -611,6 +616,9 @@ def snapshot(selector: TaskSelector) -> Read[Snapshot]:
 class SqlReads:
     """The Store's reads, for a backend that runs a Read in one read transaction."""
 
+    _clock_sql: str | None = None
+    """How a read asks the database's clock (see database_now_ns); None: this process's."""
+
     async def _read(self, read: Read[T]) -> T:
         raise NotImplementedError
 
@@ -664,11 +672,11 @@ class SqlReads:
     async def credentials(self) -> Sequence[Credential]:
         return await self._read(read_credentials)
 
-    async def live_streams(self, now_ns: int) -> Sequence[tuple[str, str]]:
-        return await self._read(live_streams(now_ns))
+    async def live_streams(self) -> Sequence[tuple[str, str]]:
+        return await self._read(live_streams(self._clock_sql))
 
-    async def orphaned_pool_tasks(self, now_ns: int, limit: int) -> Sequence[Task]:
-        return await self._read(orphaned_pool_tasks(now_ns, limit))
+    async def orphaned_pool_tasks(self, limit: int) -> Sequence[Task]:
+        return await self._read(orphaned_pool_tasks(self._clock_sql, limit))
 
 
 Connection = TypeVar("Connection")

@@ -5,8 +5,9 @@ every refresh (storage: agent_streams). From those rows every replica knows whic
 agents are connected anywhere (ListAgents, lost agents), and any replica can tell that
 a pool task's member has no stream left on any live replica: its replica closed the
 stream or died. Such a task is handed back to its pool. A dead replica's leases lapse
-after replica_lease_s, so its pool tasks move on within replica_lease_s plus one
-refresh; a late write from it fails the compare-and-set, as the task moved on.
+after replica_lease_s (timed by the database's clock, which every replica reads), so
+its pool tasks move on within replica_lease_s plus one refresh; a late write from it
+fails the compare-and-set, as the task moved on.
 
 On SQLite there is one replica, and the same code runs with no others to see.
 """
@@ -73,7 +74,7 @@ class Cluster:
         def record(tx: WriteTransaction) -> None:
             for entity_id in entity_ids:
                 tx.agent_seen(entity_id, now_ns)
-            tx.renew_streams(replica_id, local, now_ns, lease_ns)
+            tx.renew_streams(replica_id, local, lease_ns)
 
         # Not awaited: presence is bookkeeping, and a stream must not wait on the disk.
         self._store.submit(record).add_done_callback(_log_failure)
@@ -89,14 +90,13 @@ class Cluster:
     async def refresh(self) -> None:
         """Renews this replica's leases, learns the other replicas' streams, and hands
         back the pool tasks whose member no live replica has a stream for."""
-        now_ns = self._clock.now_ns()
         local = self._presence.local_entity_ids()
         replica_id, lease_ns = self.replica_id, self._lease_ns
-        await self._store.write(lambda tx: tx.renew_streams(replica_id, local, now_ns, lease_ns))
-        streams = await self._store.live_streams(now_ns)
+        await self._store.write(lambda tx: tx.renew_streams(replica_id, local, lease_ns))
+        streams = await self._store.live_streams()
         remote = Counter(entity for entity, replica in streams if replica != replica_id)
         self._presence.update_cluster(await self._store.seen_agents(), remote)
-        for task in await self._store.orphaned_pool_tasks(now_ns, ORPHANS_PER_SWEEP):
+        for task in await self._store.orphaned_pool_tasks(ORPHANS_PER_SWEEP):
             self._dispatcher.hand_back(task)
         self.refreshes += 1
 

@@ -297,6 +297,7 @@ class PostgresStore(SqlStore[Connection]):
         self.shared = True  # other replicas may serve the same database
         self.feed = ChangeFeed(revision)
         super().__init__(loop, "postgres-reader")
+        self._clock_sql = CLOCK
         self._writer_connection = _WriterConnection(url, writer_conn)
         self.tail = ChangeTail(self, url, self.feed, lambda: self._writer_connection.backend_pid)
         self._writer = GroupCommitWriter(
