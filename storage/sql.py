@@ -113,9 +113,17 @@ class SqlTransaction:
     changes are numbered when the batch commits (record_batch)."""
 
     def __init__(
-        self, session: Session, claim_clause: str = "", clock_sql: str | None = None
+        self,
+        session: Session,
+        load_clause: str = "",
+        claim_clause: str = "",
+        clock_sql: str | None = None,
     ) -> None:
         self._session = session
+        self._load_clause = load_clause
+        """How load() locks the row it reads, where other writers may change it
+        (PostgreSQL: FOR UPDATE): a second writer then waits and reads the first one's
+        result, as it would behind SQLite's one writer. Empty for one writer."""
         self._claim_clause = claim_clause
         """How claim() locks a row, where other writers may want it (PostgreSQL: FOR
         UPDATE SKIP LOCKED); empty for a database with one writer."""
@@ -125,7 +133,7 @@ class SqlTransaction:
         self.changes: list[Change] = []
 
     def load(self, task_id: str) -> StoredTask | None:
-        return load(self._session, task_id)
+        return load(self._session, task_id, self._load_clause)
 
     def claim(self, task_id: str) -> StoredTask | None:
         return load(self._session, task_id, self._claim_clause)

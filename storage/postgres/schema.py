@@ -143,11 +143,12 @@ def connect(url: str, purpose: str) -> Connection:
         conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
         conn.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'")
     except psycopg.Error as exc:
-        raise StoreError(f"cannot connect to {describe(url)}: {_first_line(exc)}") from exc
+        raise StoreError(f"cannot connect to {describe(url)}: {first_line(exc)}") from exc
     return conn
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's message, its first line: what a one-line error or log needs."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
@@ -171,4 +172,4 @@ def migrate(conn: Connection, url: str) -> None:
             else:
                 conn.execute("UPDATE schema_version SET version = %s", (len(MIGRATIONS),))
     except psycopg.Error as exc:
-        raise StoreError(f"cannot prepare {describe(url)}: {_first_line(exc)}") from exc
+        raise StoreError(f"cannot prepare {describe(url)}: {first_line(exc)}") from exc

@@ -24,7 +24,14 @@ import psycopg
 from storage.base import Change, StoreClosed, StoreError
 from storage.feed import ChangeFeed, RevisionGap
 from storage.group_commit import WRITER_NICENESS, GroupCommitWriter, UnitResult
-from storage.postgres.schema import Connection, PgSession, connect, describe, migrate
+from storage.postgres.schema import (
+    Connection,
+    PgSession,
+    connect,
+    describe,
+    first_line,
+    migrate,
+)
 from storage.sql import Read, SqlStore, SqlTransaction, last_revision, record_batch
 
 T = TypeVar("T")
@@ -41,11 +48,6 @@ POLL_S = 1.0
 (a LISTEN connection that dropped) delays changes by this much at most."""
 RECONNECT_S = 0.5
 """Pause between attempts to reconnect the LISTEN connection."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _WriterConnection:
@@ -79,7 +81,10 @@ class _WriterConnection:
         self._opening = "RELEASE SAVEPOINT unit; "
         assert self._conn is not None
         tx = SqlTransaction(
-            PgSession(self._conn), claim_clause=" FOR UPDATE SKIP LOCKED", clock_sql=CLOCK
+            PgSession(self._conn),
+            load_clause=" FOR UPDATE",
+            claim_clause=" FOR UPDATE SKIP LOCKED",
+            clock_sql=CLOCK,
         )
         try:
             value = unit(tx)
@@ -89,7 +94,7 @@ class _WriterConnection:
             # is gone and so is the batch.
             self._execute("ROLLBACK TO SAVEPOINT unit")
             if isinstance(exc, psycopg.Error):
-                exc = StoreError(f"the database refused the write: {_first_line(exc)}")
+                exc = StoreError(f"the database refused the write: {first_line(exc)}")
             return UnitResult(error=exc)
         return UnitResult(value=value, changes=tx.changes)
 
@@ -103,7 +108,7 @@ class _WriterConnection:
             notify = f"NOTIFY {CHANNEL}, '{changes[-1].revision}'; " if changes else ""
             self._conn.execute(notify + "COMMIT")
         except psycopg.Error as exc:
-            raise StoreError(f"the database could not commit: {_first_line(exc)}") from exc
+            raise StoreError(f"the database could not commit: {first_line(exc)}") from exc
         if changes:
             self.lock_hold_ns += time.perf_counter_ns() - started
 
@@ -129,7 +134,7 @@ class _WriterConnection:
             assert self._conn is not None
             self._conn.execute(sql)
         except psycopg.Error as exc:
-            raise StoreError(f"the database could not commit: {_first_line(exc)}") from exc
+            raise StoreError(f"the database could not commit: {first_line(exc)}") from exc
 
 
 @dataclass(slots=True)
@@ -164,8 +169,6 @@ class ChangeTail:
         self._own: collections.deque[_OwnBatch] = collections.deque()
         self._reading = False
         self._wake = asyncio.Event()
-        self.notified = 0
-        """The newest revision a NOTIFY announced."""
         self.reads = 0
         """Pages of history read back (others' commits, or a gap before our own)."""
         self._tasks: list[asyncio.Task[None]] = []
@@ -188,9 +191,11 @@ class ChangeTail:
 
     def committed(self, changes: Sequence[Change], answer: Callable[[], None]) -> None:
         """The writer's commits (GroupCommitWriter's Committed), on the event loop."""
-        if not changes:
+        if not changes and not self._own:
             answer()
             return
+        # A batch without changes still waits behind earlier ones: callers hear back in
+        # the order their writes committed.
         self._own.append(_OwnBatch(changes, answer))
         if not self._reading:
             self._publish_own()
@@ -201,10 +206,10 @@ class ChangeTail:
         feed = self._feed
         while self._own:
             batch = self._own[0]
-            if batch.first > feed.revision + 1:
+            if batch.changes and batch.first > feed.revision + 1:
                 return
             self._own.popleft()
-            if batch.last > feed.revision:  # else read back from history already
+            if batch.changes and batch.last > feed.revision:  # else read back already
                 feed.publish(batch.changes[feed.revision + 1 - batch.first :])
             batch.answer()
 
@@ -219,6 +224,8 @@ class ChangeTail:
                 return
             except (StoreError, RevisionGap) as exc:
                 log.error("following the database's commits failed: %s", exc)
+            except Exception:  # a bug: loud, and the tail keeps following
+                log.exception("following the database's commits failed")
 
     async def _catch_up(self) -> None:
         """Reads and publishes history until the feed has everything committed so far
@@ -266,15 +273,15 @@ class ChangeTail:
                         # reading them back would only delay them.
                         if notify.pid == self._writer_pid():
                             continue
-                        revision = int(notify.payload)
-                        self.notified = max(self.notified, revision)
-                        if revision > self._feed.revision:
-                            self._wake.set()
+                        if not notify.payload.isdigit() or (
+                            int(notify.payload) > self._feed.revision
+                        ):
+                            self._wake.set()  # not ours to parse: the read will tell
             except (psycopg.Error, OSError) as exc:
                 log.warning(
                     "listening for commits on %s failed (%s); reconnecting",
                     describe(self._url),
-                    _first_line(exc),
+                    first_line(exc),
                 )
                 await asyncio.sleep(RECONNECT_S)
 
@@ -349,7 +356,7 @@ class PostgresStore(SqlStore[Connection]):
                 if not conn.broken:
                     conn.execute("COMMIT")
         except psycopg.OperationalError as exc:
-            raise StoreError(f"the database could not be read: {_first_line(exc)}") from exc
+            raise StoreError(f"the database could not be read: {first_line(exc)}") from exc
 
     def _close_reader(self, conn: Connection) -> None:
         with contextlib.suppress(psycopg.Error):
