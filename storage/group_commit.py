@@ -173,7 +173,10 @@ class GroupCommitWriter(Generic[Tx]):
             self._connection.rollback()
             outcomes = [_Outcome(job, error=exc) for job in batch]
             changes = []
-        self._loop.call_soon_threadsafe(self._on_committed, changes, lambda: _answer(outcomes))
+        try:
+            self._loop.call_soon_threadsafe(self._on_committed, changes, lambda: _answer(outcomes))
+        except RuntimeError:  # the loop is closed: its owner left without close()
+            log.error("a batch of %d committed after its event loop closed", len(batch))
 
     def _next_job(self, batched: int) -> _Job | None:
         """The next queued job, if there is one and the batch has room. The stop marker
