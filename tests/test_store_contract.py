@@ -416,3 +416,21 @@ async def test_two_stores_contend_for_one_lease_and_one_holds_it(postgres_url: s
         holders = {name for (_, name), won in zip(contenders, outcomes, strict=True) if won}
         assert len(holders) == 1  # whoever took it first keeps it; the other is refused
         assert False in outcomes
+
+
+async def test_a_database_error_in_a_unit_fails_it_as_a_store_error_and_the_batch_goes_on(
+    store: Store, published: list[Change]
+) -> None:
+    created = await store.write(create("defined-1"))
+
+    def save_twice(tx: WriteTransaction) -> None:
+        tx.save_definition(created)
+        tx.save_definition(created)  # the same key again: the database refuses it
+
+    async with writer_held(store) as first:
+        refused = store.submit(save_twice)
+        after = store.submit(create("after-1"))
+    outcomes = await asyncio.gather(first, refused, after, return_exceptions=True)
+    assert type(outcomes[1]) is StoreError  # UNAVAILABLE on either backend, not INTERNAL
+    assert isinstance(outcomes[2], pb.Task)
+    assert await store.definition("defined-1", created.version.definition_version) is None

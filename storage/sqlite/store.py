@@ -42,6 +42,8 @@ class _WriterConnection:
         except Exception as exc:
             self._execute("ROLLBACK TO unit")
             self._execute("RELEASE unit")
+            if isinstance(exc, sqlite3.Error):  # as on PostgreSQL: UNAVAILABLE, not INTERNAL
+                exc = StoreError(f"the database refused the write: {exc}")
             return UnitResult(error=exc)
         self._execute("RELEASE unit")
         return UnitResult(value=value, changes=tx.changes)
@@ -140,11 +142,14 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
         return conn
 
     def _read_in(self, conn: sqlite3.Connection, read: Read[T]) -> T:
-        conn.execute("BEGIN")  # one snapshot for every statement of read
         try:
-            return read(conn)
-        finally:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN")  # one snapshot for every statement of read
+            try:
+                return read(conn)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # as on PostgreSQL: UNAVAILABLE, not INTERNAL
+            raise StoreError(f"the database could not be read: {exc}") from exc
 
     def _close_reader(self, conn: sqlite3.Connection) -> None:
         conn.close()
