@@ -315,6 +315,12 @@ class Store(Protocol):
     def writes(self) -> int: ...
 
     @property
+    def isolated_batches(self) -> int:
+        """Batches rolled back and run again with a savepoint per unit, after a unit
+        failed having written (storage/group_commit.py)."""
+        ...
+
+    @property
     def shared(self) -> bool:
         """Whether other servers may write this database at the same time."""
         ...
@@ -323,7 +329,8 @@ class Store(Protocol):
         """Runs unit in a write transaction and returns its result once committed.
 
         An exception raised by unit rolls back only that unit's writes and is re-raised
-        here; other units committed with it are not affected.
+        here; other units committed with it are not affected. unit must act only through
+        its transaction: to undo one unit's writes, a batch may run its units again.
         """
         ...
 

@@ -1,10 +1,18 @@
 """Group commit, for every backend: one writer thread, many units of work per transaction.
 
 Callers on the event loop submit units of work; the writer thread takes the first one
-waiting and every one queued behind it (up to MAX_BATCH), runs each in a savepoint of its
-own (a failing unit rolls back alone), commits once, and only then hands the batch's
-changes back to the loop. A backend supplies the connection side (BatchConnection); this
-module owns the queue, the batching, and who hears what when.
+waiting and every one queued behind it (up to MAX_BATCH), runs them in one transaction,
+commits once, and only then hands the batch's changes back to the loop. A backend
+supplies the connection side (BatchConnection); this module owns the queue, the
+batching, and who hears what when.
+
+A failing unit fails alone. Most failures undo nothing: a unit checks (the task's
+state, its version, a taken id) before it writes, so it fails having written nothing,
+and the batch goes on. So a batch first runs its units without savepoints, which cost a
+round trip each on PostgreSQL. Only a unit that fails after it wrote, or whose
+statement failed (PostgreSQL then refuses the rest of the transaction), makes the
+batch start over: rolled back, and its units run again, each in a savepoint of its own.
+A unit must therefore act only through its transaction: it may run twice.
 """
 
 from __future__ import annotations
@@ -45,17 +53,25 @@ writer still gets all of it; against busy threads of other processes, a tenth of
 normal thread's share (nice 19 would leave it almost none)."""
 
 
+class UnitNeedsIsolation(Exception):
+    """Raised by BatchConnection.run in a batch begun without savepoints, for a unit
+    that failed after it wrote or whose statement failed: the batch must run again,
+    isolated."""
+
+
 class BatchConnection(Protocol[Tx_co]):
     """A backend's side of group commit: its writer connection, used by one thread."""
 
-    def begin(self) -> None:
-        """Starts the batch's transaction."""
+    def begin(self, isolated: bool) -> None:
+        """Starts the batch's transaction; isolated: each unit gets a savepoint."""
         ...
 
     def run(self, unit: Callable[[Any], Any]) -> UnitResult:
-        """Runs unit in a savepoint of its own, with the backend's WriteTransaction. If
-        unit raises, its writes are rolled back and the batch goes on. Raises StoreError
-        only if the connection failed: then the whole batch does."""
+        """Runs unit with the backend's WriteTransaction. If unit raises, the batch goes
+        on without its writes: rolled back to its savepoint in an isolated batch; else,
+        if it wrote nothing, there is nothing to undo, and if it did (or its statement
+        failed), raises UnitNeedsIsolation. Raises StoreError only if the connection
+        failed: then the whole batch does."""
         ...
 
     def commit(self, changes: Sequence[Change]) -> None:
@@ -116,6 +132,8 @@ class GroupCommitWriter(Generic[Tx]):
         self.commits = 0
         """Transactions committed; with `writes`, shows how much group commit batches."""
         self.writes = 0
+        self.isolated_batches = 0
+        """Batches run again with a savepoint per unit (see the module's docstring)."""
         self._thread = threading.Thread(
             target=self._write_loop, args=(niceness,), name=name, daemon=True
         )
@@ -156,15 +174,14 @@ class GroupCommitWriter(Generic[Tx]):
         outcomes: list[_Outcome] = []
         changes: list[Change] = []
         try:
-            self._connection.begin()
-            job: _Job | None = first
-            while job is not None:
-                if job is not first:
-                    batch.append(job)
-                result = self._connection.run(job.unit)
-                outcomes.append(_Outcome(job, result.value, result.error))
-                changes.extend(result.changes)
-                job = self._next_job(len(batch))
+            try:
+                self._run(batch, False, outcomes, changes)
+            except UnitNeedsIsolation:
+                self._connection.rollback()
+                self.isolated_batches += 1
+                outcomes.clear()
+                changes.clear()
+                self._run(batch, True, outcomes, changes)
             self._connection.commit(changes)
             self.commits += 1
             self.writes += len(batch)
@@ -177,6 +194,26 @@ class GroupCommitWriter(Generic[Tx]):
             self._loop.call_soon_threadsafe(self._on_committed, changes, lambda: _answer(outcomes))
         except RuntimeError:  # the loop is closed: its owner left without close()
             log.error("a batch of %d committed after its event loop closed", len(batch))
+
+    def _run(
+        self, batch: list[_Job], isolated: bool, outcomes: list[_Outcome], changes: list[Change]
+    ) -> None:
+        """Begins a transaction and runs batch's jobs in it, then the jobs queued
+        meanwhile, which join batch."""
+        self._connection.begin(isolated)
+        index = 0
+        while index < len(batch) or self._take_next_job(batch):
+            job = batch[index]
+            index += 1
+            result = self._connection.run(job.unit)
+            outcomes.append(_Outcome(job, result.value, result.error))
+            changes.extend(result.changes)
+
+    def _take_next_job(self, batch: list[_Job]) -> bool:
+        job = self._next_job(len(batch))
+        if job is not None:
+            batch.append(job)
+        return job is not None
 
     def _next_job(self, batched: int) -> _Job | None:
         """The next queued job, if there is one and the batch has room. The stop marker

@@ -131,6 +131,9 @@ class SqlTransaction:
         """A query of the database's clock (ns since the epoch), where several servers
         must agree on one; None: this process's clock (one server)."""
         self.changes: list[Change] = []
+        self.wrote = False
+        """Whether a statement of this transaction changed the database: a unit that
+        fails before it writes has nothing to undo (group_commit.py)."""
 
     def load(self, task_id: str) -> StoredTask | None:
         return load(self._session, task_id, self._load_clause)
@@ -164,6 +167,7 @@ class SqlTransaction:
         ).rowcount
         if inserted != 1:
             raise TaskExists(task.version.task_id)
+        self.wrote = True
         change = self._append(stored, reason, encoded_task)
         if then is not None:
             change = self._append(then, reason, encoded_row)
@@ -186,6 +190,7 @@ class SqlTransaction:
                 "SELECT status_version FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
             raise ConcurrentModification(task_id, row[0] if row else 0)
+        self.wrote = True
         return self._append(stored, reason, encoded_task)
 
     def encoded(self, task: Task) -> bytes:
@@ -195,6 +200,7 @@ class SqlTransaction:
         return task.SerializeToString()
 
     def save_definition(self, definition: Task) -> None:
+        self.wrote = True
         self._session.execute(
             "INSERT INTO definitions (task_id, definition_version, definition) VALUES (?, ?, ?)",
             (
@@ -208,12 +214,15 @@ class SqlTransaction:
         return load_definition(self._session, task_id, definition_version)
 
     def add_credential(self, credential: Credential) -> None:
+        self.wrote = True
         insert_credential(self._session, credential)
 
     def revoke_credential(self, credential_id: str, now_ns: int) -> bool:
+        self.wrote = True
         return revoke_credential(self._session, credential_id, now_ns)
 
     def agent_seen(self, entity_id: str, now_ns: int) -> None:
+        self.wrote = True
         self._session.execute(
             "INSERT INTO agents (entity_id, first_seen_ns, last_seen_ns) VALUES (?, ?, ?)"
             " ON CONFLICT (entity_id) DO UPDATE SET last_seen_ns = excluded.last_seen_ns",
@@ -221,6 +230,7 @@ class SqlTransaction:
         )
 
     def renew_streams(self, replica_id: str, entity_ids: Collection[str], lease_ns: int) -> None:
+        self.wrote = True
         now_ns = database_now_ns(self._session, self._clock_sql)
         ids = sorted(entity_ids)
         keep = f" AND entity_id NOT IN ({marks(len(ids))})" if ids else ""
@@ -237,6 +247,7 @@ class SqlTransaction:
             )
 
     def take_lease(self, name: str, holder: str, ttl_ns: int) -> bool:
+        self.wrote = True
         now_ns = database_now_ns(self._session, self._clock_sql)
         taken = self._session.execute(
             "INSERT INTO leases (name, holder, expires_ns) VALUES (?, ?, ?)"
@@ -248,6 +259,7 @@ class SqlTransaction:
         return taken == 1
 
     def forget_other_replicas(self, replica_id: str) -> None:
+        self.wrote = True
         self._session.execute("DELETE FROM agent_streams WHERE replica_id <> ?", (replica_id,))
 
     def compact(self, keep_revisions: int, older_than_ns: int) -> int:
@@ -261,6 +273,7 @@ class SqlTransaction:
         compacted = compacted_revision(self._session)
         if row[0] is not None and row[0] > compacted:
             compacted = row[0]
+            self.wrote = True
             self._session.execute("DELETE FROM history WHERE revision <= ?", (compacted,))
             self._session.execute(
                 "UPDATE meta SET value = ? WHERE key = 'compacted_revision'", (compacted,)
@@ -724,6 +737,10 @@ class SqlStore(SqlReads, Generic[Connection]):
     @property
     def writes(self) -> int:
         return self._writer.writes
+
+    @property
+    def isolated_batches(self) -> int:
+        return self._writer.isolated_batches
 
     async def write(self, unit: Callable[[WriteTransaction], T]) -> T:
         return await self._writer.submit(unit)

@@ -38,6 +38,7 @@ from storage.base import (
 from storage.group_commit import MAX_BATCH, WRITER_NICENESS
 from task_manager import lifecycle
 from task_manager.config import Settings
+from task_manager.errors import TaskIdTaken
 from task_manager.v1 import task_manager_pb2 as pb
 
 pytestmark = pytest.mark.anyio
@@ -129,6 +130,64 @@ async def test_a_failing_unit_undoes_only_its_own_writes(
     assert [(c.task.version.task_id, c.revision) for c in published] == [
         ("held-1", 1),
         ("after-1", 2),
+    ]
+
+
+async def test_a_unit_refused_before_it_writes_fails_alone_without_a_rerun(
+    store: Store, published: list[Change]
+) -> None:
+    runs: list[str] = []
+
+    def counted(task_id: str) -> Callable[[WriteTransaction], pb.Task]:
+        def unit(tx: WriteTransaction) -> pb.Task:
+            runs.append(task_id)
+            return create(task_id)(tx)
+
+        return unit
+
+    await store.write(create("taken-1"))
+    async with writer_held(store) as first:
+        refused = store.submit(counted("taken-1"))  # a taken id: checked, nothing written
+        after = store.submit(counted("after-1"))
+    results = await asyncio.gather(first, refused, after, return_exceptions=True)
+
+    assert isinstance(results[1], TaskIdTaken)
+    assert isinstance(results[2], pb.Task)
+    assert store.isolated_batches == 0
+    assert runs == ["taken-1", "after-1"]  # each unit ran once
+
+
+async def test_a_unit_failing_after_it_wrote_reruns_its_batch_isolated(
+    store: Store, published: list[Change]
+) -> None:
+    runs: list[str] = []
+
+    def counted(task_id: str, fail: bool = False) -> Callable[[WriteTransaction], pb.Task]:
+        def unit(tx: WriteTransaction) -> pb.Task:
+            runs.append(task_id)
+            task = create(task_id)(tx)
+            if fail:
+                raise ValueError("refused after writing")
+            return task
+
+        return unit
+
+    async with writer_held(store) as first:
+        before = store.submit(counted("before-1"))
+        doomed = store.submit(counted("doomed-1", fail=True))
+        after = store.submit(counted("after-1"))
+    results = await asyncio.gather(first, before, doomed, after, return_exceptions=True)
+
+    assert isinstance(results[2], ValueError)
+    assert [type(result) for result in (results[1], results[3])] == [pb.Task, pb.Task]
+    assert store.isolated_batches == 1
+    # The batch ran to the failure, then again from its start, each unit in a savepoint.
+    assert runs == ["before-1", "doomed-1", "before-1", "doomed-1", "after-1"]
+    assert await store.get("doomed-1") is None
+    assert [(c.task.version.task_id, c.revision) for c in published] == [
+        ("held-1", 1),
+        ("before-1", 2),
+        ("after-1", 3),
     ]
 
 

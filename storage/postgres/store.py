@@ -20,10 +20,17 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from storage.base import Change, StoreClosed, StoreError
 from storage.feed import ChangeFeed, RevisionGap
-from storage.group_commit import WRITER_NICENESS, GroupCommitWriter, UnitResult
+from storage.group_commit import (
+    WRITER_NICENESS,
+    GroupCommitWriter,
+    UnitNeedsIsolation,
+    UnitResult,
+)
+from storage.postgres.prepared import PreparedSession
 from storage.postgres.schema import (
     Connection,
     PgSession,
@@ -57,31 +64,35 @@ class _WriterConnection:
     def __init__(self, url: str, conn: Connection) -> None:
         self._url = url
         self._conn: Connection | None = conn
+        self._session = PreparedSession(conn)
         self.backend_pid = conn.info.backend_pid
         """The server process of this connection: the sender of our own NOTIFYs."""
-        self._opening = "BEGIN; "
-        """Sent before the next unit's savepoint: what the batch still has to open or
-        release."""
+        self._isolated = False
+        self._savepoint = "SAVEPOINT unit"
+        """What an isolated batch sends before its next unit: the first unit's savepoint,
+        then the previous one's release with the next one's (one round trip a unit; a
+        batch keeps one savepoint level at a time, as PostgreSQL slows down past 64
+        subtransactions open at once)."""
         self.lock_hold_ns = 0
         """Time spent holding the revision counter's lock (numbering to commit)."""
 
-    def begin(self) -> None:
+    def begin(self, isolated: bool) -> None:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._drop()
             self._conn = connect(self._url, "writer")
+            self._session = PreparedSession(self._conn)
             self.backend_pid = self._conn.info.backend_pid
-        # Sent with the first unit's savepoint: one round trip fewer per batch.
-        self._opening = "BEGIN; "
+        self._isolated = isolated
+        self._savepoint = "SAVEPOINT unit"
+        self._execute("BEGIN")
 
     def run(self, unit: Callable[[Any], Any]) -> UnitResult:
-        # The previous unit's savepoint is released with this one's taken, in one round
-        # trip (a batch keeps one savepoint level at a time: PostgreSQL slows down past
-        # 64 subtransactions open at once).
-        self._execute(self._opening + "SAVEPOINT unit")
-        self._opening = "RELEASE SAVEPOINT unit; "
         assert self._conn is not None
+        if self._isolated:
+            self._execute(self._savepoint)
+            self._savepoint = "RELEASE SAVEPOINT unit; SAVEPOINT unit"
         tx = SqlTransaction(
-            PgSession(self._conn),
+            self._session,
             load_clause=" FOR UPDATE",
             claim_clause=" FOR UPDATE SKIP LOCKED",
             clock_sql=CLOCK,
@@ -89,10 +100,14 @@ class _WriterConnection:
         try:
             value = unit(tx)
         except Exception as exc:
+            if self._isolated:
+                # If even the rollback fails, the connection is gone, and so is the batch.
+                self._execute("ROLLBACK TO SAVEPOINT unit")
+            elif tx.wrote or self._conn.info.transaction_status != TransactionStatus.INTRANS:
+                # Its writes are in the transaction, or PostgreSQL refuses the rest of it.
+                raise UnitNeedsIsolation from exc
             # A database error inside a unit (a lock timeout, a deadlock with another
-            # replica) fails the unit alone; if even the rollback fails, the connection
-            # is gone and so is the batch.
-            self._execute("ROLLBACK TO SAVEPOINT unit")
+            # replica) fails the unit alone.
             if isinstance(exc, psycopg.Error):
                 exc = StoreError(f"the database refused the write: {first_line(exc)}")
             return UnitResult(error=exc)
@@ -102,11 +117,11 @@ class _WriterConnection:
         assert self._conn is not None
         started = time.perf_counter_ns()
         try:
-            record_batch(PgSession(self._conn), changes)
-            # COMMIT also releases the last unit's savepoint. The NOTIFY is delivered
-            # only if the commit succeeds; the revision is an integer, safe inline.
+            record_batch(self._session, changes)
+            # COMMIT also releases an isolated batch's last savepoint. The NOTIFY is
+            # delivered only if the commit succeeds; the revision is an integer, safe inline.
             notify = f"NOTIFY {CHANNEL}, '{changes[-1].revision}'; " if changes else ""
-            self._conn.execute(notify + "COMMIT")
+            self._session.execute_script(notify + "COMMIT")
         except psycopg.Error as exc:
             raise StoreError(f"the database could not commit: {first_line(exc)}") from exc
         if changes:
@@ -116,7 +131,9 @@ class _WriterConnection:
         if self._conn is None or self._conn.closed:
             return
         try:
-            self._conn.execute("ROLLBACK")
+            # Not by psycopg's execute: seeing a ROLLBACK, psycopg deallocates every
+            # prepared statement of the connection, the session's too.
+            self._session.execute_script("ROLLBACK")
         except psycopg.Error:
             self._drop()  # reconnected at the next batch
 
@@ -131,8 +148,7 @@ class _WriterConnection:
 
     def _execute(self, sql: str) -> None:
         try:
-            assert self._conn is not None
-            self._conn.execute(sql)
+            self._session.execute_script(sql)
         except psycopg.Error as exc:
             raise StoreError(f"the database could not commit: {first_line(exc)}") from exc
 

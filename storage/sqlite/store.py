@@ -1,7 +1,7 @@
 """The embedded SQLite store: one writer thread with group commit, WAL readers.
 
-Every write of a batch runs in one transaction (a savepoint each, so one failing unit
-rolls back alone), committed with synchronous=FULL before any caller hears back. The
+Every write of a batch runs in one transaction (one failing unit fails alone:
+storage/group_commit.py), committed with synchronous=FULL before any caller hears back. The
 statements are the shared ones (storage/sql.py); this module owns the connections.
 """
 
@@ -16,7 +16,12 @@ from typing import IO, Any, TypeVar
 
 from storage.base import Change, StoreError
 from storage.feed import ChangeFeed
-from storage.group_commit import WRITER_NICENESS, GroupCommitWriter, UnitResult
+from storage.group_commit import (
+    WRITER_NICENESS,
+    GroupCommitWriter,
+    UnitNeedsIsolation,
+    UnitResult,
+)
 from storage.sql import Read, SqlStore, SqlTransaction, last_revision, record_batch
 from storage.sqlite.schema import connect, lock_database, migrate
 
@@ -30,22 +35,31 @@ class _WriterConnection:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        self._isolated = False
 
-    def begin(self) -> None:
+    def begin(self, isolated: bool) -> None:
+        self._isolated = isolated
         self._execute("BEGIN IMMEDIATE")
 
     def run(self, unit: Callable[[Any], Any]) -> UnitResult:
-        self._execute("SAVEPOINT unit")
+        if self._isolated:
+            self._execute("SAVEPOINT unit")
         tx = SqlTransaction(self._conn)
         try:
             value = unit(tx)
         except Exception as exc:
-            self._execute("ROLLBACK TO unit")
-            self._execute("RELEASE unit")
+            if self._isolated:
+                self._execute("ROLLBACK TO unit")
+                self._execute("RELEASE unit")
+            elif tx.wrote or not self._conn.in_transaction:
+                # Its writes are in the transaction, or SQLite rolled all of it back (as
+                # it may on a full disk or an I/O error).
+                raise UnitNeedsIsolation from exc
             if isinstance(exc, sqlite3.Error):  # as on PostgreSQL: UNAVAILABLE, not INTERNAL
                 exc = StoreError(f"the database refused the write: {exc}")
             return UnitResult(error=exc)
-        self._execute("RELEASE unit")
+        if self._isolated:
+            self._execute("RELEASE unit")
         return UnitResult(value=value, changes=tx.changes)
 
     def commit(self, changes: Sequence[Change]) -> None:
