@@ -150,8 +150,8 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
         "--restart-grace",
         type=_not_negative,
         default=None,
-        help="after a start, seconds timeouts wait for agents to report"
-        " (default: each task's heartbeat timeout)",
+        help="after the gateway comes up (not a replica joining running ones), seconds"
+        " timeouts wait for agents to report (default: each task's heartbeat timeout)",
     )
     serve.add_argument(
         "--writer-niceness",

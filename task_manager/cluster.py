@@ -9,6 +9,11 @@ after replica_lease_s (timed by the database's clock, which every replica reads)
 its pool tasks move on within replica_lease_s plus one refresh; a late write from it
 fails the compare-and-set, as the task moved on.
 
+The replicas also record that they are up (each renews its own row every refresh), so
+a replica joining can tell a rolling restart (another renewed within two refreshes: the
+gateway stayed up, agents could report to the others) from a start of the whole gateway
+(none did: it was down). The restart grace is measured from when the gateway came up.
+
 On SQLite there is one replica, and the same code runs with no others to see.
 """
 
@@ -22,7 +27,7 @@ import uuid
 from collections import Counter
 from collections.abc import Collection
 
-from storage.base import Store, WriteTransaction
+from storage.base import Store, Uptime, WriteTransaction
 from task_manager.clock import Clock, sleep_until
 from task_manager.dispatch import Dispatcher
 from task_manager.presence import Presence
@@ -56,13 +61,36 @@ class Cluster:
         self._lease_ns = lease_ns
         self._refresh_ns = refresh_ns
         self.refreshes = 0
+        self.up_since_ns = clock.now_ns()
+        """When the gateway last came up, on this process's clock (set by join)."""
 
     async def join(self) -> None:
-        """At start: on a database no other server writes, the leases left by this
-        server's predecessor are void at once (not after they lapse)."""
-        if not self._store.shared:
-            replica_id = self.replica_id
-            await self._store.write(lambda tx: tx.forget_other_replicas(replica_id))
+        """At start, in one write: records this replica as up, and learns since when the
+        gateway has been up. On a database no other server writes, the gateway comes up
+        now, and the leases left by this server's predecessor are void at once (not after
+        they lapse). With other servers, it came up now only if none of them renewed
+        within two refreshes (it was down); else this is a rolling restart, and the
+        gateway keeps the time it came up. So a lone replica that dies and is restarted
+        within two refreshes finds the gateway still up (no new restart grace); one that
+        stopped cleanly has left, and its restart brings the gateway up again."""
+        replica_id, shared = self.replica_id, self._store.shared
+        down_after_ns = 2 * self._refresh_ns if shared else None
+
+        def join(tx: WriteTransaction) -> Uptime:
+            if not shared:
+                tx.forget_other_replicas(replica_id)
+            return tx.join_cluster(replica_id, down_after_ns)
+
+        uptime = await self._store.write(join)
+        # The database's clock may differ from this process's (and a test's clock is
+        # its own): what carries over is how long ago the gateway came up.
+        self.up_since_ns = self._clock.now_ns() - (uptime.now_ns - uptime.up_since_ns)
+
+    async def leave(self) -> None:
+        """At a clean stop: this replica no longer counts as up, so if it was the last,
+        the next to start brings the gateway up again (with a restart grace)."""
+        replica_id = self.replica_id
+        await self._store.write(lambda tx: tx.leave_cluster(replica_id))
 
     def streams_changed(self, entity_ids: Collection[str], now_ns: int) -> None:
         """A stream for these agents opened or closed here (Presence already counts it):
@@ -92,7 +120,12 @@ class Cluster:
         back the pool tasks whose member no live replica has a stream for."""
         local = self._presence.local_entity_ids()
         replica_id, lease_ns = self.replica_id, self._lease_ns
-        await self._store.write(lambda tx: tx.renew_streams(replica_id, local, lease_ns))
+
+        def renew(tx: WriteTransaction) -> None:
+            tx.renew_streams(replica_id, local, lease_ns)
+            tx.renew_replica(replica_id)
+
+        await self._store.write(renew)
         streams = await self._store.live_streams()
         remote = Counter(entity for entity, replica in streams if replica != replica_id)
         self._presence.update_cluster(await self._store.seen_agents(), remote)

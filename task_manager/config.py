@@ -93,8 +93,9 @@ class Settings:
     retry_backoff_s: float = 0.0
     max_retry_backoff_s: float = 0.0
     restart_grace_s: float | None = None
-    """After a start, timeouts wait this long for agents to reconnect and report; None:
-    each task's heartbeat_timeout."""
+    """After the gateway comes up, timeouts wait this long for agents to reconnect and
+    report; None: each task's heartbeat_timeout. A replica joining running ones (that
+    renewed within two cluster refreshes) starts no new grace (task_manager/cluster.py)."""
     agent_lost_after_s: float = 60.0
     """An agent without an open stream for this long is listed as LOST."""
     replica_lease_s: float = 10.0
