@@ -101,7 +101,8 @@ class Settings:
     replica_lease_s: float = 10.0
     """A replica's agent streams count as open this long after it last renewed them:
     a dead replica's pool tasks move to another member within this plus
-    cluster_refresh_s."""
+    cluster_refresh_s. After a start, a replica waits this long before it hands back a
+    pool task whose member has no stream, so the member can reconnect."""
     cluster_refresh_s: float = 1.0
     """How often a replica renews its leases and learns the others' agent streams."""
     timekeeper_poll_s: float = 1.0
