@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.feed import TAIL_POLL_S
 from storage.group_commit import WRITER_NICENESS
 from task_manager.liveness import duration
 from task_manager.v1.task_manager_pb2 import TaskPolicy
@@ -107,6 +108,9 @@ class Settings:
     """How often a replica renews its leases and learns the others' agent streams."""
     timekeeper_poll_s: float = 1.0
     """The timekeeper looks for due deadlines at least this often."""
+    tail_poll_s: float = TAIL_POLL_S
+    """PostgreSQL: a replica reads the others' commits at least this often, even when no
+    NOTIFY woke it (storage/postgres/store.py)."""
     writer_niceness: int = WRITER_NICENESS
     """How far below the event loop the store's writer thread runs (Linux; 0: level)."""
 

@@ -154,7 +154,11 @@ class TaskManagerServer:
         """
         clock = clock or SystemClock()
         try:
-            store = await open_store(settings.db, writer_niceness=settings.writer_niceness)
+            store = await open_store(
+                settings.db,
+                writer_niceness=settings.writer_niceness,
+                tail_poll_s=settings.tail_poll_s,
+            )
         except Exception as exc:
             raise ServerStartError(str(exc)) from exc
 

@@ -36,6 +36,7 @@ T = TypeVar("T")
 S = pb.Status
 WAIT_S = 60.0
 FAST_LEASE = ("--replica-lease", "2")
+NO_TAIL_POLL = ("--tail-poll", str(100 * WAIT_S))
 
 
 @contextmanager
@@ -236,13 +237,16 @@ async def listening(url: str) -> list[int] | None:
 async def test_a_terminated_listen_connection_reconnects_and_the_tail_catches_up(
     postgres_url: str,
 ) -> None:
-    with replicas(postgres_url, 2) as (a, b):
+    # The tails' fallback poll never comes within the test: only a LISTEN connection
+    # that is back, and the catch-up after it, can bring B's commits to A.
+    with replicas(postgres_url, 2, NO_TAIL_POLL) as (a, b):
         before = await eventually(lambda: listening(postgres_url), "two LISTEN connections")
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            for pid in before:
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         # Live on A, from now: only A's tail can bring B's commits to this watch.
         async with Watcher(a.address) as watcher, OperatorClient(b.address) as on_b:
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                for pid in before:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # At once: likely before A listens again, so that its NOTIFY is lost.
             for _ in range(2):
                 await on_b.create_task(assignee_entity_id="drone-1")
             assert await watcher.until_seen(4) == [1, 2, 3, 4]
