@@ -12,6 +12,7 @@ from pathlib import Path
 
 from storage import sql
 from storage.base import Credential, Store
+from storage.feed import TAIL_POLL_S
 from storage.group_commit import WRITER_NICENESS
 from storage.sql import Session
 
@@ -23,13 +24,16 @@ def is_postgresql(target: str) -> bool:
     return target.startswith(POSTGRESQL_SCHEMES)
 
 
-async def open_store(target: str, writer_niceness: int = WRITER_NICENESS) -> Store:
-    """Opens (creating or migrating) the store at target. Raises StoreError with a
-    readable message if it cannot be opened."""
+async def open_store(
+    target: str, writer_niceness: int = WRITER_NICENESS, tail_poll_s: float = TAIL_POLL_S
+) -> Store:
+    """Opens (creating or migrating) the store at target. tail_poll_s: how often a
+    PostgreSQL store reads other replicas' commits unwoken (SQLite has no others).
+    Raises StoreError with a readable message if it cannot be opened."""
     if is_postgresql(target):
         from storage.postgres import PostgresStore
 
-        return await PostgresStore.open(target, writer_niceness)
+        return await PostgresStore.open(target, writer_niceness, tail_poll_s)
     from storage.sqlite import SqliteStore
 
     return await SqliteStore.open(target, writer_niceness)

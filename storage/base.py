@@ -195,6 +195,17 @@ class Credential:
 
 
 @dataclass(frozen=True, slots=True)
+class Uptime:
+    """Since when the gateway (every server on one database) has been up, as a replica
+    joining it finds, both times on the database's clock."""
+
+    up_since_ns: int
+    """When the gateway last came up: it had been down, or only this server writes."""
+    now_ns: int
+    """When the replica joined."""
+
+
+@dataclass(frozen=True, slots=True)
 class SeenAgent:
     """An agent entity id that has listened, as stored."""
 
@@ -262,6 +273,22 @@ class WriteTransaction(Protocol):
     def forget_other_replicas(self, replica_id: str) -> None:
         """Forgets the streams of every other replica: for a database only this server
         writes (a restarted server's old leases are its own, and void)."""
+        ...
+
+    def join_cluster(self, replica_id: str, down_after_ns: int | None) -> Uptime:
+        """Records that replica_id is up, as of now on the database's clock. If no other
+        replica renewed within down_after_ns, the gateway was down and comes up now;
+        else it stays up since it last came up (a rolling restart). down_after_ns None:
+        only this server writes the database, so the gateway comes up now. Replicas
+        joining at once take turns: only the first of them brings the gateway up."""
+        ...
+
+    def renew_replica(self, replica_id: str) -> int:
+        """Records that replica_id is still up; returns now on the database's clock."""
+        ...
+
+    def leave_cluster(self, replica_id: str) -> None:
+        """Records that replica_id stopped: if it was the last, the gateway is down."""
         ...
 
     def add_credential(self, credential: Credential) -> None: ...

@@ -15,6 +15,11 @@ from storage.base import Change, StoreError
 
 log = logging.getLogger(__name__)
 
+TAIL_POLL_S = 1.0
+"""How often a store whose feed also carries other servers' commits (PostgreSQL's tail)
+reads them back when nothing woke it (`--tail-poll`): a lost notification (a LISTEN
+connection that dropped) delays them this much at most."""
+
 Subscriber = Callable[[Sequence[Change]], None]
 """Called on the event loop with committed changes, oldest first."""
 

@@ -36,6 +36,7 @@ from storage.base import (
     TaskExists,
     TaskQuery,
     TaskSelector,
+    Uptime,
     WriteTransaction,
     assignee_entity_id,
     holder_entity_id,
@@ -261,6 +262,50 @@ class SqlTransaction:
     def forget_other_replicas(self, replica_id: str) -> None:
         self.wrote = True
         self._session.execute("DELETE FROM agent_streams WHERE replica_id <> ?", (replica_id,))
+
+    def join_cluster(self, replica_id: str, down_after_ns: int | None) -> Uptime:
+        self.wrote = True
+        # The row is locked first (where other servers write): a second replica joining
+        # at once waits here, then finds the first one's renewal and keeps its up_since.
+        (up_since_ns,) = self._session.execute(
+            "SELECT value FROM meta WHERE key = 'up_since_ns'" + self._load_clause
+        ).fetchone()
+        now_ns = database_now_ns(self._session, self._clock_sql)
+        if down_after_ns is None:
+            self._session.execute("DELETE FROM replicas")
+            came_up = True
+        else:
+            (newest_ns,) = self._session.execute("SELECT MAX(renewed_ns) FROM replicas").fetchone()
+            came_up = newest_ns is None or now_ns - newest_ns > down_after_ns
+            # Replicas silent that long are down: forgotten, as they would be if stopped.
+            self._session.execute(
+                "DELETE FROM replicas WHERE renewed_ns < ?", (now_ns - down_after_ns,)
+            )
+        if came_up:
+            up_since_ns = now_ns
+            self._session.execute(
+                "UPDATE meta SET value = ? WHERE key = 'up_since_ns'", (up_since_ns,)
+            )
+        self._renewed(replica_id, now_ns)
+        return Uptime(up_since_ns=up_since_ns, now_ns=now_ns)
+
+    def renew_replica(self, replica_id: str) -> int:
+        self.wrote = True
+        now_ns = database_now_ns(self._session, self._clock_sql)
+        self._renewed(replica_id, now_ns)
+        return now_ns
+
+    def leave_cluster(self, replica_id: str) -> None:
+        self.wrote = True
+        self._session.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,))
+
+    def _renewed(self, replica_id: str, now_ns: int) -> None:
+        # Each replica writes its own row: no replica waits on another's lock to renew.
+        self._session.execute(
+            "INSERT INTO replicas (replica_id, renewed_ns) VALUES (?, ?)"
+            " ON CONFLICT (replica_id) DO UPDATE SET renewed_ns = excluded.renewed_ns",
+            (replica_id, now_ns),
+        )
 
     def compact(self, keep_revisions: int, older_than_ns: int) -> int:
         """Removes history entries outside the newest keep_revisions and older than

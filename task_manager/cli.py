@@ -147,11 +147,18 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
         " a dead replica's pool tasks move on after this (default %(default)s)",
     )
     serve.add_argument(
+        "--tail-poll",
+        type=_positive,
+        default=defaults.tail_poll_s,
+        help="PostgreSQL: seconds between reads of the other replicas' commits when no"
+        " notification came (a lost one delays them this long at most; default %(default)s)",
+    )
+    serve.add_argument(
         "--restart-grace",
         type=_not_negative,
         default=None,
-        help="after a start, seconds timeouts wait for agents to report"
-        " (default: each task's heartbeat timeout)",
+        help="after the gateway comes up (not a replica joining running ones), seconds"
+        " timeouts wait for agents to report (default: each task's heartbeat timeout)",
     )
     serve.add_argument(
         "--writer-niceness",
@@ -426,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         restart_grace_s=args.restart_grace,
         agent_lost_after_s=args.agent_lost_after,
         replica_lease_s=args.replica_lease,
+        tail_poll_s=args.tail_poll,
         writer_niceness=args.writer_niceness,
     )
     return asyncio.run(_serve(settings))

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.feed import TAIL_POLL_S
 from storage.group_commit import WRITER_NICENESS
 from task_manager.liveness import duration
 from task_manager.v1.task_manager_pb2 import TaskPolicy
@@ -93,18 +94,23 @@ class Settings:
     retry_backoff_s: float = 0.0
     max_retry_backoff_s: float = 0.0
     restart_grace_s: float | None = None
-    """After a start, timeouts wait this long for agents to reconnect and report; None:
-    each task's heartbeat_timeout."""
+    """After the gateway comes up, timeouts wait this long for agents to reconnect and
+    report; None: each task's heartbeat_timeout. A replica joining running ones (that
+    renewed within two cluster refreshes) starts no new grace (task_manager/cluster.py)."""
     agent_lost_after_s: float = 60.0
     """An agent without an open stream for this long is listed as LOST."""
     replica_lease_s: float = 10.0
     """A replica's agent streams count as open this long after it last renewed them:
     a dead replica's pool tasks move to another member within this plus
-    cluster_refresh_s."""
+    cluster_refresh_s. After a start, a replica waits this long before it hands back a
+    pool task whose member has no stream, so the member can reconnect."""
     cluster_refresh_s: float = 1.0
     """How often a replica renews its leases and learns the others' agent streams."""
     timekeeper_poll_s: float = 1.0
     """The timekeeper looks for due deadlines at least this often."""
+    tail_poll_s: float = TAIL_POLL_S
+    """PostgreSQL: a replica reads the others' commits at least this often, even when no
+    NOTIFY woke it (storage/postgres/store.py)."""
     writer_niceness: int = WRITER_NICENESS
     """How far below the event loop the store's writer thread runs (Linux; 0: level)."""
 

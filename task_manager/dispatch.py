@@ -384,7 +384,12 @@ class Dispatcher:
             self._write_holder(task, holder, "")
 
     def _hand_back(self, stream: AgentStream) -> None:
-        """A closed member stream gives back the pool tasks it had not yet received."""
+        """A closed member stream gives back the pool tasks it had not yet received;
+        not while the server shuts down: the member is about to reconnect (here after
+        the restart, or to another replica), and has a lease period to do so
+        (task_manager/cluster.py), as after a crash."""
+        if self._closing is not None:
+            return
         for task_id, held in stream.unreceived_pool_tasks():
             assert held.pool is not None
             member = stream.member_for(held.pool)

@@ -147,14 +147,15 @@ def expire(
     tx: WriteTransaction,
     task_id: str,
     now_ns: int,
-    started_ns: int,
+    up_since_ns: int,
     restart_grace_ns: int | None,
 ) -> Expiry:
     """Acts on a task whose deadline has come: a scheduled release, or a timeout that ends
     the attempt (retried if attempts remain). A timeout does not fire within the restart
-    grace (restart_grace_ns, or the task's heartbeat_timeout, after started_ns), so agents
-    can reconnect and report after a restart of the task manager. A task another
-    replica is changing right now is left to it."""
+    grace (restart_grace_ns, or the task's heartbeat_timeout, after up_since_ns: when the
+    gateway came up, which a replica joining running ones does not change), so agents can
+    reconnect and report after a restart of the task manager. A task another replica is
+    changing right now is left to it."""
     stored = tx.claim(task_id)
     if stored is None:
         return Expiry()
@@ -167,8 +168,8 @@ def expire(
     grace_ns = restart_grace_ns
     if grace_ns is None:
         grace_ns = task.policy.heartbeat_timeout.ToNanoseconds()
-    if now_ns < started_ns + grace_ns:
-        return Expiry(not_before_ns=started_ns + grace_ns)
+    if now_ns < up_since_ns + grace_ns:
+        return Expiry(not_before_ns=up_since_ns + grace_ns)
     agent = task.attempts[-1].entity_id
     message = liveness.timeout_message(deadline.kind, task, agent)
     error = TaskError(code=pb.ERROR_CODE_TIMEOUT, message=message)

@@ -154,7 +154,11 @@ class TaskManagerServer:
         """
         clock = clock or SystemClock()
         try:
-            store = await open_store(settings.db, writer_niceness=settings.writer_niceness)
+            store = await open_store(
+                settings.db,
+                writer_niceness=settings.writer_niceness,
+                tail_poll_s=settings.tail_poll_s,
+            )
         except Exception as exc:
             raise ServerStartError(str(exc)) from exc
 
@@ -165,15 +169,7 @@ class TaskManagerServer:
         watch_hub = WatchHub(store.feed.revision, buffer=settings.watch_buffer)
         presence = Presence(int(settings.agent_lost_after_s * 1e9))
         presence.load(await store.seen_agents())
-        grace = settings.restart_grace_s
-        timekeeper = Timekeeper(
-            store,
-            clock,
-            None if grace is None else int(grace * 1e9),
-            int(settings.timekeeper_poll_s * 1e9),
-            presence,
-        )
-        for subscriber in (dispatcher.publish, watch_hub.publish, timekeeper.notice):
+        for subscriber in (dispatcher.publish, watch_hub.publish):
             store.feed.subscribe(subscriber)
         cluster = Cluster(
             store,
@@ -184,6 +180,18 @@ class TaskManagerServer:
             int(settings.cluster_refresh_s * 1e9),
         )
         await cluster.join()
+        grace = settings.restart_grace_s
+        timekeeper = Timekeeper(
+            store,
+            clock,
+            cluster.up_since_ns,
+            None if grace is None else int(grace * 1e9),
+            int(settings.timekeeper_poll_s * 1e9),
+            presence,
+        )
+        # Subscribed only now, as it needs the join: a commit it missed meanwhile is no
+        # loss, as its first round reads every deadline from the store.
+        store.feed.subscribe(timekeeper.notice)
         server = grpc.aio.server(options=_grpc_options(settings))
         credentials = Credentials(client_certificates=settings.client_ca is not None)
         try:
@@ -266,8 +274,21 @@ class TaskManagerServer:
         self._servicer.shut_down()
         await self._drain(deadline)
         await self._server.stop(max(0.0, deadline - loop.time()))
+        await self._leave_cluster()
         await self.store.close()
         log.info("stopped after %d writes in %d commits", self.store.writes, self.store.commits)
+
+    async def _leave_cluster(self) -> None:
+        """Ends this replica's part in the gateway (its refresh was cancelled above, so
+        nothing renews it after): the last to leave leaves the gateway down."""
+        if self.cluster is None:
+            return
+        try:
+            await self.cluster.leave()
+        except Exception:
+            # Then it counts as up for two more refreshes: a restart that soon gets no
+            # new restart grace.
+            log.exception("recording that this replica stopped failed")
 
     async def _drain(self, deadline: float) -> None:
         """Lets gRPC hand over the calls it has received but not yet started, until none

@@ -33,6 +33,7 @@ class Timekeeper:
         self,
         store: Store,
         clock: Clock,
+        up_since_ns: int,
         restart_grace_ns: int | None,
         poll_ns: int,
         presence: Presence | None = None,
@@ -40,7 +41,10 @@ class Timekeeper:
         self._store = store
         self._presence = presence
         self._clock = clock
-        self._started_ns = clock.now_ns()
+        self._up_since_ns = up_since_ns
+        """When the gateway came up (task_manager/cluster.py): the restart grace runs
+        from then, not from this process's start, so a replica joining a gateway that
+        stayed up holds no timeout back."""
         self._restart_grace_ns = restart_grace_ns
         self._poll_ns = poll_ns
         self._wake = asyncio.Event()
@@ -124,7 +128,7 @@ class Timekeeper:
         def expire(task_id: str) -> asyncio.Future[lifecycle.Expiry]:
             return self._store.submit(
                 lambda tx: lifecycle.expire(
-                    tx, task_id, now_ns, self._started_ns, self._restart_grace_ns
+                    tx, task_id, now_ns, self._up_since_ns, self._restart_grace_ns
                 )
             )
 

@@ -107,6 +107,7 @@ SAMPLES = {
     "--max-attempts": ("6", ["6"]),
     "--agent-lost-after": ("7", ["7"]),
     "--replica-lease": ("2.5", ["2.5"]),
+    "--tail-poll": ("0.5", ["0.5"]),
     "--restart-grace": ("8", ["8"]),
     "--writer-niceness": ("3", ["3"]),
     "--limit": ("display_name_chars=5, reason_chars=6", ["display_name_chars=5"]),

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import anyio
 import grpc
@@ -14,9 +18,10 @@ from agent_kit._grpc import ClientAuth, open_stub
 from storage import add_credential
 from task_manager.auth import Role, new_token
 from task_manager.clock import ManualClock
+from task_manager.config import Settings
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request, server_settings
+from tests.helpers import AsyncStub, ServerProcess, create_request, server_settings
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
@@ -250,3 +255,109 @@ async def test_a_member_that_left_with_a_pool_task_is_listed_holding_it(stub: As
             await anyio.sleep(0.01)
     assert list(agents[0].held_task_ids) == [created.version.task_id]
     assert agents[0].tasks_in_flight == 1
+
+
+# -- after a restart: a member has a lease to reconnect -------------------------------
+
+LEASE_S = 6.0
+LEASE = ("--replica-lease", str(LEASE_S))
+
+
+@contextmanager
+def serving(database: str) -> Iterator[ServerProcess]:
+    """A `task-manager serve` process with a short --replica-lease, for the block."""
+    server = ServerProcess(database, options=LEASE).start()
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.terminate()
+
+
+class Member:
+    """A pool member's stream that never reports, keeping the ids of the tasks sent to it."""
+
+    def __init__(self, address: str, entity_id: str) -> None:
+        self.sent: list[str] = []
+        self._channel = grpc.aio.insecure_channel(address)
+        self._entity_id = entity_id
+        self._reading: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Member:
+        call = await member(AsyncStub(self._channel), self._entity_id)
+        self._reading = asyncio.create_task(self._read(call))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            await asyncio.gather(self._reading, return_exceptions=True)
+        await self._channel.close(None)
+
+    async def _read(self, call: Stream) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):  # its server was killed
+            async for response in call:
+                if response.WhichOneof("request") == "execute_request":
+                    self.sent.append(response.execute_request.task.version.task_id)
+
+    async def first_sent(self) -> str:
+        with anyio.fail_after(30):
+            while not self.sent:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        return self.sent[0]
+
+
+async def sent_to_m1_then_the_server_stopped(database: str, stop: str = "kill") -> str:
+    """A pool task SENT to member m-1 (which never reports receipt), and then the
+    server was stopped (killed, or terminated: a clean stop): the task's id."""
+    with serving(database) as server:
+        async with Member(server.address, "m-1") as m1:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                task = (await AsyncStub(channel).CreateTask(pool_task())).task
+            task_id = await m1.first_sent()
+            assert task_id == task.version.task_id
+            if stop == "kill":
+                server.kill()
+            else:
+                assert server.terminate() == 0
+    return task_id
+
+
+async def task_on(address: str, task_id: str) -> pb.Task:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return (await AsyncStub(channel).GetTask(pb.GetTaskRequest(task_id=task_id))).task
+
+
+@pytest.mark.parametrize("stop", ["kill", "terminate"])
+async def test_a_member_reconnecting_within_the_lease_after_a_restart_gets_its_pool_task(
+    database: str, stop: str
+) -> None:
+    task_id = await sent_to_m1_then_the_server_stopped(database, stop)
+    restarting = time.monotonic()
+    with serving(database) as server:
+        async with Member(server.address, "m-2") as m2:
+            # Two refreshes with another member listening: a hand-back would reach it.
+            watching_until = time.monotonic() + 2 * Settings().cluster_refresh_s
+            while time.monotonic() < watching_until:
+                assert m2.sent == [], "handed to m-2 before m-1 could reconnect"
+                await asyncio.sleep(0.05)
+            async with Member(server.address, "m-1") as m1:
+                assert await m1.first_sent() == task_id
+                assert time.monotonic() < restarting + LEASE_S, "m-1 came back too late"
+                task = await task_on(server.address, task_id)
+                assert m2.sent == []
+    assert task.status.status == S.STATUS_SENT and task.attempt == 1
+    assert task.attempts[-1].entity_id == "m-1"
+
+
+async def test_a_pool_task_whose_member_does_not_reconnect_goes_back_after_the_lease(
+    database: str,
+) -> None:
+    task_id = await sent_to_m1_then_the_server_stopped(database)
+    restarting = time.monotonic()
+    with serving(database) as server:
+        async with Member(server.address, "m-2") as m2:
+            assert await m2.first_sent() == task_id
+            assert time.monotonic() >= restarting + LEASE_S, "handed back within the lease"
+            task = await task_on(server.address, task_id)
+    assert task.attempts[-1].entity_id == "m-2" and task.attempt == 1

@@ -20,6 +20,7 @@ import pytest
 
 from agent_kit import Agent, OperatorClient, TaskContext, TaskPolicy
 from devtools.private_postgres import PrivatePostgres
+from task_manager.config import Settings
 from task_manager.v1 import task_manager_pb2 as pb
 from tests.helpers import (
     AsyncStub,
@@ -35,6 +36,7 @@ T = TypeVar("T")
 S = pb.Status
 WAIT_S = 60.0
 FAST_LEASE = ("--replica-lease", "2")
+NO_TAIL_POLL = ("--tail-poll", str(100 * WAIT_S))
 
 
 @contextmanager
@@ -235,13 +237,16 @@ async def listening(url: str) -> list[int] | None:
 async def test_a_terminated_listen_connection_reconnects_and_the_tail_catches_up(
     postgres_url: str,
 ) -> None:
-    with replicas(postgres_url, 2) as (a, b):
+    # The tails' fallback poll never comes within the test: only a LISTEN connection
+    # that is back, and the catch-up after it, can bring B's commits to A.
+    with replicas(postgres_url, 2, NO_TAIL_POLL) as (a, b):
         before = await eventually(lambda: listening(postgres_url), "two LISTEN connections")
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            for pid in before:
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         # Live on A, from now: only A's tail can bring B's commits to this watch.
         async with Watcher(a.address) as watcher, OperatorClient(b.address) as on_b:
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                for pid in before:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # At once: likely before A listens again, so that its NOTIFY is lost.
             for _ in range(2):
                 await on_b.create_task(assignee_entity_id="drone-1")
             assert await watcher.until_seen(4) == [1, 2, 3, 4]
@@ -347,3 +352,92 @@ async def test_a_pool_task_whose_holders_replica_dies_goes_to_a_member_elsewhere
                 a.kill()
                 finished = await wait_for(client, task_id, {S.STATUS_DONE_OK})
         assert finished.attempts[-1].entity_id == "m-2"
+
+
+# -- restart grace: measured from when the gateway came up -----------------------------
+
+GRACE_S = 8.0
+GRACE = ("--restart-grace", str(GRACE_S))
+HEARTBEAT = TaskPolicy(heartbeat_timeout=0.3, max_attempts=1)
+
+
+async def silent_task(address: str) -> str:
+    """A task its agent took to EXECUTING and then went silent: its heartbeat timeout
+    is due 0.3 s later, and waits only for the restart grace."""
+    async with OperatorClient(address) as client, grpc.aio.insecure_channel(address) as channel:
+        task = await client.create_task(assignee_entity_id="drone-1", policy=HEARTBEAT)
+        await AsyncStub(channel).UpdateStatus(status_update(task, S.STATUS_EXECUTING))
+        return task.version.task_id
+
+
+async def ended_by_timeout(address: str, task_id: str) -> pb.Task:
+    async with OperatorClient(address) as client:
+        ended = await wait_for(client, task_id, {S.STATUS_DONE_NOT_OK})
+    assert ended.status.task_error.code == pb.ERROR_CODE_TIMEOUT, ended
+    return ended
+
+
+async def still_executing_until(address: str, task_id: str, until: float) -> None:
+    """Checks that the task stays EXECUTING (its timeout held back) until `until`
+    (time.monotonic), which must leave time to look."""
+    assert time.monotonic() < until - 1.0, "the replica started too late to watch the grace"
+    async with OperatorClient(address) as client:
+        while time.monotonic() < until:
+            task = await client.get_task(task_id)
+            assert task.status.status == S.STATUS_EXECUTING, task
+            await asyncio.sleep(0.1)
+
+
+async def gateway_down(url: str) -> bool:
+    """Whether no replica renewed within two refreshes: a replica starting now brings
+    the gateway up (task_manager/cluster.py)."""
+    down_after_ns = int(2 * Settings().cluster_refresh_s * 1e9)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cursor = await conn.execute(
+            "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000)::BIGINT"
+            " - COALESCE(MAX(renewed_ns), 0) FROM replicas"
+        )
+        row = await cursor.fetchone()
+    return row is not None and row[0] > down_after_ns
+
+
+async def test_a_replica_joining_a_running_gateway_holds_no_overdue_timeout(
+    postgres_url: str,
+) -> None:
+    with replicas(postgres_url, 1, GRACE) as (a,):
+        # Once a timeout fired on A, the gateway's grace is over.
+        await ended_by_timeout(a.address, await silent_task(a.address))
+        joining = time.monotonic()
+        with replicas(postgres_url, 1, GRACE) as (b,):
+            a.kill()  # B alone fires deadlines now
+            task_id = await silent_task(b.address)
+            await ended_by_timeout(b.address, task_id)
+            waited = time.monotonic() - joining
+            assert waited < GRACE_S, f"fired {waited:.1f} s after B started: a grace of B's own"
+
+
+async def test_a_gateway_whose_replicas_all_died_holds_timeouts_for_the_grace(
+    postgres_url: str,
+) -> None:
+    with replicas(postgres_url, 2, GRACE) as (a, b):
+        task_id = await silent_task(b.address)  # held: the gateway just came up
+        a.kill()
+        b.kill()
+    await eventually(lambda: gateway_down(postgres_url), "the replicas' renewals to lapse")
+    starting = time.monotonic()
+    with replicas(postgres_url, 1, GRACE) as (c,):
+        # C brought the gateway up after it started: the grace runs from then.
+        await still_executing_until(c.address, task_id, starting + GRACE_S)
+        await ended_by_timeout(c.address, task_id)
+
+
+async def test_a_lone_replica_stopped_and_restarted_at_once_holds_timeouts_for_the_grace(
+    postgres_url: str,
+) -> None:
+    with replicas(postgres_url, 1, GRACE) as (a,):
+        task_id = await silent_task(a.address)
+        a.terminate()  # a clean stop: A leaves, so the gateway is down at once
+    starting = time.monotonic()
+    with replicas(postgres_url, 1, GRACE) as (again,):
+        await still_executing_until(again.address, task_id, starting + GRACE_S)
+        await ended_by_timeout(again.address, task_id)

@@ -33,6 +33,7 @@ from storage.base import (
     StoreError,
     TaskExists,
     TaskQuery,
+    Uptime,
     WriteTransaction,
 )
 from storage.group_commit import MAX_BATCH, WRITER_NICENESS
@@ -493,3 +494,58 @@ async def test_a_database_error_in_a_unit_fails_it_as_a_store_error_and_the_batc
     assert type(outcomes[1]) is StoreError  # UNAVAILABLE on either backend, not INTERNAL
     assert isinstance(outcomes[2], pb.Task)
     assert await store.definition("defined-1", created.version.definition_version) is None
+
+
+# -- the gateway's uptime ---------------------------------------------------------------
+
+HOUR_NS = 3600 * 10**9
+
+
+def join(replica_id: str, down_after_ns: int | None) -> Callable[[WriteTransaction], Uptime]:
+    return lambda tx: tx.join_cluster(replica_id, down_after_ns)
+
+
+def leave(replica_id: str) -> Callable[[WriteTransaction], None]:
+    return lambda tx: tx.leave_cluster(replica_id)
+
+
+async def test_a_replica_joining_a_running_gateway_keeps_when_it_came_up(store: Store) -> None:
+    first = await store.write(join("replica-a", HOUR_NS))
+    assert first.up_since_ns == first.now_ns  # nobody else was up: the gateway comes up
+    renewed_ns = await store.write(lambda tx: tx.renew_replica("replica-a"))
+    second = await store.write(join("replica-b", HOUR_NS))
+    assert second.up_since_ns == first.up_since_ns  # A renewed within the hour
+    assert first.now_ns <= renewed_ns <= second.now_ns
+
+
+async def test_the_gateway_comes_up_again_once_every_replica_left(store: Store) -> None:
+    first = await store.write(join("replica-a", HOUR_NS))
+    await store.write(join("replica-b", HOUR_NS))
+    await store.write(leave("replica-a"))
+    assert (await store.write(join("replica-c", HOUR_NS))).up_since_ns == first.up_since_ns
+    await store.write(leave("replica-b"))
+    await store.write(leave("replica-c"))
+    again = await store.write(join("replica-d", HOUR_NS))
+    assert again.up_since_ns == again.now_ns > first.up_since_ns
+
+
+async def test_a_server_alone_on_its_database_brings_the_gateway_up_at_every_join(
+    store: Store,
+) -> None:
+    await store.write(join("replica-a", HOUR_NS))
+    alone = await store.write(join("replica-b", None))
+    assert alone.up_since_ns == alone.now_ns
+
+
+async def test_replicas_joining_a_down_gateway_at_once_bring_it_up_once(postgres_url: str) -> None:
+    async with two_stores(postgres_url) as (first, second):
+        joins = [(first, "a"), (second, "b")] * 3
+        uptimes = await asyncio.gather(
+            *(
+                store.write(join(f"replica-{name}-{n}", HOUR_NS))
+                for n, (store, name) in enumerate(joins)
+            )
+        )
+        # The first to take the row brought the gateway up; the others found it up.
+        assert len({uptime.up_since_ns for uptime in uptimes}) == 1
+        assert sum(uptime.up_since_ns == uptime.now_ns for uptime in uptimes) == 1

@@ -94,6 +94,12 @@ MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (task_id, definition_version)
     );
     """,
+    # When the gateway last came up, and which replicas serve it (storage/sql.py): the
+    # restart grace is measured from the first, not from one process's start.
+    """
+    CREATE TABLE replicas (replica_id TEXT PRIMARY KEY, renewed_ns BIGINT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('up_since_ns', 0);
+    """,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (table schema_version)."""
 

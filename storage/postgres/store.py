@@ -23,7 +23,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from storage.base import Change, StoreClosed, StoreError
-from storage.feed import ChangeFeed, RevisionGap
+from storage.feed import TAIL_POLL_S, ChangeFeed, RevisionGap
 from storage.group_commit import (
     WRITER_NICENESS,
     GroupCommitWriter,
@@ -50,9 +50,6 @@ CLOCK = "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000)::BIGINT"
 """The database's clock: every replica's leases are timed by the same one."""
 TAIL_PAGE = 1_000
 """Changes read back from history per query of the tail."""
-POLL_S = 1.0
-"""The tail reads history this often even without a NOTIFY: a lost notification
-(a LISTEN connection that dropped) delays changes by this much at most."""
 RECONNECT_S = 0.5
 """Pause between attempts to reconnect the LISTEN connection."""
 
@@ -173,12 +170,18 @@ class ChangeTail:
     Commits of this store's writer arrive by `committed`: published at once when they
     follow the feed, their callers answered right after. Commits of other replicas are
     read from history, from the feed's revision on, when woken (a NOTIFY, an own commit
-    that does not follow the feed, the poll), and published first."""
+    that does not follow the feed, the poll every poll_s), and published first."""
 
     def __init__(
-        self, store: PostgresStore, url: str, feed: ChangeFeed, writer_pid: Callable[[], int]
+        self,
+        store: PostgresStore,
+        url: str,
+        feed: ChangeFeed,
+        writer_pid: Callable[[], int],
+        poll_s: float,
     ) -> None:
         self._store = store
+        self._poll_s = poll_s
         self._writer_pid = writer_pid
         self._url = url
         self._feed = feed
@@ -232,7 +235,7 @@ class ChangeTail:
     async def _follow(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_S)
+                await asyncio.wait_for(self._wake.wait(), self._poll_s)
             self._wake.clear()
             try:
                 await self._catch_up()
@@ -314,6 +317,7 @@ class PostgresStore(SqlStore[Connection]):
         durable: bool,
         loop: asyncio.AbstractEventLoop,
         writer_niceness: int,
+        tail_poll_s: float,
     ) -> None:
         self.url = url
         self.durable = durable
@@ -322,16 +326,21 @@ class PostgresStore(SqlStore[Connection]):
         super().__init__(loop, "postgres-reader")
         self._clock_sql = CLOCK
         self._writer_connection = _WriterConnection(url, writer_conn)
-        self.tail = ChangeTail(self, url, self.feed, lambda: self._writer_connection.backend_pid)
+        self.tail = ChangeTail(
+            self, url, self.feed, lambda: self._writer_connection.backend_pid, tail_poll_s
+        )
         self._writer = GroupCommitWriter(
             self._writer_connection, self.tail.committed, loop, "postgres-writer", writer_niceness
         )
         self.tail.start()
 
     @classmethod
-    async def open(cls, url: str, writer_niceness: int = WRITER_NICENESS) -> PostgresStore:
-        """Connects to the database at url, creating or migrating its schema. Raises
-        StoreError with a readable message if it cannot."""
+    async def open(
+        cls, url: str, writer_niceness: int = WRITER_NICENESS, tail_poll_s: float = TAIL_POLL_S
+    ) -> PostgresStore:
+        """Connects to the database at url, creating or migrating its schema; its tail
+        polls history every tail_poll_s. Raises StoreError with a readable message if it
+        cannot."""
 
         def prepare() -> tuple[Connection, int, bool]:
             conn = connect(url, "writer")
@@ -348,7 +357,8 @@ class PostgresStore(SqlStore[Connection]):
             return conn, revision, durable
 
         conn, revision, durable = await asyncio.to_thread(prepare)
-        return cls(url, conn, revision, durable, asyncio.get_running_loop(), writer_niceness)
+        loop = asyncio.get_running_loop()
+        return cls(url, conn, revision, durable, loop, writer_niceness, tail_poll_s)
 
     @property
     def commit_lock_hold_ns(self) -> int:

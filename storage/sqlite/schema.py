@@ -140,6 +140,15 @@ def _migrate_to_10(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_11(db: sqlite_utils.Database) -> None:
+    # When the gateway last came up, and which servers serve it (storage/sql.py): the
+    # restart grace is measured from the first, not from one process's start.
+    db.table("replicas").create(
+        {"replica_id": str, "renewed_ns": int}, pk="replica_id", not_null={"renewed_ns"}
+    )
+    db.execute("INSERT INTO meta (key, value) VALUES ('up_since_ns', 0)")
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -151,6 +160,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_8,
     _migrate_to_9,
     _migrate_to_10,
+    _migrate_to_11,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 
