@@ -30,8 +30,12 @@ class CredentialNotFound(TaskManagerError):
 
 
 class TaskIdTaken(TaskManagerError):
-    def __init__(self, task_id: str) -> None:
-        super().__init__(f"task_id {task_id} is already taken by another task")
+    """The task_id names a task created with another request: differing names the first
+    field of the request that differs."""
+
+    def __init__(self, task_id: str, differing: str = "") -> None:
+        detail = f" created with another {differing}" if differing else ""
+        super().__init__(f"task_id {task_id} is already taken by another task{detail}")
         self.task_id = task_id
 
 

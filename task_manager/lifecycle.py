@@ -52,16 +52,43 @@ MANAGER = Principal(system=System(service_name="task-manager"))
 """The author of the changes the task manager makes by itself (release to SENT)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Created:
+    """What a CreateTask came to: the task as it stands, and whether it was there
+    already (the same request, retried)."""
+
+    task: Task
+    existed: bool = False
+
+
+CREATE_FIELDS = (
+    ("display_name", "display_name"),
+    ("specification", "specification"),
+    ("author", "created_by"),
+    ("relations", "relations"),
+    ("description", "description"),
+    ("is_executed_elsewhere", "is_executed_elsewhere"),
+    ("policy", "policy"),
+    ("scheduled_time", "scheduled_time"),
+)
+"""The fields a CreateTaskRequest sets, in its order, and where a task keeps them."""
+
+
 def create_task(
     tx: WriteTransaction,
     request: CreateTaskRequest,
     task_id: str,
     defaults: TaskPolicy,
     now_ns: int,
-) -> Task:
+) -> Created:
     """Stores the task at CREATED (versions 1/1), then releases it to its agent if it has
     one: SENT at status_version 2, or SCHEDULED_IN_MANAGER until a future scheduled_time.
-    Returns the task as it stands after both."""
+    Returns the task as it stands after both.
+
+    A create whose task_id is taken is a retry if it asks for what the task was created
+    with (its first definition): it writes nothing and answers the task as it stands
+    now, so a client whose answer was lost can repeat the call. One that asks for
+    anything else is refused, naming the first field that differs."""
     now = timestamp(now_ns)
     task = Task(
         version=TaskVersion(task_id=task_id, definition_version=1, status_version=1),
@@ -95,8 +122,31 @@ def create_task(
     try:
         tx.insert(created, then=released)
     except TaskExists:
-        raise TaskIdTaken(task_id) from None
-    return task if released is None else released.task
+        return _created_before(tx, task)
+    return Created(task if released is None else released.task)
+
+
+def _created_before(tx: WriteTransaction, wanted: Task) -> Created:
+    """The stored task with wanted's id, if it was created as wanted; else TaskIdTaken."""
+    task_id = wanted.version.task_id
+    stored = tx.load(task_id)
+    if stored is None:  # not expected: the insert found the id taken in this transaction
+        raise TaskIdTaken(task_id)
+    first = stored.task
+    if first.version.definition_version != 1:
+        definition = tx.load_definition(task_id, 1)
+        if definition is not None:
+            first = with_definition(first, definition)
+    for request_field, task_field in CREATE_FIELDS:
+        if _field_value(first, task_field) != _field_value(wanted, task_field):
+            raise TaskIdTaken(task_id, request_field)
+    return Created(stored.task, existed=True)
+
+
+def _field_value(task: Task, name: str) -> object:
+    # A message field unset and one set to its empty value are the same request.
+    value = getattr(task, name)
+    return value.SerializeToString(deterministic=True) if hasattr(value, "ListFields") else value
 
 
 def _sent(stored: StoredTask, now_ns: int, update: StatusUpdate | None = None) -> StoredTask:

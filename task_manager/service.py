@@ -61,6 +61,7 @@ from task_manager.v1.task_manager_pb2 import (
     CancelTaskRequest,
     CompleteTaskRequest,
     CreateTaskRequest,
+    CreateTaskResponse,
     GetTaskHistoryRequest,
     GetTaskHistoryResponse,
     GetTaskRequest,
@@ -143,14 +144,16 @@ class TaskManagerService:
         if author is not None:
             request.author.CopyFrom(author)
         task_id = request.task_id or str(uuid.uuid4())
-        encoded_task = await self._store.write(
-            lambda tx: tx.encoded(
-                lifecycle.create_task(
-                    tx, request, task_id, self._default_policy, self._clock.now_ns()
-                )
+
+        def create(tx: WriteTransaction) -> tuple[bytes, bool]:
+            created = lifecycle.create_task(
+                tx, request, task_id, self._default_policy, self._clock.now_ns()
             )
-        )
-        return wire.CREATE_TASK_RESPONSE.encode(encoded_task)
+            return tx.encoded(created.task), created.existed
+
+        encoded_task, existed = await self._store.write(create)
+        said = CreateTaskResponse(already_existed=True) if existed else None
+        return wire.CREATE_TASK_RESPONSE.encode(encoded_task, said)
 
     async def GetTask(
         self, request: GetTaskRequest, context: Context, caller: Caller

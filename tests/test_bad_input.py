@@ -82,7 +82,7 @@ CASES: list[tuple[str, Call, grpc.StatusCode, str]] = [
     ),
     (
         "task_id taken",
-        lambda s: s.CreateTask(create_request(task_id="existing-1")),
+        lambda s: s.CreateTask(create_request(task_id="existing-1", display_name="another")),
         Code.ALREADY_EXISTS,
         "existing-1",
     ),

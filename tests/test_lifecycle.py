@@ -36,6 +36,12 @@ async def rpc_error(call: object) -> grpc.aio.AioRpcError:
     return caught.value
 
 
+def _any(text: str) -> Any:
+    packed = Any()
+    packed.Pack(StringValue(value=text))
+    return packed
+
+
 # -- versions ---------------------------------------------------------------------------
 
 
@@ -283,18 +289,66 @@ async def test_created_task_keeps_every_field_it_was_given(stub: AsyncStub) -> N
     assert task.last_update_time.ToNanoseconds() >= task.create_time.ToNanoseconds()
 
 
-async def test_supplied_task_id_already_taken_is_already_exists(stub: AsyncStub) -> None:
-    first = await create(stub, task_id="task-00001")
+async def test_a_create_retried_with_the_same_request_answers_the_task_and_writes_nothing(
+    stub: AsyncStub,
+) -> None:
+    request = create_request(task_id="task-00001", specification=_any("plan"))
+    first = await stub.CreateTask(request)
+    assert not first.already_existed
     entries = await history(stub, "task-00001")
-    error = await rpc_error(stub.CreateTask(create_request(task_id="task-00001")))
+    retried = await stub.CreateTask(request)
+    assert retried.already_existed
+    assert retried.task == first.task == await get(stub, "task-00001")
+    assert await history(stub, "task-00001") == entries
+    created = await create(stub, task_id="task-00002")  # the revisions have no gap
+    assert (await history(stub, "task-00002"))[0].revision == entries[-1].revision + 1
+    assert created.version.task_id == "task-00002"
+
+
+async def test_a_create_retried_after_the_task_moved_on_answers_it_as_it_stands(
+    stub: AsyncStub,
+) -> None:
+    request = create_request(task_id="task-00001", description="v1 plan")
+    sent = (await stub.CreateTask(request)).task
+    await stub.UpdateStatus(status_update(sent, S.STATUS_EXECUTING))
+    moved = (
+        await stub.UpdateTask(
+            pb.UpdateTaskRequest(task_id="task-00001", definition_version=1, description="v2")
+        )
+    ).task
+    assert moved.version.definition_version == 2
+    # The retry asks for what the task was created with (definition 1): the same task.
+    retried = await stub.CreateTask(request)
+    assert retried.already_existed
+    assert retried.task == moved == await get(stub, "task-00001")
+
+
+@pytest.mark.parametrize(
+    ("differing", "field"),
+    [
+        ({"display_name": "another name"}, "display_name"),
+        ({"specification": _any("another plan")}, "specification"),
+        ({"description": "another description"}, "description"),
+        ({"entity_id": "agent-2"}, "relations"),
+        ({"policy": pb.TaskPolicy(max_attempts=3)}, "policy"),
+        ({"author": pb.Principal(user=pb.User(user_id="op-2"))}, "author"),
+    ],
+)
+async def test_a_taken_task_id_with_another_request_is_already_exists_naming_the_field(
+    stub: AsyncStub, differing: dict[str, object], field: str
+) -> None:
+    first = await create(stub, task_id="task-00001", specification=_any("plan"))
+    entries = await history(stub, "task-00001")
+    fields: dict[str, object] = {"specification": _any("plan"), **differing}
+    error = await rpc_error(stub.CreateTask(create_request(task_id="task-00001", **fields)))  # type: ignore[arg-type]
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert "task-00001" in (error.details() or "")
+    assert error.details() == (
+        f"task_id task-00001 is already taken by another task created with another {field}"
+    )
     # Nothing was written: the task, its history and the revision sequence are as before.
     assert await get(stub, "task-00001") == first
     assert await history(stub, "task-00001") == entries
     await create(stub, task_id="task-00002")
-    (created, *_) = await history(stub, "task-00002")
-    assert created.revision == entries[-1].revision + 1
 
 
 # -- operator requests --------------------------------------------------------------------
@@ -416,9 +470,3 @@ async def test_history_pages_cover_every_entry_once(stub: AsyncStub) -> None:
         if not token:
             break
     assert seen == list(range(1, 10))
-
-
-def _any(text: str) -> Any:
-    packed = Any()
-    packed.Pack(StringValue(value=text))
-    return packed

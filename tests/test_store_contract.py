@@ -47,12 +47,13 @@ pytestmark = pytest.mark.anyio
 NOW_NS = 1_700_000_000_000_000_000
 
 
-def create(task_id: str) -> Callable[[WriteTransaction], pb.Task]:
-    """A unit that creates a task with no assignee: one change (CREATED)."""
-    request = pb.CreateTaskRequest(display_name=task_id)
+def create(task_id: str, display_name: str = "") -> Callable[[WriteTransaction], pb.Task]:
+    """A unit that creates a task with no assignee (named display_name, or task_id):
+    one change (CREATED)."""
+    request = pb.CreateTaskRequest(display_name=display_name or task_id)
 
     def unit(tx: WriteTransaction) -> pb.Task:
-        return lifecycle.create_task(tx, request, task_id, Settings().task_policy(), NOW_NS)
+        return lifecycle.create_task(tx, request, task_id, Settings().task_policy(), NOW_NS).task
 
     return unit
 
@@ -139,16 +140,17 @@ async def test_a_unit_refused_before_it_writes_fails_alone_without_a_rerun(
 ) -> None:
     runs: list[str] = []
 
-    def counted(task_id: str) -> Callable[[WriteTransaction], pb.Task]:
+    def counted(task_id: str, display_name: str = "") -> Callable[[WriteTransaction], pb.Task]:
         def unit(tx: WriteTransaction) -> pb.Task:
             runs.append(task_id)
-            return create(task_id)(tx)
+            return create(task_id, display_name)(tx)
 
         return unit
 
     await store.write(create("taken-1"))
     async with writer_held(store) as first:
-        refused = store.submit(counted("taken-1"))  # a taken id: checked, nothing written
+        # A taken id (another request): checked, nothing written.
+        refused = store.submit(counted("taken-1", display_name="another"))
         after = store.submit(counted("after-1"))
     results = await asyncio.gather(first, refused, after, return_exceptions=True)
 

@@ -388,8 +388,10 @@ async def test_a_change_committed_right_after_subscribing_is_never_lost(database
         clock = SystemClock()
         request = pb.CreateTaskRequest(display_name="raced")
         task = await store.write(
-            lambda tx: lifecycle.create_task(
-                tx, request, "raced-1", Settings().task_policy(), clock.now_ns()
+            lambda tx: (
+                lifecycle.create_task(
+                    tx, request, "raced-1", Settings().task_policy(), clock.now_ns()
+                ).task
             )
         )
         update = status_update(task, S.STATUS_EXECUTING).status_update

@@ -125,7 +125,7 @@ async def test_the_store_hands_out_the_bytes_it_wrote(database: str) -> None:
         def create(tx: WriteTransaction) -> tuple[pb.Task, bytes, bytes]:
             task = lifecycle.create_task(
                 tx, request, "once-1", Settings().task_policy(), SystemClock().now_ns()
-            )
+            ).task
             loaded = tx.load("once-1")
             assert loaded is not None
             return task, tx.encoded(task), tx.encoded(loaded.task)

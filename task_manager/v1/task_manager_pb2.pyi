@@ -795,16 +795,24 @@ class CreateTaskResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_FIELD_NUMBER: _builtins.int
+    ALREADY_EXISTED_FIELD_NUMBER: _builtins.int
+    already_existed: _builtins.bool
+    """Extension: the task_id was taken by a task created with this same request (a retry
+    whose first answer was lost): nothing was written, and task is as it stands now. A
+    taken task_id with any other request is ALREADY_EXISTS, naming the first field that
+    differs.
+    """
     @_builtins.property
     def task(self) -> Global___Task: ...
     def __init__(
         self,
         *,
         task: Global___Task | None = ...,
+        already_existed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_existed", b"already_existed", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
