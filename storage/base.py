@@ -11,7 +11,13 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from task_manager.v1.task_manager_pb2 import StatusUpdate, Task, TaskHistoryEntry, TaskVersion
+from task_manager.v1.task_manager_pb2 import (
+    Session,
+    StatusUpdate,
+    Task,
+    TaskHistoryEntry,
+    TaskVersion,
+)
 
 if TYPE_CHECKING:
     from storage.feed import ChangeFeed
@@ -29,6 +35,28 @@ class StoreError(Exception):
 
 class StoreClosed(StoreError):
     """The store is shutting down and takes no more writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    """A session as submitted: what does not change (its state is its tasks')."""
+
+    session: Session
+    """Its id, display_name, task_count, create_time and created_by."""
+    fingerprint: bytes
+    """A digest of the submission: a retry with the same content has the same one."""
+    task_ids: Sequence[str]
+    """Its tasks, in the submission's order."""
+    cancelled_ns: int | None = None
+    """When CancelSession was called, if it was."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTasks:
+    """A session's tasks as they stand: counts by status, and their newest update."""
+
+    counts: dict[int, int]
+    newest_update_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +149,7 @@ class TaskQuery:
     updated_from_ns: int | None = None
     updated_to_ns: int | None = None
     agent_view: bool = False
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +160,11 @@ class TaskSelector:
     assignee_entity_ids: frozenset[str] = frozenset()
     statuses: frozenset[int] = frozenset()
     parent_task_id: str = ""
+    session_id: str = ""
 
     def matches(self, task: Task) -> bool:
+        if self.session_id and task.session_id != self.session_id:
+            return False
         if self.task_ids and task.version.task_id not in self.task_ids:
             return False
         if self.statuses and task.status.status not in self.statuses:
@@ -255,6 +287,19 @@ class WriteTransaction(Protocol):
         """A superseded definition saved with save_definition."""
         ...
 
+    def insert_session(self, stored: StoredSession) -> bool:
+        """Stores a new session (its tasks are inserted apart); False, writing nothing,
+        if its session_id is taken."""
+        ...
+
+    def load_session(self, session_id: str) -> StoredSession | None:
+        """The session, locked for this transaction where other writers may change it."""
+        ...
+
+    def cancel_session(self, session_id: str, now_ns: int) -> None:
+        """Records that the session was cancelled at now_ns."""
+        ...
+
     def agent_seen(self, entity_id: str, now_ns: int) -> None:
         """Records that an agent entity id was seen now (first seen, if it is new)."""
         ...
@@ -367,6 +412,10 @@ class Store(Protocol):
         ...
 
     async def get(self, task_id: str) -> StoredTask | None: ...
+
+    async def get_session(self, session_id: str) -> tuple[StoredSession, SessionTasks] | None:
+        """The session and its tasks as they stand, read at one revision."""
+        ...
 
     async def query(self, query: TaskQuery) -> Sequence[QueriedTask]: ...
 

@@ -58,6 +58,13 @@ class UnitNeedsIsolation(Exception):
     that failed after it wrote or whose statement failed: the batch must run again,
     isolated."""
 
+    def __init__(self, error: Exception | None = None) -> None:
+        super().__init__()
+        self.error = error
+        """The unit's own error if it wrote nothing (its statement failed: a lock
+        timeout, a deadlock): the rerun answers it so, without running it again to wait
+        on the same lock."""
+
 
 class BatchConnection(Protocol[Tx_co]):
     """A backend's side of group commit: its writer connection, used by one thread."""
@@ -176,16 +183,21 @@ class GroupCommitWriter(Generic[Tx]):
         try:
             try:
                 self._run(batch, False, outcomes, changes)
-            except UnitNeedsIsolation:
+            except UnitNeedsIsolation as needed:
+                log.info("a unit failed after writing (%r); running its batch again", needed)
+                failed = {len(outcomes): needed.error} if needed.error is not None else {}
                 self._connection.rollback()
                 self.isolated_batches += 1
                 outcomes.clear()
                 changes.clear()
-                self._run(batch, True, outcomes, changes)
+                self._run(batch, True, outcomes, changes, failed)
             self._connection.commit(changes)
             self.commits += 1
             self.writes += len(batch)
-        except StoreError as exc:
+        except Exception as exc:  # a StoreError, or a bug: the batch fails, the writer goes on
+            if not isinstance(exc, StoreError):
+                log.exception("write batch of %d failed", len(batch))
+                exc = StoreError(f"the write failed: {exc!r}")
             log.error("write batch of %d failed: %s", len(batch), exc)
             self._connection.rollback()
             outcomes = [_Outcome(job, error=exc) for job in batch]
@@ -196,15 +208,24 @@ class GroupCommitWriter(Generic[Tx]):
             log.error("a batch of %d committed after its event loop closed", len(batch))
 
     def _run(
-        self, batch: list[_Job], isolated: bool, outcomes: list[_Outcome], changes: list[Change]
+        self,
+        batch: list[_Job],
+        isolated: bool,
+        outcomes: list[_Outcome],
+        changes: list[Change],
+        failed: dict[int, Exception] | None = None,
     ) -> None:
         """Begins a transaction and runs batch's jobs in it, then the jobs queued
-        meanwhile, which join batch."""
+        meanwhile, which join batch. failed: the jobs (by position) answered with an
+        error without running."""
         self._connection.begin(isolated)
         index = 0
         while index < len(batch) or self._take_next_job(batch):
             job = batch[index]
             index += 1
+            if failed and (error := failed.get(index - 1)) is not None:
+                outcomes.append(_Outcome(job, error=error))
+                continue
             result = self._connection.run(job.unit)
             outcomes.append(_Outcome(job, result.value, result.error))
             changes.extend(result.changes)

@@ -30,8 +30,10 @@ from storage.base import (
     HistoryCompacted,
     QueriedTask,
     SeenAgent,
+    SessionTasks,
     Snapshot,
     StoreClosed,
+    StoredSession,
     StoredTask,
     TaskExists,
     TaskQuery,
@@ -44,6 +46,7 @@ from storage.base import (
 from storage.group_commit import GroupCommitWriter
 from storage.history import entry_for, ns, replay
 from task_manager import statuses
+from task_manager.v1.task_manager_pb2 import Session as SessionMessage
 from task_manager.v1.task_manager_pb2 import Status, StatusUpdate, Task, TaskHistoryEntry
 
 T = TypeVar("T")
@@ -153,15 +156,16 @@ class SqlTransaction:
         # The id check is the insert itself: one statement, and a taken id writes nothing.
         # The cursor (creation order) is the revision of the first change, once numbered.
         inserted = self._session.execute(
-            "INSERT INTO tasks (task_id, cursor, parent_task_id, assignee_entity_id, status,"
-            " status_version, last_update_ns, agent_status, agent_last_update_ns, task,"
-            " agent_task, last_update, deadline_ns, holder_entity_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO tasks (task_id, cursor, parent_task_id, session_id, assignee_entity_id,"
+            " status, status_version, last_update_ns, agent_status, agent_last_update_ns,"
+            " task, agent_task, last_update, deadline_ns, holder_entity_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (task_id) DO NOTHING",
             (
                 task.version.task_id,
                 None,
                 task.relations.parent_task_id or None,
+                task.session_id or None,
                 assignee_entity_id(task),
                 *_state_columns(row, encoded_row),
             ),
@@ -213,6 +217,31 @@ class SqlTransaction:
 
     def load_definition(self, task_id: str, definition_version: int) -> Task | None:
         return load_definition(self._session, task_id, definition_version)
+
+    def insert_session(self, stored: StoredSession) -> bool:
+        inserted = self._session.execute(
+            "INSERT INTO sessions (session_id, session, fingerprint, task_ids, cancelled_ns)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_id) DO NOTHING",
+            (
+                stored.session.session_id,
+                stored.session.SerializeToString(),
+                stored.fingerprint,
+                json.dumps(list(stored.task_ids)),
+                stored.cancelled_ns,
+            ),
+        ).rowcount
+        if inserted == 1:
+            self.wrote = True
+        return inserted == 1
+
+    def load_session(self, session_id: str) -> StoredSession | None:
+        return load_session(self._session, session_id, self._load_clause)
+
+    def cancel_session(self, session_id: str, now_ns: int) -> None:
+        self.wrote = True
+        self._session.execute(
+            "UPDATE sessions SET cancelled_ns = ? WHERE session_id = ?", (now_ns, session_id)
+        )
 
     def add_credential(self, credential: Credential) -> None:
         self.wrote = True
@@ -451,6 +480,35 @@ def load(session: Session, task_id: str, lock_clause: str = "") -> StoredTask | 
     )
 
 
+def load_session(session: Session, session_id: str, lock_clause: str = "") -> StoredSession | None:
+    row = session.execute(
+        "SELECT session, fingerprint, task_ids, cancelled_ns FROM sessions"
+        " WHERE session_id = ?" + lock_clause,
+        (session_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return StoredSession(
+        session=SessionMessage.FromString(row[0]),
+        fingerprint=bytes(row[1]),
+        task_ids=json.loads(row[2]),
+        cancelled_ns=row[3],
+    )
+
+
+def session_tasks(session: Session, session_id: str) -> SessionTasks:
+    counts: dict[int, int] = {}
+    newest_ns = 0
+    for status, count, newest in session.execute(
+        "SELECT status, COUNT(*), MAX(last_update_ns) FROM tasks WHERE session_id = ?"
+        " GROUP BY status",
+        (session_id,),
+    ):
+        counts[status] = count
+        newest_ns = max(newest_ns, newest)
+    return SessionTasks(counts=counts, newest_update_ns=newest_ns)
+
+
 def load_definition(session: Session, task_id: str, version: int) -> Task | None:
     row = session.execute(
         "SELECT definition FROM definitions WHERE task_id = ? AND definition_version = ?",
@@ -471,6 +529,9 @@ def query(query: TaskQuery) -> Read[list[QueriedTask]]:
     if query.parent_task_id is not None:
         where.append("parent_task_id = ?")
         params.append(query.parent_task_id)
+    if query.session_id is not None:
+        where.append("session_id = ?")
+        params.append(query.session_id)
     if query.statuses:
         negation = "NOT " if query.exclude_statuses else ""
         where.append(f"{prefix}status {negation}IN ({marks(len(query.statuses))})")
@@ -670,6 +731,9 @@ def snapshot(selector: TaskSelector) -> Read[Snapshot]:
     if selector.parent_task_id:
         where.append("parent_task_id = ?")
         params.append(selector.parent_task_id)
+    if selector.session_id:
+        where.append("session_id = ?")
+        params.append(selector.session_id)
     sql = f"SELECT task FROM tasks WHERE {' AND '.join(where)} ORDER BY cursor"
 
     def read(session: Session) -> Snapshot:
@@ -690,6 +754,13 @@ class SqlReads:
 
     async def get(self, task_id: str) -> StoredTask | None:
         return await self._read(lambda session: load(session, task_id))
+
+    async def get_session(self, session_id: str) -> tuple[StoredSession, SessionTasks] | None:
+        def read(session: Session) -> tuple[StoredSession, SessionTasks] | None:
+            stored = load_session(session, session_id)
+            return None if stored is None else (stored, session_tasks(session, session_id))
+
+        return await self._read(read)
 
     async def query(self, task_query: TaskQuery) -> Sequence[QueriedTask]:
         return await self._read(query(task_query))

@@ -15,6 +15,7 @@ class InvalidArgument(TaskManagerError):
     def __init__(self, field: str, why: str) -> None:
         super().__init__(f"{field}: {why}")
         self.field = field
+        self.why = why
 
 
 class TaskNotFound(TaskManagerError):
@@ -33,10 +34,25 @@ class TaskIdTaken(TaskManagerError):
     """The task_id names a task created with another request: differing names the first
     field of the request that differs."""
 
-    def __init__(self, task_id: str, differing: str = "") -> None:
+    def __init__(self, task_id: str, differing: str = "", field: str = "") -> None:
         detail = f" created with another {differing}" if differing else ""
-        super().__init__(f"task_id {task_id} is already taken by another task{detail}")
+        where = f"{field}: " if field else ""
+        super().__init__(f"{where}task_id {task_id} is already taken by another task{detail}")
         self.task_id = task_id
+
+
+class SessionIdTaken(TaskManagerError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session_id {session_id} is already taken by a session submitted with other content"
+        )
+        self.session_id = session_id
+
+
+class SessionNotFound(TaskManagerError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id} does not exist")
+        self.session_id = session_id
 
 
 class VersionConflict(TaskManagerError):

@@ -68,10 +68,12 @@ CREATE_FIELDS = (
     ("relations", "relations"),
     ("description", "description"),
     ("is_executed_elsewhere", "is_executed_elsewhere"),
-    ("policy", "policy"),
-    ("scheduled_time", "scheduled_time"),
+    ("session", "session_id"),  # a session's task is not a plain CreateTask's
 )
-"""The fields a CreateTaskRequest sets, in its order, and where a task keeps them."""
+"""The fields a CreateTaskRequest sets that a task keeps as they were created (its first
+definition), in the request's order. Compared apart: the policy (stored with the
+server's defaults filled in). Not compared: scheduled_time, which a status update or a
+retry's backoff moves on."""
 
 
 def create_task(
@@ -80,6 +82,7 @@ def create_task(
     task_id: str,
     defaults: TaskPolicy,
     now_ns: int,
+    session_id: str = "",
 ) -> Created:
     """Stores the task at CREATED (versions 1/1), then releases it to its agent if it has
     one: SENT at status_version 2, or SCHEDULED_IN_MANAGER until a future scheduled_time.
@@ -99,6 +102,7 @@ def create_task(
         create_time=now,
         last_update_time=now,
         policy=liveness.effective_policy(request.policy, defaults),
+        session_id=session_id,
     )
     if request.HasField("scheduled_time"):
         task.scheduled_time.CopyFrom(request.scheduled_time)
@@ -122,11 +126,11 @@ def create_task(
     try:
         tx.insert(created, then=released)
     except TaskExists:
-        return _created_before(tx, task)
+        return _created_before(tx, task, request)
     return Created(task if released is None else released.task)
 
 
-def _created_before(tx: WriteTransaction, wanted: Task) -> Created:
+def _created_before(tx: WriteTransaction, wanted: Task, request: CreateTaskRequest) -> Created:
     """The stored task with wanted's id, if it was created as wanted; else TaskIdTaken."""
     task_id = wanted.version.task_id
     stored = tx.load(task_id)
@@ -135,11 +139,16 @@ def _created_before(tx: WriteTransaction, wanted: Task) -> Created:
     first = stored.task
     if first.version.definition_version != 1:
         definition = tx.load_definition(task_id, 1)
-        if definition is not None:
-            first = with_definition(first, definition)
+        if definition is None:  # not expected: UpdateTask saves each definition it replaces
+            raise TaskIdTaken(task_id)
+        first = with_definition(first, definition)
     for request_field, task_field in CREATE_FIELDS:
         if _field_value(first, task_field) != _field_value(wanted, task_field):
             raise TaskIdTaken(task_id, request_field)
+    # The stored policy has the defaults of the server that created it filled in; the
+    # same request is the same policy whatever this server's defaults.
+    if liveness.effective_policy(request.policy, first.policy) != first.policy:
+        raise TaskIdTaken(task_id, "policy")
     return Created(stored.task, existed=True)
 
 

@@ -31,7 +31,7 @@ from storage.base import (
     with_definition,
 )
 from storage.base import Credential as StoredCredential
-from task_manager import auth, lifecycle, statuses, validation, wire
+from task_manager import auth, lifecycle, sessions, statuses, validation, wire
 from task_manager.auth import ANONYMOUS, Caller, Credentials, OpenStreams, RateLimiter, Role
 from task_manager.clock import Clock, sleep_until, timestamp
 from task_manager.cluster import Cluster
@@ -43,6 +43,8 @@ from task_manager.errors import (
     InvalidArgument,
     PermissionDenied,
     ServerShuttingDown,
+    SessionIdTaken,
+    SessionNotFound,
     StreamFellBehind,
     TaskIdTaken,
     TaskManagerError,
@@ -58,10 +60,14 @@ from task_manager.v1 import lattice_compat_pb2, task_manager_pb2
 from task_manager.v1.task_manager_pb2 import (
     AddCredentialRequest,
     AddCredentialResponse,
+    CancelSessionRequest,
+    CancelSessionResponse,
     CancelTaskRequest,
     CompleteTaskRequest,
     CreateTaskRequest,
     CreateTaskResponse,
+    GetSessionRequest,
+    GetSessionResponse,
     GetTaskHistoryRequest,
     GetTaskHistoryResponse,
     GetTaskRequest,
@@ -81,6 +87,8 @@ from task_manager.v1.task_manager_pb2 import (
     StatusReport,
     StatusReportResult,
     StatusUpdate,
+    SubmitSessionsRequest,
+    SubmitSessionsResponse,
     Task,
     TaskPolicy,
     UpdateStatusRequest,
@@ -345,6 +353,41 @@ class TaskManagerService:
             ]
         )
 
+    async def SubmitSessions(
+        self, request: SubmitSessionsRequest, context: Context, caller: Caller
+    ) -> SubmitSessionsResponse:
+        validation.check_submit_sessions(request, self._limits)
+        author = caller.author(request.author if request.HasField("author") else None)
+        submitted = await self._store.write(
+            lambda tx: sessions.submit(
+                tx, request.sessions, author, self._default_policy, self._clock.now_ns()
+            )
+        )
+        return SubmitSessionsResponse(sessions=submitted)
+
+    async def GetSession(
+        self, request: GetSessionRequest, context: Context, caller: Caller
+    ) -> GetSessionResponse:
+        session_id = validation.task_id(request.session_id, "session_id")
+        found = await self._store.get_session(session_id)
+        if found is None:
+            raise SessionNotFound(session_id)
+        return GetSessionResponse(session=sessions.view(*found))
+
+    async def CancelSession(
+        self, request: CancelSessionRequest, context: Context, caller: Caller
+    ) -> CancelSessionResponse:
+        validation.check_cancel_session(request, self._limits)
+        author = caller.author(request.author if request.HasField("author") else None)
+        await self._store.write(
+            lambda tx: sessions.cancel(
+                tx, request.session_id, author, request.reason, self._clock.now_ns()
+            )
+        )
+        found = await self._store.get_session(request.session_id)
+        assert found is not None  # sessions are never deleted
+        return CancelSessionResponse(session=sessions.view(*found))
+
     async def AddCredential(
         self, request: AddCredentialRequest, context: Context, caller: Caller
     ) -> AddCredentialResponse:
@@ -563,6 +606,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TaskNotFound, grpc.StatusCode.NOT_FOUND),
     (CredentialNotFound, grpc.StatusCode.NOT_FOUND),
     (TaskIdTaken, grpc.StatusCode.ALREADY_EXISTS),
+    (SessionIdTaken, grpc.StatusCode.ALREADY_EXISTS),
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (VersionConflict, grpc.StatusCode.ABORTED),
     # Another replica's write to the same task committed first: a conflict, not a fault.
     (ConcurrentModification, grpc.StatusCode.ABORTED),

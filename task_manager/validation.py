@@ -23,6 +23,7 @@ from task_manager.errors import InvalidArgument
 from task_manager.liveness import MAX_DURATION_S
 from task_manager.v1.task_manager_pb2 import (
     AddCredentialRequest,
+    CancelSessionRequest,
     CancelTaskRequest,
     CompleteTaskRequest,
     CreateTaskRequest,
@@ -31,6 +32,7 @@ from task_manager.v1.task_manager_pb2 import (
     QueryTasksRequest,
     Status,
     StatusUpdate,
+    SubmitSessionsRequest,
     TaskPolicy,
     TaskView,
     UpdateTaskRequest,
@@ -64,6 +66,9 @@ class FieldLimits:
     """Entity ids per agent stream; task ids and entity ids per watch filter."""
     max_attempts: int = 100
     """The most attempts a TaskPolicy may ask for."""
+    session_tasks: int = 10_000
+    """Tasks per SubmitSessions request, all its sessions together (its bytes are bounded
+    by --max-request-bytes, as every request's)."""
 
 
 _STATUSES = frozenset(Status.values())
@@ -101,6 +106,54 @@ def check_create_task(request: CreateTaskRequest, limits: FieldLimits) -> None:
         _check_policy(request.policy, limits)
     if request.HasField("scheduled_time"):
         _timestamp(request.scheduled_time, "scheduled_time")
+
+
+def check_submit_sessions(request: SubmitSessionsRequest, limits: FieldLimits) -> None:
+    """A SubmitSessionsRequest as a whole: every field named by its path, so nothing is
+    stored for a request with one bad task (sessions[1].tasks[7].display_name: ...)."""
+    if not request.sessions:
+        raise InvalidArgument("sessions", "is empty: submit at least one session")
+    if request.HasField("author"):
+        _max_bytes(request.author, limits.principal_bytes, "author")
+    total = sum(len(session.tasks) for session in request.sessions)
+    if total > limits.session_tasks:
+        raise InvalidArgument(
+            "sessions", f"hold {total} tasks in all; at most {limits.session_tasks} a request"
+        )
+    session_ids: dict[str, int] = {}
+    task_ids: dict[str, str] = {}
+    for index, session in enumerate(request.sessions):
+        where = f"sessions[{index}]"
+        if session.session_id:
+            task_id(session.session_id, f"{where}.session_id")
+            if session.session_id in session_ids:
+                raise InvalidArgument(
+                    f"{where}.session_id",
+                    f"{session.session_id} is also sessions[{session_ids[session.session_id]}]'s",
+                )
+            session_ids[session.session_id] = index
+        _max_chars(session.display_name, limits.display_name_chars, f"{where}.display_name")
+        if not session.tasks:
+            raise InvalidArgument(f"{where}.tasks", "is empty: a session has at least one task")
+        for position, task in enumerate(session.tasks):
+            here = f"{where}.tasks[{position}]"
+            try:
+                check_create_task(task, limits)
+            except InvalidArgument as bad:
+                raise InvalidArgument(f"{here}.{bad.field}", bad.why) from None
+            if task.task_id:
+                if task.task_id in task_ids:
+                    raise InvalidArgument(
+                        f"{here}.task_id", f"{task.task_id} is also {task_ids[task.task_id]}'s"
+                    )
+                task_ids[task.task_id] = here
+
+
+def check_cancel_session(request: CancelSessionRequest, limits: FieldLimits) -> None:
+    task_id(request.session_id, "session_id")
+    _max_chars(request.reason, limits.reason_chars, "reason")
+    if request.HasField("author"):
+        _max_bytes(request.author, limits.principal_bytes, "author")
 
 
 def check_status_update(update: StatusUpdate, limits: FieldLimits) -> None:
@@ -187,6 +240,9 @@ def task_query(request: QueryTasksRequest) -> TaskQuery:
     parent = None
     if request.parent_task_id:
         parent = task_id(request.parent_task_id, "parent_task_id")
+    session = None
+    if request.session_id:
+        session = task_id(request.session_id, "session_id")
     return TaskQuery(
         after_cursor=decode_page_token(request.page_token),
         limit=page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE) + 1,
@@ -196,6 +252,7 @@ def task_query(request: QueryTasksRequest) -> TaskQuery:
         updated_from_ns=updated_from,
         updated_to_ns=updated_to,
         agent_view=view == TaskView.TASK_VIEW_AGENT,
+        session_id=session,
     )
 
 
@@ -260,6 +317,8 @@ def watch_spec(request: WatchTasksRequest, limits: FieldLimits) -> WatchSpec:
         _enum(_STATUSES, status, "filter.statuses")
     if selector.parent_task_id:
         task_id(selector.parent_task_id, "filter.parent_task_id")
+    if selector.session_id:
+        task_id(selector.session_id, "filter.session_id")
     if request.start_revision > MAX_REVISION:
         # A legal uint64 no store can reach: waiting for it would wait forever.
         raise InvalidArgument(
@@ -286,6 +345,7 @@ def watch_spec(request: WatchTasksRequest, limits: FieldLimits) -> WatchSpec:
             assignee_entity_ids=frozenset(selector.assignee_entity_ids),
             statuses=frozenset(selector.statuses),
             parent_task_id=selector.parent_task_id,
+            session_id=selector.session_id,
         ),
         start_revision=request.start_revision,
         include_preexisting=request.include_preexisting,
@@ -329,6 +389,8 @@ def _check_assignee(assignee: Principal, limits: FieldLimits) -> None:
 def _entity_id(value: str, field: str, limits: FieldLimits) -> None:
     if not value:
         raise InvalidArgument(field, "an entity id is empty")
+    if "\x00" in value:  # stored as text: a NUL would end it there (PostgreSQL)
+        raise InvalidArgument(field, "an entity id holds a NUL character")
     _max_chars(value, limits.entity_id_chars, field)
 
 

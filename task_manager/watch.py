@@ -233,6 +233,7 @@ async def watch_stream(
                         assignee_entity_ids=selector.assignee_entity_ids,
                         statuses=unfinished,
                         parent_task_id=selector.parent_task_id,
+                        session_id=selector.session_id,
                     )
                 )
             else:  # the filter names finished statuses only: no unfinished task matches

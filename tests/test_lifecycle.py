@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 from google.protobuf.any_pb2 import Any
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.wrappers_pb2 import StringValue
 
 from task_manager.v1 import task_manager_pb2 as pb
@@ -321,6 +322,24 @@ async def test_a_create_retried_after_the_task_moved_on_answers_it_as_it_stands(
     retried = await stub.CreateTask(request)
     assert retried.already_existed
     assert retried.task == moved == await get(stub, "task-00001")
+
+
+async def test_a_create_retried_after_a_retry_was_scheduled_answers_the_task(
+    stub: AsyncStub,
+) -> None:
+    # A failed attempt with a backoff moves the task's scheduled_time: still the same task.
+    policy = pb.TaskPolicy(max_attempts=2, retry_backoff=Duration(seconds=600))
+    request = create_request(task_id="task-00001", policy=policy)
+    sent = (await stub.CreateTask(request)).task
+    await stub.UpdateStatus(status_update(sent, S.STATUS_EXECUTING))
+    executing = await get(stub, "task-00001")
+    failed = pb.TaskError(code=pb.ERROR_CODE_FAILED, message="try later")
+    await stub.UpdateStatus(status_update(executing, S.STATUS_DONE_NOT_OK, task_error=failed))
+    waiting = await get(stub, "task-00001")
+    assert waiting.status.status == S.STATUS_SCHEDULED_IN_MANAGER
+    assert waiting.HasField("scheduled_time")
+    retried = await stub.CreateTask(request)
+    assert retried.already_existed and retried.task == waiting
 
 
 @pytest.mark.parametrize(

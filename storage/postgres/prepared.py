@@ -23,6 +23,7 @@ from typing import Any, cast
 from psycopg import errors, pq
 
 from storage.postgres.schema import Connection, PgSession
+from storage.sql import Cursor
 
 _INT8 = struct.Struct(">q")
 _INT4 = struct.Struct(">i")
@@ -46,6 +47,11 @@ _DECODERS: dict[int, Callable[[bytes], Any]] = {
 """Binary result decoders by type OID (pg_type)."""
 
 _FORMAT_TEXT, _FORMAT_BINARY = 0, 1
+
+MAX_PREPARED = 256
+"""Statements prepared per connection at most. Some statements are made per call (an
+IN list as long as its values, as renew_streams'); past this many, the rest run through
+psycopg unprepared, so the server's memory for them stays bounded."""
 
 
 class Rows:
@@ -89,12 +95,18 @@ class PreparedSession:
     def __init__(self, conn: Connection) -> None:
         if conn.info.encoding != "utf-8":  # what the decoders and _encode assume
             conn.execute("SET client_encoding TO 'UTF8'")
+        # psycopg prepares nothing of its own here: seeing a ROLLBACK or a DISCARD pass
+        # through it, it would deallocate every prepared statement, ours too.
+        conn.prepare_threshold = None
         self._pgconn = conn.pgconn
         self._prepared: dict[str, bytes] = {}
-        self._many = PgSession(conn)
+        self._unprepared = PgSession(conn)
+        """For executemany, and for the statements past MAX_PREPARED."""
 
-    def execute(self, sql: str, params: Sequence[object] = ()) -> Rows:
+    def execute(self, sql: str, params: Sequence[object] = ()) -> Cursor:
         name = self._prepared.get(sql)
+        if name is None and len(self._prepared) >= MAX_PREPARED:
+            return self._unprepared.execute(sql, params)
         if name is None:
             name = f"tm{len(self._prepared)}".encode()
             self._check(self._pgconn.prepare(name, _numbered(sql).encode()))
@@ -105,13 +117,13 @@ class PreparedSession:
         sent = cast(list[bytes], values)
         return Rows(self._check(self._pgconn.exec_prepared(name, sent, formats, _FORMAT_BINARY)))
 
-    def execute_script(self, sql: str) -> None:
+    def execute_script(self, sql: str) -> bytes | None:
         """Statements without parameters or results (BEGIN, SAVEPOINT, NOTIFY; COMMIT),
-        several in one round trip."""
-        self._check(self._pgconn.exec_(sql.encode()))
+        several in one round trip; the last one's command status (b"COMMIT")."""
+        return self._check(self._pgconn.exec_(sql.encode())).command_status
 
     def executemany(self, sql: str, params: Sequence[Sequence[object]]) -> None:
-        self._many.executemany(sql, params)
+        self._unprepared.executemany(sql, params)
 
     def _check(self, result: pq.abc.PGresult) -> pq.abc.PGresult:
         if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
@@ -143,7 +155,10 @@ def _encode(params: Sequence[object]) -> tuple[list[bytes | None], list[int]]:
             values.append(b"1" if value else b"0")
             formats.append(_FORMAT_TEXT)
         elif isinstance(value, int | str):
-            values.append(str(value).encode())
+            text = str(value)
+            if "\x00" in text:  # libpq would end the value there, silently
+                raise ValueError("a text parameter holds a NUL character")
+            values.append(text.encode())
             formats.append(_FORMAT_TEXT)
         else:
             raise TypeError(f"no encoding for a {type(value).__name__} parameter")

@@ -100,6 +100,19 @@ MIGRATIONS: Sequence[str] = (
     CREATE TABLE replicas (replica_id TEXT PRIMARY KEY, renewed_ns BIGINT NOT NULL);
     INSERT INTO meta (key, value) VALUES ('up_since_ns', 0);
     """,
+    # Sessions of tasks (task_manager/sessions.py): each task names its session, and a
+    # session keeps what it was submitted with.
+    """
+    ALTER TABLE tasks ADD COLUMN session_id TEXT;
+    CREATE INDEX tasks_by_session ON tasks (session_id, status);
+    CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY,
+        session BYTEA NOT NULL,
+        fingerprint BYTEA NOT NULL,
+        task_ids TEXT NOT NULL,
+        cancelled_ns BIGINT
+    );
+    """,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (table schema_version)."""
 

@@ -96,18 +96,24 @@ class _WriterConnection:
         )
         try:
             value = unit(tx)
+            if self._conn.info.transaction_status != TransactionStatus.INTRANS:
+                # A statement failed and the unit went on: PostgreSQL refuses the rest.
+                raise StoreError("the database refused a statement of the write")
         except Exception as exc:
+            # A database error inside a unit (a lock timeout, a deadlock with another
+            # replica) fails the unit alone.
+            error = exc
+            if isinstance(exc, psycopg.Error):
+                error = StoreError(f"the database refused the write: {first_line(exc)}")
             if self._isolated:
                 # If even the rollback fails, the connection is gone, and so is the batch.
                 self._execute("ROLLBACK TO SAVEPOINT unit")
-            elif tx.wrote or self._conn.info.transaction_status != TransactionStatus.INTRANS:
-                # Its writes are in the transaction, or PostgreSQL refuses the rest of it.
-                raise UnitNeedsIsolation from exc
-            # A database error inside a unit (a lock timeout, a deadlock with another
-            # replica) fails the unit alone.
-            if isinstance(exc, psycopg.Error):
-                exc = StoreError(f"the database refused the write: {first_line(exc)}")
-            return UnitResult(error=exc)
+            elif tx.wrote:  # its writes are in the transaction
+                raise UnitNeedsIsolation() from exc
+            elif self._conn.info.transaction_status != TransactionStatus.INTRANS:
+                # PostgreSQL refuses the rest of the transaction: the others run again.
+                raise UnitNeedsIsolation(error) from exc
+            return UnitResult(error=error)
         return UnitResult(value=value, changes=tx.changes)
 
     def commit(self, changes: Sequence[Change]) -> None:
@@ -118,7 +124,9 @@ class _WriterConnection:
             # COMMIT also releases an isolated batch's last savepoint. The NOTIFY is
             # delivered only if the commit succeeds; the revision is an integer, safe inline.
             notify = f"NOTIFY {CHANNEL}, '{changes[-1].revision}'; " if changes else ""
-            self._session.execute_script(notify + "COMMIT")
+            if self._session.execute_script(notify + "COMMIT") != b"COMMIT":
+                # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK.
+                raise StoreError("the database rolled the batch back")
         except psycopg.Error as exc:
             raise StoreError(f"the database could not commit: {first_line(exc)}") from exc
         if changes:

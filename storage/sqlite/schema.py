@@ -149,6 +149,25 @@ def _migrate_to_11(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('up_since_ns', 0)")
 
 
+def _migrate_to_12(db: sqlite_utils.Database) -> None:
+    # Sessions of tasks (task_manager/sessions.py): each task names its session, and a
+    # session keeps what it was submitted with.
+    tasks = db.table("tasks")
+    tasks.add_column("session_id", str)
+    tasks.create_index(["session_id", "status"])
+    db.table("sessions").create(
+        {
+            "session_id": str,
+            "session": bytes,
+            "fingerprint": bytes,
+            "task_ids": str,
+            "cancelled_ns": int,
+        },
+        pk="session_id",
+        not_null={"session", "fingerprint", "task_ids"},
+    )
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -161,6 +180,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_9,
     _migrate_to_10,
     _migrate_to_11,
+    _migrate_to_12,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 

@@ -183,6 +183,39 @@ AGENT_STATE_LOST: AgentState.ValueType  # 3
 """No stream open for agent_lost_after or longer. Its tasks keep their timeouts."""
 Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
 
+class _SessionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_STATE_INVALID: _SessionState.ValueType  # 0
+    SESSION_STATE_PENDING: _SessionState.ValueType  # 1
+    """No task of the session has been received by an agent yet."""
+    SESSION_STATE_RUNNING: _SessionState.ValueType  # 2
+    """Some task has been received, and some task is not finished."""
+    SESSION_STATE_COMPLETED: _SessionState.ValueType  # 3
+    """Every task finished at STATUS_DONE_OK."""
+    SESSION_STATE_FAILED: _SessionState.ValueType  # 4
+    """Every task finished, and some not at STATUS_DONE_OK."""
+    SESSION_STATE_CANCELLED: _SessionState.ValueType  # 5
+    """CancelSession was called (its tasks may still be finishing)."""
+
+class SessionState(_SessionState, metaclass=_SessionStateEnumTypeWrapper): ...
+
+SESSION_STATE_INVALID: SessionState.ValueType  # 0
+SESSION_STATE_PENDING: SessionState.ValueType  # 1
+"""No task of the session has been received by an agent yet."""
+SESSION_STATE_RUNNING: SessionState.ValueType  # 2
+"""Some task has been received, and some task is not finished."""
+SESSION_STATE_COMPLETED: SessionState.ValueType  # 3
+"""Every task finished at STATUS_DONE_OK."""
+SESSION_STATE_FAILED: SessionState.ValueType  # 4
+"""Every task finished, and some not at STATUS_DONE_OK."""
+SESSION_STATE_CANCELLED: SessionState.ValueType  # 5
+"""CancelSession was called (its tasks may still be finishing)."""
+Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
+
 @_typing.final
 class TaskVersion(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -227,11 +260,14 @@ class Task(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     description: _builtins.str
     is_executed_elsewhere: _builtins.bool
     attempt: _builtins.int
     """Extension: the current attempt, from 1; 0 until the task is first sent."""
+    session_id: _builtins.str
+    """Extension: the session the task was submitted in (SubmitSessions); empty if none."""
     @_builtins.property
     def version(self) -> Global___TaskVersion: ...
     @_builtins.property
@@ -276,10 +312,11 @@ class Task(_message.Message):
         policy: Global___TaskPolicy | None = ...,
         attempt: _builtins.int = ...,
         attempts: _abc.Iterable[Global___Attempt] | None = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "session_id", b"session_id", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -933,12 +970,15 @@ class QueryTasksRequest(_message.Message):
     UPDATE_TIME_RANGE_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     parent_task_id: _builtins.str
     page_token: _builtins.str
     """From the previous response; the other fields must stay the same."""
     view: Global___TaskView.ValueType
     page_size: _builtins.int
     """Extension: tasks per page; 0 = 100, at most 1000."""
+    session_id: _builtins.str
+    """Extension: only the tasks of this session."""
     @_builtins.property
     def status_filter(self) -> Global___QueryTasksRequest.StatusFilter:
         """FILTER_TYPE_INVALID with statuses is read as FILTER_TYPE_INCLUSIVE."""
@@ -956,10 +996,11 @@ class QueryTasksRequest(_message.Message):
         update_time_range: Global___QueryTasksRequest.TimeRange | None = ...,
         view: Global___TaskView.ValueType = ...,
         page_size: _builtins.int = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["status_filter", b"status_filter", "update_time_range", b"update_time_range"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent_task_id", b"parent_task_id", "status_filter", b"status_filter", "update_time_range", b"update_time_range", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent_task_id", b"parent_task_id", "session_id", b"session_id", "status_filter", b"status_filter", "update_time_range", b"update_time_range", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1494,7 +1535,10 @@ class WatchFilter(_message.Message):
     ASSIGNEE_ENTITY_IDS_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
     PARENT_TASK_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     parent_task_id: _builtins.str
+    session_id: _builtins.str
+    """Only the tasks of this session."""
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1510,10 +1554,11 @@ class WatchFilter(_message.Message):
         assignee_entity_ids: _abc.Iterable[_builtins.str] | None = ...,
         statuses: _abc.Iterable[Global___Status.ValueType] | None = ...,
         parent_task_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee_entity_ids", b"assignee_entity_ids", "parent_task_id", b"parent_task_id", "statuses", b"statuses", "task_ids", b"task_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee_entity_ids", b"assignee_entity_ids", "parent_task_id", b"parent_task_id", "session_id", b"session_id", "statuses", b"statuses", "task_ids", b"task_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1932,3 +1977,274 @@ class RevokeCredentialResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeCredentialResponse: _TypeAlias = RevokeCredentialResponse  # noqa: Y015
+
+@_typing.final
+class SessionSubmission(_message.Message):
+    """-- sessions (extension) ---------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Optional; [A-Za-z0-9_.-]{5,36}. A random UUID is used when empty. Supply one to make
+    a retried submission safe.
+    """
+    display_name: _builtins.str
+    """At most 256 characters."""
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateTaskRequest]:
+        """At least one, at most 10,000. Each is checked as CreateTask would check it; a
+        task's relations may not name a session of their own.
+        """
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        tasks: _abc.Iterable[Global___CreateTaskRequest] | None = ...,
+        display_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "session_id", b"session_id", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionSubmission: _TypeAlias = SessionSubmission  # noqa: Y015
+
+@_typing.final
+class SubmitSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionSubmission]:
+        """At least one; at most 10,000 tasks in all."""
+
+    @_builtins.property
+    def author(self) -> Global___Principal:
+        """Recorded as every task's created_by (as CreateTaskRequest.author)."""
+
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___SessionSubmission] | None = ...,
+        author: Global___Principal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitSessionsRequest: _TypeAlias = SubmitSessionsRequest  # noqa: Y015
+
+@_typing.final
+class SubmittedSession(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    ALREADY_EXISTED_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    already_existed: _builtins.bool
+    """The session was there already, submitted with this same content: nothing written."""
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """In the order of the submission's tasks."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        already_existed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_existed", b"already_existed", "session_id", b"session_id", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmittedSession: _TypeAlias = SubmittedSession  # noqa: Y015
+
+@_typing.final
+class SubmitSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmittedSession]:
+        """In the order of the request's sessions."""
+
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___SubmittedSession] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitSessionsResponse: _TypeAlias = SubmitSessionsResponse  # noqa: Y015
+
+@_typing.final
+class StatusCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    status: Global___Status.ValueType
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        status: Global___Status.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusCount: _TypeAlias = StatusCount  # noqa: Y015
+
+@_typing.final
+class Session(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TASK_COUNT_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    display_name: _builtins.str
+    state: Global___SessionState.ValueType
+    task_count: _builtins.int
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatusCount]:
+        """The tasks by current status, statuses in enum order, only those with tasks."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def created_by(self) -> Global___Principal: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the session was cancelled (CANCELLED), or its last task finished."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        state: Global___SessionState.ValueType = ...,
+        task_count: _builtins.int = ...,
+        counts: _abc.Iterable[Global___StatusCount] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        created_by: Global___Principal | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "end_time", b"end_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "create_time", b"create_time", "created_by", b"created_by", "display_name", b"display_name", "end_time", b"end_time", "session_id", b"session_id", "state", b"state", "task_count", b"task_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Session: _TypeAlias = Session  # noqa: Y015
+
+@_typing.final
+class GetSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSessionRequest: _TypeAlias = GetSessionRequest  # noqa: Y015
+
+@_typing.final
+class GetSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session: ...
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSessionResponse: _TypeAlias = GetSessionResponse  # noqa: Y015
+
+@_typing.final
+class CancelSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    reason: _builtins.str
+    """Why; recorded as each cancelled task's task_error message. At most 16,384 characters."""
+    @_builtins.property
+    def author(self) -> Global___Principal: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        author: Global___Principal | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelSessionRequest: _TypeAlias = CancelSessionRequest  # noqa: Y015
+
+@_typing.final
+class CancelSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session: ...
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelSessionResponse: _TypeAlias = CancelSessionResponse  # noqa: Y015

@@ -111,6 +111,21 @@ class TaskManagerStub:
                 request_serializer=task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialRequest.SerializeToString,
                 response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialResponse.FromString,
                 _registered_method=True)
+        self.SubmitSessions = channel.unary_unary(
+                '/task_manager.v1.TaskManager/SubmitSessions',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.SubmitSessionsRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.SubmitSessionsResponse.FromString,
+                _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/task_manager.v1.TaskManager/GetSession',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.GetSessionResponse.FromString,
+                _registered_method=True)
+        self.CancelSession = channel.unary_unary(
+                '/task_manager.v1.TaskManager/CancelSession',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.CancelSessionRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.CancelSessionResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -250,6 +265,32 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSessions(self, request, context):
+        """Extension: sessions of tasks. Stores every task of every session in the request
+        in one transaction, or none (then the error names the failing field, e.g.
+        sessions[0].tasks[3].task_id). An answer means every task is in the system and will
+        be sent to its assignee. A session retried with its session_id and the same
+        content answers the same ids (already_existed); other content is ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """Extension: a session's tasks counted by status, and its state. NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSession(self, request, context):
+        """Extension: cancels every unfinished task of the session (as CancelTask each) and
+        leaves the session CANCELLED. A finished session is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -327,6 +368,21 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.RevokeCredential,
                     request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialRequest.FromString,
                     response_serializer=task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialResponse.SerializeToString,
+            ),
+            'SubmitSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitSessions,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.SubmitSessionsRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.SubmitSessionsResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.GetSessionRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.GetSessionResponse.SerializeToString,
+            ),
+            'CancelSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSession,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.CancelSessionRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.CancelSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -736,6 +792,87 @@ class TaskManager:
             '/task_manager.v1.TaskManager/RevokeCredential',
             task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialRequest.SerializeToString,
             task__manager_dot_v1_dot_task__manager__pb2.RevokeCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/SubmitSessions',
+            task__manager_dot_v1_dot_task__manager__pb2.SubmitSessionsRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.SubmitSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/GetSession',
+            task__manager_dot_v1_dot_task__manager__pb2.GetSessionRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.GetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/CancelSession',
+            task__manager_dot_v1_dot_task__manager__pb2.CancelSessionRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.CancelSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -129,6 +129,19 @@ class TaskManagerStub:
     """
     ListCredentials: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.ListCredentialsRequest, _task_manager_pb2.ListCredentialsResponse]
     RevokeCredential: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.RevokeCredentialRequest, _task_manager_pb2.RevokeCredentialResponse]
+    SubmitSessions: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.SubmitSessionsRequest, _task_manager_pb2.SubmitSessionsResponse]
+    """Extension: sessions of tasks. Stores every task of every session in the request
+    in one transaction, or none (then the error names the failing field, e.g.
+    sessions[0].tasks[3].task_id). An answer means every task is in the system and will
+    be sent to its assignee. A session retried with its session_id and the same
+    content answers the same ids (already_existed); other content is ALREADY_EXISTS.
+    """
+    GetSession: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.GetSessionRequest, _task_manager_pb2.GetSessionResponse]
+    """Extension: a session's tasks counted by status, and its state. NOT_FOUND if unknown."""
+    CancelSession: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.CancelSessionRequest, _task_manager_pb2.CancelSessionResponse]
+    """Extension: cancels every unfinished task of the session (as CancelTask each) and
+    leaves the session CANCELLED. A finished session is FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class TaskManagerAsyncStub(TaskManagerStub):
@@ -203,6 +216,19 @@ class TaskManagerAsyncStub(TaskManagerStub):
     """
     ListCredentials: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.ListCredentialsRequest, _task_manager_pb2.ListCredentialsResponse]  # type: ignore[assignment]
     RevokeCredential: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.RevokeCredentialRequest, _task_manager_pb2.RevokeCredentialResponse]  # type: ignore[assignment]
+    SubmitSessions: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.SubmitSessionsRequest, _task_manager_pb2.SubmitSessionsResponse]  # type: ignore[assignment]
+    """Extension: sessions of tasks. Stores every task of every session in the request
+    in one transaction, or none (then the error names the failing field, e.g.
+    sessions[0].tasks[3].task_id). An answer means every task is in the system and will
+    be sent to its assignee. A session retried with its session_id and the same
+    content answers the same ids (already_existed); other content is ALREADY_EXISTS.
+    """
+    GetSession: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.GetSessionRequest, _task_manager_pb2.GetSessionResponse]  # type: ignore[assignment]
+    """Extension: a session's tasks counted by status, and its state. NOT_FOUND if unknown."""
+    CancelSession: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.CancelSessionRequest, _task_manager_pb2.CancelSessionResponse]  # type: ignore[assignment]
+    """Extension: cancels every unfinished task of the session (as CancelTask each) and
+    leaves the session CANCELLED. A finished session is FAILED_PRECONDITION.
+    """
 
 class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
     """The operator- and agent-facing service. The five core RPCs are also served under
@@ -364,5 +390,36 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         request: _task_manager_pb2.RevokeCredentialRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_manager_pb2.RevokeCredentialResponse, _abc.Awaitable[_task_manager_pb2.RevokeCredentialResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SubmitSessions(
+        self,
+        request: _task_manager_pb2.SubmitSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.SubmitSessionsResponse, _abc.Awaitable[_task_manager_pb2.SubmitSessionsResponse]]:
+        """Extension: sessions of tasks. Stores every task of every session in the request
+        in one transaction, or none (then the error names the failing field, e.g.
+        sessions[0].tasks[3].task_id). An answer means every task is in the system and will
+        be sent to its assignee. A session retried with its session_id and the same
+        content answers the same ids (already_existed); other content is ALREADY_EXISTS.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSession(
+        self,
+        request: _task_manager_pb2.GetSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.GetSessionResponse, _abc.Awaitable[_task_manager_pb2.GetSessionResponse]]:
+        """Extension: a session's tasks counted by status, and its state. NOT_FOUND if unknown."""
+
+    @_abc_1.abstractmethod
+    def CancelSession(
+        self,
+        request: _task_manager_pb2.CancelSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.CancelSessionResponse, _abc.Awaitable[_task_manager_pb2.CancelSessionResponse]]:
+        """Extension: cancels every unfinished task of the session (as CancelTask each) and
+        leaves the session CANCELLED. A finished session is FAILED_PRECONDITION.
+        """
 
 def add_TaskManagerServicer_to_server(servicer: TaskManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

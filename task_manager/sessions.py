@@ -1,0 +1,149 @@
+"""Sessions of tasks (after AWS HTC-Grid): many tasks submitted at once, stored all or
+none, and followed as one.
+
+A session is stored as submitted (its id, name, author, its tasks' ids); its state is
+its tasks': counted by status, it is PENDING until an agent received one of them,
+RUNNING until all are finished, then COMPLETED if all ended DONE_OK, else FAILED.
+CancelSession cancels the unfinished tasks (as CancelTask each) and leaves it CANCELLED.
+Pure Python over a store's transaction: no gRPC, no SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+
+from storage.base import SessionTasks, StoredSession, WriteTransaction
+from task_manager import lifecycle, statuses
+from task_manager.clock import timestamp
+from task_manager.errors import (
+    FailedPrecondition,
+    SessionIdTaken,
+    SessionNotFound,
+    TaskIdTaken,
+)
+from task_manager.v1 import task_manager_pb2 as pb
+from task_manager.v1.task_manager_pb2 import (
+    Principal,
+    Session,
+    SessionState,
+    SessionSubmission,
+    StatusCount,
+    SubmittedSession,
+    TaskPolicy,
+)
+
+NOT_RECEIVED = statuses.UNRELEASED | {pb.STATUS_SENT}
+"""The statuses of a task no agent has received yet."""
+
+
+def fingerprint(submission: SessionSubmission) -> bytes:
+    """What makes two submissions the same: their content, ids left empty included."""
+    return hashlib.sha256(submission.SerializeToString(deterministic=True)).digest()
+
+
+def submit(
+    tx: WriteTransaction,
+    submissions: Sequence[SessionSubmission],
+    author: Principal | None,
+    defaults: TaskPolicy,
+    now_ns: int,
+) -> list[SubmittedSession]:
+    """Stores every session of the request with its tasks, or (by raising) none. A
+    session whose id is taken is a retry if it has the same content: it answers the
+    stored ids and writes nothing."""
+    answers = []
+    for index, submission in enumerate(submissions):
+        session_id = submission.session_id or str(uuid.uuid4())
+        digest = fingerprint(submission)
+        existing = tx.load_session(session_id)
+        if existing is not None:
+            if existing.fingerprint != digest:
+                raise SessionIdTaken(session_id)
+            answers.append(
+                SubmittedSession(
+                    session_id=session_id, task_ids=existing.task_ids, already_existed=True
+                )
+            )
+            continue
+        task_ids = [task.task_id or str(uuid.uuid4()) for task in submission.tasks]
+        session = Session(
+            session_id=session_id,
+            display_name=submission.display_name,
+            task_count=len(task_ids),
+            create_time=timestamp(now_ns),
+        )
+        if author is not None:
+            session.created_by.CopyFrom(author)
+        if not tx.insert_session(StoredSession(session, digest, task_ids)):
+            raise SessionIdTaken(session_id)  # not expected: loaded as free just now
+        for position, (request, task_id) in enumerate(zip(submission.tasks, task_ids, strict=True)):
+            task_request = pb.CreateTaskRequest()
+            task_request.CopyFrom(request)
+            if author is not None:
+                task_request.author.CopyFrom(author)
+            try:
+                created = lifecycle.create_task(
+                    tx, task_request, task_id, defaults, now_ns, session_id=session_id
+                )
+            except TaskIdTaken as taken:
+                field = f"sessions[{index}].tasks[{position}].task_id"
+                raise TaskIdTaken(task_id, field=field) from taken
+            if created.existed:  # the same request, outside this session: not its task
+                raise TaskIdTaken(task_id, field=f"sessions[{index}].tasks[{position}].task_id")
+        answers.append(SubmittedSession(session_id=session_id, task_ids=task_ids))
+    return answers
+
+
+def cancel(
+    tx: WriteTransaction, session_id: str, author: Principal | None, reason: str, now_ns: int
+) -> None:
+    """Cancels every unfinished task of the session and records the session cancelled.
+    A cancelled session answers OK again; a finished one is FAILED_PRECONDITION."""
+    stored = tx.load_session(session_id)
+    if stored is None:
+        raise SessionNotFound(session_id)
+    if stored.cancelled_ns is not None:
+        return
+    loaded = [(task_id, tx.load(task_id)) for task_id in stored.task_ids]
+    unfinished = [
+        task_id
+        for task_id, task in loaded
+        if task is not None and task.task.status.status not in statuses.TERMINAL
+    ]
+    if not unfinished:
+        raise FailedPrecondition(f"session {session_id} has finished; nothing to cancel")
+    for task_id in unfinished:
+        lifecycle.cancel_task(tx, task_id, author, reason or "session cancelled", now_ns)
+    tx.cancel_session(session_id, now_ns)
+
+
+def view(stored: StoredSession, tasks: SessionTasks) -> Session:
+    """The session as GetSession shows it: counts by status and the state they make."""
+    session = Session()
+    session.CopyFrom(stored.session)
+    for status in sorted(tasks.counts):
+        session.counts.append(
+            StatusCount(status=pb.Status.ValueType(status), count=tasks.counts[status])
+        )
+    session.state = state(stored, tasks)
+    finished = all(status in statuses.TERMINAL for status in tasks.counts)
+    if stored.cancelled_ns is not None:
+        session.end_time.CopyFrom(timestamp(stored.cancelled_ns))
+    elif finished and tasks.counts:
+        session.end_time.CopyFrom(timestamp(tasks.newest_update_ns))
+    return session
+
+
+def state(stored: StoredSession, tasks: SessionTasks) -> SessionState.ValueType:
+    if stored.cancelled_ns is not None:
+        return SessionState.SESSION_STATE_CANCELLED
+    present = set(tasks.counts)
+    if present <= statuses.TERMINAL:
+        if present <= {pb.STATUS_DONE_OK}:
+            return SessionState.SESSION_STATE_COMPLETED
+        return SessionState.SESSION_STATE_FAILED
+    if present <= NOT_RECEIVED:
+        return SessionState.SESSION_STATE_PENDING
+    return SessionState.SESSION_STATE_RUNNING
