@@ -37,9 +37,12 @@ EXPECTED_RIGHTS: dict[str, set[str]] = {
         "GetTask",
         "GetTaskHistory",
         "WatchTasks",
+        "SubmitSessions",
+        "GetSession",
+        "CancelSession",
     },
     "agent": {"ListenAsAgent", "UpdateStatus", "ReportStatus", "GetTask", "GetTaskHistory"},
-    "viewer": {"GetTask", "QueryTasks", "GetTaskHistory", "WatchTasks", "ListAgents"},
+    "viewer": {"GetTask", "QueryTasks", "GetTaskHistory", "WatchTasks", "ListAgents", "GetSession"},
 }
 AGENT_ONLY_OWN = {"ListenAsAgent", "UpdateStatus", "ReportStatus", "GetTask", "GetTaskHistory"}
 """For these, an agent may act only on its own entity's tasks (or as its own entity)."""
@@ -195,7 +198,33 @@ async def _revoke_credential(stub: AsyncStub, world: World, entity: str) -> None
     await stub.RevokeCredential(pb.RevokeCredentialRequest(credential_id=credential_id))
 
 
+def _session(entity: str) -> pb.SubmitSessionsRequest:
+    return pb.SubmitSessionsRequest(sessions=[pb.SessionSubmission(tasks=[create_request(entity)])])
+
+
+async def _fresh_session(world: World, entity: str) -> str:
+    submitted = await world.admin.SubmitSessions(_session(entity))
+    return submitted.sessions[0].session_id
+
+
+async def _submit_sessions(stub: AsyncStub, world: World, entity: str) -> None:
+    await stub.SubmitSessions(_session(entity))
+
+
+async def _get_session(stub: AsyncStub, world: World, entity: str) -> None:
+    session_id = await _fresh_session(world, entity)
+    await stub.GetSession(pb.GetSessionRequest(session_id=session_id))
+
+
+async def _cancel_session(stub: AsyncStub, world: World, entity: str) -> None:
+    session_id = await _fresh_session(world, entity)
+    await stub.CancelSession(pb.CancelSessionRequest(session_id=session_id))
+
+
 CALLS: dict[str, Call] = {
+    "SubmitSessions": _submit_sessions,
+    "GetSession": _get_session,
+    "CancelSession": _cancel_session,
     "AddCredential": _add_credential,
     "ListCredentials": _list_credentials,
     "RevokeCredential": _revoke_credential,

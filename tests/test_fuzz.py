@@ -253,6 +253,11 @@ def _valid_requests() -> dict[str, Message]:
         pb.AddCredentialRequest(principal="fuzzed", role="agent", entity_ids=["fuzz-agent-9"]),
         pb.ListCredentialsRequest(),
         pb.RevokeCredentialRequest(credential_id="0123456789ab"),
+        pb.SubmitSessionsRequest(
+            sessions=[pb.SessionSubmission(session_id="fuzz-session-1", tasks=[create, create])]
+        ),
+        pb.GetSessionRequest(session_id="fuzz-session-1"),
+        pb.CancelSessionRequest(session_id="fuzz-session-1", reason="fuzz"),
     ]
     return {request.DESCRIPTOR.full_name: request for request in requests}
 
@@ -276,4 +281,4 @@ def test_mutated_valid_requests_get_proper_answers(world: FuzzWorld) -> None:
 def test_every_method_is_fuzzed() -> None:
     assert {m.input_type.full_name for m in METHODS} == set(VALID_REQUESTS)
     request_types = {message_factory.GetMessageClass(m.input_type) for m in METHODS}
-    assert len(METHODS) == 20 and len(request_types) == 15
+    assert len(METHODS) == 23 and len(request_types) == 18
