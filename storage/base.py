@@ -49,6 +49,10 @@ class StoredSession:
     """Its tasks, in the submission's order."""
     cancelled_ns: int | None = None
     """When CancelSession was called, if it was."""
+    deadline_ns: int | None = None
+    """When its timeout passes, while that is still to be acted on."""
+    timed_out_ns: int | None = None
+    """When its timeout passed with tasks unfinished, if it did."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,8 +300,12 @@ class WriteTransaction(Protocol):
         """The session, locked for this transaction where other writers may change it."""
         ...
 
-    def cancel_session(self, session_id: str, now_ns: int) -> None:
-        """Records that the session was cancelled at now_ns."""
+    def claim_session(self, session_id: str) -> StoredSession | None:
+        """As load_session; None also if another writer holds it now (as claim)."""
+        ...
+
+    def update_session(self, stored: StoredSession) -> None:
+        """Records what changes of a session: cancelled_ns, deadline_ns, timed_out_ns."""
         ...
 
     def agent_seen(self, entity_id: str, now_ns: int) -> None:
@@ -417,6 +425,10 @@ class Store(Protocol):
         """The session and its tasks as they stand, read at one revision."""
         ...
 
+    async def due_sessions(self, now_ns: int, limit: int) -> Sequence[str]:
+        """The sessions whose deadline has come, earliest first."""
+        ...
+
     async def query(self, query: TaskQuery) -> Sequence[QueriedTask]: ...
 
     async def history(
@@ -458,7 +470,7 @@ class Store(Protocol):
         ...
 
     async def next_deadline(self, after_ns: int) -> int | None:
-        """The earliest deadline after after_ns, if any."""
+        """The earliest deadline after after_ns (of a task or a session), if any."""
         ...
 
     async def definition(self, task_id: str, definition_version: int) -> Task | None:

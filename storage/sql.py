@@ -220,14 +220,17 @@ class SqlTransaction:
 
     def insert_session(self, stored: StoredSession) -> bool:
         inserted = self._session.execute(
-            "INSERT INTO sessions (session_id, session, fingerprint, task_ids, cancelled_ns)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_id) DO NOTHING",
+            "INSERT INTO sessions (session_id, session, fingerprint, task_ids, cancelled_ns,"
+            " deadline_ns, timed_out_ns) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (session_id) DO NOTHING",
             (
                 stored.session.session_id,
                 stored.session.SerializeToString(),
                 stored.fingerprint,
                 json.dumps(list(stored.task_ids)),
                 stored.cancelled_ns,
+                stored.deadline_ns,
+                stored.timed_out_ns,
             ),
         ).rowcount
         if inserted == 1:
@@ -237,10 +240,20 @@ class SqlTransaction:
     def load_session(self, session_id: str) -> StoredSession | None:
         return load_session(self._session, session_id, self._load_clause)
 
-    def cancel_session(self, session_id: str, now_ns: int) -> None:
+    def claim_session(self, session_id: str) -> StoredSession | None:
+        return load_session(self._session, session_id, self._claim_clause)
+
+    def update_session(self, stored: StoredSession) -> None:
         self.wrote = True
         self._session.execute(
-            "UPDATE sessions SET cancelled_ns = ? WHERE session_id = ?", (now_ns, session_id)
+            "UPDATE sessions SET cancelled_ns = ?, deadline_ns = ?, timed_out_ns = ?"
+            " WHERE session_id = ?",
+            (
+                stored.cancelled_ns,
+                stored.deadline_ns,
+                stored.timed_out_ns,
+                stored.session.session_id,
+            ),
         )
 
     def add_credential(self, credential: Credential) -> None:
@@ -482,8 +495,8 @@ def load(session: Session, task_id: str, lock_clause: str = "") -> StoredTask | 
 
 def load_session(session: Session, session_id: str, lock_clause: str = "") -> StoredSession | None:
     row = session.execute(
-        "SELECT session, fingerprint, task_ids, cancelled_ns FROM sessions"
-        " WHERE session_id = ?" + lock_clause,
+        "SELECT session, fingerprint, task_ids, cancelled_ns, deadline_ns, timed_out_ns"
+        " FROM sessions WHERE session_id = ?" + lock_clause,
         (session_id,),
     ).fetchone()
     if row is None:
@@ -493,6 +506,8 @@ def load_session(session: Session, session_id: str, lock_clause: str = "") -> St
         fingerprint=bytes(row[1]),
         task_ids=json.loads(row[2]),
         cancelled_ns=row[3],
+        deadline_ns=row[4],
+        timed_out_ns=row[5],
     )
 
 
@@ -599,11 +614,27 @@ def due(now_ns: int, limit: int) -> Read[list[tuple[str, int]]]:
 
 
 def next_deadline(after_ns: int) -> Read[int | None]:
+    """The earliest deadline after after_ns, of a task or a session."""
+
     def read(session: Session) -> int | None:
-        row = session.execute(
-            "SELECT MIN(deadline_ns) FROM tasks WHERE deadline_ns > ?", (after_ns,)
-        ).fetchone()
-        return None if row[0] is None else int(row[0])
+        found = [
+            session.execute(
+                f"SELECT MIN(deadline_ns) FROM {table} WHERE deadline_ns > ?", (after_ns,)
+            ).fetchone()[0]
+            for table in ("tasks", "sessions")
+        ]
+        return min((int(at) for at in found if at is not None), default=None)
+
+    return read
+
+
+def due_sessions(now_ns: int, limit: int) -> Read[list[str]]:
+    def read(session: Session) -> list[str]:
+        rows = session.execute(
+            "SELECT session_id FROM sessions WHERE deadline_ns <= ? ORDER BY deadline_ns LIMIT ?",
+            (now_ns, limit),
+        ).fetchall()
+        return [session_id for (session_id,) in rows]
 
     return read
 
@@ -791,6 +822,9 @@ class SqlReads:
 
     async def next_deadline(self, after_ns: int) -> int | None:
         return await self._read(next_deadline(after_ns))
+
+    async def due_sessions(self, now_ns: int, limit: int) -> Sequence[str]:
+        return await self._read(due_sessions(now_ns, limit))
 
     async def definition(self, task_id: str, definition_version: int) -> Task | None:
         return await self._read(

@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 from storage.base import SessionTasks, StoredSession, WriteTransaction
-from task_manager import lifecycle, statuses
+from task_manager import lifecycle, liveness, statuses
 from task_manager.clock import timestamp
 from task_manager.errors import (
     FailedPrecondition,
@@ -76,7 +77,13 @@ def submit(
         )
         if author is not None:
             session.created_by.CopyFrom(author)
-        if not tx.insert_session(StoredSession(session, digest, task_ids)):
+        deadline_ns = None
+        if submission.HasField("timeout"):
+            session.timeout.CopyFrom(submission.timeout)
+            deadline_ns = now_ns + submission.timeout.ToNanoseconds()
+            session.deadline.CopyFrom(timestamp(deadline_ns))
+        stored = StoredSession(session, digest, task_ids, deadline_ns=deadline_ns)
+        if not tx.insert_session(stored):
             raise SessionIdTaken(session_id)  # not expected: loaded as free just now
         for position, (request, task_id) in enumerate(zip(submission.tasks, task_ids, strict=True)):
             task_request = pb.CreateTaskRequest()
@@ -106,17 +113,41 @@ def cancel(
         raise SessionNotFound(session_id)
     if stored.cancelled_ns is not None:
         return
-    loaded = [(task_id, tx.load(task_id)) for task_id in stored.task_ids]
-    unfinished = [
-        task_id
-        for task_id, task in loaded
-        if task is not None and task.task.status.status not in statuses.TERMINAL
-    ]
+    if stored.timed_out_ns is not None:
+        raise FailedPrecondition(f"session {session_id} timed out; its tasks were cancelled")
+    unfinished = _unfinished(tx, stored)
     if not unfinished:
         raise FailedPrecondition(f"session {session_id} has finished; nothing to cancel")
     for task_id in unfinished:
         lifecycle.cancel_task(tx, task_id, author, reason or "session cancelled", now_ns)
-    tx.cancel_session(session_id, now_ns)
+    tx.update_session(replace(stored, cancelled_ns=now_ns, deadline_ns=None))
+
+
+def expire(tx: WriteTransaction, session_id: str, now_ns: int) -> bool:
+    """Acts on a session whose deadline has come: its unfinished tasks are cancelled and
+    it is timed out (FAILED); a finished or cancelled one just drops its deadline. True
+    if it timed out. A session another replica is acting on right now is left to it."""
+    stored = tx.claim_session(session_id)
+    if stored is None or stored.deadline_ns is None or stored.deadline_ns > now_ns:
+        return False
+    unfinished = _unfinished(tx, stored)
+    if not unfinished or stored.cancelled_ns is not None:
+        tx.update_session(replace(stored, deadline_ns=None))
+        return False
+    reason = f"the session's timeout ({liveness.seconds(stored.session.timeout)}) passed"
+    for task_id in unfinished:
+        lifecycle.cancel_task(tx, task_id, lifecycle.MANAGER, reason, now_ns)
+    tx.update_session(replace(stored, deadline_ns=None, timed_out_ns=now_ns))
+    return True
+
+
+def _unfinished(tx: WriteTransaction, stored: StoredSession) -> list[str]:
+    found = ((task_id, tx.load(task_id)) for task_id in stored.task_ids)
+    return [
+        task_id
+        for task_id, task in found
+        if task is not None and task.task.status.status not in statuses.TERMINAL
+    ]
 
 
 def view(stored: StoredSession, tasks: SessionTasks) -> Session:
@@ -128,9 +159,14 @@ def view(stored: StoredSession, tasks: SessionTasks) -> Session:
             StatusCount(status=pb.Status.ValueType(status), count=tasks.counts[status])
         )
     session.state = state(stored, tasks)
+    session.timed_out = stored.timed_out_ns is not None
+    if stored.deadline_ns is None:
+        session.ClearField("deadline")
     finished = all(status in statuses.TERMINAL for status in tasks.counts)
     if stored.cancelled_ns is not None:
         session.end_time.CopyFrom(timestamp(stored.cancelled_ns))
+    elif stored.timed_out_ns is not None:
+        session.end_time.CopyFrom(timestamp(stored.timed_out_ns))
     elif finished and tasks.counts:
         session.end_time.CopyFrom(timestamp(tasks.newest_update_ns))
     return session
@@ -139,6 +175,8 @@ def view(stored: StoredSession, tasks: SessionTasks) -> Session:
 def state(stored: StoredSession, tasks: SessionTasks) -> SessionState.ValueType:
     if stored.cancelled_ns is not None:
         return SessionState.SESSION_STATE_CANCELLED
+    if stored.timed_out_ns is not None:
+        return SessionState.SESSION_STATE_FAILED
     present = set(tasks.counts)
     if present <= statuses.TERMINAL:
         if present <= {pb.STATUS_DONE_OK}:

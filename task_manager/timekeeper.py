@@ -17,7 +17,7 @@ import logging
 from collections.abc import Sequence
 
 from storage.base import Change, ConcurrentModification, Store
-from task_manager import lifecycle
+from task_manager import lifecycle, sessions
 from task_manager.clock import Clock
 from task_manager.presence import Presence
 from task_manager.v1.task_manager_pb2 import Task
@@ -73,6 +73,7 @@ class Timekeeper:
             held = {task_id: at for task_id, at in held.items() if task_id in due_ids}
             work = [task_id for task_id, _ in due if held.get(task_id, 0) <= now_ns]
             await self._fire(work, now_ns, held)
+            await self._expire_sessions(now_ns)
             await self._end_lost_attempts(now_ns)
             if len(due) == BATCH and work:
                 continue  # more may be due
@@ -96,6 +97,22 @@ class Timekeeper:
         self._wake.set()  # the clock may have moved without reaching a timer of ours
         async with self._scanned:
             await self._scanned.wait_for(lambda: self._scanned_ns >= at_ns)
+
+    async def _expire_sessions(self, now_ns: int) -> None:
+        """Acts on the sessions whose timeout has come (task_manager/sessions.py)."""
+        due = await self._store.due_sessions(now_ns, BATCH)
+
+        def expire(session_id: str) -> asyncio.Future[bool]:
+            return self._store.submit(lambda tx: sessions.expire(tx, session_id, now_ns))
+
+        outcomes = await asyncio.gather(*map(expire, due), return_exceptions=True)
+        for session_id, outcome in zip(due, outcomes, strict=True):
+            if isinstance(outcome, ConcurrentModification):
+                continue  # a task of it changed meanwhile: the next round tries again
+            if isinstance(outcome, BaseException):
+                log.error("session %s could not time out", session_id, exc_info=outcome)
+            elif outcome:
+                self.fired += 1
 
     async def _end_lost_attempts(self, now_ns: int) -> None:
         """Ends the attempts whose agent has been LOST for their lost_agent_timeout."""

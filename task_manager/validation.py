@@ -133,6 +133,10 @@ def check_submit_sessions(request: SubmitSessionsRequest, limits: FieldLimits) -
                 )
             session_ids[session.session_id] = index
         _max_chars(session.display_name, limits.display_name_chars, f"{where}.display_name")
+        if session.HasField("timeout"):
+            _duration(session.timeout, f"{where}.timeout")
+            if session.timeout.ToNanoseconds() == 0:
+                raise InvalidArgument(f"{where}.timeout", "must be more than 0 (or unset)")
         if not session.tasks:
             raise InvalidArgument(f"{where}.tasks", "is empty: a session has at least one task")
         for position, task in enumerate(session.tasks):

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
+from task_manager.clock import ManualClock
 from task_manager.v1 import task_manager_pb2 as pb
 from tests.helpers import AsyncStub, create_request, status_update
+from tests.test_liveness import Harness
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
 State = pb.SessionState
 
 
-def session(*tasks: pb.CreateTaskRequest, session_id: str = "") -> pb.SessionSubmission:
-    return pb.SessionSubmission(session_id=session_id, tasks=tasks, display_name="survey")
+def session(
+    *tasks: pb.CreateTaskRequest, session_id: str = "", timeout_s: int | None = None
+) -> pb.SessionSubmission:
+    submission = pb.SessionSubmission(session_id=session_id, tasks=tasks, display_name="survey")
+    if timeout_s is not None:
+        submission.timeout.CopyFrom(Duration(seconds=timeout_s))
+    return submission
 
 
 def tasks(count: int, prefix: str = "", entity_id: str = "agent-1") -> list[pb.CreateTaskRequest]:
@@ -177,6 +187,58 @@ async def test_watching_a_session_sees_only_its_tasks(stub: AsyncStub) -> None:
     assert sorted(seen) == sorted(submitted.task_ids)
 
 
+@pytest.fixture
+async def harness(database: str) -> AsyncIterator[Harness]:
+    running = await Harness(database, ManualClock()).start()
+    yield running
+    await running.stop()
+
+
+async def test_a_session_whose_timeout_passes_is_failed_and_its_tasks_cancelled(
+    harness: Harness,
+) -> None:
+    stub = harness.stub
+    unassigned = create_request(None)
+    (submitted,) = await submit(stub, session(*tasks(3), unassigned, timeout_s=60))
+    done, executing, sent, never_sent = await session_tasks(stub, submitted.session_id)
+    await walk(stub, done, S.STATUS_EXECUTING, S.STATUS_DONE_OK)
+    await walk(stub, executing, S.STATUS_EXECUTING)
+    pending = await get_session(stub, submitted.session_id)
+    assert pending.deadline.ToNanoseconds() == pending.create_time.ToNanoseconds() + 60 * 10**9
+    harness.clock.advance(59)
+    await harness.settled()
+    assert (await get_session(stub, submitted.session_id)).state == State.SESSION_STATE_RUNNING
+    harness.clock.advance(1)
+    await harness.settled()
+
+    failed = await get_session(stub, submitted.session_id)
+    assert failed.state == State.SESSION_STATE_FAILED and failed.timed_out
+    assert failed.end_time.ToNanoseconds() == harness.clock.now_ns()
+    assert not failed.HasField("deadline")
+    after = {task.version.task_id: task for task in await session_tasks(stub, submitted.session_id)}
+    assert after[done.version.task_id].status.status == S.STATUS_DONE_OK
+    assert after[executing.version.task_id].status.status == S.STATUS_CANCEL_REQUESTED
+    assert after[sent.version.task_id].status.status == S.STATUS_CANCEL_REQUESTED
+    ended = after[never_sent.version.task_id].status
+    assert ended.status == S.STATUS_DONE_NOT_OK
+    assert ended.task_error.message == "the session's timeout (60 s) passed"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.CancelSession(pb.CancelSessionRequest(session_id=submitted.session_id))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_session_finished_before_its_timeout_stays_completed(harness: Harness) -> None:
+    stub = harness.stub
+    (submitted,) = await submit(stub, session(*tasks(1), timeout_s=60))
+    (task,) = await session_tasks(stub, submitted.session_id)
+    await walk(stub, task, S.STATUS_EXECUTING, S.STATUS_DONE_OK)
+    harness.clock.advance(61)
+    await harness.settled()
+    completed = await get_session(stub, submitted.session_id)
+    assert completed.state == State.SESSION_STATE_COMPLETED and not completed.timed_out
+    assert not completed.HasField("deadline")  # acted on: the timekeeper forgets it
+
+
 LIMIT = 10_000
 
 
@@ -213,6 +275,10 @@ LIMIT = 10_000
             "sessions[0].session_id: ",
         ),
         (
+            pb.SubmitSessionsRequest(sessions=[session(create_request(), timeout_s=0)]),
+            "sessions[0].timeout: must be more than 0",
+        ),
+        (
             pb.SubmitSessionsRequest(
                 sessions=[session(*[pb.CreateTaskRequest()] * (LIMIT // 2 + 1))] * 2
             ),
@@ -226,6 +292,7 @@ LIMIT = 10_000
         "duplicate session id",
         "bad task field",
         "bad session id",
+        "zero timeout",
         "too many tasks",
     ],
 )

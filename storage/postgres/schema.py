@@ -113,6 +113,11 @@ MIGRATIONS: Sequence[str] = (
         cancelled_ns BIGINT
     );
     """,
+    # A session's timeout is a stored deadline, as a task's (task_manager/sessions.py).
+    """
+    ALTER TABLE sessions ADD COLUMN deadline_ns BIGINT, ADD COLUMN timed_out_ns BIGINT;
+    CREATE INDEX sessions_by_deadline ON sessions (deadline_ns) WHERE deadline_ns IS NOT NULL;
+    """,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (table schema_version)."""
 

@@ -168,6 +168,14 @@ def _migrate_to_12(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_13(db: sqlite_utils.Database) -> None:
+    # A session's timeout is a stored deadline, as a task's (task_manager/sessions.py).
+    sessions = db.table("sessions")
+    sessions.add_column("deadline_ns", int)
+    sessions.add_column("timed_out_ns", int)
+    sessions.create_index(["deadline_ns"])
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -181,6 +189,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_10,
     _migrate_to_11,
     _migrate_to_12,
+    _migrate_to_13,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 

@@ -197,7 +197,7 @@ class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionS
     SESSION_STATE_COMPLETED: _SessionState.ValueType  # 3
     """Every task finished at STATUS_DONE_OK."""
     SESSION_STATE_FAILED: _SessionState.ValueType  # 4
-    """Every task finished, and some not at STATUS_DONE_OK."""
+    """Every task finished, and some not at STATUS_DONE_OK; or the timeout passed first."""
     SESSION_STATE_CANCELLED: _SessionState.ValueType  # 5
     """CancelSession was called (its tasks may still be finishing)."""
 
@@ -211,7 +211,7 @@ SESSION_STATE_RUNNING: SessionState.ValueType  # 2
 SESSION_STATE_COMPLETED: SessionState.ValueType  # 3
 """Every task finished at STATUS_DONE_OK."""
 SESSION_STATE_FAILED: SessionState.ValueType  # 4
-"""Every task finished, and some not at STATUS_DONE_OK."""
+"""Every task finished, and some not at STATUS_DONE_OK; or the timeout passed first."""
 SESSION_STATE_CANCELLED: SessionState.ValueType  # 5
 """CancelSession was called (its tasks may still be finishing)."""
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
@@ -1987,6 +1987,7 @@ class SessionSubmission(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Optional; [A-Za-z0-9_.-]{5,36}. A random UUID is used when empty. Supply one to make
     a retried submission safe.
@@ -1999,16 +2000,23 @@ class SessionSubmission(_message.Message):
         task's relations may not name a session of their own.
         """
 
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Optional: if the session has unfinished tasks this long after it was submitted,
+        they are cancelled (as CancelTask each) and the session is FAILED (timed_out).
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         tasks: _abc.Iterable[Global___CreateTaskRequest] | None = ...,
         display_name: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "session_id", b"session_id", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "session_id", b"session_id", "tasks", b"tasks", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2127,10 +2135,15 @@ class Session(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     display_name: _builtins.str
     state: Global___SessionState.ValueType
     task_count: _builtins.int
+    timed_out: _builtins.bool
+    """The timeout passed with tasks unfinished: they were cancelled, the session FAILED."""
     @_builtins.property
     def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatusCount]:
         """The tasks by current status, statuses in enum order, only those with tasks."""
@@ -2141,7 +2154,15 @@ class Session(_message.Message):
     def created_by(self) -> Global___Principal: ...
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """When the session was cancelled (CANCELLED), or its last task finished."""
+        """When the session was cancelled (CANCELLED), timed out, or its last task finished."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """As submitted; unset: none."""
+
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """create_time + timeout, while it is pending."""
 
     def __init__(
         self,
@@ -2154,10 +2175,13 @@ class Session(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: Global___Principal | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        timed_out: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "end_time", b"end_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "deadline", b"deadline", "end_time", b"end_time", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "create_time", b"create_time", "created_by", b"created_by", "display_name", b"display_name", "end_time", b"end_time", "session_id", b"session_id", "state", b"state", "task_count", b"task_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "create_time", b"create_time", "created_by", b"created_by", "deadline", b"deadline", "display_name", b"display_name", "end_time", b"end_time", "session_id", b"session_id", "state", b"state", "task_count", b"task_count", "timed_out", b"timed_out", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
