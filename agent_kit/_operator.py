@@ -31,6 +31,7 @@ import anyio
 import anyio.from_thread
 import grpc
 from anyio.from_thread import BlockingPortal
+from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import Message
 
 from agent_kit._any import packed
@@ -38,6 +39,10 @@ from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, ClientAuth, open_channel, open_stub
 from task_manager.statuses import TERMINAL
 from task_manager.v1 import task_manager_pb2 as pb
+
+SESSION_GOING = frozenset({pb.SESSION_STATE_PENDING, pb.SESSION_STATE_RUNNING})
+SESSION_ENDING = TERMINAL | {pb.STATUS_CANCEL_REQUESTED}
+"""A task's statuses after which its session may have ended (wait_session reads it)."""
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -154,7 +159,7 @@ class OperatorClient:
     async def close(self) -> None:
         await self._channel.close(None)
 
-    async def create_task(
+    def task_request(
         self,
         *,
         assignee_entity_id: str | None = None,
@@ -167,9 +172,10 @@ class OperatorClient:
         is_executed_elsewhere: bool = False,
         policy: TaskPolicy | None = None,
         scheduled_time: datetime | None = None,
-    ) -> pb.Task:
-        """Creates a task, sent at once to its assignee: the agent assignee_entity_id, or
-        one member at a time of the pool assignee_pool. A task with neither is never sent
+    ) -> pb.CreateTaskRequest:
+        """The CreateTaskRequest create_task sends (for submit_session): a task sent at
+        once to its assignee: the agent assignee_entity_id, or one member at a time of
+        the pool assignee_pool. A task with neither is never sent
         (unless is_executed_elsewhere, it just records work). A scheduled_time (timezone-
         aware) in the future holds it at SCHEDULED_IN_MANAGER until then. Raises
         ValueError for arguments that cannot be sent; the server's refusals as
@@ -195,6 +201,36 @@ class OperatorClient:
             request.scheduled_time.FromDatetime(_aware(scheduled_time, "scheduled_time"))
         if self.author is not None:
             request.author.CopyFrom(self.author)
+        return request
+
+    async def create_task(
+        self,
+        *,
+        assignee_entity_id: str | None = None,
+        assignee_pool: str | None = None,
+        specification: Message | None = None,
+        display_name: str = "",
+        description: str = "",
+        task_id: str = "",
+        parent_task_id: str = "",
+        is_executed_elsewhere: bool = False,
+        policy: TaskPolicy | None = None,
+        scheduled_time: datetime | None = None,
+    ) -> pb.Task:
+        """Creates a task (the arguments as task_request's). A task_id given makes the
+        call safe to repeat: the same request again answers the task, already there."""
+        request = self.task_request(
+            assignee_entity_id=assignee_entity_id,
+            assignee_pool=assignee_pool,
+            specification=specification,
+            display_name=display_name,
+            description=description,
+            task_id=task_id,
+            parent_task_id=parent_task_id,
+            is_executed_elsewhere=is_executed_elsewhere,
+            policy=policy,
+            scheduled_time=scheduled_time,
+        )
         return (await self._stub.CreateTask(request)).task
 
     async def update_task(
@@ -226,6 +262,69 @@ class OperatorClient:
                 raise DefinitionConflict(error, task_id, definition_version) from None
             raise
 
+    async def submit_session(
+        self,
+        tasks: Iterable[pb.CreateTaskRequest],
+        *,
+        session_id: str = "",
+        display_name: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109  (the session's, kept by the server)
+    ) -> pb.SubmittedSession:
+        """Stores the tasks (made with task_request) as one session, all or none. With a
+        timeout (seconds), the tasks still unfinished then are cancelled and the session
+        FAILED. A session_id given makes the call safe to repeat."""
+        submission = pb.SessionSubmission(
+            session_id=session_id, tasks=list(tasks), display_name=display_name
+        )
+        if timeout is not None:
+            submission.timeout.FromNanoseconds(round(timeout * 1e9))
+        request = pb.SubmitSessionsRequest(sessions=[submission], author=self.author)
+        return (await self._stub.SubmitSessions(request)).sessions[0]
+
+    async def get_session(self, session_id: str) -> pb.Session:
+        return (await self._stub.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+
+    async def cancel_session(self, session_id: str, reason: str = "") -> pb.Session:
+        request = pb.CancelSessionRequest(session_id=session_id, reason=reason, author=self.author)
+        return (await self._stub.CancelSession(request)).session
+
+    async def wait_session(self, session_id: str, timeout: float | None = None) -> pb.Session:  # noqa: ASYNC109
+        """Returns the session once it is over (COMPLETED, FAILED or CANCELLED), woken
+        by its tasks' changes, not by polling. Raises WaitTimeout after timeout seconds;
+        the session goes on regardless."""
+        try:
+            with anyio.fail_after(timeout):
+                return await self._wait_session(session_id)
+        except TimeoutError as error:
+            raise WaitTimeout(f"session {session_id} did not end within {timeout} s") from error
+
+    async def _wait_session(self, session_id: str) -> pb.Session:
+        session = await self.get_session(session_id)
+        if session.state not in SESSION_GOING:
+            return session
+        request = pb.WatchTasksRequest(
+            filter=pb.WatchFilter(session_id=session_id), include_preexisting=True
+        )
+        async for response in self._watch_responses(request):
+            # A session ends by a task finishing or being asked to cancel (CancelSession,
+            # its timeout), or before the snapshot's end (its heartbeat): read it then.
+            status = response.event.task.status.status
+            if response.HasField("event") and status not in SESSION_ENDING:
+                continue
+            session = await self.get_session(session_id)
+            if session.state not in SESSION_GOING:
+                return session
+        raise AssertionError("unreachable: the watch never ends")  # pragma: no cover
+
+    async def session_results(self, session_id: str) -> dict[str, AnyMessage | None]:
+        """Each task of the session by id: the result its successful attempt reported
+        (DONE_OK), or None for a task that did not succeed (or reported no result)."""
+        results: dict[str, AnyMessage | None] = {}
+        async for task in self.query_tasks(session_id=session_id):
+            succeeded = task.status.status == pb.STATUS_DONE_OK and task.status.HasField("result")
+            results[task.version.task_id] = task.status.result if succeeded else None
+        return results
+
     async def list_agents(self, entity_ids: Iterable[str] = ()) -> list[pb.AgentPresence]:
         """Every agent that ever listened (or only these), by entity id: whether it is
         connected, its open streams, when it was last seen, its tasks in flight."""
@@ -251,10 +350,12 @@ class OperatorClient:
         updated_before: datetime | None = None,
         agent_view: bool = False,
         page_size: int = 100,
+        session_id: str = "",
     ) -> AsyncIterator[pb.Task]:
         """Every matching task, oldest first, fetching pages as it goes."""
         request = Q(
             parent_task_id=parent_task_id,
+            session_id=session_id,
             view=pb.TASK_VIEW_AGENT if agent_view else pb.TASK_VIEW_MANAGER,
             page_size=page_size,
             status_filter=Q.StatusFilter(
@@ -487,6 +588,7 @@ class SyncOperatorClient:
         updated_before: datetime | None = None,
         agent_view: bool = False,
         page_size: int = 100,
+        session_id: str = "",
     ) -> list[pb.Task]:
         """Every matching task (all pages), oldest first; as OperatorClient.query_tasks."""
 
@@ -499,6 +601,7 @@ class SyncOperatorClient:
                 updated_before=updated_before,
                 agent_view=agent_view,
                 page_size=page_size,
+                session_id=session_id,
             )
             return [task async for task in tasks]
 
@@ -538,6 +641,40 @@ class SyncOperatorClient:
 
     def wait(self, task_id: str, timeout: float | None = None) -> pb.Task:
         return self._call(self._client.wait, task_id, timeout)
+
+    @property
+    def task_request(self) -> Callable[..., pb.CreateTaskRequest]:
+        """As OperatorClient.task_request (it sends nothing)."""
+        return self._client.task_request
+
+    def submit_session(
+        self,
+        tasks: Iterable[pb.CreateTaskRequest],
+        *,
+        session_id: str = "",
+        display_name: str = "",
+        timeout: float | None = None,
+    ) -> pb.SubmittedSession:
+        """As OperatorClient.submit_session."""
+        return self._call(
+            self._client.submit_session,
+            list(tasks),
+            session_id=session_id,
+            display_name=display_name,
+            timeout=timeout,
+        )
+
+    def get_session(self, session_id: str) -> pb.Session:
+        return self._call(self._client.get_session, session_id)
+
+    def cancel_session(self, session_id: str, reason: str = "") -> pb.Session:
+        return self._call(self._client.cancel_session, session_id, reason)
+
+    def wait_session(self, session_id: str, timeout: float | None = None) -> pb.Session:
+        return self._call(self._client.wait_session, session_id, timeout)
+
+    def session_results(self, session_id: str) -> dict[str, AnyMessage | None]:
+        return self._call(self._client.session_results, session_id)
 
     def watch(
         self,

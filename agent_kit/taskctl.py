@@ -1,14 +1,15 @@
 """`taskctl`: the Task Manager from the command line.
 
     taskctl [--target HOST[:PORT]] create|get|list|history|update|cancel|complete|watch|wait|agents
+    taskctl session submit|get|wait|cancel
 
 The target defaults to TASK_MANAGER_TARGET or 127.0.0.1:50051 (a host alone means port
-50051). Exit codes: 0 done; 1 the waited-for task finished DONE_NOT_OK; 2 bad command
-line; 3 not found; 4 timed out; 5 server unavailable; 6 refused (invalid, conflict,
-finished task); 7 denied (no or bad credentials, or not allowed); 8 unexpected error
-(a bug: the message says what); 130 interrupted (Ctrl+C); 141 the reader of the output
-went away; 143 terminated (SIGTERM). Credentials: --token or TASK_MANAGER_TOKEN; TLS: --tls-ca (and
---tls-cert/--tls-key for mutual TLS).
+50051). Exit codes: 0 done; 1 the waited-for task finished DONE_NOT_OK (a session: did
+not complete); 2 bad command line; 3 not found; 4 timed out; 5 server unavailable; 6
+refused (invalid, conflict, finished task); 7 denied (no or bad credentials, or not
+allowed); 8 unexpected error (a bug: the message says what); 130 interrupted (Ctrl+C);
+141 the reader of the output went away; 143 terminated (SIGTERM). Credentials: --token
+or TASK_MANAGER_TOKEN; TLS: --tls-ca (and --tls-cert/--tls-key for mutual TLS).
 """
 
 from __future__ import annotations
@@ -204,6 +205,70 @@ def policy_of(args: argparse.Namespace) -> TaskPolicy | None:
         max_retry_backoff=args.max_retry_backoff,
     )
     return None if policy == TaskPolicy() else policy
+
+
+def cmd_session_submit(client: SyncOperatorClient, args: argparse.Namespace) -> int:
+    if args.count == 0:
+        raise SystemExit("taskctl: --count must be at least 1")
+    requests = [
+        client.task_request(
+            assignee_entity_id=args.assignee,
+            assignee_pool=args.pool,
+            specification=args.spec,
+            display_name=args.name.replace("{n}", str(n)),
+            description=args.description,
+            task_id=args.task_id.replace("{n}", str(n)),
+            parent_task_id=args.parent,
+            is_executed_elsewhere=args.executed_elsewhere,
+            policy=policy_of(args),
+            scheduled_time=args.scheduled_time,
+        )
+        for n in range(1, args.count + 1)
+    ]
+    submitted = client.submit_session(
+        requests, session_id=args.session_id, display_name=args.session_name, timeout=args.timeout
+    )
+    if args.json:
+        print(json.dumps(to_json(submitted), indent=2))
+    else:
+        again = " (already submitted: nothing new)" if submitted.already_existed else ""
+        print(f"session {submitted.session_id}: {len(submitted.task_ids)} tasks{again}")
+        for task_id in submitted.task_ids:
+            print(task_id)
+    return EXIT_OK
+
+
+def session_line(session: pb.Session) -> str:
+    state = pb.SessionState.Name(session.state).removeprefix("SESSION_STATE_")
+    counted = ", ".join(f"{c.count} {status_name(c.status)}" for c in session.counts)
+    timed_out = ", timed out" if session.timed_out else ""
+    return (
+        f"session {session.session_id}: {state}{timed_out} ({session.task_count} tasks: {counted})"
+    )
+
+
+def show_session(session: pb.Session, json_out: bool) -> None:
+    print(json.dumps(to_json(session), indent=2) if json_out else session_line(session))
+
+
+def cmd_session_get(client: SyncOperatorClient, args: argparse.Namespace) -> int:
+    show_session(client.get_session(args.session_id), args.json)
+    return EXIT_OK
+
+
+def cmd_session_cancel(client: SyncOperatorClient, args: argparse.Namespace) -> int:
+    show_session(client.cancel_session(args.session_id, args.reason), args.json)
+    return EXIT_OK
+
+
+def cmd_session_wait(client: SyncOperatorClient, args: argparse.Namespace) -> int:
+    try:
+        session = client.wait_session(args.session_id, timeout=args.timeout)
+    except WaitTimeout as timeout:
+        print(f"taskctl: {timeout}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    show_session(session, args.json)
+    return EXIT_OK if session.state == pb.SESSION_STATE_COMPLETED else EXIT_NOT_OK
 
 
 def cmd_get(client: SyncOperatorClient, args: argparse.Namespace) -> int:
@@ -487,7 +552,45 @@ def _parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=seconds, default=None, help="seconds")
     agents = command("agents", cmd_agents, "every agent that ever listened, connected or not")
     agents.add_argument("entity_id", nargs="*", help="only these")
+    _session_parser(commands)
     return parser
+
+
+def _session_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    help_text = "sessions: many tasks submitted at once and followed as one"
+    session = commands.add_parser("session", help=help_text, description=help_text)
+    actions = session.add_subparsers(dest="session_command", required=True)
+
+    def action(name: str, run: Callable[..., int], text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=text, description=text)
+        sub.set_defaults(run=run)
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        return sub
+
+    submit = action(
+        "submit",
+        cmd_session_submit,
+        "submit COUNT tasks alike (the options of create; {n} in --name is the task's"
+        " number), all stored or none",
+    )
+    _create_parser(submit)
+    submit.add_argument("--count", type=count, default=1, help="how many tasks (default 1)")
+    submit.add_argument("--session-id", default="", help="your own id: a retry is then safe")
+    submit.add_argument("--session-name", default="", help="the session's display name")
+    submit.add_argument(
+        "--timeout", type=seconds, default=None, help="seconds: unfinished tasks then cancelled"
+    )
+    for name, run, text in (
+        ("get", cmd_session_get, "a session's state and its tasks counted by status"),
+        ("cancel", cmd_session_cancel, "cancel a session's unfinished tasks"),
+        ("wait", cmd_session_wait, "wait until a session ends (exit 0 COMPLETED, 1 otherwise)"),
+    ):
+        sub = action(name, run, text)
+        sub.add_argument("session_id")
+        if name == "cancel":
+            sub.add_argument("--reason", default="")
+        if name == "wait":
+            sub.add_argument("--timeout", type=seconds, default=None, help="seconds")
 
 
 def _create_parser(create: argparse.ArgumentParser) -> None:
@@ -583,7 +686,7 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     for path in (args.tls_ca, args.tls_cert, args.tls_key):
         if path is not None and not os.access(path, os.R_OK):
             parser.error(f"cannot read {path}")
-    if args.command == "create":
+    if args.command == "create" or getattr(args, "session_command", None) == "submit":
         unassigned = not (args.assignee or args.pool or args.executed_elsewhere)
         if unassigned and not args.unassigned:
             parser.error(

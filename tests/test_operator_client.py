@@ -175,7 +175,20 @@ async def test_list_agents_shows_a_listening_agent(client: OperatorClient, stub:
 
 @pytest.mark.parametrize(
     "method",
-    ["create_task", "get_task", "query_tasks", "update_task", "list_agents", "watch", "wait"],
+    [
+        "create_task",
+        "get_task",
+        "query_tasks",
+        "update_task",
+        "list_agents",
+        "watch",
+        "wait",
+        "submit_session",
+        "get_session",
+        "cancel_session",
+        "wait_session",
+        "session_results",
+    ],
 )
 def test_the_sync_client_takes_exactly_the_async_clients_arguments(method: str) -> None:
     def parameters(cls: type[object]) -> list[tuple[str, object, object, object]]:
@@ -207,3 +220,73 @@ def test_the_sync_client_reaches_the_same_features(database: str) -> None:
             assert client.list_agents() == []
     finally:
         assert server.terminate() == 0
+
+
+# -- sessions -------------------------------------------------------------------------------
+
+
+async def report(
+    stub: AsyncStub, task: pb.Task, status: pb.Status.ValueType, **fields: object
+) -> pb.Task:
+    update = pb.StatusUpdate(
+        version=pb.TaskVersion(
+            task_id=task.version.task_id, status_version=task.version.status_version
+        ),
+        status=pb.TaskStatus(status=status, **fields),  # type: ignore[arg-type]
+    )
+    return (await stub.UpdateStatus(pb.UpdateStatusRequest(status_update=update))).task
+
+
+@pytest.mark.anyio
+async def test_a_submitted_session_is_waited_for_and_its_results_read(
+    client: OperatorClient, stub: AsyncStub
+) -> None:
+    requests = [
+        client.task_request(assignee_entity_id="drone-1", display_name=f"leg {n}") for n in range(3)
+    ]
+    submitted = await client.submit_session(requests, display_name="survey")
+    tasks = [task async for task in client.query_tasks(session_id=submitted.session_id)]
+    assert [task.version.task_id for task in tasks] == list(submitted.task_ids)
+
+    async def walk_all() -> None:
+        for n, task in enumerate(tasks):
+            executing = await report(stub, task, S.STATUS_EXECUTING)
+            result = pb.TaskStatus().result
+            result.Pack(StringValue(value=f"leg {n} mapped"))
+            await report(stub, executing, S.STATUS_DONE_OK, result=result)
+
+    async with anyio.create_task_group() as group:
+        waited: list[pb.Session] = []
+
+        async def wait() -> None:
+            waited.append(await client.wait_session(submitted.session_id, timeout=WAIT_S))
+
+        group.start_soon(wait)
+        await walk_all()
+    (session,) = waited
+    assert session.state == pb.SESSION_STATE_COMPLETED
+    results = await client.session_results(submitted.session_id)
+    assert list(results) == list(submitted.task_ids)
+    unpacked = []
+    for found in results.values():
+        assert found is not None
+        value = StringValue()
+        found.Unpack(value)
+        unpacked.append(value.value)
+    assert unpacked == ["leg 0 mapped", "leg 1 mapped", "leg 2 mapped"]
+
+
+def test_the_sync_client_waits_for_a_session_that_times_out(database: str) -> None:
+    server = ServerProcess(database).start()
+    try:
+        with SyncOperatorClient(server.address) as client:
+            unreceived = client.task_request(assignee_entity_id="nobody-listens")
+            submitted = client.submit_session([unreceived, unreceived], timeout=0.5)
+            session = client.wait_session(submitted.session_id, timeout=WAIT_S)
+            assert session.state == pb.SESSION_STATE_FAILED and session.timed_out
+            assert client.session_results(submitted.session_id) == {
+                task_id: None for task_id in submitted.task_ids
+            }
+            assert client.get_session(submitted.session_id) == session
+    finally:
+        server.terminate()

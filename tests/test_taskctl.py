@@ -591,3 +591,32 @@ def test_a_reader_that_stops_early_is_no_error(server: ServerProcess) -> None:
     _, stderr = reader.communicate(timeout=60)
     assert "Traceback" not in stderr
     assert reader.returncode == 141  # as if ended by SIGPIPE, the shells' convention
+
+
+def test_a_session_submitted_waited_for_and_cancelled(server: ServerProcess, walker: str) -> None:
+    submit = ("session", "submit", "--count", "3", "--assignee", walker, "--name", "leg {n}")
+    submitted = taskctl(server, *submit, "--session-id", "ctl-session-1", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    task_ids = json.loads(submitted.stdout)["task_ids"]
+    assert len(task_ids) == 3
+    waited = taskctl(server, "session", "wait", "ctl-session-1", "--timeout", "60")
+    assert waited.returncode == 0, waited.stderr
+    assert waited.stdout.strip() == "session ctl-session-1: COMPLETED (3 tasks: 3 DONE_OK)"
+    names = [as_tasks(taskctl(server, "get", task_id, "--json"))[0] for task_id in task_ids]
+    assert [task["display_name"] for task in names] == ["leg 1", "leg 2", "leg 3"]
+    again = taskctl(server, *submit, "--session-id", "ctl-session-1")
+    assert again.returncode == 0, again.stderr
+    assert "already submitted: nothing new" in again.stdout
+
+    unheard = ("session", "submit", "--count", "2", "--assignee", "drone-none")
+    taskctl(server, *unheard, "--session-id", "ctl-session-2")
+    cancelled = taskctl(server, "session", "cancel", "ctl-session-2", "--reason", "not today")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.startswith("session ctl-session-2: CANCELLED (2 tasks:")
+    assert taskctl(server, "session", "wait", "ctl-session-2").returncode == 1
+    missing = taskctl(server, "session", "get", "ctl-session-9")
+    assert missing.returncode == 3
+    assert "session ctl-session-9 does not exist" in missing.stderr
+    no_assignee = taskctl(server, "session", "submit", "--count", "2")
+    assert no_assignee.returncode == 2
+    assert "no --assignee or --pool" in no_assignee.stderr
