@@ -302,12 +302,16 @@ class OperatorClient:
         session = await self.get_session(session_id)
         if session.state not in SESSION_GOING:
             return session
+        # A session ends with a change of one of its tasks (it finished, or was asked to
+        # cancel by CancelSession or the timeout), read then; or before the snapshot's
+        # end, read at its heartbeat. A cancel that finds every unfinished task already
+        # asked to cancel changes no task: the heartbeats (each second) catch that too.
         request = pb.WatchTasksRequest(
-            filter=pb.WatchFilter(session_id=session_id), include_preexisting=True
+            filter=pb.WatchFilter(session_id=session_id),
+            include_preexisting=True,
+            heartbeat_interval_ms=1_000,
         )
         async for response in self._watch_responses(request):
-            # A session ends by a task finishing or being asked to cancel (CancelSession,
-            # its timeout), or before the snapshot's end (its heartbeat): read it then.
             status = response.event.task.status.status
             if response.HasField("event") and status not in SESSION_ENDING:
                 continue

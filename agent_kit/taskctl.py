@@ -208,8 +208,6 @@ def policy_of(args: argparse.Namespace) -> TaskPolicy | None:
 
 
 def cmd_session_submit(client: SyncOperatorClient, args: argparse.Namespace) -> int:
-    if args.count == 0:
-        raise SystemExit("taskctl: --count must be at least 1")
     requests = [
         client.task_request(
             assignee_entity_id=args.assignee,
@@ -693,6 +691,11 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 "no --assignee or --pool: such a task is never sent to any agent "
                 "(--unassigned creates it anyway)"
             )
+    if getattr(args, "session_command", None) == "submit":
+        if args.count == 0:
+            parser.error("--count must be at least 1")
+        if args.task_id and args.count > 1 and "{n}" not in args.task_id:
+            parser.error("--task-id names one task: put {n} in it for --count tasks")
     if args.command == "update" and (args.name, args.description, args.spec) == (None,) * 3:
         parser.error("update needs at least one of --name, --description, --spec")
 

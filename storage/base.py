@@ -61,6 +61,8 @@ class SessionTasks:
 
     counts: dict[int, int]
     newest_update_ns: int
+    received: int = 0
+    """Tasks whose agent's last report is past SENT: received at some point."""
 
 
 @dataclass(frozen=True, slots=True)

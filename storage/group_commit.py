@@ -195,10 +195,10 @@ class GroupCommitWriter(Generic[Tx]):
             self.commits += 1
             self.writes += len(batch)
         except Exception as exc:  # a StoreError, or a bug: the batch fails, the writer goes on
-            if not isinstance(exc, StoreError):
+            if isinstance(exc, StoreError):
+                log.error("write batch of %d failed: %s", len(batch), exc)
+            else:  # its callers hear the bug itself (INTERNAL), not a retryable error
                 log.exception("write batch of %d failed", len(batch))
-                exc = StoreError(f"the write failed: {exc!r}")
-            log.error("write batch of %d failed: %s", len(batch), exc)
             self._connection.rollback()
             outcomes = [_Outcome(job, error=exc) for job in batch]
             changes = []

@@ -513,15 +513,17 @@ def load_session(session: Session, session_id: str, lock_clause: str = "") -> St
 
 def session_tasks(session: Session, session_id: str) -> SessionTasks:
     counts: dict[int, int] = {}
-    newest_ns = 0
-    for status, count, newest in session.execute(
-        "SELECT status, COUNT(*), MAX(last_update_ns) FROM tasks WHERE session_id = ?"
-        " GROUP BY status",
-        (session_id,),
+    newest_ns = received = 0
+    for status, count, newest, reported in session.execute(
+        "SELECT status, COUNT(*), MAX(last_update_ns),"
+        " SUM(CASE WHEN agent_status IS NULL OR agent_status = ? THEN 0 ELSE 1 END)"
+        " FROM tasks WHERE session_id = ? GROUP BY status",
+        (Status.STATUS_SENT, session_id),
     ):
         counts[status] = count
         newest_ns = max(newest_ns, newest)
-    return SessionTasks(counts=counts, newest_update_ns=newest_ns)
+        received += reported
+    return SessionTasks(counts=counts, newest_update_ns=newest_ns, received=received)
 
 
 def load_definition(session: Session, task_id: str, version: int) -> Task | None:

@@ -39,6 +39,7 @@ class TaskIdTaken(TaskManagerError):
         where = f"{field}: " if field else ""
         super().__init__(f"{where}task_id {task_id} is already taken by another task{detail}")
         self.task_id = task_id
+        self.differing = differing
 
 
 class SessionIdTaken(TaskManagerError):

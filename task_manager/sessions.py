@@ -36,12 +36,23 @@ from task_manager.v1.task_manager_pb2 import (
 )
 
 NOT_RECEIVED = statuses.UNRELEASED | {pb.STATUS_SENT}
-"""The statuses of a task no agent has received yet."""
+"""The statuses of a task no agent holds."""
+GOING = frozenset({SessionState.SESSION_STATE_PENDING, SessionState.SESSION_STATE_RUNNING})
 
 
-def fingerprint(submission: SessionSubmission) -> bytes:
-    """What makes two submissions the same: their content, ids left empty included."""
-    return hashlib.sha256(submission.SerializeToString(deterministic=True)).digest()
+def fingerprint(submission: SessionSubmission, author: Principal | None) -> bytes:
+    """What makes two submissions the same: their content (ids left empty included) and
+    who submitted it. Compared as bytes: a retry is the same request sent again."""
+    digest = hashlib.sha256(submission.SerializeToString(deterministic=True))
+    if author is not None:
+        digest.update(author.SerializeToString(deterministic=True))
+    return digest.digest()
+
+
+def _retried(session_id: str, existing: StoredSession, digest: bytes) -> SubmittedSession:
+    if existing.fingerprint != digest:
+        raise SessionIdTaken(session_id)
+    return SubmittedSession(session_id=session_id, task_ids=existing.task_ids, already_existed=True)
 
 
 def submit(
@@ -57,16 +68,10 @@ def submit(
     answers = []
     for index, submission in enumerate(submissions):
         session_id = submission.session_id or str(uuid.uuid4())
-        digest = fingerprint(submission)
+        digest = fingerprint(submission, author)
         existing = tx.load_session(session_id)
         if existing is not None:
-            if existing.fingerprint != digest:
-                raise SessionIdTaken(session_id)
-            answers.append(
-                SubmittedSession(
-                    session_id=session_id, task_ids=existing.task_ids, already_existed=True
-                )
-            )
+            answers.append(_retried(session_id, existing, digest))
             continue
         task_ids = [task.task_id or str(uuid.uuid4()) for task in submission.tasks]
         session = Session(
@@ -84,7 +89,12 @@ def submit(
             session.deadline.CopyFrom(timestamp(deadline_ns))
         stored = StoredSession(session, digest, task_ids, deadline_ns=deadline_ns)
         if not tx.insert_session(stored):
-            raise SessionIdTaken(session_id)  # not expected: loaded as free just now
+            # Another replica stored it meanwhile (the insert waited for its commit).
+            raced = tx.load_session(session_id)
+            if raced is None:  # not expected: the id was taken, so its row is there
+                raise SessionIdTaken(session_id)
+            answers.append(_retried(session_id, raced, digest))
+            continue
         for position, (request, task_id) in enumerate(zip(submission.tasks, task_ids, strict=True)):
             task_request = pb.CreateTaskRequest()
             task_request.CopyFrom(request)
@@ -96,9 +106,9 @@ def submit(
                 )
             except TaskIdTaken as taken:
                 field = f"sessions[{index}].tasks[{position}].task_id"
-                raise TaskIdTaken(task_id, field=field) from taken
-            if created.existed:  # the same request, outside this session: not its task
-                raise TaskIdTaken(task_id, field=f"sessions[{index}].tasks[{position}].task_id")
+                raise TaskIdTaken(task_id, taken.differing, field) from taken
+            # A task outside this session differs in its session_id: never created.existed.
+            assert not created.existed
         answers.append(SubmittedSession(session_id=session_id, task_ids=task_ids))
     return answers
 
@@ -160,8 +170,8 @@ def view(stored: StoredSession, tasks: SessionTasks) -> Session:
         )
     session.state = state(stored, tasks)
     session.timed_out = stored.timed_out_ns is not None
-    if stored.deadline_ns is None:
-        session.ClearField("deadline")
+    if stored.deadline_ns is None or session.state not in GOING:
+        session.ClearField("deadline")  # nothing left for it to act on
     finished = all(status in statuses.TERMINAL for status in tasks.counts)
     if stored.cancelled_ns is not None:
         session.end_time.CopyFrom(timestamp(stored.cancelled_ns))
@@ -182,6 +192,6 @@ def state(stored: StoredSession, tasks: SessionTasks) -> SessionState.ValueType:
         if present <= {pb.STATUS_DONE_OK}:
             return SessionState.SESSION_STATE_COMPLETED
         return SessionState.SESSION_STATE_FAILED
-    if present <= NOT_RECEIVED:
+    if not tasks.received and present <= NOT_RECEIVED:
         return SessionState.SESSION_STATE_PENDING
     return SessionState.SESSION_STATE_RUNNING

@@ -154,6 +154,36 @@ async def test_a_session_retried_with_its_id_answers_the_same_tasks_and_writes_n
     assert "session_id retried-1 is already taken" in (refused.value.details() or "")
 
 
+async def test_a_session_id_retried_by_another_author_is_already_exists(stub: AsyncStub) -> None:
+    def by(user: str) -> pb.SubmitSessionsRequest:
+        return pb.SubmitSessionsRequest(
+            sessions=[session(*tasks(1, prefix="mine-"), session_id="authored-1")],
+            author=pb.Principal(user=pb.User(user_id=user)),
+        )
+
+    await stub.SubmitSessions(by("op-1"))
+    assert (await stub.SubmitSessions(by("op-1"))).sessions[0].already_existed
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.SubmitSessions(by("op-2"))
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_a_session_whose_received_task_waits_for_a_retry_is_still_running(
+    stub: AsyncStub,
+) -> None:
+    retried = create_request(
+        policy=pb.TaskPolicy(max_attempts=2, retry_backoff=Duration(seconds=600))
+    )
+    (submitted,) = await submit(stub, session(retried))
+    (task,) = await session_tasks(stub, submitted.session_id)
+    failed = pb.TaskError(code=pb.ERROR_CODE_FAILED, message="try later")
+    executing = await walk(stub, task, S.STATUS_EXECUTING)
+    await stub.UpdateStatus(status_update(executing, S.STATUS_DONE_NOT_OK, task_error=failed))
+    waiting = await get_session(stub, submitted.session_id)
+    assert counts(waiting) == {S.STATUS_SCHEDULED_IN_MANAGER: 1}
+    assert waiting.state == State.SESSION_STATE_RUNNING  # received once: never PENDING again
+
+
 async def test_a_session_with_a_taken_task_id_stores_nothing(stub: AsyncStub) -> None:
     await stub.CreateTask(create_request(task_id="taken-00002", display_name="elsewhere"))
     before = (await stub.QueryTasks(pb.QueryTasksRequest())).tasks
@@ -161,7 +191,10 @@ async def test_a_session_with_a_taken_task_id_stores_nothing(stub: AsyncStub) ->
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await submit(stub, session(*tasks(1, prefix="first-")), submission)
     assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert (refused.value.details() or "").startswith("sessions[1].tasks[2].task_id: ")
+    assert refused.value.details() == (
+        "sessions[1].tasks[2].task_id: task_id taken-00002 is already taken by another task"
+        " created with another display_name"
+    )
     # Nothing of either session was stored: not the tasks before the taken one, not the
     # session, not the first session.
     assert (await stub.QueryTasks(pb.QueryTasksRequest())).tasks == before

@@ -617,6 +617,9 @@ def test_a_session_submitted_waited_for_and_cancelled(server: ServerProcess, wal
     missing = taskctl(server, "session", "get", "ctl-session-9")
     assert missing.returncode == 3
     assert "session ctl-session-9 does not exist" in missing.stderr
+    for bad in (("--count", "0"), ("--count", "2", "--task-id", "same-id-1")):
+        refused = taskctl(server, "session", "submit", "--assignee", "drone-1", *bad)
+        assert refused.returncode == 2, refused.stderr
     no_assignee = taskctl(server, "session", "submit", "--count", "2")
     assert no_assignee.returncode == 2
     assert "no --assignee or --pool" in no_assignee.stderr

@@ -117,6 +117,12 @@ MIGRATIONS: Sequence[str] = (
     """
     ALTER TABLE sessions ADD COLUMN deadline_ns BIGINT, ADD COLUMN timed_out_ns BIGINT;
     CREATE INDEX sessions_by_deadline ON sessions (deadline_ns) WHERE deadline_ns IS NOT NULL;
+    -- Only tasks of a session in the session indexes: the others (most, and the hot
+    -- path's) do not update them. By cursor too: QueryTasks pages a session's tasks.
+    DROP INDEX tasks_by_session;
+    CREATE INDEX tasks_of_sessions ON tasks (session_id, status) WHERE session_id IS NOT NULL;
+    CREATE INDEX tasks_of_sessions_in_order ON tasks (session_id, cursor)
+        WHERE session_id IS NOT NULL;
     """,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (table schema_version)."""

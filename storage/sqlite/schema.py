@@ -174,6 +174,16 @@ def _migrate_to_13(db: sqlite_utils.Database) -> None:
     sessions.add_column("deadline_ns", int)
     sessions.add_column("timed_out_ns", int)
     sessions.create_index(["deadline_ns"])
+    # Only tasks of a session in the session indexes: the others (most, and the hot
+    # path's) do not update them. By cursor too: QueryTasks pages a session's tasks.
+    db.execute("DROP INDEX idx_tasks_session_id_status")
+    db.execute(
+        "CREATE INDEX tasks_of_sessions ON tasks (session_id, status) WHERE session_id IS NOT NULL"
+    )
+    db.execute(
+        "CREATE INDEX tasks_of_sessions_in_order ON tasks (session_id, cursor)"
+        " WHERE session_id IS NOT NULL"
+    )
 
 
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
