@@ -306,6 +306,10 @@ class WriteTransaction(Protocol):
         """As load_session; None also if another writer holds it now (as claim)."""
         ...
 
+    def unfinished_session_tasks(self, session_id: str) -> Sequence[str]:
+        """The ids of the session's tasks not yet finished, in creation order."""
+        ...
+
     def update_session(self, stored: StoredSession) -> None:
         """Records what changes of a session: cancelled_ns, deadline_ns, timed_out_ns."""
         ...

@@ -53,6 +53,8 @@ T = TypeVar("T")
 
 WITH_AN_AGENT = ", ".join(str(status) for status in sorted(statuses.WITH_AN_AGENT))
 """The statuses of a task its agent holds, as SQL (they are integers)."""
+FINISHED = ", ".join(str(status) for status in sorted(statuses.TERMINAL))
+"""The statuses of a finished task, as SQL."""
 
 READER_THREADS = 2
 
@@ -242,6 +244,14 @@ class SqlTransaction:
 
     def claim_session(self, session_id: str) -> StoredSession | None:
         return load_session(self._session, session_id, self._claim_clause)
+
+    def unfinished_session_tasks(self, session_id: str) -> list[str]:
+        rows = self._session.execute(
+            f"SELECT task_id FROM tasks WHERE session_id = ? AND status NOT IN ({FINISHED})"
+            " ORDER BY cursor",
+            (session_id,),
+        ).fetchall()
+        return [task_id for (task_id,) in rows]
 
     def update_session(self, stored: StoredSession) -> None:
         self.wrote = True

@@ -152,12 +152,8 @@ def expire(tx: WriteTransaction, session_id: str, now_ns: int) -> bool:
 
 
 def _unfinished(tx: WriteTransaction, stored: StoredSession) -> list[str]:
-    found = ((task_id, tx.load(task_id)) for task_id in stored.task_ids)
-    return [
-        task_id
-        for task_id, task in found
-        if task is not None and task.task.status.status not in statuses.TERMINAL
-    ]
+    # One query for the ids (cancel_task then loads and locks each task it changes).
+    return list(tx.unfinished_session_tasks(stored.session.session_id))
 
 
 def view(stored: StoredSession, tasks: SessionTasks) -> Session:
