@@ -125,7 +125,7 @@ def cancel(
         return
     if stored.timed_out_ns is not None:
         raise FailedPrecondition(f"session {session_id} timed out; its tasks were cancelled")
-    unfinished = _unfinished(tx, stored)
+    unfinished = tx.unfinished_session_tasks(session_id)
     if not unfinished:
         raise FailedPrecondition(f"session {session_id} has finished; nothing to cancel")
     for task_id in unfinished:
@@ -140,7 +140,7 @@ def expire(tx: WriteTransaction, session_id: str, now_ns: int) -> bool:
     stored = tx.claim_session(session_id)
     if stored is None or stored.deadline_ns is None or stored.deadline_ns > now_ns:
         return False
-    unfinished = _unfinished(tx, stored)
+    unfinished = tx.unfinished_session_tasks(session_id)
     if not unfinished or stored.cancelled_ns is not None:
         tx.update_session(replace(stored, deadline_ns=None))
         return False
@@ -149,11 +149,6 @@ def expire(tx: WriteTransaction, session_id: str, now_ns: int) -> bool:
         lifecycle.cancel_task(tx, task_id, lifecycle.MANAGER, reason, now_ns)
     tx.update_session(replace(stored, deadline_ns=None, timed_out_ns=now_ns))
     return True
-
-
-def _unfinished(tx: WriteTransaction, stored: StoredSession) -> list[str]:
-    # One query for the ids (cancel_task then loads and locks each task it changes).
-    return list(tx.unfinished_session_tasks(stored.session.session_id))
 
 
 def view(stored: StoredSession, tasks: SessionTasks) -> Session:
