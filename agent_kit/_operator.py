@@ -172,18 +172,22 @@ class OperatorClient:
         is_executed_elsewhere: bool = False,
         policy: TaskPolicy | None = None,
         scheduled_time: datetime | None = None,
+        scope: str = "",
     ) -> pb.CreateTaskRequest:
         """The CreateTaskRequest create_task sends (for submit_session): a task sent at
         once to its assignee: the agent assignee_entity_id, or one member at a time of
         the pool assignee_pool. A task with neither is never sent
         (unless is_executed_elsewhere, it just records work). A scheduled_time (timezone-
-        aware) in the future holds it at SCHEDULED_IN_MANAGER until then. Raises
-        ValueError for arguments that cannot be sent; the server's refusals as
-        grpc.aio.AioRpcError."""
+        aware) in the future holds it at SCHEDULED_IN_MANAGER until then. A scope (the
+        source application's) makes task_id, and parent_task_id, ids within it: the task
+        answered carries its canonical id "<scope>/<task_id>", which every other method
+        takes. Raises ValueError for arguments that cannot be sent; the server's
+        refusals as grpc.aio.AioRpcError."""
         request = pb.CreateTaskRequest(
             display_name=display_name,
             description=description,
             task_id=task_id,
+            scope=scope,
             is_executed_elsewhere=is_executed_elsewhere,
             relations=pb.Relations(parent_task_id=parent_task_id),
         )
@@ -216,6 +220,7 @@ class OperatorClient:
         is_executed_elsewhere: bool = False,
         policy: TaskPolicy | None = None,
         scheduled_time: datetime | None = None,
+        scope: str = "",
     ) -> pb.Task:
         """Creates a task (the arguments as task_request's). A task_id given makes the
         call safe to repeat: the same request again answers the task, already there."""
@@ -230,6 +235,7 @@ class OperatorClient:
             is_executed_elsewhere=is_executed_elsewhere,
             policy=policy,
             scheduled_time=scheduled_time,
+            scope=scope,
         )
         return (await self._stub.CreateTask(request)).task
 
@@ -269,12 +275,14 @@ class OperatorClient:
         session_id: str = "",
         display_name: str = "",
         timeout: float | None = None,  # noqa: ASYNC109  (the session's, kept by the server)
+        scope: str = "",
     ) -> pb.SubmittedSession:
         """Stores the tasks (made with task_request) as one session, all or none. With a
         timeout (seconds), the tasks still unfinished then are cancelled and the session
-        FAILED. A session_id given makes the call safe to repeat."""
+        FAILED. A session_id given makes the call safe to repeat. A scope holds the
+        session and all its tasks (as task_request's scope)."""
         submission = pb.SessionSubmission(
-            session_id=session_id, tasks=list(tasks), display_name=display_name
+            session_id=session_id, tasks=list(tasks), display_name=display_name, scope=scope
         )
         if timeout is not None:
             submission.timeout.FromNanoseconds(round(timeout * 1e9))
@@ -555,6 +563,7 @@ class SyncOperatorClient:
         is_executed_elsewhere: bool = False,
         policy: TaskPolicy | None = None,
         scheduled_time: datetime | None = None,
+        scope: str = "",
     ) -> pb.Task:
         """As OperatorClient.create_task."""
         return self._call(
@@ -569,6 +578,7 @@ class SyncOperatorClient:
             is_executed_elsewhere=is_executed_elsewhere,
             policy=policy,
             scheduled_time=scheduled_time,
+            scope=scope,
         )
 
     def get_task(
@@ -658,6 +668,7 @@ class SyncOperatorClient:
         session_id: str = "",
         display_name: str = "",
         timeout: float | None = None,
+        scope: str = "",
     ) -> pb.SubmittedSession:
         """As OperatorClient.submit_session."""
         return self._call(
@@ -666,6 +677,7 @@ class SyncOperatorClient:
             session_id=session_id,
             display_name=display_name,
             timeout=timeout,
+            scope=scope,
         )
 
     def get_session(self, session_id: str) -> pb.Session:

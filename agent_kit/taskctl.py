@@ -190,6 +190,7 @@ def cmd_create(client: SyncOperatorClient, args: argparse.Namespace) -> int:
         is_executed_elsewhere=args.executed_elsewhere,
         policy=policy_of(args),
         scheduled_time=args.scheduled_time,
+        scope=args.scope,
     )
     show_tasks([task], args.json)
     return EXIT_OK
@@ -224,7 +225,11 @@ def cmd_session_submit(client: SyncOperatorClient, args: argparse.Namespace) -> 
         for n in range(1, args.count + 1)
     ]
     submitted = client.submit_session(
-        requests, session_id=args.session_id, display_name=args.session_name, timeout=args.timeout
+        requests,
+        session_id=args.session_id,
+        display_name=args.session_name,
+        timeout=args.timeout,
+        scope=args.scope,
     )
     if args.json:
         print(json.dumps(to_json(submitted), indent=2))
@@ -604,6 +609,12 @@ def _create_parser(create: argparse.ArgumentParser) -> None:
     create.add_argument("--description", default="")
     create.add_argument("--task-id", default="", help="your own id (default: a UUID)")
     create.add_argument("--parent", default="", help="parent task id")
+    create.add_argument(
+        "--scope",
+        default="",
+        help="your application's scope: the ids given are ids within it, and the task's id"
+        " is SCOPE/ID",
+    )
     create.add_argument(
         "--spec", type=specification, metavar="TYPE=JSON", help="specification, a known type"
     )

@@ -156,6 +156,8 @@ class TaskQuery:
     updated_to_ns: int | None = None
     agent_view: bool = False
     session_id: str | None = None
+    scopes: frozenset[str] | None = None
+    """Only tasks of these scopes (task_manager/scopes.py); None: any, also unscoped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +169,12 @@ class TaskSelector:
     statuses: frozenset[int] = frozenset()
     parent_task_id: str = ""
     session_id: str = ""
+    scopes: frozenset[str] = frozenset()
 
     def matches(self, task: Task) -> bool:
         if self.session_id and task.session_id != self.session_id:
+            return False
+        if self.scopes and task.scope not in self.scopes:
             return False
         if self.task_ids and task.version.task_id not in self.task_ids:
             return False
@@ -230,6 +235,8 @@ class Credential:
     secret_hash: str  # empty for certificates
     created_ns: int
     revoked_ns: int | None = None
+    scopes: tuple[str, ...] = ()
+    """The scopes an operator or viewer credential is limited to; empty: none."""
 
 
 @dataclass(frozen=True, slots=True)

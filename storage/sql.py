@@ -158,16 +158,17 @@ class SqlTransaction:
         # The id check is the insert itself: one statement, and a taken id writes nothing.
         # The cursor (creation order) is the revision of the first change, once numbered.
         inserted = self._session.execute(
-            "INSERT INTO tasks (task_id, cursor, parent_task_id, session_id, assignee_entity_id,"
-            " status, status_version, last_update_ns, agent_status, agent_last_update_ns,"
-            " task, agent_task, last_update, deadline_ns, holder_entity_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO tasks (task_id, cursor, parent_task_id, session_id, scope,"
+            " assignee_entity_id, status, status_version, last_update_ns, agent_status,"
+            " agent_last_update_ns, task, agent_task, last_update, deadline_ns,"
+            " holder_entity_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (task_id) DO NOTHING",
             (
                 task.version.task_id,
                 None,
                 task.relations.parent_task_id or None,
                 task.session_id or None,
+                task.scope or None,
                 assignee_entity_id(task),
                 *_state_columns(row, encoded_row),
             ),
@@ -450,18 +451,38 @@ def _state_columns(stored: StoredTask, encoded_task: bytes) -> tuple[object, ...
 def read_credentials(session: Session) -> list[Credential]:
     rows = session.execute(
         "SELECT credential_id, kind, principal, role, entity_ids, secret_hash, created_ns,"
-        " revoked_ns FROM credentials ORDER BY created_ns, credential_id"
+        " revoked_ns, scopes FROM credentials ORDER BY created_ns, credential_id"
     ).fetchall()
     return [
-        Credential(row[0], row[1], row[2], row[3], tuple(json.loads(row[4])), *row[5:])
-        for row in rows
+        Credential(
+            credential_id,
+            kind,
+            principal,
+            role,
+            tuple(json.loads(entity_ids)),
+            secret_hash,
+            created_ns,
+            revoked_ns,
+            tuple(json.loads(scopes)),
+        )
+        for (
+            credential_id,
+            kind,
+            principal,
+            role,
+            entity_ids,
+            secret_hash,
+            created_ns,
+            revoked_ns,
+            scopes,
+        ) in rows
     ]
 
 
 def insert_credential(session: Session, credential: Credential) -> None:
     session.execute(
         "INSERT INTO credentials (credential_id, kind, principal, role, entity_ids,"
-        " secret_hash, created_ns, revoked_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " secret_hash, created_ns, revoked_ns, scopes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             credential.credential_id,
             credential.kind,
@@ -471,6 +492,7 @@ def insert_credential(session: Session, credential: Credential) -> None:
             credential.secret_hash,
             credential.created_ns,
             credential.revoked_ns,
+            json.dumps(list(credential.scopes)),
         ),
     )
 
@@ -559,6 +581,9 @@ def query(query: TaskQuery) -> Read[list[QueriedTask]]:
     if query.session_id is not None:
         where.append("session_id = ?")
         params.append(query.session_id)
+    if query.scopes is not None:
+        where.append(f"scope IN ({marks(len(query.scopes))})")
+        params.extend(sorted(query.scopes))
     if query.statuses:
         negation = "NOT " if query.exclude_statuses else ""
         where.append(f"{prefix}status {negation}IN ({marks(len(query.statuses))})")
@@ -767,6 +792,7 @@ def snapshot(selector: TaskSelector) -> Read[Snapshot]:
         ("task_id", selector.task_ids),
         ("assignee_entity_id", selector.assignee_entity_ids),
         ("status", selector.statuses),
+        ("scope", selector.scopes),
     ):
         if values:
             where.append(f"{column} IN ({marks(len(values))})")

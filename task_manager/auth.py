@@ -75,6 +75,8 @@ class Caller:
     entity_ids: frozenset[str] = frozenset()
     credential_id: str = ""
     """The credential this call came with; empty when authentication is off."""
+    scopes: frozenset[str] = frozenset()
+    """The only scopes whose tasks and sessions this caller may touch; empty: any."""
 
     @property
     def authenticated(self) -> bool:
@@ -93,6 +95,38 @@ class Caller:
                 f"agent {self.principal!r} may not {action} {subject}: it belongs to {owner},"
                 f" and this token acts for {sorted(self.entity_ids)}"
             )
+
+    @property
+    def default_scope(self) -> str:
+        """The scope an id given without one is read in: the caller's only scope."""
+        if len(self.scopes) == 1:
+            (only,) = self.scopes
+            return only
+        return ""
+
+    def check_scope(self, scope: str, subject: str) -> None:
+        """A caller limited to scopes touches only the tasks and sessions in them
+        (subject: what is in the scope, for the message)."""
+        if self.scopes and scope not in self.scopes:
+            where = f"scope {scope!r}" if scope else "no scope"
+            raise PermissionDenied(
+                f"{self.role} {self.principal!r} may not touch {subject}: it is in {where},"
+                f" and this credential is limited to {sorted(self.scopes)}"
+            )
+
+    def visible_scopes(self, wanted: frozenset[str] | None) -> frozenset[str] | None:
+        """The scopes a query or watch may read: those wanted (None: any), within the
+        caller's own."""
+        if not self.scopes:
+            return wanted
+        if wanted is None:
+            return self.scopes
+        for scope in sorted(wanted - self.scopes):
+            raise PermissionDenied(
+                f"{self.role} {self.principal!r} may not read scope {scope!r}: this"
+                f" credential is limited to {sorted(self.scopes)}"
+            )
+        return wanted
 
     def author(self, claimed: Principal | None, entity_id: str | None = None) -> Principal | None:
         """The author recorded for a change this caller makes (to a task assigned to
@@ -126,32 +160,62 @@ def hash_secret(secret: str) -> str:
 
 
 def new_token(
-    principal: str, role: Role, entity_ids: Sequence[str], now_ns: int
+    principal: str,
+    role: Role,
+    entity_ids: Sequence[str],
+    now_ns: int,
+    scopes: Sequence[str] = (),
 ) -> tuple[Credential, str]:
     """A new bearer token: the credential to store, and the token text to hand out once."""
     credential_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     credential = Credential(
-        credential_id, TOKEN, principal, role.value, tuple(entity_ids), hash_secret(secret), now_ns
+        credential_id,
+        TOKEN,
+        principal,
+        role.value,
+        tuple(entity_ids),
+        hash_secret(secret),
+        now_ns,
+        scopes=tuple(scopes),
     )
     return credential, f"{TOKEN_PREFIX}_{credential_id}_{secret}"
 
 
 def certificate_binding(
-    principal: str, role: Role, entity_ids: Sequence[str], now_ns: int
+    principal: str,
+    role: Role,
+    entity_ids: Sequence[str],
+    now_ns: int,
+    scopes: Sequence[str] = (),
 ) -> Credential:
     """Gives the client certificates naming principal (CN or SAN) a role."""
     return Credential(
-        secrets.token_hex(6), CERTIFICATE, principal, role.value, tuple(entity_ids), "", now_ns
+        secrets.token_hex(6),
+        CERTIFICATE,
+        principal,
+        role.value,
+        tuple(entity_ids),
+        "",
+        now_ns,
+        scopes=tuple(scopes),
     )
 
 
-def check_binding(role: Role, entity_ids: Sequence[str]) -> None:
-    """An agent credential acts for at least one entity id; other roles for none."""
+SCOPED_ROLES = frozenset({Role.OPERATOR, Role.VIEWER})
+"""The roles a credential may be limited to scopes for: an agent is bound by its entity
+ids (a task's scope neither widens nor narrows what its assignee sees), an admin by none."""
+
+
+def check_binding(role: Role, entity_ids: Sequence[str], scopes: Sequence[str] = ()) -> None:
+    """An agent credential acts for at least one entity id; other roles for none. Only
+    operators and viewers may be limited to scopes."""
     if role is Role.AGENT and not entity_ids:
         raise ValueError("an agent credential needs at least one entity id (--entity)")
     if role is not Role.AGENT and entity_ids:
         raise ValueError(f"only agent credentials act for entity ids, not {role}")
+    if scopes and role not in SCOPED_ROLES:
+        raise ValueError(f"only operator and viewer credentials are limited to scopes, not {role}")
 
 
 class Credentials:
@@ -214,6 +278,7 @@ def _caller(credential: Credential) -> Caller:
         Role(credential.role),
         frozenset(credential.entity_ids),
         credential.credential_id,
+        frozenset(credential.scopes),
     )
 
 

@@ -24,6 +24,7 @@ from storage.base import StoreError
 from task_manager import __version__
 from task_manager.auth import Role, certificate_binding, check_binding, new_token
 from task_manager.config import Settings, check_listen
+from task_manager.scopes import SCOPE_PATTERN
 from task_manager.validation import FieldLimits
 
 ENVIRONMENT_PREFIX = "TASK_MANAGER_"
@@ -199,6 +200,13 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
         help="an entity id an agent credential acts for (repeatable; agents need one)",
     )
     add.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        help="limit an operator or viewer credential to this scope's tasks (repeatable);"
+        " with one, ids given without a scope are read in it",
+    )
+    add.add_argument(
         "--certificate",
         action="store_true",
         help="instead of a token: give client certificates naming PRINCIPAL (CN or SAN) the role",
@@ -362,17 +370,21 @@ def _tokens(args: argparse.Namespace) -> int:
     now_ns = time.time_ns()
     if args.action == "add":
         role = Role(args.role)
+        limited_to = sorted(set(args.scope))
         try:
-            check_binding(role, args.entity)
+            for scope in limited_to:
+                if not SCOPE_PATTERN.fullmatch(scope):
+                    raise ValueError(f"{scope!r} is not a scope: use 1 to 63 of A-Z a-z 0-9 _ . -")
+            check_binding(role, args.entity, limited_to)
         except ValueError as exc:
             print(f"task-manager tokens: {exc}", file=sys.stderr)
             return 2
         if args.certificate:
-            credential = certificate_binding(args.principal, role, args.entity, now_ns)
+            credential = certificate_binding(args.principal, role, args.entity, now_ns, limited_to)
             add_credential(args.db, credential)
             print(f"{credential.credential_id}: certificates naming {args.principal} are {role}")
         else:
-            credential, token = new_token(args.principal, role, args.entity, now_ns)
+            credential, token = new_token(args.principal, role, args.entity, now_ns, limited_to)
             add_credential(args.db, credential)
             print(token)
             print(
@@ -384,8 +396,10 @@ def _tokens(args: argparse.Namespace) -> int:
         for row in list_credentials(args.db):
             state = "revoked" if row.revoked_ns is not None else "active"
             entities = ",".join(row.entity_ids) or "-"
+            scoped = ",".join(row.scopes) or "-"
             print(
-                f"{row.credential_id}  {row.kind}  {row.principal}  {row.role}  {entities}  {state}"
+                f"{row.credential_id}  {row.kind}  {row.principal}  {row.role}  {entities}"
+                f"  {scoped}  {state}"
             )
     elif not revoke_credential(args.db, args.credential_id, now_ns):
         print(f"task-manager tokens: no active credential {args.credential_id}", file=sys.stderr)

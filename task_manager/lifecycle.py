@@ -7,6 +7,7 @@ and the write it guards are atomic. Pure Python: no gRPC, no SQL.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from storage.base import (
@@ -17,7 +18,7 @@ from storage.base import (
     definition_only,
     with_definition,
 )
-from task_manager import liveness, statuses
+from task_manager import liveness, scopes, statuses
 from task_manager.auth import Caller
 from task_manager.clock import timestamp
 from task_manager.errors import (
@@ -76,6 +77,11 @@ server's defaults filled in). Not compared: scheduled_time, which a status updat
 retry's backoff moves on."""
 
 
+def new_id() -> str:
+    """A task (or session) id for one created without: a random UUID."""
+    return str(uuid.uuid4())
+
+
 def create_task(
     tx: WriteTransaction,
     request: CreateTaskRequest,
@@ -103,6 +109,7 @@ def create_task(
         last_update_time=now,
         policy=liveness.effective_policy(request.policy, defaults),
         session_id=session_id,
+        scope=scopes.scope_of(task_id),
     )
     if request.HasField("scheduled_time"):
         task.scheduled_time.CopyFrom(request.scheduled_time)

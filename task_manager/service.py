@@ -7,6 +7,7 @@ are registered under both service names with deserializers that never fail opaqu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import uuid
@@ -31,7 +32,7 @@ from storage.base import (
     with_definition,
 )
 from storage.base import Credential as StoredCredential
-from task_manager import auth, lifecycle, sessions, statuses, validation, wire
+from task_manager import auth, lifecycle, scopes, sessions, statuses, validation, wire
 from task_manager.auth import ANONYMOUS, Caller, Credentials, OpenStreams, RateLimiter, Role
 from task_manager.clock import Clock, sleep_until, timestamp
 from task_manager.cluster import Cluster
@@ -147,11 +148,12 @@ class TaskManagerService:
         context: Context,
         caller: Caller,
     ) -> bytes:
-        validation.check_create_task(request, self._limits)
+        validation.check_create_task(request, self._limits, caller.default_scope)
+        task_id = request.task_id or scopes.canonical(request.scope, lifecycle.new_id())
+        _check_scopes(caller, task_id, request.relations.parent_task_id)
         author = caller.author(request.author if request.HasField("author") else None)
         if author is not None:
             request.author.CopyFrom(author)
-        task_id = request.task_id or str(uuid.uuid4())
 
         def create(tx: WriteTransaction) -> tuple[bytes, bool]:
             created = lifecycle.create_task(
@@ -166,7 +168,7 @@ class TaskManagerService:
     async def GetTask(
         self, request: GetTaskRequest, context: Context, caller: Caller
     ) -> GetTaskResponse:
-        task_id = validation.task_id(request.task_id)
+        task_id = _task_id(request, caller)
         view = validation.task_view(request.task_view, "task_view")
         stored = await self._store.get(task_id)
         if stored is None:
@@ -189,7 +191,8 @@ class TaskManagerService:
     async def UpdateTask(
         self, request: UpdateTaskRequest, context: Context, caller: Caller
     ) -> bytes:
-        validation.check_update_task(request, self._limits)
+        validation.check_update_task(request, self._limits, caller.default_scope)
+        _check_scopes(caller, request.task_id)
         author = caller.author(request.author if request.HasField("author") else None)
         encoded_task = await self._store.write(
             lambda tx: tx.encoded(lifecycle.update_task(tx, request, author, self._clock.now_ns()))
@@ -202,7 +205,9 @@ class TaskManagerService:
         context: Context,
         caller: Caller,
     ) -> QueryTasksResponse:
-        query = validation.task_query(request)
+        query = validation.task_query(request, caller.default_scope)
+        _check_scopes(caller, query.parent_task_id or "", query.session_id or "")
+        query = dataclasses.replace(query, scopes=caller.visible_scopes(query.scopes))
         found = list(await self._store.query(query))
         page_size = query.limit - 1
         response = QueryTasksResponse(tasks=[row.task for row in found[:page_size]])
@@ -271,7 +276,11 @@ class TaskManagerService:
         context: Context,
         caller: Caller,
     ) -> AsyncIterator[bytes | WatchTasksResponse]:
-        spec = validation.watch_spec(request, self._limits)
+        spec = validation.watch_spec(request, self._limits, caller.default_scope)
+        selector = spec.selector
+        _check_scopes(caller, *selector.task_ids, selector.parent_task_id, selector.session_id)
+        visible = caller.visible_scopes(selector.scopes or None) or frozenset()
+        spec = dataclasses.replace(spec, selector=dataclasses.replace(selector, scopes=visible))
 
         async def subscribed() -> None:
             # Headers now tell the watcher it is subscribed, before any event arrives.
@@ -356,7 +365,10 @@ class TaskManagerService:
     async def SubmitSessions(
         self, request: SubmitSessionsRequest, context: Context, caller: Caller
     ) -> SubmitSessionsResponse:
-        validation.check_submit_sessions(request, self._limits)
+        validation.check_submit_sessions(request, self._limits, caller.default_scope)
+        for submission in request.sessions:
+            caller.check_scope(submission.scope, "a session")
+            _check_scopes(caller, *(task.relations.parent_task_id for task in submission.tasks))
         author = caller.author(request.author if request.HasField("author") else None)
         submitted = await self._store.write(
             lambda tx: sessions.submit(
@@ -368,7 +380,8 @@ class TaskManagerService:
     async def GetSession(
         self, request: GetSessionRequest, context: Context, caller: Caller
     ) -> GetSessionResponse:
-        session_id = validation.task_id(request.session_id, "session_id")
+        session_id = validation.session_id(request, caller.default_scope)
+        _check_scopes(caller, session_id)
         found = await self._store.get_session(session_id)
         if found is None:
             raise SessionNotFound(session_id)
@@ -377,7 +390,8 @@ class TaskManagerService:
     async def CancelSession(
         self, request: CancelSessionRequest, context: Context, caller: Caller
     ) -> CancelSessionResponse:
-        validation.check_cancel_session(request, self._limits)
+        validation.check_cancel_session(request, self._limits, caller.default_scope)
+        _check_scopes(caller, request.session_id)
         author = caller.author(request.author if request.HasField("author") else None)
         await self._store.write(
             lambda tx: sessions.cancel(
@@ -391,13 +405,15 @@ class TaskManagerService:
     async def AddCredential(
         self, request: AddCredentialRequest, context: Context, caller: Caller
     ) -> AddCredentialResponse:
-        principal, role, entity_ids = validation.credential_binding(request, self._limits)
+        principal, role, entity_ids, limited_to = validation.credential_binding(
+            request, self._limits
+        )
         now_ns = self._clock.now_ns()
         token = ""
         if request.certificate:
-            credential = auth.certificate_binding(principal, role, entity_ids, now_ns)
+            credential = auth.certificate_binding(principal, role, entity_ids, now_ns, limited_to)
         else:
-            credential, token = auth.new_token(principal, role, entity_ids, now_ns)
+            credential, token = auth.new_token(principal, role, entity_ids, now_ns, limited_to)
         await self._store.write(lambda tx: tx.add_credential(credential))
         self.gate.reload(await self._store.credentials())  # in force now, not in a second
         return AddCredentialResponse(credential=_credential_message(credential), token=token)
@@ -444,7 +460,8 @@ class TaskManagerService:
         caller: Caller,
         change: OperatorChange,
     ) -> bytes:
-        validation.check_operator_request(request, self._limits)
+        validation.check_operator_request(request, self._limits, caller.default_scope)
+        _check_scopes(caller, request.task_id)
         author = caller.author(request.author if request.HasField("author") else None)
         return await self._store.write(
             lambda tx: tx.encoded(
@@ -458,7 +475,7 @@ class TaskManagerService:
         context: Context,
         caller: Caller,
     ) -> GetTaskHistoryResponse:
-        task_id = validation.task_id(request.task_id)
+        task_id = _task_id(request, caller)
         if caller.role is Role.AGENT:
             stored = await self._store.get(task_id)
             if stored is None:
@@ -483,6 +500,22 @@ REPORTS_IN_FLIGHT = 1_024
 """Reports of one ReportStatus stream in flight at most; beyond it the stream pushes back."""
 
 
+def _task_id(request: GetTaskRequest | GetTaskHistoryRequest, caller: Caller) -> str:
+    """The canonical id of the task a read names, which the caller may read."""
+    explicit = validation.scope(request.scope)
+    task_id = validation.task_id(request.task_id, "task_id", explicit, caller.default_scope)
+    _check_scopes(caller, task_id)
+    return task_id
+
+
+def _check_scopes(caller: Caller, *canonical_ids: str) -> None:
+    """A caller limited to scopes names only tasks and sessions in them (empty ids: none
+    named)."""
+    for canonical_id in canonical_ids:
+        if canonical_id:
+            caller.check_scope(scopes.scope_of(canonical_id), repr(canonical_id))
+
+
 def _credential_message(stored: StoredCredential) -> task_manager_pb2.Credential:
     """A credential as the API shows it: never its secret or hash."""
     shown = task_manager_pb2.Credential(
@@ -492,6 +525,7 @@ def _credential_message(stored: StoredCredential) -> task_manager_pb2.Credential
         role=stored.role,
         entity_ids=stored.entity_ids,
         create_time=timestamp(stored.created_ns),
+        scopes=stored.scopes,
     )
     if stored.revoked_ns is not None:
         shown.revoke_time.CopyFrom(timestamp(stored.revoked_ns))

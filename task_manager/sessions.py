@@ -11,12 +11,11 @@ Pure Python over a store's transaction: no gRPC, no SQL.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 
 from storage.base import SessionTasks, StoredSession, WriteTransaction
-from task_manager import lifecycle, liveness, statuses
+from task_manager import lifecycle, liveness, scopes, statuses
 from task_manager.clock import timestamp
 from task_manager.errors import (
     FailedPrecondition,
@@ -67,13 +66,16 @@ def submit(
     stored ids and writes nothing."""
     answers = []
     for index, submission in enumerate(submissions):
-        session_id = submission.session_id or str(uuid.uuid4())
+        session_id = submission.session_id or scopes.canonical(submission.scope, lifecycle.new_id())
         digest = fingerprint(submission, author)
         existing = tx.load_session(session_id)
         if existing is not None:
             answers.append(_retried(session_id, existing, digest))
             continue
-        task_ids = [task.task_id or str(uuid.uuid4()) for task in submission.tasks]
+        task_ids = [
+            task.task_id or scopes.canonical(submission.scope, lifecycle.new_id())
+            for task in submission.tasks
+        ]
         session = Session(
             session_id=session_id,
             display_name=submission.display_name,

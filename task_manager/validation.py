@@ -1,7 +1,10 @@
 """Input checks: the shape and limits of every request, decoded into domain values.
 
 Runs before anything touches the store, so bad input changes nothing. Each failure is an
-InvalidArgument naming the field and what was wrong with it.
+InvalidArgument naming the field and what was wrong with it. Task and session ids come
+out canonical (task_manager/scopes.py): a request's message is rewritten in place, so
+what follows sees one form of each id. default_scope is the scope an id given without
+one is read in when the request names none (the caller's only scope, if it has one).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from storage.base import MAX_REVISION, TaskQuery, TaskSelector
-from task_manager import statuses
-from task_manager.auth import Role, check_binding
+from task_manager import scopes, statuses
+from task_manager.auth import SCOPED_ROLES, Role, check_binding
 from task_manager.errors import InvalidArgument
 from task_manager.liveness import MAX_DURATION_S
 from task_manager.v1.task_manager_pb2 import (
@@ -27,6 +30,7 @@ from task_manager.v1.task_manager_pb2 import (
     CancelTaskRequest,
     CompleteTaskRequest,
     CreateTaskRequest,
+    GetSessionRequest,
     ListenAsAgentRequest,
     Principal,
     QueryTasksRequest,
@@ -78,19 +82,49 @@ _FILTER_TYPES = frozenset(QueryTasksRequest.FilterType.values())
 _MIN_SECONDS, _MAX_SECONDS = -(2**63) // 10**9 + 1, (2**63 - 1) // 10**9 - 1
 
 
-def task_id(value: str, field: str = "task_id") -> str:
+def task_id(value: str, field: str = "task_id", scope: str = "", default_scope: str = "") -> str:
+    """The canonical id (task_manager/scopes.py) of a task or session id as a request
+    gives it: an unscoped id is read in scope (the request's own scope field, already
+    checked) or else default_scope (the caller's only one); a canonical "<scope>/<id>" is
+    taken as it is, and must agree with scope."""
     if not value:
         raise InvalidArgument(field, "is required")
-    if not TASK_ID_PATTERN.fullmatch(value):
+    named, separator, local = value.partition(scopes.SEPARATOR)
+    if not separator:
+        local, named = value, ""
+    elif not scopes.SCOPE_PATTERN.fullmatch(named):
+        raise InvalidArgument(field, f"{_quote(value)} names {_quote(named)}, which {_NO_SCOPE}")
+    elif scope and named != scope:
+        raise InvalidArgument(field, f"{_quote(value)} is in scope {named!r}, not {scope!r}")
+    if not TASK_ID_PATTERN.fullmatch(local):
         raise InvalidArgument(
-            field, f"{_quote(value)} is not a task id: use 5 to 36 of A-Z a-z 0-9 _ . -"
+            field,
+            f"{_quote(value)} is not a task id: use 5 to 36 of A-Z a-z 0-9 _ . -,"
+            " after a scope and / if scoped",
         )
+    return value if separator else scopes.canonical(scope or default_scope, local)
+
+
+_NO_SCOPE = "is not a scope: use 1 to 63 of A-Z a-z 0-9 _ . -"
+
+
+def scope(value: str, field: str = "scope") -> str:
+    """A request's scope field: empty (none given) or a valid scope."""
+    if value and not scopes.SCOPE_PATTERN.fullmatch(value):
+        raise InvalidArgument(field, f"{_quote(value)} {_NO_SCOPE}")
     return value
 
 
-def check_create_task(request: CreateTaskRequest, limits: FieldLimits) -> None:
+def check_create_task(
+    request: CreateTaskRequest, limits: FieldLimits, default_scope: str = ""
+) -> None:
+    """Also leaves request.scope at the scope the task is created in."""
+    explicit = scope(request.scope)
     if request.task_id:
-        task_id(request.task_id)
+        request.task_id = task_id(request.task_id, "task_id", explicit, default_scope)
+        request.scope = scopes.scope_of(request.task_id)
+    else:
+        request.scope = explicit or default_scope
     _max_chars(request.display_name, limits.display_name_chars, "display_name")
     _max_chars(request.description, limits.description_chars, "description")
     if request.HasField("specification"):
@@ -99,7 +133,9 @@ def check_create_task(request: CreateTaskRequest, limits: FieldLimits) -> None:
         _max_bytes(request.author, limits.principal_bytes, "author")
     relations = request.relations
     if relations.parent_task_id:
-        task_id(relations.parent_task_id, "relations.parent_task_id")
+        relations.parent_task_id = task_id(
+            relations.parent_task_id, "relations.parent_task_id", explicit, request.scope
+        )
     if relations.HasField("assignee"):
         _check_assignee(relations.assignee, limits)
     if request.HasField("policy"):
@@ -108,9 +144,12 @@ def check_create_task(request: CreateTaskRequest, limits: FieldLimits) -> None:
         _timestamp(request.scheduled_time, "scheduled_time")
 
 
-def check_submit_sessions(request: SubmitSessionsRequest, limits: FieldLimits) -> None:
+def check_submit_sessions(
+    request: SubmitSessionsRequest, limits: FieldLimits, default_scope: str = ""
+) -> None:
     """A SubmitSessionsRequest as a whole: every field named by its path, so nothing is
-    stored for a request with one bad task (sessions[1].tasks[7].display_name: ...)."""
+    stored for a request with one bad task (sessions[1].tasks[7].display_name: ...).
+    Leaves each session's scope, and each of its tasks', at the session's scope."""
     if not request.sessions:
         raise InvalidArgument("sessions", "is empty: submit at least one session")
     if request.HasField("author"):
@@ -124,14 +163,20 @@ def check_submit_sessions(request: SubmitSessionsRequest, limits: FieldLimits) -
     task_ids: dict[str, str] = {}
     for index, session in enumerate(request.sessions):
         where = f"sessions[{index}]"
+        explicit = scope(session.scope, f"{where}.scope")
         if session.session_id:
-            task_id(session.session_id, f"{where}.session_id")
+            session.session_id = task_id(
+                session.session_id, f"{where}.session_id", explicit, default_scope
+            )
+            session.scope = scopes.scope_of(session.session_id)
             if session.session_id in session_ids:
                 raise InvalidArgument(
                     f"{where}.session_id",
                     f"{session.session_id} is also sessions[{session_ids[session.session_id]}]'s",
                 )
             session_ids[session.session_id] = index
+        else:
+            session.scope = explicit or default_scope
         _max_chars(session.display_name, limits.display_name_chars, f"{where}.display_name")
         if session.HasField("timeout"):
             _duration(session.timeout, f"{where}.timeout")
@@ -141,10 +186,19 @@ def check_submit_sessions(request: SubmitSessionsRequest, limits: FieldLimits) -
             raise InvalidArgument(f"{where}.tasks", "is empty: a session has at least one task")
         for position, task in enumerate(session.tasks):
             here = f"{where}.tasks[{position}]"
+            if task.scope and task.scope != session.scope:
+                raise InvalidArgument(
+                    f"{here}.scope", f"is {task.scope!r}, but its session's is {session.scope!r}"
+                )
             try:
-                check_create_task(task, limits)
+                check_create_task(task, limits, session.scope)
             except InvalidArgument as bad:
                 raise InvalidArgument(f"{here}.{bad.field}", bad.why) from None
+            if task.scope != session.scope:
+                raise InvalidArgument(
+                    f"{here}.task_id",
+                    f"is in scope {task.scope!r}, but its session is in {session.scope!r}",
+                )
             if task.task_id:
                 if task.task_id in task_ids:
                     raise InvalidArgument(
@@ -153,16 +207,27 @@ def check_submit_sessions(request: SubmitSessionsRequest, limits: FieldLimits) -
                 task_ids[task.task_id] = here
 
 
-def check_cancel_session(request: CancelSessionRequest, limits: FieldLimits) -> None:
-    task_id(request.session_id, "session_id")
+def check_cancel_session(
+    request: CancelSessionRequest, limits: FieldLimits, default_scope: str = ""
+) -> None:
+    request.session_id = session_id(request, default_scope)
     _max_chars(request.reason, limits.reason_chars, "reason")
     if request.HasField("author"):
         _max_bytes(request.author, limits.principal_bytes, "author")
 
 
+def session_id(request: CancelSessionRequest | GetSessionRequest, default_scope: str = "") -> str:
+    explicit = scope(request.scope)
+    return task_id(request.session_id, "session_id", explicit, default_scope)
+
+
 def check_status_update(update: StatusUpdate, limits: FieldLimits) -> None:
-    """Checks an UpdateStatusRequest.status_update (the caller checks it is present)."""
-    task_id(update.version.task_id, "status_update.version.task_id")
+    """Checks an UpdateStatusRequest.status_update (the caller checks it is present).
+    Agents are bound by entity ids, not scopes: no default scope."""
+    version = update.version
+    explicit = scope(version.scope, "status_update.version.scope")
+    version.task_id = task_id(version.task_id, "status_update.version.task_id", explicit)
+    version.ClearField("scope")  # the canonical id says it; the stored version has none
     if update.version.status_version == 0:
         raise InvalidArgument(
             "status_update.version.status_version",
@@ -186,8 +251,10 @@ def check_status_update(update: StatusUpdate, limits: FieldLimits) -> None:
         _timestamp(update.scheduled_time, "status_update.scheduled_time")
 
 
-def check_update_task(request: UpdateTaskRequest, limits: FieldLimits) -> None:
-    task_id(request.task_id)
+def check_update_task(
+    request: UpdateTaskRequest, limits: FieldLimits, default_scope: str = ""
+) -> None:
+    request.task_id = task_id(request.task_id, "task_id", scope(request.scope), default_scope)
     if request.definition_version == 0:
         raise InvalidArgument(
             "definition_version", "is missing: send the definition_version you last saw"
@@ -210,9 +277,9 @@ def check_update_task(request: UpdateTaskRequest, limits: FieldLimits) -> None:
 
 
 def check_operator_request(
-    request: CancelTaskRequest | CompleteTaskRequest, limits: FieldLimits
+    request: CancelTaskRequest | CompleteTaskRequest, limits: FieldLimits, default_scope: str = ""
 ) -> None:
-    task_id(request.task_id)
+    request.task_id = task_id(request.task_id, "task_id", scope(request.scope), default_scope)
     _max_chars(request.reason, limits.reason_chars, "reason")
     if request.HasField("author"):
         _max_bytes(request.author, limits.principal_bytes, "author")
@@ -224,9 +291,10 @@ def task_view(value: int, field: str) -> int:
     return TaskView.TASK_VIEW_MANAGER if value == TaskView.TASK_VIEW_INVALID else value
 
 
-def task_query(request: QueryTasksRequest) -> TaskQuery:
+def task_query(request: QueryTasksRequest, default_scope: str = "") -> TaskQuery:
     """The store query for one page; its limit is one more than the page size, so the
-    caller can tell whether another page follows."""
+    caller can tell whether another page follows. Its scopes are the request's scope
+    (None: any); the caller narrows them to what it may see."""
     view = task_view(request.view, "view")
     status_filter = request.status_filter
     statuses = frozenset(status_filter.status)
@@ -241,12 +309,13 @@ def task_query(request: QueryTasksRequest) -> TaskQuery:
         updated_to = _timestamp(time_range.update_end_time, "update_time_range.end")
     if updated_from is not None and updated_to is not None and updated_from > updated_to:
         raise InvalidArgument("update_time_range", "update_start_time is after update_end_time")
+    explicit = scope(request.scope)
     parent = None
     if request.parent_task_id:
-        parent = task_id(request.parent_task_id, "parent_task_id")
+        parent = task_id(request.parent_task_id, "parent_task_id", explicit, default_scope)
     session = None
     if request.session_id:
-        session = task_id(request.session_id, "session_id")
+        session = task_id(request.session_id, "session_id", explicit, default_scope)
     return TaskQuery(
         after_cursor=decode_page_token(request.page_token),
         limit=page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE) + 1,
@@ -257,6 +326,7 @@ def task_query(request: QueryTasksRequest) -> TaskQuery:
         updated_to_ns=updated_to,
         agent_view=view == TaskView.TASK_VIEW_AGENT,
         session_id=session,
+        scopes=frozenset({explicit}) if explicit else None,
     )
 
 
@@ -284,8 +354,8 @@ CREDENTIAL_ID_PATTERN = re.compile(r"[0-9a-f]{12}")
 
 def credential_binding(
     request: AddCredentialRequest, limits: FieldLimits
-) -> tuple[str, Role, tuple[str, ...]]:
-    """The principal, role and entity ids of a new credential."""
+) -> tuple[str, Role, tuple[str, ...], tuple[str, ...]]:
+    """The principal, role, entity ids and scopes of a new credential."""
     if not request.principal:
         raise InvalidArgument("principal", "is required")
     _max_chars(request.principal, limits.entity_id_chars, "principal")
@@ -295,11 +365,19 @@ def credential_binding(
         known = ", ".join(role.value for role in Role)
         raise InvalidArgument("role", f"{request.role!r} is not one of {known}") from None
     ids = tuple(sorted(entity_ids(request.entity_ids, "entity_ids", limits)))
+    if len(request.scopes) > limits.filter_ids:
+        raise InvalidArgument("scopes", f"at most {limits.filter_ids}")
+    for value in request.scopes:
+        if not value:
+            raise InvalidArgument("scopes", "holds an empty scope")
+        scope(value, "scopes")
+    limited_to = tuple(sorted(set(request.scopes)))
     try:
-        check_binding(role, ids)
+        check_binding(role, ids, limited_to)
     except ValueError as exc:
-        raise InvalidArgument("entity_ids", str(exc)) from None
-    return request.principal, role, ids
+        field = "scopes" if limited_to and role not in SCOPED_ROLES else "entity_ids"
+        raise InvalidArgument(field, str(exc)) from None
+    return request.principal, role, ids, limited_to
 
 
 def credential_id(value: str) -> str:
@@ -308,21 +386,30 @@ def credential_id(value: str) -> str:
     return value
 
 
-def watch_spec(request: WatchTasksRequest, limits: FieldLimits) -> WatchSpec:
+def watch_spec(
+    request: WatchTasksRequest, limits: FieldLimits, default_scope: str = ""
+) -> WatchSpec:
+    """Its selector's scopes are the filter's scope (empty: any); the caller narrows them
+    to what it may see."""
     selector = request.filter
     most = limits.filter_ids
     if len(selector.task_ids) > most or len(selector.assignee_entity_ids) > most:
         raise InvalidArgument("filter", f"at most {most} task ids and {most} entity ids")
-    for value in selector.task_ids:
-        task_id(value, "filter.task_ids")
+    explicit = scope(selector.scope, "filter.scope")
+
+    def canonical(value: str, field: str) -> str:
+        return task_id(value, field, explicit, default_scope)
+
+    task_ids = frozenset(canonical(value, "filter.task_ids") for value in selector.task_ids)
     for value in selector.assignee_entity_ids:
         _entity_id(value, "filter.assignee_entity_ids", limits)
     for status in selector.statuses:
         _enum(_STATUSES, status, "filter.statuses")
+    parent_task_id = session = ""
     if selector.parent_task_id:
-        task_id(selector.parent_task_id, "filter.parent_task_id")
+        parent_task_id = canonical(selector.parent_task_id, "filter.parent_task_id")
     if selector.session_id:
-        task_id(selector.session_id, "filter.session_id")
+        session = canonical(selector.session_id, "filter.session_id")
     if request.start_revision > MAX_REVISION:
         # A legal uint64 no store can reach: waiting for it would wait forever.
         raise InvalidArgument(
@@ -345,11 +432,12 @@ def watch_spec(request: WatchTasksRequest, limits: FieldLimits) -> WatchSpec:
         )
     return WatchSpec(
         selector=TaskSelector(
-            task_ids=frozenset(selector.task_ids),
+            task_ids=task_ids,
             assignee_entity_ids=frozenset(selector.assignee_entity_ids),
             statuses=frozenset(selector.statuses),
-            parent_task_id=selector.parent_task_id,
-            session_id=selector.session_id,
+            parent_task_id=parent_task_id,
+            session_id=session,
+            scopes=frozenset({explicit}) if explicit else frozenset(),
         ),
         start_revision=request.start_revision,
         include_preexisting=request.include_preexisting,

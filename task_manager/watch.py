@@ -7,6 +7,7 @@ has a bounded queue: one that falls behind is ended, never waited for.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -227,15 +228,7 @@ async def watch_stream(
             selector = spec.selector
             unfinished = (selector.statuses or statuses.NOT_TERMINAL) & statuses.NOT_TERMINAL
             if unfinished:
-                snapshot = await store.snapshot(
-                    TaskSelector(
-                        task_ids=selector.task_ids,
-                        assignee_entity_ids=selector.assignee_entity_ids,
-                        statuses=unfinished,
-                        parent_task_id=selector.parent_task_id,
-                        session_id=selector.session_id,
-                    )
-                )
+                snapshot = await store.snapshot(dataclasses.replace(selector, statuses=unfinished))
             else:  # the filter names finished statuses only: no unfinished task matches
                 snapshot = Snapshot(tasks=(), revision=watch.opened_at_revision)
             now = timestamp(clock.now_ns())

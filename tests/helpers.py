@@ -22,9 +22,13 @@ import grpc
 import psycopg
 import pytest
 
-from agent_kit import Agent
+from agent_kit import Agent, ClientAuth
 from agent_kit._grpc import AsyncStub as AsyncStub
+from agent_kit._grpc import open_stub
 from devtools.private_postgres import PrivatePostgres
+from storage import add_credential
+from storage.base import Credential
+from task_manager.auth import Role, new_token
 from task_manager.config import Settings
 from task_manager.v1 import task_manager_pb2 as pb
 
@@ -60,6 +64,19 @@ def status_update(
             author=agent(task.relations.assignee.system.entity_id or "someone"),
         )
     )
+
+
+def token_for(
+    db: str, principal: str, role: Role, *entities: str, scopes: Sequence[str] = ()
+) -> tuple[Credential, str]:
+    """A new bearer token, stored in db (a server reads it at start, or within a second)."""
+    credential, token = new_token(principal, role, entities, time.time_ns(), scopes)
+    add_credential(db, credential)
+    return credential, token
+
+
+def stub_for(channel: grpc.aio.Channel, token: str | None) -> AsyncStub:
+    return open_stub(channel, ClientAuth(token=token))
 
 
 def trailer(error: grpc.aio.AioRpcError, key: str) -> str | None:

@@ -16,29 +16,26 @@ import pytest
 from agent_kit import Agent, ClientAuth, OperatorClient, TaskContext
 from agent_kit._grpc import open_channel, open_stub
 from storage import add_credential, is_postgresql, list_credentials, revoke_credential
-from storage.base import Credential
 from task_manager import lifecycle
-from task_manager.auth import Role, certificate_binding, new_token
+from task_manager.auth import Role, certificate_binding
 from task_manager.clock import ManualClock
 from task_manager.server import ServerStartError, TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.validation import FieldLimits
 from tests.certs import TestCA
-from tests.helpers import REPO_ROOT, AsyncStub, create_request, server_settings, trailer
+from tests.helpers import (
+    REPO_ROOT,
+    AsyncStub,
+    create_request,
+    server_settings,
+    stub_for,
+    token_for,
+    trailer,
+)
 
 pytestmark = pytest.mark.anyio
 S = pb.Status
 OK = grpc.StatusCode.OK
-
-
-def token_for(db: str, principal: str, role: Role, *entities: str) -> tuple[Credential, str]:
-    credential, token = new_token(principal, role, entities, time.time_ns())
-    add_credential(db, credential)
-    return credential, token
-
-
-def stub_for(channel: grpc.aio.Channel, token: str | None) -> AsyncStub:
-    return open_stub(channel, ClientAuth(token=token))
 
 
 async def start(db: str, clock: ManualClock | None = None, **settings: object) -> TaskManagerServer:
@@ -205,10 +202,18 @@ async def test_the_tokens_command_adds_lists_and_revokes(db: str) -> None:
     refused = tokens("add", "drone", "--role", "agent")
     assert refused.returncode == 2
     assert "entity id" in refused.stderr
+    scoped = tokens("add", "survey-app", "--role", "operator", "--scope", "survey")
+    assert scoped.returncode == 0, scoped.stderr
+    refused = tokens("add", "drone", "--role", "agent", "--entity", "drone-2", "--scope", "survey")
+    assert refused.returncode == 2
+    assert "only operator and viewer credentials are limited to scopes" in refused.stderr
+    refused = tokens("add", "survey-app", "--role", "operator", "--scope", "no/slash")
+    assert refused.returncode == 2 and "is not a scope" in refused.stderr
     listed = tokens("list")
-    (line,) = listed.stdout.splitlines()
+    line, scoped_line = listed.stdout.splitlines()
     credential_id = line.split()[0]
     assert "drone-1" in line and "active" in line and token not in line
+    assert scoped_line.split()[2:6] == ["survey-app", "operator", "-", "survey"]
     server = await start(db)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:

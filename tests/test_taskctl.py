@@ -623,3 +623,30 @@ def test_a_session_submitted_waited_for_and_cancelled(server: ServerProcess, wal
     no_assignee = taskctl(server, "session", "submit", "--count", "2")
     assert no_assignee.returncode == 2
     assert "no --assignee or --pool" in no_assignee.stderr
+
+
+def test_a_scope_makes_ids_of_create_and_session_submit_ids_within_it(
+    server: ServerProcess,
+) -> None:
+    scoped = ("--assignee", "drone-9", "--scope", "survey-app")
+    for scope_flags in (scoped, ("--assignee", "drone-9", "--scope", "mapping-app")):
+        (created,) = as_tasks(
+            taskctl(server, "create", *scope_flags, "--task-id", "ctl-task-7", "--json")
+        )
+        scope = scope_flags[-1]
+        assert created["version"]["task_id"] == f"{scope}/ctl-task-7"  # type: ignore[index]
+        assert created["scope"] == scope
+    (got,) = as_tasks(taskctl(server, "get", "survey-app/ctl-task-7", "--json"))
+    assert got["scope"] == "survey-app"
+    submitted = taskctl(
+        server, "session", "submit", *scoped, "--count", "2", "--task-id", "leg-{n}-01",
+        "--session-id", "ctl-session-7", "--json",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    answer = json.loads(submitted.stdout)
+    assert answer["session_id"] == "survey-app/ctl-session-7"
+    assert answer["task_ids"] == ["survey-app/leg-1-01", "survey-app/leg-2-01"]
+    shown = taskctl(server, "session", "get", "survey-app/ctl-session-7")
+    assert shown.returncode == 0 and "survey-app/ctl-session-7" in shown.stdout, shown.stderr
+    refused = taskctl(server, "create", "--assignee", "drone-9", "--scope", "no scope")
+    assert refused.returncode == 6 and "is not a scope" in refused.stderr, refused.stderr

@@ -124,6 +124,13 @@ MIGRATIONS: Sequence[str] = (
     CREATE INDEX tasks_of_sessions_in_order ON tasks (session_id, cursor)
         WHERE session_id IS NOT NULL;
     """,
+    # Scoped ids (task_manager/scopes.py): QueryTasks and WatchTasks filter by scope, and
+    # a credential may be limited to scopes. Only scoped tasks in the index.
+    """
+    ALTER TABLE tasks ADD COLUMN scope TEXT;
+    CREATE INDEX tasks_of_scopes ON tasks (scope, cursor) WHERE scope IS NOT NULL;
+    ALTER TABLE credentials ADD COLUMN scopes TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (table schema_version)."""
 

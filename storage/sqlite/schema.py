@@ -186,6 +186,14 @@ def _migrate_to_13(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_14(db: sqlite_utils.Database) -> None:
+    # Scoped ids (task_manager/scopes.py): QueryTasks and WatchTasks filter by scope, and
+    # a credential may be limited to scopes. Only scoped tasks in the index.
+    db.table("tasks").add_column("scope", str)
+    db.execute("CREATE INDEX tasks_of_scopes ON tasks (scope, cursor) WHERE scope IS NOT NULL")
+    db.execute("ALTER TABLE credentials ADD COLUMN scopes TEXT NOT NULL DEFAULT '[]'")
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -200,6 +208,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_11,
     _migrate_to_12,
     _migrate_to_13,
+    _migrate_to_14,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 

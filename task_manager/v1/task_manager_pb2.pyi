@@ -223,19 +223,25 @@ class TaskVersion(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
     STATUS_VERSION_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     definition_version: _builtins.int
     status_version: _builtins.int
+    scope: _builtins.str
+    """Extension, in requests only: the scope task_id is in (see CreateTaskRequest.scope).
+    The task manager's own TaskVersions leave it empty: their task_id is canonical.
+    """
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         definition_version: _builtins.int = ...,
         status_version: _builtins.int = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_version", b"definition_version", "status_version", b"status_version", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_version", b"definition_version", "scope", b"scope", "status_version", b"status_version", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,6 +267,7 @@ class Task(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     description: _builtins.str
     is_executed_elsewhere: _builtins.bool
@@ -268,6 +275,10 @@ class Task(_message.Message):
     """Extension: the current attempt, from 1; 0 until the task is first sent."""
     session_id: _builtins.str
     """Extension: the session the task was submitted in (SubmitSessions); empty if none."""
+    scope: _builtins.str
+    """Extension: the scope the task was created in (CreateTaskRequest.scope); empty if
+    none. version.task_id is then the canonical "<scope>/<id>".
+    """
     @_builtins.property
     def version(self) -> Global___TaskVersion: ...
     @_builtins.property
@@ -313,10 +324,11 @@ class Task(_message.Message):
         attempt: _builtins.int = ...,
         attempts: _abc.Iterable[Global___Attempt] | None = ...,
         session_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "session_id", b"session_id", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "session_id", b"session_id", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -781,13 +793,23 @@ class CreateTaskRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     SCHEDULED_TIME_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """At most 256 characters."""
     description: _builtins.str
     """At most 16,384 characters."""
     is_executed_elsewhere: _builtins.bool
     task_id: _builtins.str
-    """Optional; [A-Za-z0-9_.-]{5,36}. A random UUID is used when empty."""
+    """Optional; [A-Za-z0-9_.-]{5,36}, or a canonical scoped id "<scope>/<id>". A random
+    UUID is used when empty.
+    """
+    scope: _builtins.str
+    """Extension: the source application's scope, [A-Za-z0-9_.-]{1,63}. Task ids are
+    unique within a scope: the task is stored as "<scope>/<task_id>", its canonical id,
+    which every RPC accepts as its task_id (Lattice clients need nothing else); or give
+    the id and this scope. relations.parent_task_id is read in the same scope. A
+    credential limited to one scope (AddCredentialRequest.scopes) reads every id in it.
+    """
     @_builtins.property
     def specification(self) -> _any_pb2.Any:
         """At most 1 MiB serialized."""
@@ -818,10 +840,11 @@ class CreateTaskRequest(_message.Message):
         task_id: _builtins.str = ...,
         policy: Global___TaskPolicy | None = ...,
         scheduled_time: _timestamp_pb2.Timestamp | None = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "specification", b"specification", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -862,21 +885,25 @@ class GetTaskRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
     TASK_VIEW_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     definition_version: _builtins.int
     """0 = the latest definition. The status is always the current one."""
     task_view: Global___TaskView.ValueType
     """TASK_VIEW_INVALID is read as TASK_VIEW_MANAGER."""
+    scope: _builtins.str
+    """Extension: the scope task_id is in (see CreateTaskRequest.scope)."""
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         definition_version: _builtins.int = ...,
         task_view: Global___TaskView.ValueType = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_version", b"definition_version", "task_id", b"task_id", "task_view", b"task_view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_version", b"definition_version", "scope", b"scope", "task_id", b"task_id", "task_view", b"task_view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -971,6 +998,7 @@ class QueryTasksRequest(_message.Message):
     VIEW_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     parent_task_id: _builtins.str
     page_token: _builtins.str
     """From the previous response; the other fields must stay the same."""
@@ -979,6 +1007,10 @@ class QueryTasksRequest(_message.Message):
     """Extension: tasks per page; 0 = 100, at most 1000."""
     session_id: _builtins.str
     """Extension: only the tasks of this session."""
+    scope: _builtins.str
+    """Extension: only the tasks of this scope; parent_task_id and session_id are read in
+    it. A credential limited to scopes sees only theirs.
+    """
     @_builtins.property
     def status_filter(self) -> Global___QueryTasksRequest.StatusFilter:
         """FILTER_TYPE_INVALID with statuses is read as FILTER_TYPE_INCLUSIVE."""
@@ -997,10 +1029,11 @@ class QueryTasksRequest(_message.Message):
         view: Global___TaskView.ValueType = ...,
         page_size: _builtins.int = ...,
         session_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["status_filter", b"status_filter", "update_time_range", b"update_time_range"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent_task_id", b"parent_task_id", "session_id", b"session_id", "status_filter", b"status_filter", "update_time_range", b"update_time_range", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent_task_id", b"parent_task_id", "scope", b"scope", "session_id", b"session_id", "status_filter", b"status_filter", "update_time_range", b"update_time_range", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1238,9 +1271,12 @@ class CancelTaskRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     AUTHOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     reason: _builtins.str
     """Why; recorded as the task_error message. At most 16,384 characters."""
+    scope: _builtins.str
+    """Extension: the scope task_id is in (see CreateTaskRequest.scope)."""
     @_builtins.property
     def author(self) -> Global___Principal: ...
     def __init__(
@@ -1249,10 +1285,11 @@ class CancelTaskRequest(_message.Message):
         task_id: _builtins.str = ...,
         author: Global___Principal | None = ...,
         reason: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "reason", b"reason", "scope", b"scope", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1285,9 +1322,12 @@ class CompleteTaskRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     AUTHOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     reason: _builtins.str
     """Why; recorded as the task_error message. At most 16,384 characters."""
+    scope: _builtins.str
+    """Extension: the scope task_id is in (see CreateTaskRequest.scope)."""
     @_builtins.property
     def author(self) -> Global___Principal: ...
     def __init__(
@@ -1296,10 +1336,11 @@ class CompleteTaskRequest(_message.Message):
         task_id: _builtins.str = ...,
         author: Global___Principal | None = ...,
         reason: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "reason", b"reason", "scope", b"scope", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1332,21 +1373,25 @@ class GetTaskHistoryRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     page_token: _builtins.str
     """From the previous response."""
     page_size: _builtins.int
     """Entries per page; 0 = 1000, at most 1000."""
+    scope: _builtins.str
+    """Extension: the scope task_id is in (see CreateTaskRequest.scope)."""
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         page_token: _builtins.str = ...,
         page_size: _builtins.int = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "scope", b"scope", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1536,9 +1581,14 @@ class WatchFilter(_message.Message):
     STATUSES_FIELD_NUMBER: _builtins.int
     PARENT_TASK_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     parent_task_id: _builtins.str
     session_id: _builtins.str
     """Only the tasks of this session."""
+    scope: _builtins.str
+    """Only the tasks of this scope; task_ids, parent_task_id and session_id are read in it.
+    A credential limited to scopes sees only theirs.
+    """
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1555,10 +1605,11 @@ class WatchFilter(_message.Message):
         statuses: _abc.Iterable[Global___Status.ValueType] | None = ...,
         parent_task_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee_entity_ids", b"assignee_entity_ids", "parent_task_id", b"parent_task_id", "session_id", b"session_id", "statuses", b"statuses", "task_ids", b"task_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee_entity_ids", b"assignee_entity_ids", "parent_task_id", b"parent_task_id", "scope", b"scope", "session_id", b"session_id", "statuses", b"statuses", "task_ids", b"task_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1746,12 +1797,15 @@ class UpdateTaskRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SPECIFICATION_FIELD_NUMBER: _builtins.int
     AUTHOR_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     definition_version: _builtins.int
     """The definition_version the caller saw; required."""
     display_name: _builtins.str
     """Each field left unset keeps its current value; at least one must be set."""
     description: _builtins.str
+    scope: _builtins.str
+    """Extension: the scope task_id is in (see CreateTaskRequest.scope)."""
     @_builtins.property
     def specification(self) -> _any_pb2.Any: ...
     @_builtins.property
@@ -1765,10 +1819,11 @@ class UpdateTaskRequest(_message.Message):
         description: _builtins.str | None = ...,
         specification: _any_pb2.Any | None = ...,
         author: Global___Principal | None = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_display_name", b"_display_name", "author", b"author", "description", b"description", "display_name", b"display_name", "specification", b"specification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_display_name", b"_display_name", "author", b"author", "definition_version", b"definition_version", "description", b"description", "display_name", b"display_name", "specification", b"specification", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "_display_name", b"_display_name", "author", b"author", "definition_version", b"definition_version", "description", b"description", "display_name", b"display_name", "scope", b"scope", "specification", b"specification", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
     _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
@@ -1812,6 +1867,7 @@ class Credential(_message.Message):
     ENTITY_IDS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
     credential_id: _builtins.str
     kind: _builtins.str
     """"token" or "certificate"."""
@@ -1829,6 +1885,10 @@ class Credential(_message.Message):
     def revoke_time(self) -> _timestamp_pb2.Timestamp:
         """Set once revoked."""
 
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The scopes an operator or viewer credential is limited to; empty: every task."""
+
     def __init__(
         self,
         *,
@@ -1839,10 +1899,11 @@ class Credential(_message.Message):
         entity_ids: _abc.Iterable[_builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "credential_id", b"credential_id", "entity_ids", b"entity_ids", "kind", b"kind", "principal", b"principal", "revoke_time", b"revoke_time", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "credential_id", b"credential_id", "entity_ids", b"entity_ids", "kind", b"kind", "principal", b"principal", "revoke_time", b"revoke_time", "role", b"role", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1856,6 +1917,7 @@ class AddCredentialRequest(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     ENTITY_IDS_FIELD_NUMBER: _builtins.int
     CERTIFICATE_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
     principal: _builtins.str
     role: _builtins.str
     certificate: _builtins.bool
@@ -1864,6 +1926,13 @@ class AddCredentialRequest(_message.Message):
     def entity_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Required for the agent role, refused for the others."""
 
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Operators and viewers only: limit the credential to the tasks and sessions of these
+        scopes. With exactly one, an id given without a scope is read in it (so a Lattice
+        client holding it works in its scope unchanged). Agents are bound by entity_ids.
+        """
+
     def __init__(
         self,
         *,
@@ -1871,10 +1940,11 @@ class AddCredentialRequest(_message.Message):
         role: _builtins.str = ...,
         entity_ids: _abc.Iterable[_builtins.str] | None = ...,
         certificate: _builtins.bool = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "entity_ids", b"entity_ids", "principal", b"principal", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "entity_ids", b"entity_ids", "principal", b"principal", "role", b"role", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1988,12 +2058,17 @@ class SessionSubmission(_message.Message):
     TASKS_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Optional; [A-Za-z0-9_.-]{5,36}. A random UUID is used when empty. Supply one to make
     a retried submission safe.
     """
     display_name: _builtins.str
     """At most 256 characters."""
+    scope: _builtins.str
+    """The scope of the session and of all its tasks (see CreateTaskRequest.scope): the
+    session_id and the task ids are read in it; a task may repeat it or leave it empty.
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateTaskRequest]:
         """At least one, at most 10,000. Each is checked as CreateTask would check it; a
@@ -2013,10 +2088,11 @@ class SessionSubmission(_message.Message):
         tasks: _abc.Iterable[Global___CreateTaskRequest] | None = ...,
         display_name: _builtins.str = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "session_id", b"session_id", "tasks", b"tasks", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "scope", b"scope", "session_id", b"session_id", "tasks", b"tasks", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2192,15 +2268,19 @@ class GetSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    scope: _builtins.str
+    """The scope session_id is in (SessionSubmission.scope)."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2233,9 +2313,12 @@ class CancelSessionRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     AUTHOR_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     reason: _builtins.str
     """Why; recorded as each cancelled task's task_error message. At most 16,384 characters."""
+    scope: _builtins.str
+    """The scope session_id is in (SessionSubmission.scope)."""
     @_builtins.property
     def author(self) -> Global___Principal: ...
     def __init__(
@@ -2244,10 +2327,11 @@ class CancelSessionRequest(_message.Message):
         session_id: _builtins.str = ...,
         author: Global___Principal | None = ...,
         reason: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "reason", b"reason", "scope", b"scope", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
