@@ -16,6 +16,7 @@ from task_manager.v1.task_manager_pb2 import (
     StatusUpdate,
     Task,
     TaskHistoryEntry,
+    TaskType,
     TaskVersion,
 )
 
@@ -317,6 +318,13 @@ class WriteTransaction(Protocol):
         """The ids of the session's tasks not yet finished, in creation order."""
         ...
 
+    def insert_task_type(self, task_type: TaskType) -> bool:
+        """Registers a task type version; False, writing nothing, if its (name, version)
+        is taken."""
+        ...
+
+    def load_task_type(self, name: str, version: int) -> TaskType | None: ...
+
     def update_session(self, stored: StoredSession) -> None:
         """Records what changes of a session: cancelled_ns, deadline_ns, timed_out_ns."""
         ...
@@ -440,6 +448,14 @@ class Store(Protocol):
 
     async def due_sessions(self, now_ns: int, limit: int) -> Sequence[str]:
         """The sessions whose deadline has come, earliest first."""
+        ...
+
+    async def task_type(self, name: str, version: int = 0) -> TaskType | None:
+        """One registered version of a task type; version 0: the latest."""
+        ...
+
+    async def task_types(self, name: str = "") -> Sequence[TaskType]:
+        """Every registered version (of one type, if named), by name then version."""
         ...
 
     async def query(self, query: TaskQuery) -> Sequence[QueriedTask]: ...

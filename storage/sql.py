@@ -47,7 +47,13 @@ from storage.group_commit import GroupCommitWriter
 from storage.history import entry_for, ns, replay
 from task_manager import statuses
 from task_manager.v1.task_manager_pb2 import Session as SessionMessage
-from task_manager.v1.task_manager_pb2 import Status, StatusUpdate, Task, TaskHistoryEntry
+from task_manager.v1.task_manager_pb2 import (
+    Status,
+    StatusUpdate,
+    Task,
+    TaskHistoryEntry,
+    TaskType,
+)
 
 T = TypeVar("T")
 
@@ -254,6 +260,18 @@ class SqlTransaction:
         ).fetchall()
         return [task_id for (task_id,) in rows]
 
+    def insert_task_type(self, task_type: TaskType) -> bool:
+        inserted = self._session.execute(
+            "INSERT INTO task_types (name, version, task_type) VALUES (?, ?, ?)"
+            " ON CONFLICT (name, version) DO NOTHING",
+            (task_type.name, task_type.version, task_type.SerializeToString()),
+        ).rowcount
+        self.wrote = self.wrote or inserted == 1
+        return inserted == 1
+
+    def load_task_type(self, name: str, version: int) -> TaskType | None:
+        return read_task_type(self._session, name, version)
+
     def update_session(self, stored: StoredSession) -> None:
         self.wrote = True
         self._session.execute(
@@ -443,6 +461,23 @@ def _state_columns(stored: StoredTask, encoded_task: bytes) -> tuple[object, ...
         stored.deadline_ns,
         holder_entity_id(task),
     )
+
+
+# -- task types ---------------------------------------------------------------------------
+
+
+def read_task_type(session: Session, name: str, version: int) -> TaskType | None:
+    """Version 0: the latest."""
+    if version:
+        row = session.execute(
+            "SELECT task_type FROM task_types WHERE name = ? AND version = ?", (name, version)
+        ).fetchone()
+    else:
+        row = session.execute(
+            "SELECT task_type FROM task_types WHERE name = ? ORDER BY version DESC LIMIT 1",
+            (name,),
+        ).fetchone()
+    return None if row is None else TaskType.FromString(row[0])
 
 
 # -- credentials --------------------------------------------------------------------------
@@ -828,6 +863,19 @@ class SqlReads:
         def read(session: Session) -> tuple[StoredSession, SessionTasks] | None:
             stored = load_session(session, session_id)
             return None if stored is None else (stored, session_tasks(session, session_id))
+
+        return await self._read(read)
+
+    async def task_type(self, name: str, version: int = 0) -> TaskType | None:
+        return await self._read(lambda session: read_task_type(session, name, version))
+
+    async def task_types(self, name: str = "") -> Sequence[TaskType]:
+        def read(session: Session) -> list[TaskType]:
+            where, params = ("WHERE name = ?", (name,)) if name else ("", ())
+            rows = session.execute(
+                f"SELECT task_type FROM task_types {where} ORDER BY name, version", params
+            )
+            return [TaskType.FromString(row[0]) for row in rows]
 
         return await self._read(read)
 

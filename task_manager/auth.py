@@ -55,6 +55,10 @@ RIGHTS: Mapping[str, frozenset[Role]] = {
     "SubmitSessions": frozenset({Role.OPERATOR, Role.ADMIN}),
     "CancelSession": frozenset({Role.OPERATOR, Role.ADMIN}),
     "GetSession": frozenset({Role.OPERATOR, Role.VIEWER, Role.ADMIN}),
+    "RegisterTaskType": frozenset({Role.OPERATOR, Role.ADMIN}),
+    # Agents read the types they run too.
+    "GetTaskType": _ALL,
+    "ListTaskTypes": _ALL,
     "AddCredential": frozenset({Role.ADMIN}),
     "ListCredentials": frozenset({Role.ADMIN}),
     "RevokeCredential": frozenset({Role.ADMIN}),

@@ -124,3 +124,21 @@ class TooManyRequests(TaskManagerError):
 
 class CredentialRevoked(Unauthenticated):
     """The credentials an open stream was opened with were revoked."""
+
+
+class TaskTypeNotFound(TaskManagerError):
+    def __init__(self, name: str, version: int = 0) -> None:
+        which = f"task type {name} v{version}" if version else f"task type {name}"
+        super().__init__(f"{which} is not registered (ListTaskTypes shows those that are)")
+        self.name = name
+        self.version = version
+
+
+class TaskTypeTaken(TaskManagerError):
+    def __init__(self, name: str, version: int) -> None:
+        super().__init__(
+            f"task type {name} v{version} is already registered with other content:"
+            " register a new version"
+        )
+        self.name = name
+        self.version = version

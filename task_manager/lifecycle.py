@@ -70,6 +70,7 @@ CREATE_FIELDS = (
     ("description", "description"),
     ("is_executed_elsewhere", "is_executed_elsewhere"),
     ("session", "session_id"),  # a session's task is not a plain CreateTask's
+    ("task_type", "task_type"),
 )
 """The fields a CreateTaskRequest sets that a task keeps as they were created (its first
 definition), in the request's order. Compared apart: the policy (stored with the
@@ -117,6 +118,8 @@ def create_task(
         task.specification.CopyFrom(request.specification)
     if request.HasField("relations"):
         task.relations.CopyFrom(request.relations)
+    if request.HasField("task_type"):
+        task.task_type.CopyFrom(request.task_type)
     if request.HasField("author"):
         task.created_by.CopyFrom(request.author)
         task.last_updated_by.CopyFrom(request.author)

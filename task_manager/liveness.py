@@ -66,14 +66,20 @@ def next_deadline(task: Task, agent_task: Task | None) -> Deadline | None:
 
 def effective_policy(requested: TaskPolicy, defaults: TaskPolicy) -> TaskPolicy:
     """The request's policy with every unset field taken from the server's defaults."""
+    policy = layered(requested, defaults)
+    policy.max_attempts = policy.max_attempts or 1
+    return policy
+
+
+def layered(requested: TaskPolicy, under: TaskPolicy) -> TaskPolicy:
+    """The fields requested sets, over those under sets (a task type's defaults)."""
     policy = TaskPolicy()
-    policy.CopyFrom(defaults)
+    policy.CopyFrom(under)
     for field, value in requested.ListFields():
         if field.message_type is not None:
             getattr(policy, field.name).CopyFrom(value)
         else:
             setattr(policy, field.name, value)
-    policy.max_attempts = policy.max_attempts or 1
     return policy
 
 

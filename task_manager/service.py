@@ -32,7 +32,16 @@ from storage.base import (
     with_definition,
 )
 from storage.base import Credential as StoredCredential
-from task_manager import auth, lifecycle, scopes, sessions, statuses, validation, wire
+from task_manager import (
+    auth,
+    lifecycle,
+    scopes,
+    sessions,
+    statuses,
+    task_types,
+    validation,
+    wire,
+)
 from task_manager.auth import ANONYMOUS, Caller, Credentials, OpenStreams, RateLimiter, Role
 from task_manager.clock import Clock, sleep_until, timestamp
 from task_manager.cluster import Cluster
@@ -50,6 +59,8 @@ from task_manager.errors import (
     TaskIdTaken,
     TaskManagerError,
     TaskNotFound,
+    TaskTypeNotFound,
+    TaskTypeTaken,
     TerminalTask,
     TooManyRequests,
     Unauthenticated,
@@ -73,15 +84,21 @@ from task_manager.v1.task_manager_pb2 import (
     GetTaskHistoryResponse,
     GetTaskRequest,
     GetTaskResponse,
+    GetTaskTypeRequest,
+    GetTaskTypeResponse,
     ListAgentsRequest,
     ListAgentsResponse,
     ListCredentialsRequest,
     ListCredentialsResponse,
     ListenAsAgentRequest,
     ListenAsAgentResponse,
+    ListTaskTypesRequest,
+    ListTaskTypesResponse,
     Principal,
     QueryTasksRequest,
     QueryTasksResponse,
+    RegisterTaskTypeRequest,
+    RegisterTaskTypeResponse,
     ReportError,
     RevokeCredentialRequest,
     RevokeCredentialResponse,
@@ -133,6 +150,7 @@ class TaskManagerService:
         self._presence = presence
         self._cluster = cluster
         self._store = store
+        self._task_types = task_types.TaskTypeRegistry(store)
         self._limits = limits
         self._default_policy = default_policy
         self._dispatcher = dispatcher
@@ -151,6 +169,7 @@ class TaskManagerService:
         validation.check_create_task(request, self._limits, caller.default_scope)
         task_id = request.task_id or scopes.canonical(request.scope, lifecycle.new_id())
         _check_scopes(caller, task_id, request.relations.parent_task_id)
+        await self._task_types.check_create(request)
         author = caller.author(request.author if request.HasField("author") else None)
         if author is not None:
             request.author.CopyFrom(author)
@@ -366,9 +385,11 @@ class TaskManagerService:
         self, request: SubmitSessionsRequest, context: Context, caller: Caller
     ) -> SubmitSessionsResponse:
         validation.check_submit_sessions(request, self._limits, caller.default_scope)
-        for submission in request.sessions:
+        for index, submission in enumerate(request.sessions):
             caller.check_scope(submission.scope, "a session")
             _check_scopes(caller, *(task.relations.parent_task_id for task in submission.tasks))
+            for position, task in enumerate(submission.tasks):
+                await self._task_types.check_create(task, f"sessions[{index}].tasks[{position}].")
         author = caller.author(request.author if request.HasField("author") else None)
         submitted = await self._store.write(
             lambda tx: sessions.submit(
@@ -401,6 +422,33 @@ class TaskManagerService:
         found = await self._store.get_session(request.session_id)
         assert found is not None  # sessions are never deleted
         return CancelSessionResponse(session=sessions.view(*found))
+
+    async def RegisterTaskType(
+        self, request: RegisterTaskTypeRequest, context: Context, caller: Caller
+    ) -> RegisterTaskTypeResponse:
+        validation.check_task_type(request.task_type, self._limits)
+        now_ns = self._clock.now_ns()
+        registered, existed = await self._store.write(
+            lambda tx: task_types.register(tx, request.task_type, now_ns)
+        )
+        return RegisterTaskTypeResponse(task_type=registered, already_existed=existed)
+
+    async def GetTaskType(
+        self, request: GetTaskTypeRequest, context: Context, caller: Caller
+    ) -> GetTaskTypeResponse:
+        if not task_types.NAME_PATTERN.fullmatch(request.name):
+            raise InvalidArgument("name", f"{request.name!r:.80} is not a task type name")
+        found = await self._store.task_type(request.name, request.version)
+        if found is None:
+            raise TaskTypeNotFound(request.name, request.version)
+        return GetTaskTypeResponse(task_type=found)
+
+    async def ListTaskTypes(
+        self, request: ListTaskTypesRequest, context: Context, caller: Caller
+    ) -> ListTaskTypesResponse:
+        if request.name and not task_types.NAME_PATTERN.fullmatch(request.name):
+            raise InvalidArgument("name", f"{request.name!r:.80} is not a task type name")
+        return ListTaskTypesResponse(task_types=await self._store.task_types(request.name))
 
     async def AddCredential(
         self, request: AddCredentialRequest, context: Context, caller: Caller
@@ -642,6 +690,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TaskIdTaken, grpc.StatusCode.ALREADY_EXISTS),
     (SessionIdTaken, grpc.StatusCode.ALREADY_EXISTS),
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (TaskTypeNotFound, grpc.StatusCode.NOT_FOUND),
+    (TaskTypeTaken, grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflict, grpc.StatusCode.ABORTED),
     # Another replica's write to the same task committed first: a conflict, not a fault.
     (ConcurrentModification, grpc.StatusCode.ABORTED),

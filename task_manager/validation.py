@@ -20,10 +20,11 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from storage.base import MAX_REVISION, TaskQuery, TaskSelector
-from task_manager import scopes, statuses
+from task_manager import scopes, statuses, task_types
 from task_manager.auth import SCOPED_ROLES, Role, check_binding
 from task_manager.errors import InvalidArgument
 from task_manager.liveness import MAX_DURATION_S
+from task_manager.task_types import SpecificationCheck
 from task_manager.v1.task_manager_pb2 import (
     AddCredentialRequest,
     CancelSessionRequest,
@@ -38,6 +39,7 @@ from task_manager.v1.task_manager_pb2 import (
     StatusUpdate,
     SubmitSessionsRequest,
     TaskPolicy,
+    TaskType,
     TaskView,
     UpdateTaskRequest,
     WatchTasksRequest,
@@ -511,6 +513,16 @@ def _timestamp(stamp: Timestamp, field: str) -> int:
 def _duration(value: Duration, field: str) -> None:
     if not (0 <= value.nanos < 1_000_000_000 and 0 <= value.seconds <= MAX_DURATION_S):
         raise InvalidArgument(field, "must be between 0 and 10 years")
+
+
+def check_task_type(task_type: TaskType, limits: FieldLimits) -> SpecificationCheck:
+    """A type to register: its fields, what it defines, and its default policy."""
+    check = task_types.check_registration(task_type)
+    try:
+        _check_policy(task_type.default_policy, limits)
+    except InvalidArgument as bad:
+        raise InvalidArgument(f"task_type.default_{bad.field}", bad.why) from None
+    return check
 
 
 def _check_policy(policy: TaskPolicy, limits: FieldLimits) -> None:

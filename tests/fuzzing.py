@@ -98,6 +98,8 @@ def _single_values(
     if kind == FieldDescriptor.TYPE_ENUM:
         assert field.enum_type is not None
         named = st.sampled_from([value.number for value in field.enum_type.values])
+        if field.enum_type.is_closed:  # proto2's (descriptor.proto): unnamed values unsettable
+            return named
         return st.one_of(named, named, named, st.integers(-(2**31), 2**31 - 1))
     if kind == FieldDescriptor.TYPE_BOOL:
         return st.booleans()

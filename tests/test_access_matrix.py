@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool
 
 from agent_kit._grpc import ClientAuth, open_stub
 from storage import add_credential
@@ -40,9 +41,29 @@ EXPECTED_RIGHTS: dict[str, set[str]] = {
         "SubmitSessions",
         "GetSession",
         "CancelSession",
+        "RegisterTaskType",
+        "GetTaskType",
+        "ListTaskTypes",
     },
-    "agent": {"ListenAsAgent", "UpdateStatus", "ReportStatus", "GetTask", "GetTaskHistory"},
-    "viewer": {"GetTask", "QueryTasks", "GetTaskHistory", "WatchTasks", "ListAgents", "GetSession"},
+    "agent": {
+        "ListenAsAgent",
+        "UpdateStatus",
+        "ReportStatus",
+        "GetTask",
+        "GetTaskHistory",
+        "GetTaskType",
+        "ListTaskTypes",
+    },
+    "viewer": {
+        "GetTask",
+        "QueryTasks",
+        "GetTaskHistory",
+        "WatchTasks",
+        "ListAgents",
+        "GetSession",
+        "GetTaskType",
+        "ListTaskTypes",
+    },
 }
 AGENT_ONLY_OWN = {"ListenAsAgent", "UpdateStatus", "ReportStatus", "GetTask", "GetTaskHistory"}
 """For these, an agent may act only on its own entity's tasks (or as its own entity)."""
@@ -67,6 +88,8 @@ class World:
     server: TaskManagerServer
     admin: AsyncStub
     tokens: dict[str, str]
+    task_type_versions: int = 0
+    """The last version of the matrix's task type registered."""
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +244,43 @@ async def _cancel_session(stub: AsyncStub, world: World, entity: str) -> None:
     await stub.CancelSession(pb.CancelSessionRequest(session_id=session_id))
 
 
+def _task_type(version: int) -> pb.TaskType:
+    return pb.TaskType(
+        name="matrix-type",
+        version=version,
+        message_type="google.protobuf.Empty",
+        descriptors=descriptor_pb2.FileDescriptorSet(file=[_empty_file()]),
+    )
+
+
+def _empty_file() -> descriptor_pb2.FileDescriptorProto:
+    file = descriptor_pb2.FileDescriptorProto()
+    descriptor_pool.Default().FindFileByName("google/protobuf/empty.proto").CopyToProto(file)
+    return file
+
+
+async def _register_task_type(stub: AsyncStub, world: World, entity: str) -> None:
+    # A new version each time: a registration that succeeds writes.
+    world.task_type_versions += 1
+    request = pb.RegisterTaskTypeRequest(task_type=_task_type(world.task_type_versions))
+    await stub.RegisterTaskType(request)
+
+
+async def _get_task_type(stub: AsyncStub, world: World, entity: str) -> None:
+    world.task_type_versions += 1
+    version = world.task_type_versions
+    await world.admin.RegisterTaskType(pb.RegisterTaskTypeRequest(task_type=_task_type(version)))
+    await stub.GetTaskType(pb.GetTaskTypeRequest(name="matrix-type", version=version))
+
+
+async def _list_task_types(stub: AsyncStub, world: World, entity: str) -> None:
+    await stub.ListTaskTypes(pb.ListTaskTypesRequest(name="matrix-type"))
+
+
 CALLS: dict[str, Call] = {
+    "RegisterTaskType": _register_task_type,
+    "GetTaskType": _get_task_type,
+    "ListTaskTypes": _list_task_types,
     "SubmitSessions": _submit_sessions,
     "GetSession": _get_session,
     "CancelSession": _cancel_session,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from google.protobuf import message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
@@ -258,8 +258,25 @@ def _valid_requests() -> dict[str, Message]:
         ),
         pb.GetSessionRequest(session_id="fuzz-session-1"),
         pb.CancelSessionRequest(session_id="fuzz-session-1", reason="fuzz"),
+        pb.RegisterTaskTypeRequest(
+            task_type=pb.TaskType(
+                name="fuzz-type",
+                version=1,
+                message_type="google.protobuf.Duration",
+                descriptors=descriptor_pb2.FileDescriptorSet(file=[_duration_file()]),
+                constraints=[pb.FieldConstraint(path="seconds", minimum=0, maximum=60)],
+            )
+        ),
+        pb.GetTaskTypeRequest(name="fuzz-type", version=1),
+        pb.ListTaskTypesRequest(name="fuzz-type"),
     ]
     return {request.DESCRIPTOR.full_name: request for request in requests}
+
+
+def _duration_file() -> descriptor_pb2.FileDescriptorProto:
+    file = descriptor_pb2.FileDescriptorProto()
+    descriptor_pool.Default().FindFileByName("google/protobuf/duration.proto").CopyToProto(file)
+    return file
 
 
 VALID_REQUESTS = _valid_requests()
@@ -281,4 +298,4 @@ def test_mutated_valid_requests_get_proper_answers(world: FuzzWorld) -> None:
 def test_every_method_is_fuzzed() -> None:
     assert {m.input_type.full_name for m in METHODS} == set(VALID_REQUESTS)
     request_types = {message_factory.GetMessageClass(m.input_type) for m in METHODS}
-    assert len(METHODS) == 23 and len(request_types) == 18
+    assert len(METHODS) == 26 and len(request_types) == 21

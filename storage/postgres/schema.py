@@ -131,6 +131,15 @@ MIGRATIONS: Sequence[str] = (
     CREATE INDEX tasks_of_scopes ON tasks (scope, cursor) WHERE scope IS NOT NULL;
     ALTER TABLE credentials ADD COLUMN scopes TEXT NOT NULL DEFAULT '[]';
     """,
+    # Task types (task_manager/task_types.py): each registered version, never changed.
+    """
+    CREATE TABLE task_types (
+        name TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        task_type BYTEA NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    """,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (table schema_version)."""
 

@@ -194,6 +194,15 @@ def _migrate_to_14(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE credentials ADD COLUMN scopes TEXT NOT NULL DEFAULT '[]'")
 
 
+def _migrate_to_15(db: sqlite_utils.Database) -> None:
+    # Task types (task_manager/task_types.py): each registered version, never changed.
+    db.table("task_types").create(
+        {"name": str, "version": int, "task_type": bytes},
+        pk=("name", "version"),
+        not_null={"task_type"},
+    )
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -209,6 +218,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_12,
     _migrate_to_13,
     _migrate_to_14,
+    _migrate_to_15,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 

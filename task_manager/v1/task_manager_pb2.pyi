@@ -34,6 +34,7 @@ Lifecycle rules (binding; see README "Lifecycle"):
 from collections import abc as _abc
 from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -268,6 +269,7 @@ class Task(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     description: _builtins.str
     is_executed_elsewhere: _builtins.bool
@@ -305,6 +307,10 @@ class Task(_message.Message):
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
         """Extension: every attempt so far, oldest first."""
 
+    @_builtins.property
+    def task_type(self) -> Global___TaskTypeRef:
+        """Extension: the task type it was created with, at the version it was checked against."""
+
     def __init__(
         self,
         *,
@@ -325,10 +331,11 @@ class Task(_message.Message):
         attempts: _abc.Iterable[Global___Attempt] | None = ...,
         session_id: _builtins.str = ...,
         scope: _builtins.str = ...,
+        task_type: Global___TaskTypeRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "session_id", b"session_id", "specification", b"specification", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "session_id", b"session_id", "specification", b"specification", "status", b"status", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -794,6 +801,7 @@ class CreateTaskRequest(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     SCHEDULED_TIME_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """At most 256 characters."""
     description: _builtins.str
@@ -828,6 +836,14 @@ class CreateTaskRequest(_message.Message):
         then; it is released to SENT at that time (also across restarts).
         """
 
+    @_builtins.property
+    def task_type(self) -> Global___TaskTypeRef:
+        """Extension: the task's type (version 0: the latest registered). The specification
+        must be the type's message and meet its constraints, else INVALID_ARGUMENT naming
+        the field (specification.<path>); an unknown type is NOT_FOUND. Unset policy fields
+        take the type's default_policy, then the server's defaults.
+        """
+
     def __init__(
         self,
         *,
@@ -841,10 +857,11 @@ class CreateTaskRequest(_message.Message):
         policy: Global___TaskPolicy | None = ...,
         scheduled_time: _timestamp_pb2.Timestamp | None = ...,
         scope: _builtins.str = ...,
+        task_type: Global___TaskTypeRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "task_type", b"task_type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "specification", b"specification", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "specification", b"specification", "task_id", b"task_id", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2356,3 +2373,265 @@ class CancelSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelSessionResponse: _TypeAlias = CancelSessionResponse  # noqa: Y015
+
+@_typing.final
+class FieldConstraint(_message.Message):
+    """-- task types (extension) -------------------------------------------------------------
+
+    A check of one field of a task type's specification message.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    MINIMUM_FIELD_NUMBER: _builtins.int
+    MAXIMUM_FIELD_NUMBER: _builtins.int
+    PATTERN_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The field by name; a nested field's through its singular message fields, joined by
+    dots ("site.altitude_m").
+    """
+    required: _builtins.bool
+    """The field is set: a message or optional field present, a repeated field not
+    empty, a plain scalar not at its zero value.
+    """
+    minimum: _builtins.float
+    """Numbers only (each element of a repeated field): inclusive bounds."""
+    maximum: _builtins.float
+    pattern: _builtins.str
+    """Strings only (each element of a repeated field): the whole value matches this
+    regular expression (Python re syntax). An unset field is not checked.
+    """
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        required: _builtins.bool = ...,
+        minimum: _builtins.float | None = ...,
+        maximum: _builtins.float | None = ...,
+        pattern: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum", "path", b"path", "pattern", b"pattern", "required", b"required"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
+    _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
+    _WhichOneofReturnType__minimum: _TypeAlias = _typing.Literal["minimum"]  # noqa: Y015
+    _WhichOneofArgType__minimum: _TypeAlias = _typing.Literal["_minimum", b"_minimum"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__maximum) -> _WhichOneofReturnType__maximum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__minimum) -> _WhichOneofReturnType__minimum | None: ...
+
+Global___FieldConstraint: _TypeAlias = FieldConstraint  # noqa: Y015
+
+@_typing.final
+class TaskType(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    MESSAGE_TYPE_FIELD_NUMBER: _builtins.int
+    DESCRIPTORS_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    DEFAULT_POLICY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """[A-Za-z0-9_.-]{1,63}."""
+    version: _builtins.int
+    """From 1."""
+    description: _builtins.str
+    """At most 16,384 characters."""
+    message_type: _builtins.str
+    """The specification's message type, by full name ("survey.v1.SurveyLeg")."""
+    @_builtins.property
+    def descriptors(self) -> _descriptor_pb2.FileDescriptorSet:
+        """The files defining message_type and the files they import (Google's well-known
+        types may be left out): FileDescriptorSet, as protoc --descriptor_set_out
+        --include_imports writes it, or built from a generated module's DESCRIPTOR.
+        """
+
+    @_builtins.property
+    def constraints(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldConstraint]:
+        """At most 100."""
+
+    @_builtins.property
+    def default_policy(self) -> Global___TaskPolicy:
+        """Taken by the type's tasks for the policy fields their request leaves unset."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Set by the task manager."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        description: _builtins.str = ...,
+        message_type: _builtins.str = ...,
+        descriptors: _descriptor_pb2.FileDescriptorSet | None = ...,
+        constraints: _abc.Iterable[Global___FieldConstraint] | None = ...,
+        default_policy: Global___TaskPolicy | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_policy", b"default_policy", "descriptors", b"descriptors"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "create_time", b"create_time", "default_policy", b"default_policy", "description", b"description", "descriptors", b"descriptors", "message_type", b"message_type", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskType: _TypeAlias = TaskType  # noqa: Y015
+
+@_typing.final
+class TaskTypeRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    """0 in a request: the latest registered version."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskTypeRef: _TypeAlias = TaskTypeRef  # noqa: Y015
+
+@_typing.final
+class RegisterTaskTypeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task_type(self) -> Global___TaskType: ...
+    def __init__(
+        self,
+        *,
+        task_type: Global___TaskType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task_type", b"task_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterTaskTypeRequest: _TypeAlias = RegisterTaskTypeRequest  # noqa: Y015
+
+@_typing.final
+class RegisterTaskTypeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    ALREADY_EXISTED_FIELD_NUMBER: _builtins.int
+    already_existed: _builtins.bool
+    """This name and version were registered already, with this same content."""
+    @_builtins.property
+    def task_type(self) -> Global___TaskType: ...
+    def __init__(
+        self,
+        *,
+        task_type: Global___TaskType | None = ...,
+        already_existed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task_type", b"task_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_existed", b"already_existed", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterTaskTypeResponse: _TypeAlias = RegisterTaskTypeResponse  # noqa: Y015
+
+@_typing.final
+class GetTaskTypeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    """0 = the latest."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaskTypeRequest: _TypeAlias = GetTaskTypeRequest  # noqa: Y015
+
+@_typing.final
+class GetTaskTypeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task_type(self) -> Global___TaskType: ...
+    def __init__(
+        self,
+        *,
+        task_type: Global___TaskType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task_type", b"task_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaskTypeResponse: _TypeAlias = GetTaskTypeResponse  # noqa: Y015
+
+@_typing.final
+class ListTaskTypesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Only this type's versions; empty: every type."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTaskTypesRequest: _TypeAlias = ListTaskTypesRequest  # noqa: Y015
+
+@_typing.final
+class ListTaskTypesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskType]: ...
+    def __init__(
+        self,
+        *,
+        task_types: _abc.Iterable[Global___TaskType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_types", b"task_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTaskTypesResponse: _TypeAlias = ListTaskTypesResponse  # noqa: Y015

@@ -126,6 +126,21 @@ class TaskManagerStub:
                 request_serializer=task__manager_dot_v1_dot_task__manager__pb2.CancelSessionRequest.SerializeToString,
                 response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.CancelSessionResponse.FromString,
                 _registered_method=True)
+        self.RegisterTaskType = channel.unary_unary(
+                '/task_manager.v1.TaskManager/RegisterTaskType',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.RegisterTaskTypeRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.RegisterTaskTypeResponse.FromString,
+                _registered_method=True)
+        self.GetTaskType = channel.unary_unary(
+                '/task_manager.v1.TaskManager/GetTaskType',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.GetTaskTypeRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.GetTaskTypeResponse.FromString,
+                _registered_method=True)
+        self.ListTaskTypes = channel.unary_unary(
+                '/task_manager.v1.TaskManager/ListTaskTypes',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -291,6 +306,31 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterTaskType(self, request, context):
+        """Extension: task types (after LittleHorse's TaskDef): a named, versioned kind of task
+        whose specification is a declared message, checked against per-field constraints.
+        A (name, version) once registered never changes: registering it again with the same
+        content answers already_existed, other content is ALREADY_EXISTS. A new version
+        leaves the tasks of older ones as they are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTaskType(self, request, context):
+        """Extension: one version of a task type (version 0: the latest). NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTaskTypes(self, request, context):
+        """Extension: every registered task type version, by name then version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -383,6 +423,21 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.CancelSession,
                     request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.CancelSessionRequest.FromString,
                     response_serializer=task__manager_dot_v1_dot_task__manager__pb2.CancelSessionResponse.SerializeToString,
+            ),
+            'RegisterTaskType': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterTaskType,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.RegisterTaskTypeRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.RegisterTaskTypeResponse.SerializeToString,
+            ),
+            'GetTaskType': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskType,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.GetTaskTypeRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.GetTaskTypeResponse.SerializeToString,
+            ),
+            'ListTaskTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTaskTypes,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -873,6 +928,87 @@ class TaskManager:
             '/task_manager.v1.TaskManager/CancelSession',
             task__manager_dot_v1_dot_task__manager__pb2.CancelSessionRequest.SerializeToString,
             task__manager_dot_v1_dot_task__manager__pb2.CancelSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterTaskType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/RegisterTaskType',
+            task__manager_dot_v1_dot_task__manager__pb2.RegisterTaskTypeRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.RegisterTaskTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/GetTaskType',
+            task__manager_dot_v1_dot_task__manager__pb2.GetTaskTypeRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.GetTaskTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTaskTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/ListTaskTypes',
+            task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesResponse.FromString,
             options,
             channel_credentials,
             insecure,

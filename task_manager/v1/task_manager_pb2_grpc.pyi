@@ -142,6 +142,17 @@ class TaskManagerStub:
     """Extension: cancels every unfinished task of the session (as CancelTask each) and
     leaves the session CANCELLED. A finished session is FAILED_PRECONDITION.
     """
+    RegisterTaskType: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.RegisterTaskTypeRequest, _task_manager_pb2.RegisterTaskTypeResponse]
+    """Extension: task types (after LittleHorse's TaskDef): a named, versioned kind of task
+    whose specification is a declared message, checked against per-field constraints.
+    A (name, version) once registered never changes: registering it again with the same
+    content answers already_existed, other content is ALREADY_EXISTS. A new version
+    leaves the tasks of older ones as they are.
+    """
+    GetTaskType: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.GetTaskTypeRequest, _task_manager_pb2.GetTaskTypeResponse]
+    """Extension: one version of a task type (version 0: the latest). NOT_FOUND if unknown."""
+    ListTaskTypes: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.ListTaskTypesRequest, _task_manager_pb2.ListTaskTypesResponse]
+    """Extension: every registered task type version, by name then version."""
 
 @_typing.type_check_only
 class TaskManagerAsyncStub(TaskManagerStub):
@@ -229,6 +240,17 @@ class TaskManagerAsyncStub(TaskManagerStub):
     """Extension: cancels every unfinished task of the session (as CancelTask each) and
     leaves the session CANCELLED. A finished session is FAILED_PRECONDITION.
     """
+    RegisterTaskType: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.RegisterTaskTypeRequest, _task_manager_pb2.RegisterTaskTypeResponse]  # type: ignore[assignment]
+    """Extension: task types (after LittleHorse's TaskDef): a named, versioned kind of task
+    whose specification is a declared message, checked against per-field constraints.
+    A (name, version) once registered never changes: registering it again with the same
+    content answers already_existed, other content is ALREADY_EXISTS. A new version
+    leaves the tasks of older ones as they are.
+    """
+    GetTaskType: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.GetTaskTypeRequest, _task_manager_pb2.GetTaskTypeResponse]  # type: ignore[assignment]
+    """Extension: one version of a task type (version 0: the latest). NOT_FOUND if unknown."""
+    ListTaskTypes: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.ListTaskTypesRequest, _task_manager_pb2.ListTaskTypesResponse]  # type: ignore[assignment]
+    """Extension: every registered task type version, by name then version."""
 
 class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
     """The operator- and agent-facing service. The five core RPCs are also served under
@@ -421,5 +443,34 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         """Extension: cancels every unfinished task of the session (as CancelTask each) and
         leaves the session CANCELLED. A finished session is FAILED_PRECONDITION.
         """
+
+    @_abc_1.abstractmethod
+    def RegisterTaskType(
+        self,
+        request: _task_manager_pb2.RegisterTaskTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.RegisterTaskTypeResponse, _abc.Awaitable[_task_manager_pb2.RegisterTaskTypeResponse]]:
+        """Extension: task types (after LittleHorse's TaskDef): a named, versioned kind of task
+        whose specification is a declared message, checked against per-field constraints.
+        A (name, version) once registered never changes: registering it again with the same
+        content answers already_existed, other content is ALREADY_EXISTS. A new version
+        leaves the tasks of older ones as they are.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTaskType(
+        self,
+        request: _task_manager_pb2.GetTaskTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.GetTaskTypeResponse, _abc.Awaitable[_task_manager_pb2.GetTaskTypeResponse]]:
+        """Extension: one version of a task type (version 0: the latest). NOT_FOUND if unknown."""
+
+    @_abc_1.abstractmethod
+    def ListTaskTypes(
+        self,
+        request: _task_manager_pb2.ListTaskTypesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.ListTaskTypesResponse, _abc.Awaitable[_task_manager_pb2.ListTaskTypesResponse]]:
+        """Extension: every registered task type version, by name then version."""
 
 def add_TaskManagerServicer_to_server(servicer: TaskManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,293 @@
+"""Task types: registered, versioned kinds of task whose specification the server
+decodes from the descriptors it was given and checks field by field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+
+from task_manager.v1 import task_manager_pb2 as pb
+from tests.helpers import AsyncStub, create_request
+
+pytestmark = pytest.mark.anyio
+F = descriptor_pb2.FieldDescriptorProto
+LEG = "survey.v1.SurveyLeg"
+
+
+def survey_file() -> descriptor_pb2.FileDescriptorProto:
+    """A message the server was never compiled with: survey.v1.SurveyLeg."""
+    file = descriptor_pb2.FileDescriptorProto(
+        name="survey/v1/leg.proto",
+        package="survey.v1",
+        syntax="proto3",
+        dependency=["google/protobuf/duration.proto"],  # a well-known type, not given
+    )
+    area = file.message_type.add(name="Area")
+    area.field.add(name="radius_m", number=1, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
+    leg = file.message_type.add(name="SurveyLeg")
+    leg.field.add(name="site", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    leg.field.add(name="altitude_m", number=2, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
+    leg.field.add(
+        name="area",
+        number=3,
+        type=F.TYPE_MESSAGE,
+        type_name=".survey.v1.Area",
+        label=F.LABEL_OPTIONAL,
+    )
+    leg.field.add(name="tags", number=4, type=F.TYPE_STRING, label=F.LABEL_REPEATED)
+    leg.field.add(
+        name="dwell",
+        number=5,
+        type=F.TYPE_MESSAGE,
+        type_name=".google.protobuf.Duration",
+        label=F.LABEL_OPTIONAL,
+    )
+    return file
+
+
+def leg_class() -> type[Message]:
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(_descriptor_file("google/protobuf/duration.proto"))
+    pool.Add(survey_file())
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(LEG))
+
+
+def _descriptor_file(name: str) -> descriptor_pb2.FileDescriptorProto:
+    file = descriptor_pb2.FileDescriptorProto()
+    descriptor_pool.Default().FindFileByName(name).CopyToProto(file)
+    return file
+
+
+LEG_CLASS = leg_class()
+
+
+def leg(**fields: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(LEG_CLASS(**fields))
+    return packed
+
+
+def constraint(path: str, **fields: Any) -> pb.FieldConstraint:
+    return pb.FieldConstraint(path=path, **fields)
+
+
+def survey_type(version: int = 1, **fields: Any) -> pb.TaskType:
+    task_type = pb.TaskType(
+        name="survey",
+        version=version,
+        description="fly a survey leg",
+        message_type=LEG,
+        descriptors=descriptor_pb2.FileDescriptorSet(file=[survey_file()]),
+        constraints=[
+            constraint("site", required=True, pattern=r"[a-z][a-z-]*"),
+            constraint("altitude_m", minimum=20, maximum=500),
+            constraint("area.radius_m", required=True, maximum=2000),
+            constraint("tags", pattern=r"[a-z]+"),
+        ],
+        default_policy=pb.TaskPolicy(max_attempts=3, receipt_timeout=Duration(seconds=30)),
+    )
+    changed(task_type, fields)
+    return task_type
+
+
+def changed(task_type: pb.TaskType, fields: dict[str, Any]) -> None:
+    for name, value in fields.items():
+        if name == "constraints":
+            del task_type.constraints[:]
+            task_type.constraints.extend(value)
+        elif isinstance(value, Message):
+            getattr(task_type, name).CopyFrom(value)
+        else:
+            setattr(task_type, name, value)
+
+
+async def register(stub: AsyncStub, task_type: pb.TaskType) -> pb.RegisterTaskTypeResponse:
+    return await stub.RegisterTaskType(pb.RegisterTaskTypeRequest(task_type=task_type))
+
+
+def typed(
+    specification: any_pb2.Any | None, version: int = 0, **fields: Any
+) -> pb.CreateTaskRequest:
+    request = create_request(task_type=pb.TaskTypeRef(name="survey", version=version), **fields)
+    if specification is not None:
+        request.specification.CopyFrom(specification)
+    return request
+
+
+GOOD = {"site": "north-ridge", "altitude_m": 120.0, "area": {"radius_m": 500.0}, "tags": ["dawn"]}
+
+
+async def refusal(call: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    raise AssertionError("the call was accepted")
+
+
+async def test_a_type_is_registered_once_per_version_and_listed(stub: AsyncStub) -> None:
+    first = await register(stub, survey_type())
+    assert not first.already_existed and first.task_type.HasField("create_time")
+    again = await register(stub, survey_type())
+    assert again.already_existed and again.task_type == first.task_type
+    code, message = await refusal(register(stub, survey_type(description="other")))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "survey v1" in message
+    await register(stub, survey_type(version=2, description="v2"))
+    listed = await stub.ListTaskTypes(pb.ListTaskTypesRequest())
+    assert [(t.name, t.version) for t in listed.task_types] == [("survey", 1), ("survey", 2)]
+    latest = await stub.GetTaskType(pb.GetTaskTypeRequest(name="survey"))
+    assert latest.task_type.description == "v2"
+    code, _ = await refusal(stub.GetTaskType(pb.GetTaskTypeRequest(name="survey", version=9)))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_typed_task_pins_its_version_and_takes_the_types_policy(stub: AsyncStub) -> None:
+    await register(stub, survey_type())
+    own_policy = pb.TaskPolicy(execution_timeout=Duration(seconds=600))
+    task = (await stub.CreateTask(typed(leg(**GOOD), policy=own_policy))).task
+    assert (task.task_type.name, task.task_type.version) == ("survey", 1)
+    assert task.policy.max_attempts == 3  # the type's
+    assert task.policy.receipt_timeout.seconds == 30  # the type's
+    assert task.policy.execution_timeout.seconds == 600  # the request's own
+    # A retry is the same request: the same answer.
+    first = await stub.CreateTask(typed(leg(**GOOD), task_id="typed-0001"))
+    again = await stub.CreateTask(typed(leg(**GOOD), task_id="typed-0001"))
+    assert again.already_existed and again.task.version == first.task.version
+
+
+@pytest.mark.parametrize(
+    ("specification", "field", "says"),
+    [
+        (None, "specification", "is required: task type survey v1 takes a survey.v1.SurveyLeg"),
+        ({"altitude_m": 100.0, "area": {"radius_m": 1.0}}, "specification.site", "is required"),
+        ({**GOOD, "site": "North Ridge"}, "specification.site", "does not match"),
+        ({**GOOD, "altitude_m": 12000.0}, "specification.altitude_m", "above the maximum 500"),
+        ({**GOOD, "altitude_m": 5.0}, "specification.altitude_m", "below the minimum 20"),
+        ({"site": "ridge"}, "specification.area.radius_m", "is required"),
+        ({**GOOD, "area": {"radius_m": 9000.0}}, "specification.area.radius_m", "above the max"),
+        ({**GOOD, "tags": ["dawn", "Dusk"]}, "specification.tags[1]", "does not match"),
+        ("wrong type", "specification", "is a google.protobuf.Duration, but task type survey v1"),
+        ("undecodable", "specification", "does not decode as a survey.v1.SurveyLeg"),
+    ],
+    ids=[
+        "missing",
+        "required",
+        "pattern",
+        "above",
+        "below",
+        "nested required",
+        "nested range",
+        "repeated",
+        "other message",
+        "undecodable",
+    ],
+)
+async def test_a_specification_that_breaks_its_type_is_invalid_and_stores_nothing(
+    stub: AsyncStub, specification: object, field: str, says: str
+) -> None:
+    await register(stub, survey_type())
+    packed: any_pb2.Any | None
+    if specification is None:
+        packed = None
+    elif specification == "wrong type":
+        packed = any_pb2.Any()
+        packed.Pack(Duration(seconds=1))
+    elif specification == "undecodable":
+        packed = any_pb2.Any(type_url=f"type.googleapis.com/{LEG}", value=b"\xff\xff\xff")
+    else:
+        assert isinstance(specification, dict)
+        packed = leg(**specification)
+    code, message = await refusal(stub.CreateTask(typed(packed)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith(f"{field}: ") and says in message, message
+    # Also inside a session, by the task's path.
+    session = pb.SessionSubmission(tasks=[typed(leg(**GOOD)), typed(packed)])
+    code, message = await refusal(stub.SubmitSessions(pb.SubmitSessionsRequest(sessions=[session])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith(f"sessions[0].tasks[1].{field}: "), message
+    assert not (await stub.QueryTasks(pb.QueryTasksRequest())).tasks
+
+
+async def test_an_unknown_type_or_version_is_not_found(stub: AsyncStub) -> None:
+    code, message = await refusal(stub.CreateTask(typed(leg(**GOOD))))
+    assert code == grpc.StatusCode.NOT_FOUND and "task type survey is not registered" in message
+    await register(stub, survey_type())
+    code, message = await refusal(stub.CreateTask(typed(leg(**GOOD), version=2)))
+    assert code == grpc.StatusCode.NOT_FOUND and "survey v2" in message
+    assert not (await stub.QueryTasks(pb.QueryTasksRequest())).tasks
+
+
+async def test_a_new_version_never_breaks_tasks_of_older_ones(stub: AsyncStub) -> None:
+    await register(stub, survey_type())
+    old = (await stub.CreateTask(typed(leg(**GOOD)))).task
+    stricter = [constraint("altitude_m", minimum=200, maximum=500)]
+    await register(stub, survey_type(version=2, constraints=stricter))
+    # The latest is stricter; version 1 is still there to create against, unchanged.
+    code, _ = await refusal(stub.CreateTask(typed(leg(**GOOD))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    pinned = (await stub.CreateTask(typed(leg(**GOOD), version=1))).task
+    assert pinned.task_type.version == 1
+    kept = (await stub.GetTask(pb.GetTaskRequest(task_id=old.version.task_id))).task
+    assert kept.task_type.version == 1 and kept.status.status == pb.STATUS_SENT
+
+
+C0 = "task_type.constraints[0]"
+BAD_TYPES: dict[str, tuple[dict[str, Any], str, str]] = {
+    "name": ({"name": "no spaces"}, "task_type.name", "is not a name"),
+    "version": ({"version": 0}, "task_type.version", "is required"),
+    "message": ({"message_type": "survey.v1.Missing"}, "task_type.message_type", "is not a"),
+    "path": ({"constraints": [constraint("height")]}, f"{C0}.path", "no field"),
+    "through": (
+        {"constraints": [constraint("site.x", required=True)]},
+        f"{C0}.path",
+        "not a singular message",
+    ),
+    "min": ({"constraints": [constraint("site", minimum=1)]}, f"{C0}.minimum", "not a number"),
+    "pattern": (
+        {"constraints": [constraint("altitude_m", pattern="x")]},
+        f"{C0}.pattern",
+        "not a string",
+    ),
+    "regex": ({"constraints": [constraint("site", pattern="(")]}, f"{C0}.pattern", "not a regular"),
+    "bounds": (
+        {"constraints": [constraint("altitude_m", minimum=5, maximum=1)]},
+        f"{C0}.maximum",
+        "below the minimum",
+    ),
+    "empty": ({"constraints": [constraint("site")]}, C0, "says nothing"),
+    "no files": (
+        {"descriptors": descriptor_pb2.FileDescriptorSet()},
+        "task_type.message_type",
+        "is not a message",
+    ),
+    "policy": (
+        {"default_policy": pb.TaskPolicy(max_attempts=1000)},
+        "task_type.default_policy.max_attempts",
+        "more than",
+    ),
+}
+
+
+@pytest.mark.parametrize(("changes", "field", "says"), BAD_TYPES.values(), ids=BAD_TYPES.keys())
+async def test_a_type_that_cannot_be_used_is_refused(
+    stub: AsyncStub, changes: dict[str, Any], field: str, says: str
+) -> None:
+    task_type = survey_type(**changes)
+    code, message = await refusal(register(stub, task_type))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith(f"{field}: ") and says in message, message
+    assert not (await stub.ListTaskTypes(pb.ListTaskTypesRequest())).task_types
+
+
+async def test_a_file_importing_one_not_given_is_refused(stub: AsyncStub) -> None:
+    file = survey_file()
+    file.dependency.append("survey/v1/common.proto")
+    task_type = survey_type(descriptors=descriptor_pb2.FileDescriptorSet(file=[file]))
+    code, message = await refusal(register(stub, task_type))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "imports survey/v1/common.proto, which is not given" in message
