@@ -3,13 +3,14 @@
     python -m bench.load SCENARIO --target HOST:PORT [options]
 
 Scenarios: echo, update-status, lifecycle, dispatch, idle-streams, watch-fanout and
-push-fanout (its baseline). bench/run.py starts the servers and these processes; the
-numbers are only meaningful side by side.
+push-fanout (its baseline), create (one CreateTask a task, or sessions of
+--session-size tasks) and session-lifecycle. bench/run.py starts the servers and these
+processes; the numbers are only meaningful side by side.
 
 `--target` may name several replicas of one database, comma-separated: update-status
-spreads its workers over them; lifecycle, dispatch and watch-fanout create and update
-tasks on the first and listen (agents, watchers) on the last, so every task crosses
-from one replica to another. The other scenarios use the first.
+spreads its workers over them; lifecycle, session-lifecycle, dispatch and watch-fanout
+create and update tasks on the first and listen (agents, watchers) on the last, so every
+task crosses from one replica to another. The other scenarios use the first.
 """
 
 from __future__ import annotations
@@ -55,6 +56,21 @@ def typical_update(task_id: str, status_version: int) -> pb.UpdateStatusRequest:
             status=progress,
             author=pb.Principal(system=pb.System(entity_id="bench-agent")),
         )
+    )
+
+
+def task_for(agent: str, task_id: str = "") -> pb.CreateTaskRequest:
+    """The task every create scenario submits: sent at once to the agent."""
+    request = pb.CreateTaskRequest(display_name="bench", task_id=task_id)
+    request.relations.assignee.system.entity_id = agent
+    return request
+
+
+def session_of(tasks: list[pb.CreateTaskRequest]) -> pb.SubmitSessionsRequest:
+    """One session of the tasks in one SubmitSessions request (its id left to the
+    server, as agent_kit's submit_session leaves it by default)."""
+    return pb.SubmitSessionsRequest(
+        sessions=[pb.SessionSubmission(tasks=tasks, display_name="bench")]
     )
 
 
@@ -233,9 +249,7 @@ async def lifecycle(args: argparse.Namespace) -> dict[str, float]:
                 while True:
                     await walkers.slots.acquire()
                     agent = walkers.agents[next(numbers) % len(walkers.agents)]
-                    request = pb.CreateTaskRequest(display_name="bench")
-                    request.relations.assignee.system.entity_id = agent
-                    await stub.CreateTask(request)
+                    await stub.CreateTask(task_for(agent))
 
             for _ in range(4):
                 group.start_soon(operator)
@@ -269,11 +283,8 @@ async def dispatch(args: argparse.Namespace) -> dict[str, float]:
                 delay = start + n * interval - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                task_id = f"dispatch-{n:08d}"
-                request = pb.CreateTaskRequest(display_name="bench", task_id=task_id)
                 agent = walkers.agents[n % len(walkers.agents)]
-                request.relations.assignee.system.entity_id = agent
-                group.start_soon(create, request)
+                group.start_soon(create, task_for(agent, f"dispatch-{n:08d}"))
             walkers.expect(total)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(walkers.all_received.wait(), 30)
@@ -290,6 +301,100 @@ async def dispatch(args: argparse.Namespace) -> dict[str, float]:
             "rate_per_s": args.rate,
             "samples": len(latencies),
         }
+
+
+async def session_lifecycle(args: argparse.Namespace) -> dict[str, float]:
+    """The lifecycle with its tasks submitted in sessions of `session_size` (SubmitSessions,
+    spread over the agents): an operator submits the next session as soon as that many of
+    the `concurrency` tasks in flight are done; agents walk each task to DONE_OK over
+    their ReportStatus streams, as in the lifecycle."""
+    if args.concurrency < args.session_size:
+        raise SystemExit("--concurrency (tasks in flight) must hold one --session-size")
+    async with writer_and_listener_stubs(args) as (stub, agents_stub):
+        async with anyio.create_task_group() as group:
+            walkers = Walkers(agents_stub, args.agents, group, unary=args.unary)
+            walkers.slots = asyncio.Semaphore(args.concurrency)
+            walkers.start()
+            await walkers.all_connected.wait()
+            numbers = itertools.count()
+            taking = asyncio.Lock()  # one session's slots at a time: no operator starves
+
+            async def operator() -> None:
+                assert walkers.slots is not None
+                while True:
+                    async with taking:
+                        for _ in range(args.session_size):
+                            await walkers.slots.acquire()
+                    tasks = [
+                        task_for(walkers.agents[next(numbers) % len(walkers.agents)])
+                        for _ in range(args.session_size)
+                    ]
+                    await stub.SubmitSessions(session_of(tasks))
+
+            for _ in range(args.operators):
+                group.start_soon(operator)
+            await asyncio.sleep(min(1.0, args.duration / 4))
+            done_before, started = walkers.done, time.perf_counter()
+            await asyncio.sleep(args.duration)
+            rate = (walkers.done - done_before) / (time.perf_counter() - started)
+            group.cancel_scope.cancel()
+        return {"tasks_per_s": rate, "calls": walkers.done}
+
+
+async def create(args: argparse.Namespace) -> dict[str, float]:
+    """`concurrency` callers storing tasks as fast as the server answers, nobody listening
+    (each task is stored SENT to one of `agents` agents): one CreateTask per task, or with
+    `session_size`, sessions of that many tasks, one per SubmitSessions request.
+
+    `tasks_per_s`: each call's tasks count as stored evenly over the call, from its start
+    to its answer, and the share of that inside the measured window is counted. A session
+    answers its thousand tasks at once, and commits answer several sessions together:
+    counting whole answers, a window of a few seconds would hold a few bursts, give or
+    take one. `calls`: every task stored, warm-up included (what server CPU is divided
+    by)."""
+    agents = [f"bench-agent-{i}" for i in range(args.agents)]
+    numbers = itertools.count()
+    size = max(1, args.session_size)
+    spans: list[tuple[float, float]] = []  # every call's start and answer
+    stop = False
+
+    def task() -> pb.CreateTaskRequest:
+        return task_for(agents[next(numbers) % len(agents)])
+
+    async with grpc.aio.insecure_channel(targets(args)[0]) as channel:
+        stub = AsyncStub(channel)
+
+        async def caller() -> None:
+            while not stop:
+                if args.session_size:
+                    session = session_of([task() for _ in range(size)])
+                    started = time.perf_counter()
+                    await stub.SubmitSessions(session)
+                else:
+                    one = task()
+                    started = time.perf_counter()
+                    await stub.CreateTask(one)
+                spans.append((started, time.perf_counter()))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(args.concurrency):
+                group.start_soon(caller)
+            await asyncio.sleep(min(1.0, args.duration / 4))  # warm-up
+            opened = time.perf_counter()
+            await asyncio.sleep(args.duration)
+            closed = time.perf_counter()
+            stop = True  # the calls under way finish: their share of the window counts
+    inside = sum(
+        (min(end, closed) - max(start, opened)) / max(end - start, 1e-9)
+        for start, end in spans
+        if end > opened and start < closed
+    )
+    answered = sum(1 for _, end in spans if opened < end <= closed)
+    return {
+        "tasks_per_s": inside * size / (closed - opened),
+        "calls": len(spans) * size,
+        "answered_in_window": answered,
+    }
 
 
 async def idle_streams(args: argparse.Namespace) -> dict[str, float]:
@@ -429,6 +534,8 @@ SCENARIOS = {
     "idle-streams": idle_streams,
     "watch-fanout": watch_fanout,
     "push-fanout": push_fanout,
+    "create": create,
+    "session-lifecycle": session_lifecycle,
 }
 
 
@@ -444,6 +551,10 @@ def main() -> None:
     parser.add_argument("--unary", action="store_true", help="agents report with UpdateStatus")
     parser.add_argument("--watchers", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--session-size", type=int, default=0, help="tasks per SubmitSessions (0: CreateTask)"
+    )
+    parser.add_argument("--operators", type=int, default=2, help="session-lifecycle's submitters")
     args = parser.parse_args()
     result = asyncio.run(SCENARIOS[args.scenario](args))
     print(json.dumps(result), flush=True)

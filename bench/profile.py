@@ -31,6 +31,9 @@ SCENARIOS: dict[str, dict[str, object]] = {
     "lifecycle": {},
     "dispatch": {"rate": 250},
     "watch-fanout": {"watchers": 1000, "rounds": 30},
+    # What run.py measures as session_create_tasks_per_s and session_lifecycle_tasks_per_s.
+    "create": {"session_size": 1000, "concurrency": 4},
+    "session-lifecycle": {"session_size": 100, "concurrency": 200},
 }
 OURS = ("task_manager/", "storage/")
 IMPORTING = "_find_and_load"
