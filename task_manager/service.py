@@ -385,11 +385,13 @@ class TaskManagerService:
         self, request: SubmitSessionsRequest, context: Context, caller: Caller
     ) -> SubmitSessionsResponse:
         validation.check_submit_sessions(request, self._limits, caller.default_scope)
+        latest: dict[str, int] = {}
         for index, submission in enumerate(request.sessions):
             caller.check_scope(submission.scope, "a session")
             _check_scopes(caller, *(task.relations.parent_task_id for task in submission.tasks))
             for position, task in enumerate(submission.tasks):
-                await self._task_types.check_create(task, f"sessions[{index}].tasks[{position}].")
+                where = f"sessions[{index}].tasks[{position}]."
+                await self._task_types.check_create(task, where, latest)
         author = caller.author(request.author if request.HasField("author") else None)
         submitted = await self._store.write(
             lambda tx: sessions.submit(

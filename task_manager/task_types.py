@@ -136,17 +136,24 @@ class TaskTypeRegistry:
             check = self._checks[key] = SpecificationCheck(stored)
         return check
 
-    async def check_create(self, request: CreateTaskRequest, field: str = "") -> None:
+    async def check_create(
+        self, request: CreateTaskRequest, field: str = "", latest: dict[str, int] | None = None
+    ) -> None:
         """A typed create (field: where the request sits, as "sessions[0].tasks[2]."):
         its specification checked against its type, its type's version pinned, the
-        type's default policy under its own."""
+        type's default policy under its own. latest: the versions "the latest" already
+        meant in this request, by name (so a session asks the store once per type)."""
         if not request.HasField("task_type"):
             return
-        if not NAME_PATTERN.fullmatch(request.task_type.name):
-            raise InvalidArgument(
-                f"{field}task_type.name", f"{request.task_type.name!r:.80} is not a task type name"
-            )
-        check = await self.resolve(request.task_type.name, request.task_type.version)
+        name = request.task_type.name
+        if not NAME_PATTERN.fullmatch(name):
+            raise InvalidArgument(f"{field}task_type.name", f"{name!r:.80} is not a task type name")
+        version = request.task_type.version
+        if not version and latest is not None:
+            version = latest.get(name, 0)
+        check = await self.resolve(name, version)
+        if latest is not None:
+            latest.setdefault(name, check.task_type.version)
         check.check(request.specification, f"{field}specification")
         request.task_type.version = check.task_type.version
         if check.task_type.HasField("default_policy"):
