@@ -430,6 +430,8 @@ class Agent:
         """The server sends at most this many unfinished tasks at a time (0: no limit)."""
         self._author = pb.Principal(system=pb.System(entity_id=entity_id))
         self._handlers: dict[str, tuple[type[Message], Handler]] = {}
+        self._type_handlers: dict[tuple[str, int], tuple[type[Message] | None, Handler]] = {}
+        """By task type (name, version; 0: every version): the types this agent declares."""
         self._accepting_updates: set[Handler] = set()
         self._resumable: set[Handler] = set()
         self._default_handler = handler
@@ -449,11 +451,20 @@ class Agent:
         self,
         specification_type: type[Message] | None = None,
         *,
+        task_type: str | None = None,
+        task_type_version: int = 0,
         accepts_updates: bool = False,
         resumable: bool = False,
     ) -> Callable[[H], H]:
         """Registers a handler for tasks whose specification is of this message type,
-        or the default handler (no type). A new definition of a running task is rejected
+        or the default handler (no type).
+
+        With task_type, the handler runs the tasks of that registered task type (one
+        version, or 0: every version), its specification unpacked as specification_type
+        if given (else the Any itself); the agent then declares the types it has
+        handlers for when it listens, so a pool sends it only those (and untyped tasks),
+        and it refuses a typed task of any other type assigned to it (DONE_NOT_OK,
+        ERROR_CODE_REJECTED, naming the type). A new definition of a running task is rejected
         (STATUS_VERSION_REJECTED), unless accepts_updates: then the task manager is told
         the agent runs it, and the handler reads it from `ctx.updates()`.
 
@@ -467,7 +478,9 @@ class Agent:
                 self._accepting_updates.add(function)
             if resumable:
                 self._resumable.add(function)
-            if specification_type is None:
+            if task_type is not None:
+                self._type_handlers[(task_type, task_type_version)] = (specification_type, function)
+            elif specification_type is None:
                 self._default_handler = function
             else:
                 full_name = specification_type.DESCRIPTOR.full_name
@@ -548,6 +561,10 @@ class Agent:
             entity_ids=pb.EntityIds(entity_ids=[self.entity_id, *self.pools]),
             max_in_flight=self.max_in_flight,
             include_held_tasks=True,
+            task_types=[
+                pb.TaskTypeRef(name=name, version=version)
+                for name, version in sorted(self._type_handlers)
+            ],
         )
         while True:
             call = stub.ListenAsAgent(selector)
@@ -701,6 +718,13 @@ class Agent:
     ) -> pb.TaskStatus:
         found = self._handler_for(task)
         if found is None:
+            if self._type_handlers and task.HasField("task_type"):
+                ref = task.task_type
+                return _done_not_ok(
+                    pb.ERROR_CODE_REJECTED,
+                    f"agent {self.entity_id} runs no handler for task type {ref.name}"
+                    f" v{ref.version}",
+                )
             type_name = task.specification.TypeName() or "(none)"
             return _done_not_ok(
                 pb.ERROR_CODE_REJECTED, f"agent has no handler for specification {type_name}"
@@ -793,6 +817,20 @@ class Agent:
                     log.warning("agent %s: heartbeat refused: %s", self.entity_id, error)
 
     def _handler_for(self, task: pb.Task) -> tuple[Handler, Message | None] | None:
+        if self._type_handlers and task.HasField("task_type"):
+            ref = task.task_type
+            by_type = self._type_handlers.get((ref.name, ref.version)) or self._type_handlers.get(
+                (ref.name, 0)
+            )
+            if by_type is None:
+                return None
+            declared_type, handler = by_type
+            if declared_type is None:
+                return handler, task.specification
+            unpacked = declared_type()
+            if not task.specification.Unpack(unpacked):
+                return None
+            return handler, unpacked
         if not task.HasField("specification"):
             return None if self._default_handler is None else (self._default_handler, None)
         registered = self._handlers.get(task.specification.TypeName())

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from storage.base import Change, ConcurrentModification
 from task_manager import statuses, wire
 from task_manager.errors import ServerShuttingDown, StreamEnded, StreamFellBehind
+from task_manager.task_types import TypeKey, can_run
 
 # Enum values are read as pb.STATUS_*: module attributes, far cheaper per write than
 # Status.STATUS_* (a Python-level lookup on the enum wrapper).
@@ -93,10 +94,13 @@ class AgentStream:
         max_in_flight: int,
         buffer: int,
         include_held_tasks: bool = False,
+        task_types: frozenset[TypeKey] = frozenset(),
     ) -> None:
         self.entity_ids = entity_ids
         self.max_in_flight = max_in_flight
         self.include_held_tasks = include_held_tasks
+        self.task_types = task_types
+        """What its agent declared it runs; a pool gives it only tasks of those."""
         """Whether the backlog also re-sends the tasks its agents hold past SENT."""
         self._buffer = buffer
         self._pending: deque[bytes] = deque()
@@ -206,13 +210,19 @@ class Dispatcher:
 
     @contextmanager
     def open_stream(
-        self, entity_ids: frozenset[str], max_in_flight: int, include_held_tasks: bool = False
+        self,
+        entity_ids: frozenset[str],
+        max_in_flight: int,
+        include_held_tasks: bool = False,
+        task_types: frozenset[TypeKey] = frozenset(),
     ) -> Iterator[AgentStream]:
         """Registers a stream for the block's duration. Register BEFORE reading the
         backlog (then call start), so a change committed in between is not lost."""
         if self._closing is not None:
             raise self._closing
-        stream = AgentStream(entity_ids, max_in_flight, self._stream_buffer, include_held_tasks)
+        stream = AgentStream(
+            entity_ids, max_in_flight, self._stream_buffer, include_held_tasks, task_types
+        )
         for entity_id in entity_ids:
             self._streams_by_entity.setdefault(entity_id, set()).add(stream)
         try:
@@ -351,20 +361,24 @@ class Dispatcher:
                 self._assign(entity_id)
 
     def _assign(self, pool: str) -> None:
-        """Gives waiting pool tasks, oldest first, to members with room."""
+        """Gives waiting pool tasks, oldest first, to members with room that run them (a
+        task no such member runs waits, and does not hold back the tasks after it)."""
         waiting = self._unassigned.get(pool)
         if not waiting:
             return
         for task_id, task in list(waiting.items()):
             if task_id in self._handing_over:
                 continue
-            members = [
+            with_room = [
                 stream
                 for stream in self._streams_by_entity.get(pool, ())
                 if stream.loading is None and stream.member_for(pool) and stream.has_room()
             ]
-            if not members:
+            if not with_room:
                 return
+            members = [stream for stream in with_room if can_run(stream.task_types, task)]
+            if not members:
+                continue
             tried = {attempt.entity_id for attempt in task.attempts[:-1]}
             fresh = [stream for stream in members if stream.member_for(pool) not in tried]
             chosen = min(fresh or members, key=lambda s: (s.in_flight, s.last_assigned))

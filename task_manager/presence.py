@@ -8,12 +8,14 @@ and every replica sees the agents connected to the others.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from storage.base import SeenAgent
 from task_manager.clock import timestamp
-from task_manager.v1.task_manager_pb2 import AgentPresence, AgentState
+from task_manager.task_types import TypeKey
+from task_manager.v1.task_manager_pb2 import AgentPresence, AgentState, TaskTypeRef
 
 HELD_TASK_IDS_LISTED = 100
 """An agent's held tasks listed by id at most; all are counted."""
@@ -27,6 +29,8 @@ class _Agent:
     """Open here."""
     remote_streams: int = 0
     """Open on other replicas (as of the last cluster refresh): one per replica."""
+    task_types: Counter[TypeKey] = field(default_factory=Counter)
+    """Declared by its streams open here, each counted once per stream."""
 
     @property
     def connected(self) -> bool:
@@ -43,17 +47,26 @@ class Presence:
         for agent in seen:
             self._agents[agent.entity_id] = _Agent(agent.first_seen_ns, agent.last_seen_ns)
 
-    def opened(self, entity_ids: Iterable[str], now_ns: int) -> None:
+    def opened(
+        self, entity_ids: Iterable[str], now_ns: int, task_types: Iterable[TypeKey] = ()
+    ) -> None:
+        declared = Counter(task_types)
         for entity_id in entity_ids:
             agent = self._agents.setdefault(entity_id, _Agent(now_ns, now_ns))
             agent.streams += 1
             agent.last_seen_ns = now_ns
+            agent.task_types.update(declared)
 
-    def closed(self, entity_ids: Iterable[str], now_ns: int) -> None:
+    def closed(
+        self, entity_ids: Iterable[str], now_ns: int, task_types: Iterable[TypeKey] = ()
+    ) -> None:
+        declared = Counter(task_types)
         for entity_id in entity_ids:
             agent = self._agents[entity_id]
             agent.streams -= 1
             agent.last_seen_ns = now_ns
+            agent.task_types.subtract(declared)
+            agent.task_types = +agent.task_types  # drops those no stream declares now
 
     def update_cluster(self, seen: Iterable[SeenAgent], remote_streams: Mapping[str, int]) -> None:
         """What the database says of every replica's agents: first and last seen, and the
@@ -101,4 +114,8 @@ class Presence:
             last_seen=timestamp(last_seen_ns),
             tasks_in_flight=len(held_task_ids),
             held_task_ids=held_task_ids[:HELD_TASK_IDS_LISTED],
+            task_types=[
+                TaskTypeRef(name=name, version=version)
+                for name, version in sorted(agent.task_types)
+            ],
         )

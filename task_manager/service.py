@@ -337,14 +337,15 @@ class TaskManagerService:
         caller: Caller,
     ) -> AsyncIterator[ListenAsAgentResponse | bytes]:
         entity_ids = validation.agent_selector(request, self._limits)
+        runs = validation.runnable_task_types(request, self._limits)
         for entity_id in sorted(entity_ids):
             caller.check_entity(entity_id, "listen as", repr(entity_id))
         # Subscribe first, then read the backlog, then skip what the backlog covered:
         # a change committed between the two is queued here, never lost.
         max_in_flight, include_held = request.max_in_flight, request.include_held_tasks
         with (
-            self._dispatcher.open_stream(entity_ids, max_in_flight, include_held) as stream,
-            self._present(entity_ids),
+            self._dispatcher.open_stream(entity_ids, max_in_flight, include_held, runs) as stream,
+            self._present(entity_ids, runs),
         ):
             # Headers now tell the agent it is subscribed, before any task arrives.
             await context.send_initial_metadata(())
@@ -354,17 +355,19 @@ class TaskManagerService:
                 yield agent_request
 
     @contextmanager
-    def _present(self, entity_ids: frozenset[str]) -> Iterator[None]:
+    def _present(
+        self, entity_ids: frozenset[str], runs: frozenset[task_types.TypeKey]
+    ) -> Iterator[None]:
         """Counts an agent stream in the presence table while it is open, and records
         it (seen, and leased to this replica) in the store."""
         now_ns = self._clock.now_ns()
-        self._presence.opened(entity_ids, now_ns)
+        self._presence.opened(entity_ids, now_ns, runs)
         self._cluster.streams_changed(entity_ids, now_ns)
         try:
             yield
         finally:
             now_ns = self._clock.now_ns()
-            self._presence.closed(entity_ids, now_ns)
+            self._presence.closed(entity_ids, now_ns, runs)
             self._cluster.streams_changed(entity_ids, now_ns)
 
     async def ListAgents(

@@ -25,9 +25,22 @@ from storage.base import Store, WriteTransaction
 from task_manager import liveness
 from task_manager.clock import timestamp
 from task_manager.errors import InvalidArgument, TaskTypeNotFound, TaskTypeTaken
-from task_manager.v1.task_manager_pb2 import CreateTaskRequest, FieldConstraint, TaskType
+from task_manager.v1.task_manager_pb2 import CreateTaskRequest, FieldConstraint, Task, TaskType
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+TypeKey = tuple[str, int]
+"""A task type version as (name, version); version 0 in a declaration: every version."""
+
+
+def can_run(declared: frozenset[TypeKey], task: Task) -> bool:
+    """Whether an agent declaring these types runs this task: one declaring none runs
+    everything (a Lattice agent), and every agent runs untyped tasks."""
+    if not declared or not task.HasField("task_type"):
+        return True
+    name = task.task_type.name
+    return (name, 0) in declared or (name, task.task_type.version) in declared
+
+
 MAX_CONSTRAINTS = 100
 MAX_DESCRIPTION_CHARS = 16_384
 _NUMBERS = frozenset(

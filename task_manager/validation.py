@@ -24,7 +24,7 @@ from task_manager import scopes, statuses, task_types
 from task_manager.auth import SCOPED_ROLES, Role, check_binding
 from task_manager.errors import InvalidArgument
 from task_manager.liveness import MAX_DURATION_S
-from task_manager.task_types import SpecificationCheck
+from task_manager.task_types import SpecificationCheck, TypeKey
 from task_manager.v1.task_manager_pb2 import (
     AddCredentialRequest,
     CancelSessionRequest,
@@ -341,6 +341,19 @@ def agent_selector(request: ListenAsAgentRequest, limits: FieldLimits) -> frozen
     for entity_id in entity_ids:
         _entity_id(entity_id, "entity_ids", limits)
     return frozenset(entity_ids)
+
+
+def runnable_task_types(request: ListenAsAgentRequest, limits: FieldLimits) -> frozenset[TypeKey]:
+    """The task types an agent stream declares it runs, as (name, version); version 0:
+    every version."""
+    if len(request.task_types) > limits.filter_ids:
+        raise InvalidArgument("task_types", f"at most {limits.filter_ids}")
+    for index, ref in enumerate(request.task_types):
+        if not task_types.NAME_PATTERN.fullmatch(ref.name):
+            raise InvalidArgument(
+                f"task_types[{index}].name", f"{ref.name!r:.80} is not a task type name"
+            )
+    return frozenset((ref.name, ref.version) for ref in request.task_types)
 
 
 def entity_ids(values: Sequence[str], field: str, limits: FieldLimits) -> frozenset[str]:

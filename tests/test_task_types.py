@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import grpc
 import pytest
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
+from google.protobuf.wrappers_pb2 import StringValue
 
+from agent_kit import Agent, OperatorClient, TaskContext
+from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request
+from tests.helpers import AsyncStub, create_request, running
 
 pytestmark = pytest.mark.anyio
 F = descriptor_pb2.FieldDescriptorProto
@@ -291,3 +295,87 @@ async def test_a_file_importing_one_not_given_is_refused(stub: AsyncStub) -> Non
     code, message = await refusal(register(stub, task_type))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "imports survey/v1/common.proto, which is not given" in message
+
+
+def pool_task(pool: str, task_type: str, specification: any_pb2.Any) -> pb.CreateTaskRequest:
+    request = create_request(None, task_type=pb.TaskTypeRef(name=task_type))
+    request.relations.assignee.team.entity_id = pool
+    request.specification.CopyFrom(specification)
+    return request
+
+
+async def member(
+    stub: AsyncStub, entity_id: str, pool: str, *runs: tuple[str, int]
+) -> grpc.aio.UnaryStreamCall[pb.ListenAsAgentRequest, pb.ListenAsAgentResponse]:
+    request = pb.ListenAsAgentRequest(
+        entity_ids=pb.EntityIds(entity_ids=[entity_id, pool]),
+        task_types=[pb.TaskTypeRef(name=name, version=version) for name, version in runs],
+    )
+    call = stub.ListenAsAgent(request)
+    await call.initial_metadata()
+    return call
+
+
+async def executed(
+    call: grpc.aio.UnaryStreamCall[pb.ListenAsAgentRequest, pb.ListenAsAgentResponse],
+) -> str:
+    with anyio.fail_after(30):
+        message = await call.read()
+    assert isinstance(message, pb.ListenAsAgentResponse), message
+    return message.execute_request.task.version.task_id
+
+
+async def test_a_pool_sends_a_typed_task_only_to_a_member_that_runs_its_type(
+    stub: AsyncStub,
+) -> None:
+    for name in ("survey", "mapping", "inspect"):
+        await register(stub, survey_type(name=name))
+    surveyor = await member(stub, "surveyor", "pool-x", ("survey", 0))
+    mapper = await member(stub, "mapper", "pool-x", ("mapping", 1))
+    # No member runs inspect: its task waits, and holds back none of those after it.
+    waiting = (await stub.CreateTask(pool_task("pool-x", "inspect", leg(**GOOD)))).task
+    surveys = [
+        (await stub.CreateTask(pool_task("pool-x", "survey", leg(**GOOD)))).task.version.task_id
+        for _ in range(3)
+    ]
+    mapping = (await stub.CreateTask(pool_task("pool-x", "mapping", leg(**GOOD)))).task
+    assert [await executed(surveyor) for _ in surveys] == surveys
+    assert await executed(mapper) == mapping.version.task_id
+    held = (await stub.GetTask(pb.GetTaskRequest(task_id=waiting.version.task_id))).task
+    assert held.status.status == pb.STATUS_SENT and not any(a.entity_id for a in held.attempts)
+    # Visible: the pool's members run survey and mapping, not inspect.
+    (pool,) = (await stub.ListAgents(pb.ListAgentsRequest(entity_ids=["pool-x"]))).agents
+    assert [(t.name, t.version) for t in pool.task_types] == [("mapping", 1), ("survey", 0)]
+    inspector = await member(stub, "inspector", "pool-x", ("inspect", 1))
+    assert await executed(inspector) == waiting.version.task_id
+    for call in (surveyor, mapper, inspector):
+        call.cancel()
+
+
+async def test_an_agent_kit_agent_declares_its_types_and_refuses_others(
+    server: TaskManagerServer, stub: AsyncStub
+) -> None:
+    await register(stub, survey_type())
+    await register(stub, survey_type(name="mapping"))
+    agent = Agent(server.address, "drone-7")
+
+    @agent.handler(LEG_CLASS, task_type="survey")
+    async def fly(task: TaskContext) -> StringValue:
+        assert task.specification is not None
+        return StringValue(value=f"flew {task.specification.site}")  # type: ignore[attr-defined]
+
+    async with running(agent), OperatorClient(server.address) as client:
+        (listed,) = (await stub.ListAgents(pb.ListAgentsRequest(entity_ids=["drone-7"]))).agents
+        assert [(t.name, t.version) for t in listed.task_types] == [("survey", 0)]
+        flown = (await stub.CreateTask(typed(leg(**GOOD), entity_id="drone-7"))).task
+        done = await client.wait(flown.version.task_id, timeout=30)
+        assert done.status.status == pb.STATUS_DONE_OK
+        result = StringValue()
+        assert done.status.result.Unpack(result) and result.value == "flew north-ridge"
+        request = typed(leg(**GOOD), entity_id="drone-7")
+        request.task_type.name = "mapping"
+        other = (await stub.CreateTask(request)).task
+        refused = await client.wait(other.version.task_id, timeout=30)
+    assert refused.status.status == pb.STATUS_DONE_NOT_OK
+    assert refused.status.task_error.code == pb.ERROR_CODE_REJECTED
+    assert "runs no handler for task type mapping v1" in refused.status.task_error.message

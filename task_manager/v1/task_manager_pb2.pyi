@@ -1127,6 +1127,7 @@ class ListenAsAgentRequest(_message.Message):
     ENTITY_IDS_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     INCLUDE_HELD_TASKS_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
     max_in_flight: _builtins.int
     """Extension: flow control. The stream carries at most this many unfinished tasks
     (sent and not ended) at a time; further ExecuteRequests wait, oldest first, until one
@@ -1145,16 +1146,26 @@ class ListenAsAgentRequest(_message.Message):
     """
     @_builtins.property
     def entity_ids(self) -> Global___EntityIds: ...
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskTypeRef]:
+        """Extension: the task types this agent runs (version 0: every version). A pool task
+        of a type goes only to a member whose stream declares it; untyped tasks go to any
+        member, and a stream that declares nothing (a Lattice agent) takes every task. A
+        task assigned to this agent itself is sent whatever its type: the agent refuses
+        what it cannot run (agent_kit: DONE_NOT_OK, ERROR_CODE_REJECTED, naming the type).
+        """
+
     def __init__(
         self,
         *,
         entity_ids: Global___EntityIds | None = ...,
         max_in_flight: _builtins.int = ...,
         include_held_tasks: _builtins.bool = ...,
+        task_types: _abc.Iterable[Global___TaskTypeRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector", "entity_ids", b"entity_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector", "entity_ids", b"entity_ids", "include_held_tasks", b"include_held_tasks", "max_in_flight", b"max_in_flight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector", "entity_ids", b"entity_ids", "include_held_tasks", b"include_held_tasks", "max_in_flight", b"max_in_flight", "task_types", b"task_types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_agent_selector: _TypeAlias = _typing.Literal["entity_ids"]  # noqa: Y015
     _WhichOneofArgType_agent_selector: _TypeAlias = _typing.Literal["agent_selector", b"agent_selector"]  # noqa: Y015
@@ -1768,6 +1779,7 @@ class AgentPresence(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     TASKS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     HELD_TASK_IDS_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
     entity_id: _builtins.str
     state: Global___AgentState.ValueType
     streams_open: _builtins.int
@@ -1785,6 +1797,14 @@ class AgentPresence(_message.Message):
         LOST agent, the work that is stuck with it.
         """
 
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskTypeRef]:
+        """The task types its streams on this replica declare (ListenAsAgentRequest
+        .task_types), by name then version; empty: none declared (it takes every task). A
+        pool's lists its members': a pool task of a type missing here waits for a member
+        that runs it.
+        """
+
     def __init__(
         self,
         *,
@@ -1795,10 +1815,11 @@ class AgentPresence(_message.Message):
         last_seen: _timestamp_pb2.Timestamp | None = ...,
         tasks_in_flight: _builtins.int = ...,
         held_task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        task_types: _abc.Iterable[Global___TaskTypeRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen", b"first_seen", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_id", b"entity_id", "first_seen", b"first_seen", "held_task_ids", b"held_task_ids", "last_seen", b"last_seen", "state", b"state", "streams_open", b"streams_open", "tasks_in_flight", b"tasks_in_flight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_id", b"entity_id", "first_seen", b"first_seen", "held_task_ids", b"held_task_ids", "last_seen", b"last_seen", "state", b"state", "streams_open", b"streams_open", "task_types", b"task_types", "tasks_in_flight", b"tasks_in_flight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
