@@ -73,8 +73,10 @@ class FieldLimits:
     max_attempts: int = 100
     """The most attempts a TaskPolicy may ask for."""
     session_tasks: int = 10_000
-    """Tasks per SubmitSessions request, all its sessions together (its bytes are bounded
-    by --max-request-bytes, as every request's)."""
+    """Tasks per SubmitSessions request, all its sessions together."""
+    session_bytes: int = 3 << 20
+    """One session's size, serialised. Keep it under --max-request-bytes (4 MiB): a
+    request over that is refused by gRPC itself (RESOURCE_EXHAUSTED) before any check."""
 
 
 _STATUSES = frozenset(Status.values())
@@ -165,6 +167,7 @@ def check_submit_sessions(
     task_ids: dict[str, str] = {}
     for index, session in enumerate(request.sessions):
         where = f"sessions[{index}]"
+        _max_bytes(session, limits.session_bytes, where)
         explicit = scope(session.scope, f"{where}.scope")
         if session.session_id:
             session.session_id = task_id(

@@ -278,6 +278,10 @@ async def test_a_session_finished_before_its_timeout_stays_completed(harness: Ha
 LIMIT = 10_000
 
 
+BIG_SESSION = session(*[create_request(description="d" * 16_000)] * 200)
+"""Over the 3 MiB a session may take (--limit session_bytes), under the 4 MiB of a request."""
+
+
 @pytest.mark.parametrize(
     ("request_", "field"),
     [
@@ -320,6 +324,10 @@ LIMIT = 10_000
             ),
             f"sessions: hold {2 * (LIMIT // 2 + 1)} tasks in all; at most {LIMIT} a request",
         ),
+        (
+            pb.SubmitSessionsRequest(sessions=[session(create_request()), BIG_SESSION]),
+            f"sessions[1]: is {BIG_SESSION.ByteSize()} bytes, more than {3 << 20}",
+        ),
     ],
     ids=[
         "no session",
@@ -330,6 +338,7 @@ LIMIT = 10_000
         "bad session id",
         "zero timeout",
         "too many tasks",
+        "too many bytes",
     ],
 )
 async def test_a_bad_submission_is_invalid_argument_naming_the_field_and_stores_nothing(
