@@ -99,9 +99,9 @@ class AgentStream:
         self.entity_ids = entity_ids
         self.max_in_flight = max_in_flight
         self.include_held_tasks = include_held_tasks
+        """Whether the backlog also re-sends the tasks its agents hold past SENT."""
         self.task_types = task_types
         """What its agent declared it runs; a pool gives it only tasks of those."""
-        """Whether the backlog also re-sends the tasks its agents hold past SENT."""
         self._buffer = buffer
         self._pending: deque[bytes] = deque()
         self._held: dict[str, _Held] = {}
@@ -325,7 +325,10 @@ class Dispatcher:
             if pool not in stream.entity_ids:
                 continue
             if holder and stream.member_for(pool) == holder:
-                self._deliver(stream, task, request, pool)
+                # Another stream of the same member may declare other types: a task is
+                # sent only to a stream that runs it.
+                if status != pb.STATUS_SENT or can_run(stream.task_types, task):
+                    self._deliver(stream, task, request, pool)
             elif stream.forget(task_id):
                 self._assign_all(stream.entity_ids)
         waiting = self._unassigned.setdefault(pool, OrderedDict())
@@ -366,19 +369,27 @@ class Dispatcher:
         waiting = self._unassigned.get(pool)
         if not waiting:
             return
+        with_room: list[AgentStream] | None = None  # found again after each assignment
+        unrunnable: set[TypeKey] = set()  # no member with room runs these, this pass
         for task_id, task in list(waiting.items()):
             if task_id in self._handing_over:
                 continue
-            with_room = [
-                stream
-                for stream in self._streams_by_entity.get(pool, ())
-                if stream.loading is None and stream.member_for(pool) and stream.has_room()
-            ]
+            kind = (task.task_type.name, task.task_type.version)
+            if kind in unrunnable:
+                continue
+            if with_room is None:
+                with_room = [
+                    stream
+                    for stream in self._streams_by_entity.get(pool, ())
+                    if stream.loading is None and stream.member_for(pool) and stream.has_room()
+                ]
             if not with_room:
                 return
             members = [stream for stream in with_room if can_run(stream.task_types, task)]
-            if not members:
+            if not members:  # an untyped task runs anywhere: only a typed one gets here
+                unrunnable.add(kind)
                 continue
+            with_room = None
             tried = {attempt.entity_id for attempt in task.attempts[:-1]}
             fresh = [stream for stream in members if stream.member_for(pool) not in tried]
             chosen = min(fresh or members, key=lambda s: (s.in_flight, s.last_assigned))

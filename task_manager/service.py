@@ -169,6 +169,12 @@ class TaskManagerService:
         validation.check_create_task(request, self._limits, caller.default_scope)
         task_id = request.task_id or scopes.canonical(request.scope, lifecycle.new_id())
         _check_scopes(caller, task_id, request.relations.parent_task_id)
+        if request.task_id and request.task_type.name and not request.task_type.version:
+            # Perhaps a retry: "the latest" then means the version it was first checked
+            # against, whatever was registered since.
+            existing = await self._store.get(task_id)
+            if existing is not None and existing.task.task_type.name == request.task_type.name:
+                request.task_type.version = existing.task.task_type.version
         await self._task_types.check_create(request)
         author = caller.author(request.author if request.HasField("author") else None)
         if author is not None:
@@ -212,6 +218,14 @@ class TaskManagerService:
     ) -> bytes:
         validation.check_update_task(request, self._limits, caller.default_scope)
         _check_scopes(caller, request.task_id)
+        if request.HasField("specification"):
+            # A typed task's new specification is checked as its first was (a task's type
+            # and version never change, so reading them before the write is safe).
+            stored = await self._store.get(request.task_id)
+            if stored is not None and stored.task.HasField("task_type"):
+                pinned = stored.task.task_type
+                check = await self._task_types.resolve(pinned.name, pinned.version)
+                check.check(request.specification)
         author = caller.author(request.author if request.HasField("author") else None)
         encoded_task = await self._store.write(
             lambda tx: tx.encoded(lifecycle.update_task(tx, request, author, self._clock.now_ns()))
@@ -376,6 +390,11 @@ class TaskManagerService:
         wanted = validation.entity_ids(request.entity_ids, "entity_ids", self._limits)
         known = self._presence.known(wanted)
         held = await self._store.in_flight_task_ids(known)
+        if caller.scopes:  # of the tasks agents hold, only those in the caller's scopes
+            held = {
+                entity_id: [t for t in task_ids if scopes.scope_of(t) in caller.scopes]
+                for entity_id, task_ids in held.items()
+            }
         now_ns = self._clock.now_ns()
         return ListAgentsResponse(
             agents=[
@@ -388,17 +407,27 @@ class TaskManagerService:
         self, request: SubmitSessionsRequest, context: Context, caller: Caller
     ) -> SubmitSessionsResponse:
         validation.check_submit_sessions(request, self._limits, caller.default_scope)
+        author = caller.author(request.author if request.HasField("author") else None)
+        # A retry is the request as the client sent it, before its tasks' types are
+        # pinned to versions and their default policies filled in.
+        digests = [sessions.fingerprint(submission, author) for submission in request.sessions]
         latest: dict[str, int] = {}
         for index, submission in enumerate(request.sessions):
             caller.check_scope(submission.scope, "a session")
             _check_scopes(caller, *(task.relations.parent_task_id for task in submission.tasks))
+            typed = any(task.HasField("task_type") for task in submission.tasks)
+            if (
+                typed
+                and submission.session_id
+                and await self._store.get_session(submission.session_id) is not None
+            ):
+                continue  # a retry or a taken id: its fingerprint decides, not its types
             for position, task in enumerate(submission.tasks):
                 where = f"sessions[{index}].tasks[{position}]."
                 await self._task_types.check_create(task, where, latest)
-        author = caller.author(request.author if request.HasField("author") else None)
         submitted = await self._store.write(
             lambda tx: sessions.submit(
-                tx, request.sessions, author, self._default_policy, self._clock.now_ns()
+                tx, request.sessions, author, self._default_policy, self._clock.now_ns(), digests
             )
         )
         return SubmitSessionsResponse(sessions=submitted)
@@ -431,6 +460,11 @@ class TaskManagerService:
     async def RegisterTaskType(
         self, request: RegisterTaskTypeRequest, context: Context, caller: Caller
     ) -> RegisterTaskTypeResponse:
+        if caller.scopes:
+            raise PermissionDenied(
+                f"{caller.role} {caller.principal!r} may not register task types: they are"
+                f" shared by every scope, and this credential is limited to {sorted(caller.scopes)}"
+            )
         validation.check_task_type(request.task_type, self._limits)
         now_ns = self._clock.now_ns()
         registered, existed = await self._store.write(

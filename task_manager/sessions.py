@@ -60,14 +60,15 @@ def submit(
     author: Principal | None,
     defaults: TaskPolicy,
     now_ns: int,
+    digests: Sequence[bytes],
 ) -> list[SubmittedSession]:
     """Stores every session of the request with its tasks, or (by raising) none. A
-    session whose id is taken is a retry if it has the same content: it answers the
-    stored ids and writes nothing."""
+    session whose id is taken is a retry if it has the same content (digests: each
+    submission's fingerprint, taken as the client sent it): it answers the stored ids
+    and writes nothing."""
     answers = []
-    for index, submission in enumerate(submissions):
+    for index, (submission, digest) in enumerate(zip(submissions, digests, strict=True)):
         session_id = submission.session_id or scopes.canonical(submission.scope, lifecycle.new_id())
-        digest = fingerprint(submission, author)
         existing = tx.load_session(session_id)
         if existing is not None:
             answers.append(_retried(session_id, existing, digest))

@@ -15,12 +15,15 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import re2
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.any_pb2 import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.descriptor_pb2 import FileDescriptorProto
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Error as ProtobufError
 
+import task_manager.well_known_types  # noqa: F401  (the files a type may import, not give)
 from storage.base import Store, WriteTransaction
 from task_manager import liveness
 from task_manager.clock import timestamp
@@ -43,6 +46,12 @@ def can_run(declared: frozenset[TypeKey], task: Task) -> bool:
 
 MAX_CONSTRAINTS = 100
 MAX_DESCRIPTION_CHARS = 16_384
+MAX_DESCRIPTOR_FILES = 256
+MAX_PATTERN_CHARS = 1_024
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is the client's error, answered as such
+_MESSAGE_ATTRIBUTES = frozenset(name for name in dir(Message) if not name.startswith("_"))
+"""A field named like one of these would hide the method on the generated class."""
 _NUMBERS = frozenset(
     {
         FieldDescriptor.TYPE_DOUBLE,
@@ -84,6 +93,7 @@ class SpecificationCheck:
         self.task_type = task_type
         self.label = label(task_type.name, task_type.version)
         descriptor = _message_descriptor(task_type)
+        _check_field_names(descriptor)
         self._message_class = message_factory.GetMessageClass(descriptor)
         self._fields = [
             _field_check(descriptor, constraint, f"task_type.constraints[{index}]")
@@ -162,10 +172,11 @@ class TaskTypeRegistry:
         if not NAME_PATTERN.fullmatch(name):
             raise InvalidArgument(f"{field}task_type.name", f"{name!r:.80} is not a task type name")
         version = request.task_type.version
-        if not version and latest is not None:
+        asked_latest = not version
+        if asked_latest and latest is not None:
             version = latest.get(name, 0)
         check = await self.resolve(name, version)
-        if latest is not None:
+        if asked_latest and latest is not None:
             latest.setdefault(name, check.task_type.version)
         check.check(request.specification, f"{field}specification")
         request.task_type.version = check.task_type.version
@@ -193,6 +204,12 @@ def check_registration(task_type: TaskType) -> SpecificationCheck:
         raise InvalidArgument("task_type.constraints", f"at most {MAX_CONSTRAINTS}")
     if task_type.HasField("create_time"):
         raise InvalidArgument("task_type.create_time", "is set by the task manager")
+    if len(task_type.descriptors.file) > MAX_DESCRIPTOR_FILES:
+        raise InvalidArgument("task_type.descriptors", f"at most {MAX_DESCRIPTOR_FILES} files")
+    if not task_type.IsInitialized():  # the server decodes without checking proto2's required
+        raise InvalidArgument(
+            "task_type.descriptors", "holds a descriptor missing its required fields"
+        )
     return SpecificationCheck(task_type)
 
 
@@ -204,8 +221,10 @@ def _message_descriptor(task_type: TaskType) -> Descriptor:
     for file in _in_import_order(files):
         try:
             pool.Add(file)
-        except (TypeError, ValueError) as bad:
-            raise InvalidArgument("task_type.descriptors", f"file {file.name}: {bad}") from None
+        except (TypeError, ValueError, ProtobufError) as bad:
+            raise InvalidArgument(
+                "task_type.descriptors", f"file {file.name!r:.200}: {bad!s:.200}"
+            ) from None
     try:
         return pool.FindMessageTypeByName(task_type.message_type)
     except KeyError:
@@ -256,6 +275,26 @@ def _well_known(name: str) -> FileDescriptorProto | None:
     return file
 
 
+def _check_field_names(descriptor: Descriptor) -> None:
+    """Refuses a message (or one it holds) with a field named like a message method
+    (ParseFromString, HasField, ...): its class could not be used."""
+    seen: set[str] = set()
+    pending = [descriptor]
+    while pending:
+        message = pending.pop()
+        if message.full_name in seen:
+            continue
+        seen.add(message.full_name)
+        for field in message.fields:
+            if field.name in _MESSAGE_ATTRIBUTES:
+                raise InvalidArgument(
+                    "task_type.descriptors",
+                    f"{message.full_name}.{field.name} is named like a protobuf message method",
+                )
+            if field.message_type is not None:
+                pending.append(field.message_type)
+
+
 def _field_check(descriptor: Descriptor, constraint: FieldConstraint, where: str) -> _FieldCheck:
     names = constraint.path.split(".") if constraint.path else []
     if not names:
@@ -284,17 +323,26 @@ def _field_check(descriptor: Descriptor, constraint: FieldConstraint, where: str
             raise InvalidArgument(f"{where}.minimum", f"{constraint.path} is not a number field")
         low = constraint.minimum if constraint.HasField("minimum") else -math.inf
         high = constraint.maximum if constraint.HasField("maximum") else math.inf
+        if math.isnan(low) or math.isnan(high):
+            raise InvalidArgument(f"{where}.minimum", "NaN is no bound")
         if low > high:
             raise InvalidArgument(f"{where}.maximum", f"is below the minimum {low:g}")
         checks.append(_within(low, high))
     if constraint.pattern:
         if field.type != FieldDescriptor.TYPE_STRING:
             raise InvalidArgument(f"{where}.pattern", f"{constraint.path} is not a string field")
+        if len(constraint.pattern) > MAX_PATTERN_CHARS:
+            raise InvalidArgument(f"{where}.pattern", f"is over {MAX_PATTERN_CHARS} characters")
         try:
-            pattern = re.compile(constraint.pattern)
-        except re.error as bad:
+            # RE2: matching takes time linear in the value, whatever the pattern (Python's
+            # re can backtrack for ever, and it would run on the event loop).
+            pattern = re2.compile(constraint.pattern, _RE2_OPTIONS)
+        except re2.error as bad:
+            reason = bad.args[0] if bad.args else ""
+            if isinstance(reason, bytes):
+                reason = reason.decode(errors="replace")
             raise InvalidArgument(
-                f"{where}.pattern", f"is not a regular expression: {bad}"
+                f"{where}.pattern", f"is not an RE2 regular expression: {reason:.200}"
             ) from None
         checks.append(_matching(pattern))
     if not (constraint.required or checks):
@@ -308,7 +356,10 @@ def _repeated(field: FieldDescriptor) -> bool:
 
 def _within(low: float, high: float) -> Callable[[object], str | None]:
     def check(value: object) -> str | None:
-        assert isinstance(value, int | float)
+        if not isinstance(value, int | float):
+            return f"{value!r:.80} is not a number"
+        if math.isnan(value):
+            return "NaN is not within the bounds"
         if value < low:
             return f"{value:g} is below the minimum {low:g}"
         if value > high:
@@ -318,9 +369,10 @@ def _within(low: float, high: float) -> Callable[[object], str | None]:
     return check
 
 
-def _matching(pattern: re.Pattern[str]) -> Callable[[object], str | None]:
+def _matching(pattern: re2._Regexp) -> Callable[[object], str | None]:
     def check(value: object) -> str | None:
-        assert isinstance(value, str)
+        if not isinstance(value, str):  # a proto2 string that is not UTF-8 comes as bytes
+            return "is not valid UTF-8"
         if pattern.fullmatch(value):
             return None
         return f"{value!r:.80} does not match {pattern.pattern!r}"

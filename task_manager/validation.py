@@ -137,8 +137,10 @@ def check_create_task(
         _max_bytes(request.author, limits.principal_bytes, "author")
     relations = request.relations
     if relations.parent_task_id:
+        # An unscoped parent id is read in the task's scope; a canonical one names its own
+        # (the caller must be allowed it), however the task's scope was given.
         relations.parent_task_id = task_id(
-            relations.parent_task_id, "relations.parent_task_id", explicit, request.scope
+            relations.parent_task_id, "relations.parent_task_id", default_scope=request.scope
         )
     if relations.HasField("assignee"):
         _check_assignee(relations.assignee, limits)

@@ -113,9 +113,9 @@ async def test_every_rpc_that_takes_a_task_id_takes_the_scope(stub: AsyncStub) -
         ({"task_id": "alpha/beta/job-00001"}, "task_id", "is not a task id"),
         ({"task_id": "alpha/x"}, "task_id", "is not a task id"),
         (
-            {"task_id": LOCAL_ID, "scope": "alpha", "relations": {"parent_task_id": "beta/p-001"}},
+            {"task_id": LOCAL_ID, "scope": "alpha", "relations": {"parent_task_id": "beta/x"}},
             "relations.parent_task_id",
-            "is in scope 'beta'",
+            "is not a task id",
         ),
     ],
     ids=[
@@ -276,6 +276,18 @@ async def test_a_credential_limited_to_a_scope_sees_only_its_tasks(
             received.add(pushed.execute_request.task.version.task_id)
         assert received == {f"alpha/{LOCAL_ID}", "global-01"}
         listen.cancel()
+        # What an agent holds is listed only within the caller's scopes.
+        request = pb.ListAgentsRequest(entity_ids=["agent-a"])
+        (everything,) = (await admin.ListAgents(request)).agents
+        assert sorted(everything.held_task_ids) == [f"alpha/{LOCAL_ID}", "global-01"]
+        (scoped,) = (await both.ListAgents(request)).agents
+        assert list(scoped.held_task_ids) == [f"alpha/{LOCAL_ID}"]
+        assert scoped.tasks_in_flight == 1
+        # Task types are shared by every scope: a scoped operator cannot register one.
+        code, message = await code_and_message(
+            alpha.RegisterTaskType(pb.RegisterTaskTypeRequest(task_type=pb.TaskType(name="t")))
+        )
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "shared by every scope" in message
         # Nothing of beta's changed.
         untouched = await beta.GetTask(pb.GetTaskRequest(task_id=LOCAL_ID))
         assert untouched.task.status.status == S.STATUS_SENT

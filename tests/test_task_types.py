@@ -3,6 +3,7 @@ decodes from the descriptors it was given and checks field by field."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import anyio
@@ -51,6 +52,12 @@ def survey_file() -> descriptor_pb2.FileDescriptorProto:
         type_name=".google.protobuf.Duration",
         label=F.LABEL_OPTIONAL,
     )
+    return file
+
+
+def _renamed_site(name: str) -> descriptor_pb2.FileDescriptorProto:
+    file = survey_file()
+    file.message_type[1].field[0].name = name
     return file
 
 
@@ -257,7 +264,11 @@ BAD_TYPES: dict[str, tuple[dict[str, Any], str, str]] = {
         f"{C0}.pattern",
         "not a string",
     ),
-    "regex": ({"constraints": [constraint("site", pattern="(")]}, f"{C0}.pattern", "not a regular"),
+    "regex": (
+        {"constraints": [constraint("site", pattern="(")]},
+        f"{C0}.pattern",
+        "not an RE2 regular expression: missing )",
+    ),
     "bounds": (
         {"constraints": [constraint("altitude_m", minimum=5, maximum=1)]},
         f"{C0}.maximum",
@@ -273,6 +284,26 @@ BAD_TYPES: dict[str, tuple[dict[str, Any], str, str]] = {
         {"default_policy": pb.TaskPolicy(max_attempts=1000)},
         "task_type.default_policy.max_attempts",
         "more than",
+    ),
+    "long pattern": (
+        {"constraints": [constraint("site", pattern="a" * 1025)]},
+        f"{C0}.pattern",
+        "over 1024 characters",
+    ),
+    "NaN bound": (
+        {"constraints": [constraint("altitude_m", minimum=math.nan)]},
+        f"{C0}.minimum",
+        "NaN is no bound",
+    ),
+    "too many files": (
+        {"descriptors": descriptor_pb2.FileDescriptorSet(file=[survey_file()] * 257)},
+        "task_type.descriptors",
+        "at most 256 files",
+    ),
+    "method name": (
+        {"descriptors": descriptor_pb2.FileDescriptorSet(file=[_renamed_site("HasField")])},
+        "task_type.descriptors",
+        "survey.v1.SurveyLeg.HasField is named like a protobuf message method",
     ),
 }
 
@@ -379,3 +410,100 @@ async def test_an_agent_kit_agent_declares_its_types_and_refuses_others(
     assert refused.status.status == pb.STATUS_DONE_NOT_OK
     assert refused.status.task_error.code == pb.ERROR_CODE_REJECTED
     assert "runs no handler for task type mapping v1" in refused.status.task_error.message
+
+
+async def test_a_descriptor_missing_required_fields_is_invalid_not_internal(
+    channel: grpc.aio.Channel,
+) -> None:
+    """proto2's required fields inside descriptor.proto: a client that sends them
+    unset (serialised partially) gets INVALID_ARGUMENT."""
+    file = survey_file()
+    file.options.uninterpreted_option.add().name.add()  # a NamePart without its fields
+    request = pb.RegisterTaskTypeRequest(
+        task_type=survey_type(descriptors=descriptor_pb2.FileDescriptorSet(file=[file]))
+    )
+    register_partially = channel.unary_unary(
+        "/task_manager.v1.TaskManager/RegisterTaskType",
+        request_serializer=lambda message: message.SerializePartialToString(),
+        response_deserializer=pb.RegisterTaskTypeResponse.FromString,
+    )
+    code, message = await refusal(register_partially(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "missing its required fields" in message, message
+
+
+async def test_a_pattern_is_matched_in_linear_time_and_nan_is_out_of_bounds(
+    stub: AsyncStub,
+) -> None:
+    # (a+)+ backtracks for ever in Python's re on this value; RE2 answers at once. A
+    # backtracking engine here would hold the event loop, and the test's timeout fails it.
+    catastrophic = [constraint("site", pattern="(a+)+"), constraint("altitude_m", maximum=10)]
+    await register(stub, survey_type(constraints=catastrophic))
+    code, message = await refusal(stub.CreateTask(typed(leg(site="a" * 5_000 + "b"))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "does not match" in message
+    code, message = await refusal(stub.CreateTask(typed(leg(site="aaa", altitude_m=math.nan))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("specification.altitude_m: NaN is not within the bounds"), message
+
+
+async def test_a_new_specification_of_a_typed_task_is_checked_against_its_version(
+    stub: AsyncStub,
+) -> None:
+    await register(stub, survey_type())
+    task = (await stub.CreateTask(typed(leg(**GOOD)))).task
+    await register(stub, survey_type(version=2, constraints=[]))  # the latest checks nothing
+    update = pb.UpdateTaskRequest(
+        task_id=task.version.task_id,
+        definition_version=1,
+        specification=leg(**{**GOOD, "altitude_m": 12000.0}),
+    )
+    code, message = await refusal(stub.UpdateTask(update))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("specification.altitude_m: 12000 is above the maximum 500"), message
+    update.specification.CopyFrom(leg(**{**GOOD, "altitude_m": 400.0}))
+    updated = (await stub.UpdateTask(update)).task
+    assert updated.version.definition_version == 2 and updated.task_type.version == 1
+
+
+async def test_a_retry_asking_for_the_latest_is_the_same_after_a_newer_version(
+    stub: AsyncStub,
+) -> None:
+    await register(stub, survey_type())
+    first = await stub.CreateTask(typed(leg(**GOOD), task_id="typed-0002"))
+    submission = pb.SessionSubmission(session_id="typed-session", tasks=[typed(leg(**GOOD))])
+    request = pb.SubmitSessionsRequest(sessions=[submission])
+    (submitted,) = (await stub.SubmitSessions(request)).sessions
+    stricter = [constraint("altitude_m", minimum=200, maximum=500)]
+    policy = pb.TaskPolicy(max_attempts=7)
+    await register(stub, survey_type(version=2, constraints=stricter, default_policy=policy))
+    again = await stub.CreateTask(typed(leg(**GOOD), task_id="typed-0002"))
+    assert again.already_existed and again.task.task_type.version == 1
+    assert again.task.version == first.task.version
+    (resubmitted,) = (await stub.SubmitSessions(request)).sessions
+    assert resubmitted.already_existed and resubmitted.task_ids == submitted.task_ids
+    # A session naming one version, then the latest: the latest is the latest.
+    pinned_then_latest = pb.SessionSubmission(
+        tasks=[typed(leg(**GOOD), version=1), typed(leg(**{**GOOD, "altitude_m": 300.0}))]
+    )
+    (made,) = (
+        await stub.SubmitSessions(pb.SubmitSessionsRequest(sessions=[pinned_then_latest]))
+    ).sessions
+    versions = [
+        (await stub.GetTask(pb.GetTaskRequest(task_id=task_id))).task.task_type.version
+        for task_id in made.task_ids
+    ]
+    assert versions == [1, 2]
+
+
+async def test_a_member_stream_that_does_not_run_a_type_is_not_sent_it(stub: AsyncStub) -> None:
+    """Two streams of one member, declaring different types: each gets only its own."""
+    for name in ("survey", "mapping"):
+        await register(stub, survey_type(name=name))
+    surveying = await member(stub, "dual", "pool-y", ("survey", 0))
+    mapping = await member(stub, "dual", "pool-y", ("mapping", 0))
+    survey = (await stub.CreateTask(pool_task("pool-y", "survey", leg(**GOOD)))).task
+    assert await executed(surveying) == survey.version.task_id
+    mapped = (await stub.CreateTask(pool_task("pool-y", "mapping", leg(**GOOD)))).task
+    assert await executed(mapping) == mapped.version.task_id  # and not the survey first
+    for call in (surveying, mapping):
+        call.cancel()

@@ -1800,9 +1800,9 @@ class AgentPresence(_message.Message):
     @_builtins.property
     def task_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskTypeRef]:
         """The task types its streams on this replica declare (ListenAsAgentRequest
-        .task_types), by name then version; empty: none declared (it takes every task). A
-        pool's lists its members': a pool task of a type missing here waits for a member
-        that runs it.
+        .task_types), by name then version. A pool's lists what its members declare: a pool
+        task of a type missing here waits for a member that runs it, unless a member that
+        declares nothing (and so takes every task) is connected.
         """
 
     def __init__(
@@ -2422,7 +2422,8 @@ class FieldConstraint(_message.Message):
     maximum: _builtins.float
     pattern: _builtins.str
     """Strings only (each element of a repeated field): the whole value matches this
-    regular expression (Python re syntax). An unset field is not checked.
+    regular expression (RE2 syntax, at most 1,024 characters: matching takes time linear
+    in the value). An unset field is not checked.
     """
     def __init__(
         self,

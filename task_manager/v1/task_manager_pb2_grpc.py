@@ -312,6 +312,7 @@ class TaskManagerServicer:
         A (name, version) once registered never changes: registering it again with the same
         content answers already_existed, other content is ALREADY_EXISTS. A new version
         leaves the tasks of older ones as they are.
+        Operators limited to scopes may not register: types are shared by every scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -148,6 +148,7 @@ class TaskManagerStub:
     A (name, version) once registered never changes: registering it again with the same
     content answers already_existed, other content is ALREADY_EXISTS. A new version
     leaves the tasks of older ones as they are.
+    Operators limited to scopes may not register: types are shared by every scope.
     """
     GetTaskType: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.GetTaskTypeRequest, _task_manager_pb2.GetTaskTypeResponse]
     """Extension: one version of a task type (version 0: the latest). NOT_FOUND if unknown."""
@@ -246,6 +247,7 @@ class TaskManagerAsyncStub(TaskManagerStub):
     A (name, version) once registered never changes: registering it again with the same
     content answers already_existed, other content is ALREADY_EXISTS. A new version
     leaves the tasks of older ones as they are.
+    Operators limited to scopes may not register: types are shared by every scope.
     """
     GetTaskType: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.GetTaskTypeRequest, _task_manager_pb2.GetTaskTypeResponse]  # type: ignore[assignment]
     """Extension: one version of a task type (version 0: the latest). NOT_FOUND if unknown."""
@@ -455,6 +457,7 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         A (name, version) once registered never changes: registering it again with the same
         content answers already_existed, other content is ALREADY_EXISTS. A new version
         leaves the tasks of older ones as they are.
+        Operators limited to scopes may not register: types are shared by every scope.
         """
 
     @_abc_1.abstractmethod
