@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import math
 import signal
 import threading
@@ -24,6 +25,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import ParamSpec, TypeVar
 
@@ -337,6 +339,44 @@ class OperatorClient:
             results[task.version.task_id] = task.status.result if succeeded else None
         return results
 
+    async def upload_payload(self, source: bytes | Path) -> pb.PayloadRef:
+        """Stores bytes, or a file's content, as a payload; answers its reference. A
+        file is read twice (hashed, then sent), in chunks, never whole in memory."""
+        if isinstance(source, bytes):
+            header = pb.PayloadRef(sha256=hashlib.sha256(source).hexdigest(), size=len(source))
+        else:
+            header = await anyio.to_thread.run_sync(_file_ref, source)
+
+        async def parts() -> AsyncIterator[pb.UploadPayloadRequest]:
+            yield pb.UploadPayloadRequest(header=header)
+            if isinstance(source, bytes):
+                for at in range(0, len(source), PAYLOAD_CHUNK_BYTES):
+                    yield pb.UploadPayloadRequest(chunk=source[at : at + PAYLOAD_CHUNK_BYTES])
+                return
+            async with await anyio.open_file(source, "rb") as file:
+                while chunk := await file.read(PAYLOAD_CHUNK_BYTES):
+                    yield pb.UploadPayloadRequest(chunk=chunk)
+
+        return (await self._stub.UploadPayload(parts())).payload
+
+    async def download_payload(self, sha256: str, destination: Path) -> pb.PayloadRef:
+        """Writes a payload to a file. A partial file from an interrupted download of the
+        same payload is resumed from its end; the whole is checked against the digest
+        (ValueError, and the file removed, if it does not match)."""
+        have = await anyio.to_thread.run_sync(_size_of, destination)
+        stat = (await self._stub.StatPayload(pb.StatPayloadRequest(sha256=sha256))).payload
+        if have > stat.size:
+            have = 0  # not a part of this payload
+        request = pb.DownloadPayloadRequest(sha256=sha256, offset=have)
+        async with await anyio.open_file(destination, "ab" if have else "wb") as file:
+            async for response in self._stub.DownloadPayload(request):
+                await file.write(response.chunk)
+        got = await anyio.to_thread.run_sync(_file_ref, destination)
+        if got != stat:
+            await anyio.Path(destination).unlink()
+            raise ValueError(f"{destination} does not hold payload {sha256}: try again")
+        return stat
+
     async def list_agents(self, entity_ids: Iterable[str] = ()) -> list[pb.AgentPresence]:
         """Every agent that ever listened (or only these), by entity id: whether it is
         connected, its open streams, when it was last seen, its tasks in flight."""
@@ -640,6 +680,14 @@ class SyncOperatorClient:
             specification=specification,
         )
 
+    def upload_payload(self, source: bytes | Path) -> pb.PayloadRef:
+        """As OperatorClient.upload_payload."""
+        return self._call(self._client.upload_payload, source)
+
+    def download_payload(self, sha256: str, destination: Path) -> pb.PayloadRef:
+        """As OperatorClient.download_payload."""
+        return self._call(self._client.download_payload, sha256, destination)
+
     def list_agents(self, entity_ids: Iterable[str] = ()) -> list[pb.AgentPresence]:
         """As OperatorClient.list_agents."""
         return self._call(self._client.list_agents, entity_ids)
@@ -814,3 +862,23 @@ def _aware(moment: datetime, name: str) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (say datetime.now(UTC) + ...)")
     return moment
+
+
+PAYLOAD_CHUNK_BYTES = 1024 * 1024
+"""What an upload sends per message."""
+
+
+def _size_of(path: Path) -> int:
+    """A file's size; 0 if there is none."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _file_ref(path: Path) -> pb.PayloadRef:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(PAYLOAD_CHUNK_BYTES):
+            digest.update(chunk)
+    return pb.PayloadRef(sha256=digest.hexdigest(), size=path.stat().st_size)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from storage import sql
 from storage.base import Credential, Store
+from storage.blobs import BlobStore
 from storage.feed import TAIL_POLL_S
 from storage.group_commit import WRITER_NICENESS
 from storage.sql import Session
@@ -37,6 +38,20 @@ async def open_store(
     from storage.sqlite import SqliteStore
 
     return await SqliteStore.open(target, writer_niceness)
+
+
+def open_blob_store(target: str) -> BlobStore:
+    """The payload store beside the task store at target: the same PostgreSQL database
+    (its schema migrated by open_store), or a directory `<file>.payloads` beside the
+    SQLite file."""
+    if is_postgresql(target):
+        from storage.postgres.blobs import PostgresBlobStore
+
+        return PostgresBlobStore(target)
+    from storage.directory_blobs import DirectoryBlobStore
+
+    path = Path(target)
+    return DirectoryBlobStore.open(path.with_name(f"{path.name}.payloads"))
 
 
 # -- credentials, for `task-manager tokens`: whether or not a server has the store open --

@@ -142,3 +142,13 @@ class TaskTypeTaken(TaskManagerError):
         )
         self.name = name
         self.version = version
+
+
+class PayloadNotFound(TaskManagerError):
+    def __init__(self, sha256: str) -> None:
+        super().__init__(f"no payload with sha256 {sha256} is stored")
+        self.sha256 = sha256
+
+
+class OutOfRange(TaskManagerError):
+    """A position past the end of what it points into."""

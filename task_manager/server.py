@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 # Imported for reflection: it serves only what this process's descriptor pool holds.
 import task_manager.well_known_types  # noqa: F401
-from storage import open_store
+from storage import open_blob_store, open_store
 from storage.base import Store
 from task_manager import lifecycle
 from task_manager.auth import Credentials, OpenStreams, RateLimiter
@@ -216,6 +216,7 @@ class TaskManagerServer:
             presence,
             cluster,
             clock,
+            open_blob_store(settings.db),
         )
         server.add_generic_rpc_handlers(generic_handlers(servicer))
         health_servicer = health_aio.HealthServicer()

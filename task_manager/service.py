@@ -32,9 +32,11 @@ from storage.base import (
     with_definition,
 )
 from storage.base import Credential as StoredCredential
+from storage.blobs import BlobStore, StorageFull
 from task_manager import (
     auth,
     lifecycle,
+    payloads,
     scopes,
     sessions,
     statuses,
@@ -51,6 +53,8 @@ from task_manager.errors import (
     DefinitionConflict,
     FailedPrecondition,
     InvalidArgument,
+    OutOfRange,
+    PayloadNotFound,
     PermissionDenied,
     ServerShuttingDown,
     SessionIdTaken,
@@ -78,6 +82,8 @@ from task_manager.v1.task_manager_pb2 import (
     CompleteTaskRequest,
     CreateTaskRequest,
     CreateTaskResponse,
+    DownloadPayloadRequest,
+    DownloadPayloadResponse,
     GetSessionRequest,
     GetSessionResponse,
     GetTaskHistoryRequest,
@@ -102,6 +108,8 @@ from task_manager.v1.task_manager_pb2 import (
     ReportError,
     RevokeCredentialRequest,
     RevokeCredentialResponse,
+    StatPayloadRequest,
+    StatPayloadResponse,
     StatusReport,
     StatusReportResult,
     StatusUpdate,
@@ -111,6 +119,8 @@ from task_manager.v1.task_manager_pb2 import (
     TaskPolicy,
     UpdateStatusRequest,
     UpdateTaskRequest,
+    UploadPayloadRequest,
+    UploadPayloadResponse,
     WatchTasksRequest,
     WatchTasksResponse,
 )
@@ -146,7 +156,9 @@ class TaskManagerService:
         presence: Presence,
         cluster: Cluster,
         clock: Clock,
+        blobs: BlobStore,
     ) -> None:
+        self._blobs = blobs
         self._presence = presence
         self._cluster = cluster
         self._store = store
@@ -489,6 +501,31 @@ class TaskManagerService:
             raise InvalidArgument("name", f"{request.name!r:.80} is not a task type name")
         return ListTaskTypesResponse(task_types=await self._store.task_types(request.name))
 
+    async def UploadPayload(
+        self,
+        parts: AsyncIterator[UploadPayloadRequest | Undecodable],
+        context: Context,
+        caller: Caller,
+    ) -> UploadPayloadResponse:
+        async def decoded() -> AsyncIterator[UploadPayloadRequest]:
+            async for part in parts:
+                yield _decoded(part)  # type: ignore[misc]
+
+        stored, existed = await payloads.upload(decoded(), self._blobs, self._limits.payload_bytes)
+        return UploadPayloadResponse(payload=payloads.ref_message(stored), already_stored=existed)
+
+    async def DownloadPayload(
+        self, request: DownloadPayloadRequest, context: Context, caller: Caller
+    ) -> AsyncIterator[DownloadPayloadResponse]:
+        async for chunk in payloads.download(self._blobs, request.sha256, request.offset):
+            yield chunk
+
+    async def StatPayload(
+        self, request: StatPayloadRequest, context: Context, caller: Caller
+    ) -> StatPayloadResponse:
+        found = await payloads.stat(self._blobs, request.sha256)
+        return StatPayloadResponse(payload=payloads.ref_message(found))
+
     async def AddCredential(
         self, request: AddCredentialRequest, context: Context, caller: Caller
     ) -> AddCredentialResponse:
@@ -730,6 +767,9 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (SessionIdTaken, grpc.StatusCode.ALREADY_EXISTS),
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (TaskTypeNotFound, grpc.StatusCode.NOT_FOUND),
+    (PayloadNotFound, grpc.StatusCode.NOT_FOUND),
+    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TaskTypeTaken, grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflict, grpc.StatusCode.ABORTED),
     # Another replica's write to the same task committed first: a conflict, not a fault.
@@ -824,6 +864,21 @@ def _unary_handler(gate: Gate, name: str, method: UnaryMethod) -> Handler:
     return handle
 
 
+def _upload_handler(gate: Gate, name: str, method: UnaryMethod) -> Handler:
+    """A client-streaming handler: the request stream reaches the method as it comes
+    (items that fail to decode as Undecodable, one by one)."""
+
+    async def handle(requests: AsyncIterator[Any], context: Context) -> Message | bytes:
+        try:
+            caller = gate.admit(name, context)
+            return await method(requests, context, caller)
+        except Exception as error:
+            await _refuse(context, name, error)
+            raise  # not reached: abort raises
+
+    return handle
+
+
 def _stream_handler(gate: Gate, name: str, method: StreamMethod, client_streaming: bool) -> Handler:
     """A server-streaming (or, with client_streaming, bidirectional) handler. The stream
     counts against its caller's open streams, and ends if the caller's credential is
@@ -869,6 +924,12 @@ def _method_handler(
     behaviour = getattr(servicer, method.name)
     gate = servicer.gate
     deserializer = _safe_deserializer(request_type)
+    if method.client_streaming and not method.server_streaming:
+        return grpc.stream_unary_rpc_method_handler(
+            _upload_handler(gate, method.name, behaviour),
+            request_deserializer=deserializer,
+            response_serializer=_serialize,
+        )
     if method.client_streaming:
         # Items that fail to decode reach the method as Undecodable, one by one.
         return grpc.stream_stream_rpc_method_handler(

@@ -74,6 +74,8 @@ class FieldLimits:
     """The most attempts a TaskPolicy may ask for."""
     session_tasks: int = 10_000
     """Tasks per SubmitSessions request, all its sessions together."""
+    payload_bytes: int = 1 << 30
+    """One payload's size (UploadPayload)."""
     session_bytes: int = 3 << 20
     """One session's size, serialised. Keep it under --max-request-bytes (4 MiB): a
     request over that is refused by gRPC itself (RESOURCE_EXHAUSTED) before any check."""

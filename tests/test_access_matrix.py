@@ -8,6 +8,7 @@ from the server's own table, so a mistake in either shows up here.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,6 +45,9 @@ EXPECTED_RIGHTS: dict[str, set[str]] = {
         "RegisterTaskType",
         "GetTaskType",
         "ListTaskTypes",
+        "UploadPayload",
+        "DownloadPayload",
+        "StatPayload",
     },
     "agent": {
         "ListenAsAgent",
@@ -63,6 +67,8 @@ EXPECTED_RIGHTS: dict[str, set[str]] = {
         "GetSession",
         "GetTaskType",
         "ListTaskTypes",
+        "DownloadPayload",
+        "StatPayload",
     },
 }
 AGENT_ONLY_OWN = {"ListenAsAgent", "UpdateStatus", "ReportStatus", "GetTask", "GetTaskHistory"}
@@ -277,7 +283,34 @@ async def _list_task_types(stub: AsyncStub, world: World, entity: str) -> None:
     await stub.ListTaskTypes(pb.ListTaskTypesRequest(name="matrix-type"))
 
 
+PAYLOAD = b"matrix payload"
+PAYLOAD_REF = pb.PayloadRef(sha256=hashlib.sha256(PAYLOAD).hexdigest(), size=len(PAYLOAD))
+
+
+async def _payload_parts() -> AsyncIterator[pb.UploadPayloadRequest]:
+    yield pb.UploadPayloadRequest(header=PAYLOAD_REF)
+    yield pb.UploadPayloadRequest(chunk=PAYLOAD)
+
+
+async def _upload_payload(stub: AsyncStub, world: World, entity: str) -> None:
+    await stub.UploadPayload(_payload_parts())
+
+
+async def _download_payload(stub: AsyncStub, world: World, entity: str) -> None:
+    await world.admin.UploadPayload(_payload_parts())
+    request = pb.DownloadPayloadRequest(sha256=PAYLOAD_REF.sha256)
+    assert b"".join([r.chunk async for r in stub.DownloadPayload(request)]) == PAYLOAD
+
+
+async def _stat_payload(stub: AsyncStub, world: World, entity: str) -> None:
+    await world.admin.UploadPayload(_payload_parts())
+    await stub.StatPayload(pb.StatPayloadRequest(sha256=PAYLOAD_REF.sha256))
+
+
 CALLS: dict[str, Call] = {
+    "UploadPayload": _upload_payload,
+    "DownloadPayload": _download_payload,
+    "StatPayload": _stat_payload,
     "RegisterTaskType": _register_task_type,
     "GetTaskType": _get_task_type,
     "ListTaskTypes": _list_task_types,

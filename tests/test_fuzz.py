@@ -7,6 +7,7 @@ must be exactly as they were. `make fuzz` runs the same with FUZZ_EXAMPLES=10000
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -269,8 +270,14 @@ def _valid_requests() -> dict[str, Message]:
         ),
         pb.GetTaskTypeRequest(name="fuzz-type", version=1),
         pb.ListTaskTypesRequest(name="fuzz-type"),
+        pb.UploadPayloadRequest(header=pb.PayloadRef(sha256=EMPTY_SHA256, size=0)),
+        pb.DownloadPayloadRequest(sha256=EMPTY_SHA256),
+        pb.StatPayloadRequest(sha256=EMPTY_SHA256),
     ]
     return {request.DESCRIPTOR.full_name: request for request in requests}
+
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 def _duration_file() -> descriptor_pb2.FileDescriptorProto:
@@ -298,4 +305,4 @@ def test_mutated_valid_requests_get_proper_answers(world: FuzzWorld) -> None:
 def test_every_method_is_fuzzed() -> None:
     assert {m.input_type.full_name for m in METHODS} == set(VALID_REQUESTS)
     request_types = {message_factory.GetMessageClass(m.input_type) for m in METHODS}
-    assert len(METHODS) == 26 and len(request_types) == 21
+    assert len(METHODS) == 29 and len(request_types) == 24

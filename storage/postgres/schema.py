@@ -140,6 +140,21 @@ MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (name, version)
     );
     """,
+    # Payloads (storage/postgres/blobs.py): each upload's chunks by offset, and one row
+    # per stored content naming the upload that holds it.
+    """
+    CREATE TABLE payload_chunks (
+        upload_id TEXT NOT NULL,
+        start BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (upload_id, start)
+    );
+    CREATE TABLE payloads (
+        digest TEXT PRIMARY KEY,
+        upload_id TEXT NOT NULL,
+        size BIGINT NOT NULL
+    );
+    """,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (table schema_version)."""
 

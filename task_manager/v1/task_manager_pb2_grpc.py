@@ -141,6 +141,21 @@ class TaskManagerStub:
                 request_serializer=task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesRequest.SerializeToString,
                 response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesResponse.FromString,
                 _registered_method=True)
+        self.UploadPayload = channel.stream_unary(
+                '/task_manager.v1.TaskManager/UploadPayload',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.UploadPayloadRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.UploadPayloadResponse.FromString,
+                _registered_method=True)
+        self.DownloadPayload = channel.unary_stream(
+                '/task_manager.v1.TaskManager/DownloadPayload',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.DownloadPayloadRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.DownloadPayloadResponse.FromString,
+                _registered_method=True)
+        self.StatPayload = channel.unary_unary(
+                '/task_manager.v1.TaskManager/StatPayload',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.StatPayloadRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.StatPayloadResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -332,6 +347,31 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadPayload(self, request_iterator, context):
+        """Extension: payloads, the data plane. Uploads bytes in chunks after a header naming
+        their sha256 and size; the server hashes as it receives, and stores the payload
+        (once per content) durably before it answers. Bytes that do not match the header,
+        or a stream that ends early, store nothing (INVALID_ARGUMENT / CANCELLED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadPayload(self, request, context):
+        """Extension: a payload's bytes from an offset (an interrupted download resumes where
+        it stopped). NOT_FOUND for an unknown digest, OUT_OF_RANGE past its size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatPayload(self, request, context):
+        """Extension: whether a payload is stored, and its size. NOT_FOUND if not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -439,6 +479,21 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.ListTaskTypes,
                     request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesRequest.FromString,
                     response_serializer=task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesResponse.SerializeToString,
+            ),
+            'UploadPayload': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadPayload,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.UploadPayloadRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.UploadPayloadResponse.SerializeToString,
+            ),
+            'DownloadPayload': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadPayload,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.DownloadPayloadRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.DownloadPayloadResponse.SerializeToString,
+            ),
+            'StatPayload': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatPayload,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.StatPayloadRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.StatPayloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1010,6 +1065,87 @@ class TaskManager:
             '/task_manager.v1.TaskManager/ListTaskTypes',
             task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesRequest.SerializeToString,
             task__manager_dot_v1_dot_task__manager__pb2.ListTaskTypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadPayload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/task_manager.v1.TaskManager/UploadPayload',
+            task__manager_dot_v1_dot_task__manager__pb2.UploadPayloadRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.UploadPayloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadPayload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/DownloadPayload',
+            task__manager_dot_v1_dot_task__manager__pb2.DownloadPayloadRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.DownloadPayloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatPayload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/StatPayload',
+            task__manager_dot_v1_dot_task__manager__pb2.StatPayloadRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.StatPayloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

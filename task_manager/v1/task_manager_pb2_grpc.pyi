@@ -154,6 +154,18 @@ class TaskManagerStub:
     """Extension: one version of a task type (version 0: the latest). NOT_FOUND if unknown."""
     ListTaskTypes: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.ListTaskTypesRequest, _task_manager_pb2.ListTaskTypesResponse]
     """Extension: every registered task type version, by name then version."""
+    UploadPayload: _grpc.StreamUnaryMultiCallable[_task_manager_pb2.UploadPayloadRequest, _task_manager_pb2.UploadPayloadResponse]
+    """Extension: payloads, the data plane. Uploads bytes in chunks after a header naming
+    their sha256 and size; the server hashes as it receives, and stores the payload
+    (once per content) durably before it answers. Bytes that do not match the header,
+    or a stream that ends early, store nothing (INVALID_ARGUMENT / CANCELLED).
+    """
+    DownloadPayload: _grpc.UnaryStreamMultiCallable[_task_manager_pb2.DownloadPayloadRequest, _task_manager_pb2.DownloadPayloadResponse]
+    """Extension: a payload's bytes from an offset (an interrupted download resumes where
+    it stopped). NOT_FOUND for an unknown digest, OUT_OF_RANGE past its size.
+    """
+    StatPayload: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.StatPayloadRequest, _task_manager_pb2.StatPayloadResponse]
+    """Extension: whether a payload is stored, and its size. NOT_FOUND if not."""
 
 @_typing.type_check_only
 class TaskManagerAsyncStub(TaskManagerStub):
@@ -253,6 +265,18 @@ class TaskManagerAsyncStub(TaskManagerStub):
     """Extension: one version of a task type (version 0: the latest). NOT_FOUND if unknown."""
     ListTaskTypes: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.ListTaskTypesRequest, _task_manager_pb2.ListTaskTypesResponse]  # type: ignore[assignment]
     """Extension: every registered task type version, by name then version."""
+    UploadPayload: _aio.StreamUnaryMultiCallable[_task_manager_pb2.UploadPayloadRequest, _task_manager_pb2.UploadPayloadResponse]  # type: ignore[assignment]
+    """Extension: payloads, the data plane. Uploads bytes in chunks after a header naming
+    their sha256 and size; the server hashes as it receives, and stores the payload
+    (once per content) durably before it answers. Bytes that do not match the header,
+    or a stream that ends early, store nothing (INVALID_ARGUMENT / CANCELLED).
+    """
+    DownloadPayload: _aio.UnaryStreamMultiCallable[_task_manager_pb2.DownloadPayloadRequest, _task_manager_pb2.DownloadPayloadResponse]  # type: ignore[assignment]
+    """Extension: a payload's bytes from an offset (an interrupted download resumes where
+    it stopped). NOT_FOUND for an unknown digest, OUT_OF_RANGE past its size.
+    """
+    StatPayload: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.StatPayloadRequest, _task_manager_pb2.StatPayloadResponse]  # type: ignore[assignment]
+    """Extension: whether a payload is stored, and its size. NOT_FOUND if not."""
 
 class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
     """The operator- and agent-facing service. The five core RPCs are also served under
@@ -475,5 +499,35 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_manager_pb2.ListTaskTypesResponse, _abc.Awaitable[_task_manager_pb2.ListTaskTypesResponse]]:
         """Extension: every registered task type version, by name then version."""
+
+    @_abc_1.abstractmethod
+    def UploadPayload(
+        self,
+        request_iterator: _MaybeAsyncIterator[_task_manager_pb2.UploadPayloadRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.UploadPayloadResponse, _abc.Awaitable[_task_manager_pb2.UploadPayloadResponse]]:
+        """Extension: payloads, the data plane. Uploads bytes in chunks after a header naming
+        their sha256 and size; the server hashes as it receives, and stores the payload
+        (once per content) durably before it answers. Bytes that do not match the header,
+        or a stream that ends early, store nothing (INVALID_ARGUMENT / CANCELLED).
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadPayload(
+        self,
+        request: _task_manager_pb2.DownloadPayloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_task_manager_pb2.DownloadPayloadResponse], _abc.AsyncIterator[_task_manager_pb2.DownloadPayloadResponse]]:
+        """Extension: a payload's bytes from an offset (an interrupted download resumes where
+        it stopped). NOT_FOUND for an unknown digest, OUT_OF_RANGE past its size.
+        """
+
+    @_abc_1.abstractmethod
+    def StatPayload(
+        self,
+        request: _task_manager_pb2.StatPayloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.StatPayloadResponse, _abc.Awaitable[_task_manager_pb2.StatPayloadResponse]]:
+        """Extension: whether a payload is stored, and its size. NOT_FOUND if not."""
 
 def add_TaskManagerServicer_to_server(servicer: TaskManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

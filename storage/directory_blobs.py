@@ -1,0 +1,138 @@
+"""A BlobStore in a directory (beside the SQLite database, by default).
+
+Layout: `sha256/<first two hex digits>/<digest>` for stored payloads, `uploading/` for
+writers in progress. A writer writes a file of its own in `uploading/`; its commit
+fsyncs it and renames it into place (then fsyncs the directory), so a payload is either
+wholly there or not at all, also across a crash. Files left in `uploading/` by a crash
+are removed when the store opens. Reads and the commit's fsync run in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio.to_thread
+
+from storage.base import StoreError
+from storage.blobs import READ_CHUNK_BYTES, BlobRef, DigestMismatch, StorageFull
+
+
+class DirectoryBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._stored = root / "sha256"
+        self._uploading = root / "uploading"
+
+    @classmethod
+    def open(cls, root: Path) -> DirectoryBlobStore:
+        store = cls(root)
+        shutil.rmtree(store._uploading, ignore_errors=True)  # what a crash left unfinished
+        store._uploading.mkdir(parents=True, exist_ok=True)
+        store._stored.mkdir(exist_ok=True)
+        return store
+
+    def path_of(self, digest: str) -> Path:
+        return self._stored / digest[:2] / digest
+
+    def writer(self) -> _FileWriter:
+        return _FileWriter(self)
+
+    async def stat(self, digest: str) -> BlobRef | None:
+        try:
+            size = (await anyio.to_thread.run_sync(self.path_of(digest).stat)).st_size
+        except FileNotFoundError:
+            return None
+        return BlobRef(digest, size)
+
+    async def read(self, digest: str, offset: int = 0) -> AsyncIterator[bytes]:
+        file = open(self.path_of(digest), "rb")  # noqa: SIM115, ASYNC230  (as in write)
+        try:
+            file.seek(offset)
+            while chunk := await anyio.to_thread.run_sync(file.read, READ_CHUNK_BYTES):
+                yield chunk
+        finally:
+            file.close()
+
+    async def close(self) -> None:
+        pass
+
+
+class _FileWriter:
+    def __init__(self, store: DirectoryBlobStore) -> None:
+        self._store = store
+        self._path = store._uploading / secrets.token_hex(16)
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    async def write(self, chunk: bytes) -> None:
+        # On the event loop: a write lands in the page cache (the commit's fsync, the
+        # slow part, runs in a thread), and a thread hop here could be cut off by a
+        # cancel with the file open in it, left to leak.
+        try:
+            if self._file is None:
+                self._file = open(self._path, "xb")  # noqa: SIM115, ASYNC230  (closed by commit or abort)
+            self._file.write(chunk)
+        except OSError as exc:
+            await self.abort()
+            raise _store_error(exc) from exc
+        self._hash.update(chunk)
+        self._size += len(chunk)
+
+    async def commit(self, expected: BlobRef) -> tuple[BlobRef, bool]:
+        received = BlobRef(self._hash.hexdigest(), self._size)
+        if received != expected:
+            await self.abort()
+            raise DigestMismatch(expected, received)
+        try:
+            existed = await anyio.to_thread.run_sync(self._put_in_place, received.digest)
+        except OSError as exc:
+            await self.abort()
+            raise _store_error(exc) from exc
+        return received, existed
+
+    def _put_in_place(self, digest: str) -> bool:
+        final = self._store.path_of(digest)
+        if final.exists():  # the same bytes are stored already
+            self._discard()
+            return True
+        if self._file is None:  # no bytes at all: an empty payload
+            self._file = open(self._path, "xb")  # noqa: SIM115  (closed below)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final.parent.mkdir(exist_ok=True)
+        os.replace(self._path, final)
+        _fsync_directory(final.parent)
+        _fsync_directory(final.parent.parent)
+        return False
+
+    async def abort(self) -> None:
+        # At once, with no thread hop: an upload cut off aborts while being cancelled.
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._path.unlink(missing_ok=True)
+
+
+def _store_error(exc: OSError) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no room left for payloads in {exc.filename or 'the store'}")
+    return StoreError(f"could not store a payload: {exc.strerror or exc}")
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

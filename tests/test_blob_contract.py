@@ -1,0 +1,86 @@
+"""The BlobStore contract, one suite for every implementation: a directory beside the
+SQLite file and the PostgreSQL database (storage/blobs.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from storage import open_blob_store, open_store
+from storage.blobs import READ_CHUNK_BYTES, BlobRef, BlobStore, DigestMismatch
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def blobs(database: str) -> AsyncIterator[BlobStore]:
+    store = await open_store(database)  # migrates the schema the blob store shares
+    await store.close()
+    blob_store = open_blob_store(database)
+    yield blob_store
+    await blob_store.close()
+
+
+def ref_of(data: bytes) -> BlobRef:
+    return BlobRef(hashlib.sha256(data).hexdigest(), len(data))
+
+
+async def put(blobs: BlobStore, data: bytes, chunk: int = 100_000) -> tuple[BlobRef, bool]:
+    writer = blobs.writer()
+    for at in range(0, len(data), chunk):
+        await writer.write(data[at : at + chunk])
+    return await writer.commit(ref_of(data))
+
+
+async def read_all(blobs: BlobStore, digest: str, offset: int = 0) -> bytes:
+    return b"".join([chunk async for chunk in blobs.read(digest, offset)])
+
+
+async def test_bytes_written_read_back_whole_and_from_any_offset(blobs: BlobStore) -> None:
+    data = os.urandom(3 * READ_CHUNK_BYTES + 12_345)
+    ref, existed = await put(blobs, data, chunk=70_001)
+    assert ref == ref_of(data) and not existed
+    assert await blobs.stat(ref.digest) == ref
+    assert await read_all(blobs, ref.digest) == data
+    chunks = [chunk async for chunk in blobs.read(ref.digest)]
+    assert max(len(chunk) for chunk in chunks) <= READ_CHUNK_BYTES
+    for offset in (1, 69_999, 70_001, READ_CHUNK_BYTES, len(data) - 1, len(data)):
+        assert await read_all(blobs, ref.digest, offset) == data[offset:]
+
+
+async def test_the_same_bytes_are_stored_once(blobs: BlobStore) -> None:
+    data = b"the same bytes" * 1_000
+    first, existed_first = await put(blobs, data)
+    second, existed_second = await put(blobs, data, chunk=7)
+    assert first == second and not existed_first and existed_second
+    assert await read_all(blobs, first.digest) == data
+
+
+async def test_an_empty_payload_is_a_payload(blobs: BlobStore) -> None:
+    ref, _ = await put(blobs, b"")
+    assert ref == ref_of(b"") and await blobs.stat(ref.digest) == ref
+    assert await read_all(blobs, ref.digest) == b""
+
+
+async def test_a_mismatch_or_an_abort_keeps_nothing(blobs: BlobStore) -> None:
+    data = os.urandom(50_000)
+    writer = blobs.writer()
+    await writer.write(data)
+    with pytest.raises(DigestMismatch):
+        await writer.commit(ref_of(data + b"x"))
+    assert await blobs.stat(ref_of(data).digest) is None
+    assert await blobs.stat(ref_of(data + b"x").digest) is None
+    cut = blobs.writer()
+    await cut.write(data[:10_000])
+    await cut.abort()
+    assert await blobs.stat(ref_of(data[:10_000]).digest) is None
+    # Neither left anything that a later, whole upload of the same bytes trips over.
+    ref, existed = await put(blobs, data)
+    assert not existed and await read_all(blobs, ref.digest) == data
+
+
+async def test_an_unknown_digest_has_no_stat(blobs: BlobStore) -> None:
+    assert await blobs.stat("0" * 64) is None
