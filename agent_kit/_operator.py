@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import math
+import os
 import signal
 import threading
 from collections.abc import (
@@ -339,12 +340,13 @@ class OperatorClient:
             results[task.version.task_id] = task.status.result if succeeded else None
         return results
 
-    async def upload_payload(self, source: bytes | Path) -> pb.PayloadRef:
+    async def upload_payload(self, source: bytes | str | os.PathLike[str]) -> pb.PayloadRef:
         """Stores bytes, or a file's content, as a payload; answers its reference. A
         file is read twice (hashed, then sent), in chunks, never whole in memory."""
         if isinstance(source, bytes):
             header = pb.PayloadRef(sha256=hashlib.sha256(source).hexdigest(), size=len(source))
         else:
+            source = Path(source)
             header = await anyio.to_thread.run_sync(_file_ref, source)
 
         async def parts() -> AsyncIterator[pb.UploadPayloadRequest]:
@@ -359,23 +361,33 @@ class OperatorClient:
 
         return (await self._stub.UploadPayload(parts())).payload
 
-    async def download_payload(self, sha256: str, destination: Path) -> pb.PayloadRef:
-        """Writes a payload to a file. A partial file from an interrupted download of the
-        same payload is resumed from its end; the whole is checked against the digest
-        (ValueError, and the file removed, if it does not match)."""
-        have = await anyio.to_thread.run_sync(_size_of, destination)
+    async def download_payload(
+        self, sha256: str, destination: str | os.PathLike[str]
+    ) -> pb.PayloadRef:
+        """Writes a payload to a file, checked against its digest as it comes. The bytes
+        go to `<destination>.partial` first, and an interrupted download resumes from
+        it; the file appears under its name only whole."""
+        target = Path(destination)
+        partial = target.with_name(f"{target.name}.partial")
         stat = (await self._stub.StatPayload(pb.StatPayloadRequest(sha256=sha256))).payload
-        if have > stat.size:
-            have = 0  # not a part of this payload
-        request = pb.DownloadPayloadRequest(sha256=sha256, offset=have)
-        async with await anyio.open_file(destination, "ab" if have else "wb") as file:
-            async for response in self._stub.DownloadPayload(request):
-                await file.write(response.chunk)
-        got = await anyio.to_thread.run_sync(_file_ref, destination)
-        if got != stat:
-            await anyio.Path(destination).unlink()
-            raise ValueError(f"{destination} does not hold payload {sha256}: try again")
-        return stat
+        for attempt in ("resume", "again"):
+            have, digest = await anyio.to_thread.run_sync(_hashed_prefix, partial, stat.size)
+            if attempt == "again":
+                have, digest = 0, hashlib.sha256()
+            request = pb.DownloadPayloadRequest(sha256=sha256, offset=have)
+            async with await anyio.open_file(partial, "ab" if have else "wb") as file:
+                async for response in self._stub.DownloadPayload(request):
+                    if response.offset != have:
+                        raise ValueError(f"payload {sha256} came out of order")
+                    digest.update(response.chunk)
+                    await file.write(response.chunk)
+                    have += len(response.chunk)
+            if have == stat.size and digest.hexdigest() == sha256:
+                await anyio.to_thread.run_sync(os.replace, partial, target)
+                return stat
+            # The partial file was not a part of this payload: once more from the start.
+        await anyio.Path(partial).unlink(missing_ok=True)
+        raise ValueError(f"the bytes downloaded are not payload {sha256}")
 
     async def list_agents(self, entity_ids: Iterable[str] = ()) -> list[pb.AgentPresence]:
         """Every agent that ever listened (or only these), by entity id: whether it is
@@ -680,11 +692,11 @@ class SyncOperatorClient:
             specification=specification,
         )
 
-    def upload_payload(self, source: bytes | Path) -> pb.PayloadRef:
+    def upload_payload(self, source: bytes | str | os.PathLike[str]) -> pb.PayloadRef:
         """As OperatorClient.upload_payload."""
         return self._call(self._client.upload_payload, source)
 
-    def download_payload(self, sha256: str, destination: Path) -> pb.PayloadRef:
+    def download_payload(self, sha256: str, destination: str | os.PathLike[str]) -> pb.PayloadRef:
         """As OperatorClient.download_payload."""
         return self._call(self._client.download_payload, sha256, destination)
 
@@ -868,12 +880,19 @@ PAYLOAD_CHUNK_BYTES = 1024 * 1024
 """What an upload sends per message."""
 
 
-def _size_of(path: Path) -> int:
-    """A file's size; 0 if there is none."""
+def _hashed_prefix(path: Path, size: int) -> tuple[int, hashlib._Hash]:
+    """How much of a payload of size a partial file holds, and the hash of it so far;
+    none of it if the file is missing or longer than the payload."""
+    digest = hashlib.sha256()
     try:
-        return path.stat().st_size
+        if path.stat().st_size > size:
+            return 0, digest
+        with path.open("rb") as file:
+            while chunk := file.read(PAYLOAD_CHUNK_BYTES):
+                digest.update(chunk)
+        return path.stat().st_size, digest
     except FileNotFoundError:
-        return 0
+        return 0, digest
 
 
 def _file_ref(path: Path) -> pb.PayloadRef:

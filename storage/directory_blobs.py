@@ -9,11 +9,13 @@ are removed when the store opens. Reads and the commit's fsync run in worker thr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -49,13 +51,24 @@ class DirectoryBlobStore:
             size = (await anyio.to_thread.run_sync(self.path_of(digest).stat)).st_size
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise _store_error(exc) from exc
         return BlobRef(digest, size)
 
     async def read(self, digest: str, offset: int = 0) -> AsyncIterator[bytes]:
-        file = open(self.path_of(digest), "rb")  # noqa: SIM115, ASYNC230  (as in write)
+        try:
+            file = open(self.path_of(digest), "rb")  # noqa: SIM115, ASYNC230  (as in write)
+        except OSError as exc:
+            raise _store_error(exc) from exc
         try:
             file.seek(offset)
-            while chunk := await anyio.to_thread.run_sync(file.read, READ_CHUNK_BYTES):
+            while True:
+                try:
+                    chunk = await anyio.to_thread.run_sync(file.read, READ_CHUNK_BYTES)
+                except OSError as exc:
+                    raise _store_error(exc) from exc
+                if not chunk:
+                    return
                 yield chunk
         finally:
             file.close()
@@ -71,6 +84,9 @@ class _FileWriter:
         self._file: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self._size = 0
+        self._lock = threading.Lock()
+        """Held by the commit's thread and by a discard: a cancelled upload's abort waits
+        for a commit still running in its thread, rather than race it."""
 
     async def write(self, chunk: bytes) -> None:
         # On the event loop: a write lands in the page cache (the commit's fsync, the
@@ -99,29 +115,43 @@ class _FileWriter:
         return received, existed
 
     def _put_in_place(self, digest: str) -> bool:
-        final = self._store.path_of(digest)
-        if final.exists():  # the same bytes are stored already
-            self._discard()
-            return True
-        if self._file is None:  # no bytes at all: an empty payload
-            self._file = open(self._path, "xb")  # noqa: SIM115  (closed below)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        final.parent.mkdir(exist_ok=True)
-        os.replace(self._path, final)
-        _fsync_directory(final.parent)
-        _fsync_directory(final.parent.parent)
-        return False
+        with self._lock:
+            final = self._store.path_of(digest)
+            if final.exists():  # the same bytes are stored already
+                self._discard_locked()
+                # Perhaps renamed there by an upload still syncing its directory: synced
+                # here too, so this reference is as durable as that one.
+                _fsync_directory(final.parent)
+                _fsync_directory(final.parent.parent)
+                return True
+            if self._file is None:  # no bytes at all: an empty payload
+                self._file = open(self._path, "xb")  # noqa: SIM115  (closed below)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            final.parent.mkdir(exist_ok=True)
+            os.replace(self._path, final)
+            _fsync_directory(final.parent)
+            _fsync_directory(final.parent.parent)
+            return False
 
     async def abort(self) -> None:
         # At once, with no thread hop: an upload cut off aborts while being cancelled.
         self._discard()
 
     def _discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._path.unlink(missing_ok=True)
+        with self._lock:
+            self._discard_locked()
+
+    def _discard_locked(self) -> None:
+        # A close that fails (its buffer cannot be flushed to a full disk) must not keep
+        # the file: it is unlinked whatever happens.
+        try:
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    self._file.close()
+        finally:
+            self._path.unlink(missing_ok=True)
 
 
 def _store_error(exc: OSError) -> StoreError:

@@ -41,8 +41,11 @@ async def upload(
     received = 0
     try:
         async for part in parts:
-            if part.WhichOneof("part") != "chunk":
+            kind = part.WhichOneof("part")
+            if kind == "header":
                 raise InvalidArgument("header", "comes once, first")
+            if kind is None:
+                raise InvalidArgument("part", "is empty: send a header, then chunks")
             received += len(part.chunk)
             if received > header.size:
                 raise InvalidArgument(

@@ -195,6 +195,7 @@ class TaskManagerServer:
         server = grpc.aio.server(options=_grpc_options(settings))
         credentials = Credentials(client_certificates=settings.client_ca is not None)
         try:
+            blobs = open_blob_store(settings.db)
             credentials.replace(await store.credentials())
             _check_exposure(settings, credentials)
             server_credentials = _server_credentials(settings)
@@ -216,7 +217,7 @@ class TaskManagerServer:
             presence,
             cluster,
             clock,
-            open_blob_store(settings.db),
+            blobs,
         )
         server.add_generic_rpc_handlers(generic_handlers(servicer))
         health_servicer = health_aio.HealthServicer()

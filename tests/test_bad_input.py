@@ -300,7 +300,14 @@ async def test_undecodable_request_bytes_are_invalid_argument(
     before = await snapshot(stub)
     garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, absurd length
     path = f"/{service}/{method.name}"
-    if method.client_streaming:
+    if method.client_streaming and not method.server_streaming:
+        # An upload with a bad part is refused whole.
+        upload = channel.stream_unary(path, _raw, pb.UploadPayloadResponse.FromString)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await upload(iter([garbage]))
+        assert caught.value.code() == Code.INVALID_ARGUMENT
+        assert "not a valid" in (caught.value.details() or "")
+    elif method.client_streaming:
         # One bad report is refused in-band; the stream itself goes on.
         bidi = channel.stream_stream(path, _raw, pb.StatusReportResult.FromString)(None)
         await bidi.write(garbage)

@@ -160,13 +160,16 @@ async def test_the_sdk_uploads_a_file_and_resumes_a_download(
         ref = await client.upload_payload(source)
         assert ref == ref_of(data)
         assert await client.upload_payload(data) == ref  # bytes, the same payload
+        assert await client.upload_payload(str(source)) == ref  # a path as a string
         target = tmp_path / "copy.bin"
-        target.write_bytes(data[:1_000_000])  # an interrupted download: resumed
+        partial = tmp_path / "copy.bin.partial"
+        partial.write_bytes(data[:1_000_000])  # an interrupted download: resumed
         assert await client.download_payload(ref.sha256, target) == ref
-        assert target.read_bytes() == data
-        target.write_bytes(b"not a part of it, and longer" * 100_000)
-        assert await client.download_payload(ref.sha256, target) == ref  # started over
-        assert target.read_bytes() == data
+        assert target.read_bytes() == data and not partial.exists()
+        for stranger in (b"not a part of it" * 1_000, os.urandom(len(data) + 1)):
+            partial.write_bytes(stranger)  # not a prefix of it: downloaded again
+            assert await client.download_payload(ref.sha256, str(target)) == ref
+            assert target.read_bytes() == data and not partial.exists()
 
 
 def test_the_sync_sdk_round_trips_bytes(database: str, tmp_path: Path) -> None:

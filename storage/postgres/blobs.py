@@ -17,12 +17,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
+import psycopg.errors
 
 from storage.base import StoreError
-from storage.blobs import READ_CHUNK_BYTES, BlobRef, DigestMismatch
+from storage.blobs import READ_CHUNK_BYTES, BlobRef, DigestMismatch, StorageFull
 from storage.postgres.schema import describe, first_line
 
 AsyncConnection = psycopg.AsyncConnection[Any]
+
+
+ROW_BYTES = 1024 * 1024
+"""Bytes per chunk row, whatever the client's messages: a download reads few rows."""
 
 
 class PostgresBlobStore:
@@ -43,36 +48,59 @@ class PostgresBlobStore:
     async def stat(self, digest: str) -> BlobRef | None:
         conn = await self._connect("payload stat")
         async with conn:
-            row = await (
-                await conn.execute("SELECT size FROM payloads WHERE digest = %s", (digest,))
-            ).fetchone()
+            try:
+                cursor = await conn.execute(
+                    "SELECT size FROM payloads WHERE digest = %s", (digest,)
+                )
+                row = await cursor.fetchone()
+            except psycopg.Error as exc:
+                raise _store_error(exc) from exc
         return None if row is None else BlobRef(digest, row[0])
 
     async def read(self, digest: str, offset: int = 0) -> AsyncIterator[bytes]:
         conn = await self._connect("payload read")
         async with conn:
-            # The chunks' places first, then each chunk on its own: memory stays one chunk.
-            places = await (
-                await conn.execute(
-                    "SELECT c.upload_id, c.start FROM payloads p JOIN payload_chunks c"
-                    " ON c.upload_id = p.upload_id WHERE p.digest = %s"
-                    " AND c.start + length(c.data) > %s ORDER BY c.start",
-                    (digest, offset),
-                )
-            ).fetchall()
-            for upload_id, start in places:
-                (data,) = await (
-                    await conn.execute(
-                        "SELECT data FROM payload_chunks WHERE upload_id = %s AND start = %s",
-                        (upload_id, start),
-                    )
-                ).fetchone() or (b"",)
-                data = bytes(data)[max(offset - start, 0) :]
-                for at in range(0, len(data), READ_CHUNK_BYTES):
-                    yield data[at : at + READ_CHUNK_BYTES]
+            try:
+                async for chunk in _chunks(conn, digest, offset):
+                    yield chunk
+            except psycopg.Error as exc:
+                raise _store_error(exc) from exc
 
     async def close(self) -> None:
         pass
+
+
+async def _chunks(conn: AsyncConnection, digest: str, offset: int) -> AsyncIterator[bytes]:
+    """A payload's rows one at a time (memory stays one row), read as binary."""
+    found = await (
+        await conn.execute("SELECT upload_id FROM payloads WHERE digest = %s", (digest,))
+    ).fetchone()
+    if found is None:
+        return
+    (upload_id,) = found
+    # The row holding offset: the last one starting at or before it.
+    position = await (
+        await conn.execute(
+            "SELECT max(start) FROM payload_chunks WHERE upload_id = %s AND start <= %s",
+            (upload_id, offset),
+        )
+    ).fetchone()
+    start = position[0] if position is not None and position[0] is not None else 0
+    while True:
+        cursor = conn.cursor(binary=True)
+        await cursor.execute(
+            "SELECT start, data FROM payload_chunks WHERE upload_id = %s AND start >= %s"
+            " ORDER BY start LIMIT 1",
+            (upload_id, start),
+        )
+        row = await cursor.fetchone()
+        if row is None:
+            return
+        start, data = row
+        data = bytes(data)[max(offset - start, 0) :]
+        for at in range(0, len(data), READ_CHUNK_BYTES):
+            yield data[at : at + READ_CHUNK_BYTES]
+        start += 1
 
 
 class _RowWriter:
@@ -82,35 +110,49 @@ class _RowWriter:
         self._conn: AsyncConnection | None = None
         self._hash = hashlib.sha256()
         self._size = 0
+        self._pending = bytearray()
+        """Bytes not yet in a row: rows are ROW_BYTES, whatever the client's chunks."""
+        self._written = 0
 
     async def _transaction(self) -> AsyncConnection:
         if self._conn is None:
             self._conn = await self._store._connect("payload upload")
-            await self._conn.execute("BEGIN")
+            try:
+                await self._conn.execute("BEGIN")
+            except psycopg.Error as exc:
+                await self.abort()
+                raise _store_error(exc) from exc
         return self._conn
 
     async def write(self, chunk: bytes) -> None:
-        if not chunk:
-            return
+        self._hash.update(chunk)
+        self._size += len(chunk)
+        self._pending += chunk
+        while len(self._pending) >= ROW_BYTES:
+            await self._flush(ROW_BYTES)
+
+    async def _flush(self, size: int) -> None:
+        row, self._pending = bytes(self._pending[:size]), self._pending[size:]
         conn = await self._transaction()
         try:
             await conn.execute(
                 "INSERT INTO payload_chunks (upload_id, start, data) VALUES (%s, %s, %s)",
-                (self._upload_id, self._size, chunk),
+                (self._upload_id, self._written, row),
             )
         except psycopg.Error as exc:
             await self.abort()
-            raise StoreError(f"could not store a payload chunk: {first_line(exc)}") from exc
-        self._hash.update(chunk)
-        self._size += len(chunk)
+            raise _store_error(exc) from exc
+        self._written += len(row)
 
     async def commit(self, expected: BlobRef) -> tuple[BlobRef, bool]:
         received = BlobRef(self._hash.hexdigest(), self._size)
         if received != expected:
             await self.abort()
             raise DigestMismatch(expected, received)
-        conn = await self._transaction()
         try:
+            if self._pending:
+                await self._flush(len(self._pending))
+            conn = await self._transaction()
             inserted = await conn.execute(
                 "INSERT INTO payloads (digest, upload_id, size) VALUES (%s, %s, %s)"
                 " ON CONFLICT (digest) DO NOTHING",
@@ -122,11 +164,18 @@ class _RowWriter:
             await conn.execute("ROLLBACK")  # stored already: these chunks are not needed
             return received, True
         except psycopg.Error as exc:
-            raise StoreError(f"could not store a payload: {first_line(exc)}") from exc
+            raise _store_error(exc) from exc
         finally:
             await self.abort()
 
     async def abort(self) -> None:
+        self._pending.clear()
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()  # an open transaction is rolled back
+
+
+def _store_error(exc: psycopg.Error) -> StoreError:
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return StorageFull(f"no room left for payloads in the database: {first_line(exc)}")
+    return StoreError(f"could not store or read a payload: {first_line(exc)}")
