@@ -28,13 +28,15 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import anyio.from_thread
 import grpc
 from anyio.from_thread import BlockingPortal
 from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.descriptor import FileDescriptor
+from google.protobuf.descriptor_pb2 import FileDescriptorProto, FileDescriptorSet
 from google.protobuf.message import Message
 
 from agent_kit._any import packed
@@ -176,6 +178,8 @@ class OperatorClient:
         policy: TaskPolicy | None = None,
         scheduled_time: datetime | None = None,
         scope: str = "",
+        task_type: str = "",
+        task_type_version: int = 0,
     ) -> pb.CreateTaskRequest:
         """The CreateTaskRequest create_task sends (for submit_session): a task sent at
         once to its assignee: the agent assignee_entity_id, or one member at a time of
@@ -184,7 +188,8 @@ class OperatorClient:
         aware) in the future holds it at SCHEDULED_IN_MANAGER until then. A scope (the
         source application's) makes task_id, and parent_task_id, ids within it: the task
         answered carries its canonical id "<scope>/<task_id>", which every other method
-        takes. Raises ValueError for arguments that cannot be sent; the server's
+        takes. A task_type (registered; version 0: the latest) has the server check the
+        specification against it. Raises ValueError for arguments that cannot be sent; the server's
         refusals as grpc.aio.AioRpcError."""
         request = pb.CreateTaskRequest(
             display_name=display_name,
@@ -206,6 +211,8 @@ class OperatorClient:
             request.policy.CopyFrom(policy.to_proto())
         if scheduled_time is not None:
             request.scheduled_time.FromDatetime(_aware(scheduled_time, "scheduled_time"))
+        if task_type:
+            request.task_type.CopyFrom(pb.TaskTypeRef(name=task_type, version=task_type_version))
         if self.author is not None:
             request.author.CopyFrom(self.author)
         return request
@@ -224,6 +231,8 @@ class OperatorClient:
         policy: TaskPolicy | None = None,
         scheduled_time: datetime | None = None,
         scope: str = "",
+        task_type: str = "",
+        task_type_version: int = 0,
     ) -> pb.Task:
         """Creates a task (the arguments as task_request's). A task_id given makes the
         call safe to repeat: the same request again answers the task, already there."""
@@ -239,6 +248,8 @@ class OperatorClient:
             policy=policy,
             scheduled_time=scheduled_time,
             scope=scope,
+            task_type=task_type,
+            task_type_version=task_type_version,
         )
         return (await self._stub.CreateTask(request)).task
 
@@ -339,6 +350,33 @@ class OperatorClient:
             succeeded = task.status.status == pb.STATUS_DONE_OK and task.status.HasField("result")
             results[task.version.task_id] = task.status.result if succeeded else None
         return results
+
+    async def register_task_type(
+        self,
+        specification_type: type[Message],
+        name: str,
+        version: int,
+        *,
+        description: str = "",
+        constraints: Iterable[pb.FieldConstraint] = (),
+        default_policy: TaskPolicy | None = None,
+    ) -> pb.TaskType:
+        """Registers a task type whose specification is specification_type (its files'
+        descriptors are sent along, so the server can decode it). The same registration
+        again answers the type as registered; other content under a taken (name,
+        version) is ALREADY_EXISTS: register a new version."""
+        task_type = pb.TaskType(
+            name=name,
+            version=version,
+            description=description,
+            message_type=specification_type.DESCRIPTOR.full_name,
+            descriptors=_descriptor_set(specification_type.DESCRIPTOR.file),
+            constraints=list(constraints),
+        )
+        if default_policy is not None:
+            task_type.default_policy.CopyFrom(default_policy.to_proto())
+        request = pb.RegisterTaskTypeRequest(task_type=task_type)
+        return (await self._stub.RegisterTaskType(request)).task_type
 
     async def upload_payload(self, source: bytes | str | os.PathLike[str]) -> pb.PayloadRef:
         """Stores bytes, or a file's content, as a payload; answers its reference. A
@@ -616,6 +654,8 @@ class SyncOperatorClient:
         policy: TaskPolicy | None = None,
         scheduled_time: datetime | None = None,
         scope: str = "",
+        task_type: str = "",
+        task_type_version: int = 0,
     ) -> pb.Task:
         """As OperatorClient.create_task."""
         return self._call(
@@ -631,6 +671,8 @@ class SyncOperatorClient:
             policy=policy,
             scheduled_time=scheduled_time,
             scope=scope,
+            task_type=task_type,
+            task_type_version=task_type_version,
         )
 
     def get_task(
@@ -690,6 +732,27 @@ class SyncOperatorClient:
             display_name=display_name,
             description=description,
             specification=specification,
+        )
+
+    def register_task_type(
+        self,
+        specification_type: type[Message],
+        name: str,
+        version: int,
+        *,
+        description: str = "",
+        constraints: Iterable[pb.FieldConstraint] = (),
+        default_policy: TaskPolicy | None = None,
+    ) -> pb.TaskType:
+        """As OperatorClient.register_task_type."""
+        return self._call(
+            self._client.register_task_type,
+            specification_type,
+            name,
+            version,
+            description=description,
+            constraints=list(constraints),
+            default_policy=default_policy,
         )
 
     def upload_payload(self, source: bytes | str | os.PathLike[str]) -> pb.PayloadRef:
@@ -901,3 +964,19 @@ def _file_ref(path: Path) -> pb.PayloadRef:
         while chunk := file.read(PAYLOAD_CHUNK_BYTES):
             digest.update(chunk)
     return pb.PayloadRef(sha256=digest.hexdigest(), size=path.stat().st_size)
+
+
+def _descriptor_set(file: FileDescriptor | Any) -> FileDescriptorSet:
+    """A file's descriptor and those of every file it imports, each once. (A message
+    class's DESCRIPTOR.file is typed as protobuf's or upb's FileDescriptor.)"""
+    files: dict[str, FileDescriptorProto] = {}
+    pending = [file]
+    while pending:
+        current = pending.pop()
+        if current.name in files:
+            continue
+        proto = FileDescriptorProto()
+        current.CopyToProto(proto)
+        files[current.name] = proto
+        pending.extend(current.dependencies)
+    return FileDescriptorSet(file=list(files.values()))

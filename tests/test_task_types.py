@@ -14,7 +14,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import StringValue
 
-from agent_kit import Agent, OperatorClient, TaskContext
+from agent_kit import Agent, OperatorClient, TaskContext, TaskPolicy
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
 from tests.helpers import AsyncStub, create_request, running
@@ -507,3 +507,35 @@ async def test_a_member_stream_that_does_not_run_a_type_is_not_sent_it(stub: Asy
     assert await executed(mapping) == mapped.version.task_id  # and not the survey first
     for call in (surveying, mapping):
         call.cancel()
+
+
+async def test_the_sdk_registers_a_generated_message_and_creates_typed_tasks(
+    server: TaskManagerServer,
+) -> None:
+    note = [pb.FieldConstraint(path="value", required=True, pattern="[a-z ]+")]
+    async with OperatorClient(server.address) as client:
+        registered = await client.register_task_type(
+            StringValue, "note", 1, constraints=note, default_policy=TaskPolicy(max_attempts=2)
+        )
+        assert registered.message_type == "google.protobuf.StringValue"
+        again = await client.register_task_type(
+            StringValue, "note", 1, constraints=note, default_policy=TaskPolicy(max_attempts=2)
+        )
+        assert again == registered  # the same registration: the type as registered
+        task = await client.create_task(
+            assignee_entity_id="drone-1",
+            specification=StringValue(value="hello there"),
+            task_type="note",
+        )
+        assert (task.task_type.name, task.task_type.version) == ("note", 1)
+        assert task.policy.max_attempts == 2
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.create_task(
+                assignee_entity_id="drone-1",
+                specification=StringValue(value="Hello!"),
+                task_type="note",
+            )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith(
+        "specification.value: 'Hello!' does not match"
+    )
