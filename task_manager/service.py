@@ -487,8 +487,7 @@ class TaskManagerService:
     async def GetTaskType(
         self, request: GetTaskTypeRequest, context: Context, caller: Caller
     ) -> GetTaskTypeResponse:
-        if not task_types.NAME_PATTERN.fullmatch(request.name):
-            raise InvalidArgument("name", f"{request.name!r:.80} is not a task type name")
+        task_types.check_name(request.name, "name")
         found = await self._store.task_type(request.name, request.version)
         if found is None:
             raise TaskTypeNotFound(request.name, request.version)
@@ -497,8 +496,8 @@ class TaskManagerService:
     async def ListTaskTypes(
         self, request: ListTaskTypesRequest, context: Context, caller: Caller
     ) -> ListTaskTypesResponse:
-        if request.name and not task_types.NAME_PATTERN.fullmatch(request.name):
-            raise InvalidArgument("name", f"{request.name!r:.80} is not a task type name")
+        if request.name:
+            task_types.check_name(request.name, "name")
         return ListTaskTypesResponse(task_types=await self._store.task_types(request.name))
 
     async def UploadPayload(

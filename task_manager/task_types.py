@@ -35,6 +35,15 @@ TypeKey = tuple[str, int]
 """A task type version as (name, version); version 0 in a declaration: every version."""
 
 
+def check_name(value: str, field: str) -> str:
+    """A task type's name, as a request gives it."""
+    if not NAME_PATTERN.fullmatch(value):
+        raise InvalidArgument(
+            field, f"{value!r:.80} is not a task type name: use 1 to 63 of A-Z a-z 0-9 _ . -"
+        )
+    return value
+
+
 def can_run(declared: frozenset[TypeKey], task: Task) -> bool:
     """Whether an agent declaring these types runs this task: one declaring none runs
     everything (a Lattice agent), and every agent runs untyped tasks."""
@@ -169,8 +178,7 @@ class TaskTypeRegistry:
         if not request.HasField("task_type"):
             return
         name = request.task_type.name
-        if not NAME_PATTERN.fullmatch(name):
-            raise InvalidArgument(f"{field}task_type.name", f"{name!r:.80} is not a task type name")
+        check_name(name, f"{field}task_type.name")
         version = request.task_type.version
         asked_latest = not version
         if asked_latest and latest is not None:
@@ -189,11 +197,7 @@ class TaskTypeRegistry:
 def check_registration(task_type: TaskType) -> SpecificationCheck:
     """A type as registered: its own fields, then what it defines (see
     SpecificationCheck). The version must be given; the policy is checked by the caller."""
-    if not NAME_PATTERN.fullmatch(task_type.name):
-        raise InvalidArgument(
-            "task_type.name",
-            f"{task_type.name!r:.80} is not a name: use 1 to 63 of A-Z a-z 0-9 _ . -",
-        )
+    check_name(task_type.name, "task_type.name")
     if task_type.version == 0:
         raise InvalidArgument("task_type.version", "is required (from 1)")
     if len(task_type.description) > MAX_DESCRIPTION_CHARS:

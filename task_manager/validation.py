@@ -356,10 +356,7 @@ def runnable_task_types(request: ListenAsAgentRequest, limits: FieldLimits) -> f
     if len(request.task_types) > limits.filter_ids:
         raise InvalidArgument("task_types", f"at most {limits.filter_ids}")
     for index, ref in enumerate(request.task_types):
-        if not task_types.NAME_PATTERN.fullmatch(ref.name):
-            raise InvalidArgument(
-                f"task_types[{index}].name", f"{ref.name!r:.80} is not a task type name"
-            )
+        task_types.check_name(ref.name, f"task_types[{index}].name")
     return frozenset((ref.name, ref.version) for ref in request.task_types)
 
 

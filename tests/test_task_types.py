@@ -249,7 +249,7 @@ async def test_a_new_version_never_breaks_tasks_of_older_ones(stub: AsyncStub) -
 
 C0 = "task_type.constraints[0]"
 BAD_TYPES: dict[str, tuple[dict[str, Any], str, str]] = {
-    "name": ({"name": "no spaces"}, "task_type.name", "is not a name"),
+    "name": ({"name": "no spaces"}, "task_type.name", "is not a task type name: use 1 to 63"),
     "version": ({"version": 0}, "task_type.version", "is required"),
     "message": ({"message_type": "survey.v1.Missing"}, "task_type.message_type", "is not a"),
     "path": ({"constraints": [constraint("height")]}, f"{C0}.path", "no field"),
