@@ -23,7 +23,7 @@ def alive(pid: int) -> bool:
     """Whether the process runs: a zombie (exited, not yet reaped by init) does not."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, before the open or the read
         return False
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
