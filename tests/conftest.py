@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from agent_kit import OperatorClient
 from task_manager.clock import ManualClock
 from task_manager.server import TaskManagerServer
+from tests.event_loops import SuiteEventLoop
 from tests.helpers import LOG_DIR_VARIABLE, AsyncStub, Databases, server_settings
 
 pytest_plugins = ["tests.postgres_fixture"]
@@ -24,8 +26,8 @@ BACKENDS = ("sqlite", "postgresql")
 
 
 @pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    return "asyncio", {"loop_factory": SuiteEventLoop}
 
 
 @pytest.fixture(scope="session", autouse=True)
