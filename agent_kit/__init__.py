@@ -17,6 +17,7 @@ from agent_kit._operator import (
     WaitTimeout,
     assignee,
 )
+from agent_kit._payloads import PayloadSource, task_outputs
 
 __all__ = [
     "Agent",
@@ -26,9 +27,11 @@ __all__ = [
     "DefinitionConflict",
     "Handler",
     "OperatorClient",
+    "PayloadSource",
     "SyncOperatorClient",
     "TaskContext",
     "TaskPolicy",
     "WaitTimeout",
     "assignee",
+    "task_outputs",
 ]

@@ -13,10 +13,12 @@ import enum
 import itertools
 import logging
 import math
+import os
 import signal
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
 import anyio
@@ -30,6 +32,7 @@ from google.protobuf.message import Message
 from agent_kit._any import packed
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, ClientAuth, open_channel, open_stub
+from agent_kit._payloads import InputCache, PayloadSource, upload
 from agent_kit._supervisor import Supervisor, being_cancelled
 from task_manager.statuses import TERMINAL
 from task_manager.v1 import task_manager_pb2 as pb
@@ -73,6 +76,7 @@ class TaskContext:
     _updates: MemoryObjectReceiveStream[pb.Task] | None = field(
         default=None, repr=False, compare=False
     )
+    _inputs: InputCache | None = field(default=None, repr=False, compare=False)
 
     @property
     def task_id(self) -> str:
@@ -92,6 +96,26 @@ class TaskContext:
             raise RuntimeError("register the handler with accepts_updates=True for updates")
         async for task in self._updates:
             yield task
+
+    async def input(self, name: str) -> Path:
+        """The local file holding the task's input `name`: fetched from the task manager
+        the first time, then shared by every task with the same payload."""
+        named = next((i for i in self.task.inputs if i.name == name), None)
+        if named is None or not named.HasField("payload"):
+            declared = ", ".join(repr(i.name) for i in self.task.inputs) or "none"
+            raise KeyError(f"task {self.task_id} has no input {name!r} (its inputs: {declared})")
+        if self._reporter is None or self._inputs is None:
+            raise RuntimeError("inputs can only be read from a running handler")
+        return await self._inputs.path(self._reporter.stub, self.task_id, named.payload)
+
+    async def save_output(self, name: str, source: PayloadSource) -> pb.PayloadRef:
+        """Uploads bytes, or a file's content, and attaches it to this attempt as the
+        output `name`; the task's results are the outputs of its successful attempt."""
+        if self._reporter is None:
+            raise RuntimeError("outputs can only be saved from a running handler")
+        payload = await upload(self._reporter.stub, source)
+        await self._reporter.attach_output(self.task.attempt, name, payload)
+        return payload
 
     async def progress(self, progress: Message | str | Mapping[str, Any]) -> None:
         """Reports progress: EXECUTING with this progress (a message; a string is sent as
@@ -326,6 +350,30 @@ class _Reporter:
         self.last_running = status
         self.posted.set()
 
+    @property
+    def stub(self) -> AsyncStub:
+        return self._stub
+
+    async def attach_output(self, attempt: int, name: str, payload: pb.PayloadRef) -> None:
+        """Attaches an output to the attempt, retried while the server cannot be reached
+        (a retried attach is idempotent). It moves the task's status_version on, so it
+        takes its turn with the reports."""
+        request = pb.AttachOutputRequest(
+            task_id=self._task_id, attempt=attempt, name=name, payload=payload, author=self._author
+        )
+        backoff = Backoff(initial=0.05, maximum=5.0)
+        async with self._lock:
+            while True:
+                try:
+                    response = await self._stub.AttachOutput(request, timeout=REPORT_TIMEOUT_S)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() not in RETRYABLE_CODES:
+                        raise
+                    await backoff.wait()
+                    continue
+                self.status_version = response.task.version.status_version
+                return
+
     async def heartbeat(self) -> None:
         """Sends the latest status, so the task manager knows the agent is alive and sees
         its progress. While the server cannot be reached, each retry sends the status
@@ -420,8 +468,12 @@ class Agent:
         auth: ClientAuth | None = None,
         pools: Sequence[str] = (),
         max_in_flight: int = 0,
+        input_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         self.target = target
+        # Task inputs fetched (ctx.input), one file per digest: in input_cache, or a new
+        # temporary directory.
+        self._inputs = InputCache(input_cache)
         self._auth = auth or ClientAuth()
         self.entity_id = entity_id
         self.pools = tuple(pools)
@@ -764,6 +816,7 @@ class Agent:
             _reporter=reporter,
             _running=running,
             _updates=receive,
+            _inputs=self._inputs,
         )
         try:
             with running.scope:

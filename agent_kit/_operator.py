@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import math
 import os
 import signal
@@ -21,6 +20,7 @@ from collections.abc import (
     Generator,
     Iterable,
     Iterator,
+    Mapping,
 )
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, fields
@@ -39,9 +39,11 @@ from google.protobuf.descriptor import FileDescriptor
 from google.protobuf.descriptor_pb2 import FileDescriptorProto, FileDescriptorSet
 from google.protobuf.message import Message
 
+from agent_kit import _payloads
 from agent_kit._any import packed
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, ClientAuth, open_channel, open_stub
+from agent_kit._payloads import PayloadSource, task_outputs
 from task_manager.statuses import TERMINAL
 from task_manager.v1 import task_manager_pb2 as pb
 
@@ -180,6 +182,7 @@ class OperatorClient:
         scope: str = "",
         task_type: str = "",
         task_type_version: int = 0,
+        inputs: Mapping[str, pb.PayloadRef | None] | None = None,
     ) -> pb.CreateTaskRequest:
         """The CreateTaskRequest create_task sends (for submit_session): a task sent at
         once to its assignee: the agent assignee_entity_id, or one member at a time of
@@ -189,8 +192,10 @@ class OperatorClient:
         source application's) makes task_id, and parent_task_id, ids within it: the task
         answered carries its canonical id "<scope>/<task_id>", which every other method
         takes. A task_type (registered; version 0: the latest) has the server check the
-        specification against it. Raises ValueError for arguments that cannot be sent; the server's
-        refusals as grpc.aio.AioRpcError."""
+        specification against it. inputs name the task's input payloads, each stored
+        already or None: to be attached (attach_input), the task held until then. Raises
+        ValueError for arguments that cannot be sent; the server's refusals as
+        grpc.aio.AioRpcError."""
         request = pb.CreateTaskRequest(
             display_name=display_name,
             description=description,
@@ -213,6 +218,8 @@ class OperatorClient:
             request.scheduled_time.FromDatetime(_aware(scheduled_time, "scheduled_time"))
         if task_type:
             request.task_type.CopyFrom(pb.TaskTypeRef(name=task_type, version=task_type_version))
+        for name, payload in (inputs or {}).items():
+            request.inputs.add(name=name, payload=payload)
         if self.author is not None:
             request.author.CopyFrom(self.author)
         return request
@@ -233,9 +240,18 @@ class OperatorClient:
         scope: str = "",
         task_type: str = "",
         task_type_version: int = 0,
+        inputs: Mapping[str, PayloadSource | pb.PayloadRef | None] | None = None,
     ) -> pb.Task:
-        """Creates a task (the arguments as task_request's). A task_id given makes the
-        call safe to repeat: the same request again answers the task, already there."""
+        """Creates a task (the arguments as task_request's). An input given as bytes or
+        a file's path is uploaded first, so the task is released with it. A task_id
+        given makes the call safe to repeat: the same request again answers the task,
+        already there."""
+        refs: dict[str, pb.PayloadRef | None] = {}
+        for name, source in (inputs or {}).items():
+            if source is None or isinstance(source, pb.PayloadRef):
+                refs[name] = source
+            else:
+                refs[name] = await self.upload_payload(source)
         request = self.task_request(
             assignee_entity_id=assignee_entity_id,
             assignee_pool=assignee_pool,
@@ -250,6 +266,7 @@ class OperatorClient:
             scope=scope,
             task_type=task_type,
             task_type_version=task_type_version,
+            inputs=refs,
         )
         return (await self._stub.CreateTask(request)).task
 
@@ -378,26 +395,10 @@ class OperatorClient:
         request = pb.RegisterTaskTypeRequest(task_type=task_type)
         return (await self._stub.RegisterTaskType(request)).task_type
 
-    async def upload_payload(self, source: bytes | str | os.PathLike[str]) -> pb.PayloadRef:
+    async def upload_payload(self, source: PayloadSource) -> pb.PayloadRef:
         """Stores bytes, or a file's content, as a payload; answers its reference. A
         file is read twice (hashed, then sent), in chunks, never whole in memory."""
-        if isinstance(source, bytes):
-            header = pb.PayloadRef(sha256=hashlib.sha256(source).hexdigest(), size=len(source))
-        else:
-            source = Path(source)
-            header = await anyio.to_thread.run_sync(_file_ref, source)
-
-        async def parts() -> AsyncIterator[pb.UploadPayloadRequest]:
-            yield pb.UploadPayloadRequest(header=header)
-            if isinstance(source, bytes):
-                for at in range(0, len(source), PAYLOAD_CHUNK_BYTES):
-                    yield pb.UploadPayloadRequest(chunk=source[at : at + PAYLOAD_CHUNK_BYTES])
-                return
-            async with await anyio.open_file(source, "rb") as file:
-                while chunk := await file.read(PAYLOAD_CHUNK_BYTES):
-                    yield pb.UploadPayloadRequest(chunk=chunk)
-
-        return (await self._stub.UploadPayload(parts())).payload
+        return await _payloads.upload(self._stub, source)
 
     async def download_payload(
         self, sha256: str, destination: str | os.PathLike[str]
@@ -405,27 +406,39 @@ class OperatorClient:
         """Writes a payload to a file, checked against its digest as it comes. The bytes
         go to `<destination>.partial` first, and an interrupted download resumes from
         it; the file appears under its name only whole."""
-        target = Path(destination)
-        partial = target.with_name(f"{target.name}.partial")
-        stat = (await self._stub.StatPayload(pb.StatPayloadRequest(sha256=sha256))).payload
-        for attempt in ("resume", "again"):
-            have, digest = await anyio.to_thread.run_sync(_hashed_prefix, partial, stat.size)
-            if attempt == "again":
-                have, digest = 0, hashlib.sha256()
-            request = pb.DownloadPayloadRequest(sha256=sha256, offset=have)
-            async with await anyio.open_file(partial, "ab" if have else "wb") as file:
-                async for response in self._stub.DownloadPayload(request):
-                    if response.offset != have:
-                        raise ValueError(f"payload {sha256} came out of order")
-                    digest.update(response.chunk)
-                    await file.write(response.chunk)
-                    have += len(response.chunk)
-            if have == stat.size and digest.hexdigest() == sha256:
-                await anyio.to_thread.run_sync(os.replace, partial, target)
-                return stat
-            # The partial file was not a part of this payload: once more from the start.
-        await anyio.Path(partial).unlink(missing_ok=True)
-        raise ValueError(f"the bytes downloaded are not payload {sha256}")
+        return await _payloads.download(self._stub, sha256, destination)
+
+    async def attach_input(
+        self, task_id: str, name: str, source: PayloadSource | pb.PayloadRef
+    ) -> pb.Task:
+        """Gives the task's declared input `name` its payload (uploaded first unless it
+        is a reference); with its last input the task is released to its agent."""
+        payload = source if isinstance(source, pb.PayloadRef) else await self.upload_payload(source)
+        request = pb.AttachInputRequest(task_id=task_id, name=name, payload=payload)
+        if self.author is not None:
+            request.author.CopyFrom(self.author)
+        return (await self._stub.AttachInput(request)).task
+
+    async def download_outputs(
+        self, task_id: str, directory: str | os.PathLike[str]
+    ) -> dict[str, Path]:
+        """Writes the task's results (the outputs of the attempt that ended it DONE_OK)
+        into directory, one file per output name; answers the paths by name. Raises
+        ValueError if the task has not succeeded."""
+        task = await self.get_task(task_id)
+        outputs = task_outputs(task)
+        if not outputs and not any(a.outcome == pb.STATUS_DONE_OK for a in task.attempts):
+            raise ValueError(
+                f"task {task_id} is {pb.Status.Name(task.status.status)}: it has no"
+                " successful attempt, so no results"
+            )
+        target = Path(directory)
+        await anyio.Path(target).mkdir(parents=True, exist_ok=True)
+        written = {}
+        for name, payload in outputs.items():
+            written[name] = target / name
+            await self.download_payload(payload.sha256, written[name])
+        return written
 
     async def list_agents(self, entity_ids: Iterable[str] = ()) -> list[pb.AgentPresence]:
         """Every agent that ever listened (or only these), by entity id: whether it is
@@ -656,6 +669,7 @@ class SyncOperatorClient:
         scope: str = "",
         task_type: str = "",
         task_type_version: int = 0,
+        inputs: Mapping[str, PayloadSource | pb.PayloadRef | None] | None = None,
     ) -> pb.Task:
         """As OperatorClient.create_task."""
         return self._call(
@@ -673,6 +687,7 @@ class SyncOperatorClient:
             scope=scope,
             task_type=task_type,
             task_type_version=task_type_version,
+            inputs=inputs,
         )
 
     def get_task(
@@ -755,13 +770,23 @@ class SyncOperatorClient:
             default_policy=default_policy,
         )
 
-    def upload_payload(self, source: bytes | str | os.PathLike[str]) -> pb.PayloadRef:
+    def upload_payload(self, source: PayloadSource) -> pb.PayloadRef:
         """As OperatorClient.upload_payload."""
         return self._call(self._client.upload_payload, source)
 
     def download_payload(self, sha256: str, destination: str | os.PathLike[str]) -> pb.PayloadRef:
         """As OperatorClient.download_payload."""
         return self._call(self._client.download_payload, sha256, destination)
+
+    def attach_input(
+        self, task_id: str, name: str, source: PayloadSource | pb.PayloadRef
+    ) -> pb.Task:
+        """As OperatorClient.attach_input."""
+        return self._call(self._client.attach_input, task_id, name, source)
+
+    def download_outputs(self, task_id: str, directory: str | os.PathLike[str]) -> dict[str, Path]:
+        """As OperatorClient.download_outputs."""
+        return self._call(self._client.download_outputs, task_id, directory)
 
     def list_agents(self, entity_ids: Iterable[str] = ()) -> list[pb.AgentPresence]:
         """As OperatorClient.list_agents."""
@@ -937,33 +962,6 @@ def _aware(moment: datetime, name: str) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (say datetime.now(UTC) + ...)")
     return moment
-
-
-PAYLOAD_CHUNK_BYTES = 1024 * 1024
-"""What an upload sends per message."""
-
-
-def _hashed_prefix(path: Path, size: int) -> tuple[int, hashlib._Hash]:
-    """How much of a payload of size a partial file holds, and the hash of it so far;
-    none of it if the file is missing or longer than the payload."""
-    digest = hashlib.sha256()
-    try:
-        if path.stat().st_size > size:
-            return 0, digest
-        with path.open("rb") as file:
-            while chunk := file.read(PAYLOAD_CHUNK_BYTES):
-                digest.update(chunk)
-        return path.stat().st_size, digest
-    except FileNotFoundError:
-        return 0, digest
-
-
-def _file_ref(path: Path) -> pb.PayloadRef:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(PAYLOAD_CHUNK_BYTES):
-            digest.update(chunk)
-    return pb.PayloadRef(sha256=digest.hexdigest(), size=path.stat().st_size)
 
 
 def _descriptor_set(file: FileDescriptor | Any) -> FileDescriptorSet:

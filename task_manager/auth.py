@@ -56,10 +56,13 @@ RIGHTS: Mapping[str, frozenset[Role]] = {
     "CancelSession": frozenset({Role.OPERATOR, Role.ADMIN}),
     "GetSession": frozenset({Role.OPERATOR, Role.VIEWER, Role.ADMIN}),
     "RegisterTaskType": frozenset({Role.OPERATOR, Role.ADMIN}),
-    # Payloads by digest; agents will read the inputs of their own tasks (per task).
-    "UploadPayload": frozenset({Role.OPERATOR, Role.ADMIN}),
-    "DownloadPayload": frozenset({Role.OPERATOR, Role.VIEWER, Role.ADMIN}),
-    "StatPayload": frozenset({Role.OPERATOR, Role.VIEWER, Role.ADMIN}),
+    # Payloads by digest. Agents upload outputs, and read only the inputs of their own
+    # tasks (checked per task).
+    "UploadPayload": frozenset({Role.OPERATOR, Role.AGENT, Role.ADMIN}),
+    "DownloadPayload": _ALL,
+    "StatPayload": _ALL,
+    "AttachInput": frozenset({Role.OPERATOR, Role.ADMIN}),
+    "AttachOutput": frozenset({Role.AGENT, Role.ADMIN}),
     # Agents read the types they run too.
     "GetTaskType": _ALL,
     "ListTaskTypes": _ALL,

@@ -145,8 +145,9 @@ class TaskTypeTaken(TaskManagerError):
 
 
 class PayloadNotFound(TaskManagerError):
-    def __init__(self, sha256: str) -> None:
-        super().__init__(f"no payload with sha256 {sha256} is stored")
+    def __init__(self, sha256: str, field: str = "") -> None:
+        where = f"{field}: " if field else ""
+        super().__init__(f"{where}no payload with sha256 {sha256} is stored: upload it first")
         self.sha256 = sha256
 
 

@@ -8,6 +8,7 @@ and the write it guards are atomic. Pure Python: no gRPC, no SQL.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from storage.base import (
@@ -19,12 +20,13 @@ from storage.base import (
     with_definition,
 )
 from task_manager import liveness, scopes, statuses
-from task_manager.auth import Caller
+from task_manager.auth import Caller, Role
 from task_manager.clock import timestamp
 from task_manager.errors import (
     DefinitionConflict,
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
     TaskIdTaken,
     TaskNotFound,
     TerminalTask,
@@ -35,7 +37,10 @@ from task_manager.errors import (
 # Status.STATUS_* (a Python-level lookup on the enum wrapper).
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1.task_manager_pb2 import (
+    AttachInputRequest,
+    AttachOutputRequest,
     CreateTaskRequest,
+    NamedPayload,
     Principal,
     Status,
     StatusUpdate,
@@ -74,8 +79,8 @@ CREATE_FIELDS = (
 )
 """The fields a CreateTaskRequest sets that a task keeps as they were created (its first
 definition), in the request's order. Compared apart: the policy (stored with the
-server's defaults filled in). Not compared: scheduled_time, which a status update or a
-retry's backoff moves on."""
+server's defaults filled in) and the inputs (attached since, perhaps). Not compared:
+scheduled_time, which a status update or a retry's backoff moves on."""
 
 
 def new_id() -> str:
@@ -123,16 +128,12 @@ def create_task(
     if request.HasField("author"):
         task.created_by.CopyFrom(request.author)
         task.last_updated_by.CopyFrom(request.author)
+    task.inputs.extend(request.inputs)
+    task.pending_inputs.extend(i.name for i in request.inputs if not i.HasField("payload"))
     created = StoredTask(task=task, agent_task=None, last_update=None)
     # A task released at once is stored at the state it is released to: one row
     # written, with a history entry for CREATED and one for the release.
-    released: StoredTask | None = None
-    if is_releasable(task):
-        if request.HasField("scheduled_time") and liveness.ns(request.scheduled_time) > now_ns:
-            scheduled = TaskStatus(status=pb.STATUS_SCHEDULED_IN_MANAGER)
-            released = _stored(_with_status(task, scheduled, MANAGER, now_ns), None, None)
-        else:
-            released = _sent(created, now_ns)
+    released = _released(task, now_ns)
     try:
         tx.insert(created, then=released)
     except TaskExists:
@@ -159,13 +160,35 @@ def _created_before(tx: WriteTransaction, wanted: Task, request: CreateTaskReque
     # same request is the same policy whatever this server's defaults.
     if liveness.effective_policy(request.policy, first.policy) != first.policy:
         raise TaskIdTaken(task_id, "policy")
+    if not _declared_as(request.inputs, first.inputs):
+        raise TaskIdTaken(task_id, "inputs")
     return Created(stored.task, existed=True)
+
+
+def _declared_as(declared: Sequence[NamedPayload], inputs: Sequence[NamedPayload]) -> bool:
+    """Whether inputs (a task's, some perhaps attached since) are what declared asked for:
+    the same names in order, with the same payload where one was given."""
+    return len(declared) == len(inputs) and all(
+        asked.name == have.name and (not asked.HasField("payload") or asked.payload == have.payload)
+        for asked, have in zip(declared, inputs, strict=True)
+    )
 
 
 def _field_value(task: Task, name: str) -> object:
     # A message field unset and one set to its empty value are the same request.
     value = getattr(task, name)
     return value.SerializeToString(deterministic=True) if hasattr(value, "ListFields") else value
+
+
+def _released(task: Task, now_ns: int) -> StoredTask | None:
+    """The task as its release leaves it (SENT, or SCHEDULED_IN_MANAGER until a future
+    scheduled_time); None if it is not to be released (yet)."""
+    if not is_releasable(task):
+        return None
+    if task.HasField("scheduled_time") and liveness.ns(task.scheduled_time) > now_ns:
+        scheduled = TaskStatus(status=pb.STATUS_SCHEDULED_IN_MANAGER)
+        return _stored(_with_status(task, scheduled, MANAGER, now_ns), None, None)
+    return _sent(StoredTask(task=task, agent_task=None, last_update=None), now_ns)
 
 
 def _sent(stored: StoredTask, now_ns: int, update: StatusUpdate | None = None) -> StoredTask:
@@ -322,10 +345,10 @@ def _close_attempt(
 
 
 def is_releasable(task: Task) -> bool:
-    """A task goes to an agent (or a pool of agents) when it names one and is not
-    executed elsewhere."""
+    """A task goes to an agent (or a pool of agents) when it names one, is not executed
+    elsewhere, and has all its inputs."""
     has_agent = assignee_kind(task) in ("system", "team") and bool(assignee_entity_id(task))
-    return has_agent and not task.is_executed_elsewhere
+    return has_agent and not task.is_executed_elsewhere and not task.pending_inputs
 
 
 def assignee_kind(task: Task) -> str | None:
@@ -359,18 +382,34 @@ def hand_over(
     return task
 
 
+def check_reporter(caller: Caller, task: Task, action: str) -> None:
+    """An agent reports on (and reads the inputs of) only the tasks of its entity ids
+    and, in a pool, only the attempt its member holds."""
+    assignee = assignee_entity_id(task)
+    task_id = task.version.task_id
+    caller.check_entity(assignee, action, task_id)
+    holder = task.attempts[-1].entity_id if task.attempts else ""
+    if assignee_kind(task) == "team" and holder:
+        caller.check_entity(holder, action, f"{task_id} of pool {assignee}")
+
+
+def check_input_reader(caller: Caller, task: Task, sha256: str) -> None:
+    """An agent reads a payload only as an input of a task it runs."""
+    check_reporter(caller, task, "read the inputs of task")
+    if caller.role is Role.AGENT and all(i.payload.sha256 != sha256 for i in task.inputs):
+        raise PermissionDenied(
+            f"payload {sha256} is not an input of task {task.version.task_id}: an agent"
+            " reads only the inputs of its tasks"
+        )
+
+
 def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, now_ns: int) -> Task:
     """Applies an agent's (or admin's) status update with compare-and-set. The caller
     must act for the task's assignee; the recorded author is the caller."""
     stored = _load(tx, update.version.task_id)
     current = stored.task
     assignee = assignee_entity_id(current)
-    task_id = current.version.task_id
-    caller.check_entity(assignee, "update task", task_id)
-    holder = current.attempts[-1].entity_id if current.attempts else ""
-    if assignee_kind(current) == "team" and holder:
-        # In a pool, only the member holding the attempt reports on it.
-        caller.check_entity(holder, "update task", f"{task_id} of pool {assignee}")
+    check_reporter(caller, current, "update task")
     claimed = update.author if update.HasField("author") else None
     author = caller.author(claimed, assignee)
     if author is not None and author is not claimed:
@@ -409,6 +448,92 @@ def update_status(tx: WriteTransaction, update: StatusUpdate, caller: Caller, no
     else:
         agent_task = _agent_view(tx, stored, task, update)
     tx.replace(_stored(task, agent_task, update), have)
+    return task
+
+
+def attach_input(
+    tx: WriteTransaction, request: AttachInputRequest, author: Principal | None, now_ns: int
+) -> Task:
+    """Gives a declared input its payload (stored already: the caller checked). With its
+    last input the task is released in the same write, so it is released once however
+    many attaches race. The payload an input has already is a retry: nothing changes."""
+    stored = _load(tx, request.task_id)
+    current = stored.task
+    task_id = current.version.task_id
+    declared = next((i for i in current.inputs if i.name == request.name), None)
+    if declared is None:
+        names = ", ".join(repr(i.name) for i in current.inputs) or "none"
+        raise InvalidArgument(
+            "name", f"task {task_id} declares no input {request.name!r} (its inputs: {names})"
+        )
+    if declared.HasField("payload"):
+        if declared.payload == request.payload:
+            return current
+        raise FailedPrecondition(
+            f"input {request.name!r} of task {task_id} has payload {declared.payload.sha256}"
+            " already: an input is attached once"
+        )
+    _require_not_terminal(current)
+    attached = Task()
+    attached.CopyFrom(current)
+    next(i for i in attached.inputs if i.name == request.name).payload.CopyFrom(request.payload)
+    attached.pending_inputs.remove(request.name)
+    reason = f"input {request.name!r} attached"
+    released = _released(attached, now_ns) if current.status.status == pb.STATUS_CREATED else None
+    if released is None:
+        changed = _stored(_with_status(attached, attached.status, author, now_ns), None, None)
+    else:
+        changed, reason = released, f"{reason}, the last: released"
+    tx.replace(changed, current.version.status_version, reason)
+    return changed.task
+
+
+def attach_output(
+    tx: WriteTransaction,
+    request: AttachOutputRequest,
+    caller: Caller,
+    max_outputs: int,
+    now_ns: int,
+) -> Task:
+    """Adds a named output to the task's running attempt, by the agent running it.
+    Attaching the same payload under the same name again is a retry: nothing changes."""
+    stored = _load(tx, request.task_id)
+    current = stored.task
+    task_id = current.version.task_id
+    check_reporter(caller, current, "attach outputs to task")
+    _require_not_terminal(current)
+    running = current.attempts[-1] if current.attempts else None
+    if running is None or running.number != request.attempt or running.HasField("end_time"):
+        raise FailedPrecondition(
+            f"attempt {request.attempt} of task {task_id} is not running"
+            f" (the task is on attempt {current.attempt}, {Status.Name(current.status.status)})"
+        )
+    if current.status.status in statuses.UNRELEASED or current.status.status == pb.STATUS_SENT:
+        raise FailedPrecondition(
+            f"task {task_id} is {Status.Name(current.status.status)}: its agent reports"
+            " MACHINE_RECEIPT before it attaches outputs"
+        )
+    same_name = next((o for o in running.outputs if o.name == request.name), None)
+    if same_name is not None:
+        if same_name.payload == request.payload:
+            return current
+        raise FailedPrecondition(
+            f"attempt {request.attempt} of task {task_id} has an output {request.name!r}"
+            f" already (payload {same_name.payload.sha256})"
+        )
+    if len(running.outputs) >= max_outputs:
+        raise InvalidArgument(
+            "name",
+            f"attempt {request.attempt} of task {task_id} has {max_outputs} outputs:"
+            " the most an attempt may have",
+        )
+    claimed = request.author if request.HasField("author") else None
+    task = _with_status(
+        current, current.status, caller.author(claimed, assignee_entity_id(current)), now_ns
+    )
+    task.attempts[-1].outputs.add(name=request.name, payload=request.payload)
+    reason = f"output {request.name!r} of attempt {request.attempt} attached"
+    tx.replace(_stored(task, stored.agent_task, None), current.version.status_version, reason)
     return task
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +76,10 @@ from task_manager.v1 import lattice_compat_pb2, task_manager_pb2
 from task_manager.v1.task_manager_pb2 import (
     AddCredentialRequest,
     AddCredentialResponse,
+    AttachInputRequest,
+    AttachInputResponse,
+    AttachOutputRequest,
+    AttachOutputResponse,
     CancelSessionRequest,
     CancelSessionResponse,
     CancelTaskRequest,
@@ -100,6 +104,8 @@ from task_manager.v1.task_manager_pb2 import (
     ListenAsAgentResponse,
     ListTaskTypesRequest,
     ListTaskTypesResponse,
+    NamedPayload,
+    PayloadRef,
     Principal,
     QueryTasksRequest,
     QueryTasksResponse,
@@ -188,6 +194,7 @@ class TaskManagerService:
             if existing is not None and existing.task.task_type.name == request.task_type.name:
                 request.task_type.version = existing.task.task_type.version
         await self._task_types.check_create(request)
+        await self._check_stored(_input_refs(request.inputs))
         author = caller.author(request.author if request.HasField("author") else None)
         if author is not None:
             request.author.CopyFrom(author)
@@ -437,6 +444,10 @@ class TaskManagerService:
             for position, task in enumerate(submission.tasks):
                 where = f"sessions[{index}].tasks[{position}]."
                 await self._task_types.check_create(task, where, latest)
+        for index, submission in enumerate(request.sessions):
+            for position, task in enumerate(submission.tasks):
+                where = f"sessions[{index}].tasks[{position}]."
+                await self._check_stored(_input_refs(task.inputs, where))
         submitted = await self._store.write(
             lambda tx: sessions.submit(
                 tx, request.sessions, author, self._default_policy, self._clock.now_ns(), digests
@@ -516,14 +527,67 @@ class TaskManagerService:
     async def DownloadPayload(
         self, request: DownloadPayloadRequest, context: Context, caller: Caller
     ) -> AsyncIterator[DownloadPayloadResponse]:
+        await self._check_payload_reader(request, caller)
         async for chunk in payloads.download(self._blobs, request.sha256, request.offset):
             yield chunk
 
     async def StatPayload(
         self, request: StatPayloadRequest, context: Context, caller: Caller
     ) -> StatPayloadResponse:
+        await self._check_payload_reader(request, caller)
         found = await payloads.stat(self._blobs, request.sha256)
         return StatPayloadResponse(payload=payloads.ref_message(found))
+
+    async def _check_payload_reader(
+        self, request: DownloadPayloadRequest | StatPayloadRequest, caller: Caller
+    ) -> None:
+        """An agent reads a payload as an input of one of its tasks, which it names."""
+        if caller.role is not Role.AGENT:
+            return
+        if not request.task_id:
+            raise InvalidArgument("task_id", "is required of an agent: the task whose input it is")
+        payloads.digest(request.sha256)
+        task_id = _task_id(request, caller)
+        stored = await self._store.get(task_id)
+        if stored is None:
+            raise TaskNotFound(task_id)
+        lifecycle.check_input_reader(caller, stored.task, request.sha256)
+
+    async def AttachInput(
+        self, request: AttachInputRequest, context: Context, caller: Caller
+    ) -> AttachInputResponse:
+        validation.check_attach(request, self._limits, caller.default_scope)
+        _check_scopes(caller, request.task_id)
+        await self._check_stored([(request.payload, "payload")])
+        author = caller.author(request.author if request.HasField("author") else None)
+        task = await self._store.write(
+            lambda tx: lifecycle.attach_input(tx, request, author, self._clock.now_ns())
+        )
+        return AttachInputResponse(task=task)
+
+    async def AttachOutput(
+        self, request: AttachOutputRequest, context: Context, caller: Caller
+    ) -> AttachOutputResponse:
+        validation.check_attach(request, self._limits)
+        await self._check_stored([(request.payload, "payload")])
+        limit = self._limits.named_payloads
+        task = await self._store.write(
+            lambda tx: lifecycle.attach_output(tx, request, caller, limit, self._clock.now_ns())
+        )
+        return AttachOutputResponse(task=task)
+
+    async def _check_stored(self, refs: Iterable[tuple[PayloadRef, str]]) -> None:
+        """Each payload referred to (with the field that names it) is stored, with the
+        size given: a task refers only to bytes the blob store holds in full."""
+        for ref, field in refs:
+            found = await self._blobs.stat(ref.sha256)
+            if found is None:
+                raise PayloadNotFound(ref.sha256, field)
+            if found.size != ref.size:
+                raise InvalidArgument(
+                    f"{field}.size",
+                    f"is {ref.size}, but payload {found.digest} has {found.size} bytes",
+                )
 
     async def AddCredential(
         self, request: AddCredentialRequest, context: Context, caller: Caller
@@ -623,7 +687,19 @@ REPORTS_IN_FLIGHT = 1_024
 """Reports of one ReportStatus stream in flight at most; beyond it the stream pushes back."""
 
 
-def _task_id(request: GetTaskRequest | GetTaskHistoryRequest, caller: Caller) -> str:
+def _input_refs(
+    inputs: Sequence[NamedPayload], where: str = ""
+) -> Iterator[tuple[PayloadRef, str]]:
+    """The payloads of a task's inputs given with one, each with its field's name."""
+    for index, named in enumerate(inputs):
+        if named.HasField("payload"):
+            yield named.payload, f"{where}inputs[{index}].payload"
+
+
+def _task_id(
+    request: GetTaskRequest | GetTaskHistoryRequest | DownloadPayloadRequest | StatPayloadRequest,
+    caller: Caller,
+) -> str:
     """The canonical id of the task a read names, which the caller may read."""
     explicit = validation.scope(request.scope)
     task_id = validation.task_id(request.task_id, "task_id", explicit, caller.default_scope)

@@ -20,19 +20,23 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from storage.base import MAX_REVISION, TaskQuery, TaskSelector
-from task_manager import scopes, statuses, task_types
+from task_manager import payloads, scopes, statuses, task_types
 from task_manager.auth import SCOPED_ROLES, Role, check_binding
 from task_manager.errors import InvalidArgument
 from task_manager.liveness import MAX_DURATION_S
 from task_manager.task_types import SpecificationCheck, TypeKey
 from task_manager.v1.task_manager_pb2 import (
     AddCredentialRequest,
+    AttachInputRequest,
+    AttachOutputRequest,
     CancelSessionRequest,
     CancelTaskRequest,
     CompleteTaskRequest,
     CreateTaskRequest,
     GetSessionRequest,
     ListenAsAgentRequest,
+    NamedPayload,
+    PayloadRef,
     Principal,
     QueryTasksRequest,
     Status,
@@ -47,6 +51,7 @@ from task_manager.v1.task_manager_pb2 import (
 from task_manager.watch import WatchSpec
 
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{5,36}")
+PAYLOAD_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 DEFAULT_HEARTBEAT_MS = 30_000
 MIN_HEARTBEAT_MS = 100
 MIN_RATE_LIMIT_MS = 250
@@ -79,6 +84,8 @@ class FieldLimits:
     session_bytes: int = 3 << 20
     """One session's size, serialised. Keep it under --max-request-bytes (4 MiB): a
     request over that is refused by gRPC itself (RESOURCE_EXHAUSTED) before any check."""
+    named_payloads: int = 64
+    """Inputs of a task; outputs of one attempt."""
 
 
 _STATUSES = frozenset(Status.values())
@@ -150,6 +157,58 @@ def check_create_task(
         _check_policy(request.policy, limits)
     if request.HasField("scheduled_time"):
         _timestamp(request.scheduled_time, "scheduled_time")
+    _check_inputs(request.inputs, limits)
+
+
+def _check_inputs(inputs: Sequence[NamedPayload], limits: FieldLimits) -> None:
+    if len(inputs) > limits.named_payloads:
+        raise InvalidArgument(
+            "inputs", f"are {len(inputs)}; a task takes at most {limits.named_payloads}"
+        )
+    seen: dict[str, int] = {}
+    for index, named in enumerate(inputs):
+        where = f"inputs[{index}]"
+        payload_name(named.name, f"{where}.name")
+        if named.name in seen:
+            raise InvalidArgument(
+                f"{where}.name", f"{named.name!r} is inputs[{seen[named.name]}]'s name too"
+            )
+        seen[named.name] = index
+        if named.HasField("payload"):
+            payload_ref(named.payload, f"{where}.payload", limits)
+
+
+def payload_name(value: str, field: str) -> str:
+    """The name of a task's input or of an attempt's output."""
+    if not PAYLOAD_NAME_PATTERN.fullmatch(value):
+        raise InvalidArgument(
+            field, f"{_quote(value)} is not a name: use 1 to 63 of A-Z a-z 0-9 _ . -"
+        )
+    return value
+
+
+def payload_ref(ref: PayloadRef, field: str, limits: FieldLimits) -> None:
+    payloads.digest(ref.sha256, f"{field}.sha256")
+    if ref.size > limits.payload_bytes:
+        raise InvalidArgument(
+            f"{field}.size",
+            f"{ref.size} is more than the {limits.payload_bytes} bytes a payload may have",
+        )
+
+
+def check_attach(
+    request: AttachInputRequest | AttachOutputRequest, limits: FieldLimits, default_scope: str = ""
+) -> None:
+    """An AttachInput or AttachOutput request; leaves its task_id canonical."""
+    request.task_id = task_id(request.task_id, "task_id", scope(request.scope), default_scope)
+    payload_name(request.name, "name")
+    if not request.HasField("payload"):
+        raise InvalidArgument("payload", "is required: the sha256 and size of stored bytes")
+    payload_ref(request.payload, "payload", limits)
+    if request.HasField("author"):
+        _max_bytes(request.author, limits.principal_bytes, "author")
+    if isinstance(request, AttachOutputRequest) and request.attempt == 0:
+        raise InvalidArgument("attempt", "is required: the number of the running attempt")
 
 
 def check_submit_sessions(

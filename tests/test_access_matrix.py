@@ -48,6 +48,7 @@ EXPECTED_RIGHTS: dict[str, set[str]] = {
         "UploadPayload",
         "DownloadPayload",
         "StatPayload",
+        "AttachInput",
     },
     "agent": {
         "ListenAsAgent",
@@ -57,6 +58,10 @@ EXPECTED_RIGHTS: dict[str, set[str]] = {
         "GetTaskHistory",
         "GetTaskType",
         "ListTaskTypes",
+        "UploadPayload",
+        "DownloadPayload",
+        "StatPayload",
+        "AttachOutput",
     },
     "viewer": {
         "GetTask",
@@ -71,7 +76,16 @@ EXPECTED_RIGHTS: dict[str, set[str]] = {
         "StatPayload",
     },
 }
-AGENT_ONLY_OWN = {"ListenAsAgent", "UpdateStatus", "ReportStatus", "GetTask", "GetTaskHistory"}
+AGENT_ONLY_OWN = {
+    "ListenAsAgent",
+    "UpdateStatus",
+    "ReportStatus",
+    "GetTask",
+    "GetTaskHistory",
+    "DownloadPayload",
+    "StatPayload",
+    "AttachOutput",
+}
 """For these, an agent may act only on its own entity's tasks (or as its own entity)."""
 IDENTITIES = ("operator", "agent", "viewer", "admin", "no credentials", "bad token")
 RPCS = tuple(pb.DESCRIPTOR.services_by_name["TaskManager"].methods_by_name)
@@ -296,21 +310,49 @@ async def _upload_payload(stub: AsyncStub, world: World, entity: str) -> None:
     await stub.UploadPayload(_payload_parts())
 
 
-async def _download_payload(stub: AsyncStub, world: World, entity: str) -> None:
+async def _task_with_the_payload(world: World, entity: str) -> str:
+    """The id of a new task of entity's that has the payload as its input."""
     await world.admin.UploadPayload(_payload_parts())
-    request = pb.DownloadPayloadRequest(sha256=PAYLOAD_REF.sha256)
+    request = create_request(entity, inputs=[pb.NamedPayload(name="map", payload=PAYLOAD_REF)])
+    return (await world.admin.CreateTask(request)).task.version.task_id
+
+
+async def _download_payload(stub: AsyncStub, world: World, entity: str) -> None:
+    task_id = await _task_with_the_payload(world, entity)
+    request = pb.DownloadPayloadRequest(sha256=PAYLOAD_REF.sha256, task_id=task_id)
     assert b"".join([r.chunk async for r in stub.DownloadPayload(request)]) == PAYLOAD
 
 
 async def _stat_payload(stub: AsyncStub, world: World, entity: str) -> None:
+    task_id = await _task_with_the_payload(world, entity)
+    await stub.StatPayload(pb.StatPayloadRequest(sha256=PAYLOAD_REF.sha256, task_id=task_id))
+
+
+async def _attach_input(stub: AsyncStub, world: World, entity: str) -> None:
     await world.admin.UploadPayload(_payload_parts())
-    await stub.StatPayload(pb.StatPayloadRequest(sha256=PAYLOAD_REF.sha256))
+    held = create_request(entity, inputs=[pb.NamedPayload(name="map")])
+    task = (await world.admin.CreateTask(held)).task
+    request = pb.AttachInputRequest(task_id=task.version.task_id, name="map", payload=PAYLOAD_REF)
+    assert (await stub.AttachInput(request)).task.status.status == S.STATUS_SENT
+
+
+async def _attach_output(stub: AsyncStub, world: World, entity: str) -> None:
+    await world.admin.UploadPayload(_payload_parts())
+    task = await _fresh_task(world, entity)
+    await world.admin.UpdateStatus(pb.UpdateStatusRequest(status_update=_receipt(task)))
+    request = pb.AttachOutputRequest(
+        task_id=task.version.task_id, attempt=1, name="log", payload=PAYLOAD_REF
+    )
+    attached = (await stub.AttachOutput(request)).task
+    assert [o.name for o in attached.attempts[-1].outputs] == ["log"]
 
 
 CALLS: dict[str, Call] = {
     "UploadPayload": _upload_payload,
     "DownloadPayload": _download_payload,
     "StatPayload": _stat_payload,
+    "AttachInput": _attach_input,
+    "AttachOutput": _attach_output,
     "RegisterTaskType": _register_task_type,
     "GetTaskType": _get_task_type,
     "ListTaskTypes": _list_task_types,

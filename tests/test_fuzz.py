@@ -232,6 +232,7 @@ def _valid_requests() -> dict[str, Message]:
     query = pb.QueryTasksRequest(page_size=10, view=pb.TaskView.TASK_VIEW_MANAGER)
     query.update_time_range.update_start_time.seconds = now - 3600
     query.status_filter.status.append(pb.Status.STATUS_SENT)
+    empty = pb.PayloadRef(sha256=EMPTY_SHA256, size=0)
     requests: list[Message] = [
         create,
         pb.GetTaskRequest(task_id=TARGET_IDS[0], definition_version=1),
@@ -273,6 +274,8 @@ def _valid_requests() -> dict[str, Message]:
         pb.UploadPayloadRequest(header=pb.PayloadRef(sha256=EMPTY_SHA256, size=0)),
         pb.DownloadPayloadRequest(sha256=EMPTY_SHA256),
         pb.StatPayloadRequest(sha256=EMPTY_SHA256),
+        pb.AttachInputRequest(task_id=TARGET_IDS[0], name="mesh", payload=empty),
+        pb.AttachOutputRequest(task_id=TARGET_IDS[1], attempt=1, name="log", payload=empty),
     ]
     return {request.DESCRIPTOR.full_name: request for request in requests}
 
@@ -305,4 +308,4 @@ def test_mutated_valid_requests_get_proper_answers(world: FuzzWorld) -> None:
 def test_every_method_is_fuzzed() -> None:
     assert {m.input_type.full_name for m in METHODS} == set(VALID_REQUESTS)
     request_types = {message_factory.GetMessageClass(m.input_type) for m in METHODS}
-    assert len(METHODS) == 29 and len(request_types) == 24
+    assert len(METHODS) == 31 and len(request_types) == 26

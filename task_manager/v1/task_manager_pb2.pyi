@@ -270,6 +270,8 @@ class Task(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
     TASK_TYPE_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    PENDING_INPUTS_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     description: _builtins.str
     is_executed_elsewhere: _builtins.bool
@@ -311,6 +313,18 @@ class Task(_message.Message):
     def task_type(self) -> Global___TaskTypeRef:
         """Extension: the task type it was created with, at the version it was checked against."""
 
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedPayload]:
+        """Extension: the named payloads the task takes as input (CreateTaskRequest.inputs),
+        each with its payload once attached.
+        """
+
+    @_builtins.property
+    def pending_inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Extension: the names of the inputs still to be attached (AttachInput). While any is
+        missing the task is held at STATUS_CREATED; the last attach releases it.
+        """
+
     def __init__(
         self,
         *,
@@ -332,10 +346,12 @@ class Task(_message.Message):
         session_id: _builtins.str = ...,
         scope: _builtins.str = ...,
         task_type: Global___TaskTypeRef | None = ...,
+        inputs: _abc.Iterable[Global___NamedPayload] | None = ...,
+        pending_inputs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "session_id", b"session_id", "specification", b"specification", "status", b"status", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "inputs", b"inputs", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "pending_inputs", b"pending_inputs", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "session_id", b"session_id", "specification", b"specification", "status", b"status", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -424,6 +440,7 @@ class Attempt(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     entity_id: _builtins.str
     """The agent it was sent to."""
@@ -437,6 +454,12 @@ class Attempt(_message.Message):
 
     @_builtins.property
     def error(self) -> Global___TaskError: ...
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedPayload]:
+        """The outputs its agent attached (AttachOutput). A task's results are the outputs of
+        the attempt that ended it DONE_OK.
+        """
+
     def __init__(
         self,
         *,
@@ -446,10 +469,11 @@ class Attempt(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         outcome: Global___Status.ValueType = ...,
         error: Global___TaskError | None = ...,
+        outputs: _abc.Iterable[Global___NamedPayload] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "entity_id", b"entity_id", "error", b"error", "number", b"number", "outcome", b"outcome", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "entity_id", b"entity_id", "error", b"error", "number", b"number", "outcome", b"outcome", "outputs", b"outputs", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -802,6 +826,7 @@ class CreateTaskRequest(_message.Message):
     SCHEDULED_TIME_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
     TASK_TYPE_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """At most 256 characters."""
     description: _builtins.str
@@ -844,6 +869,14 @@ class CreateTaskRequest(_message.Message):
         take the type's default_policy, then the server's defaults.
         """
 
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedPayload]:
+        """Extension: the task's named inputs, at most 64, names unique. An input with its
+        payload refers to bytes already stored (UploadPayload; NOT_FOUND otherwise); one
+        without is to be uploaded, and the task is held at STATUS_CREATED, listed in
+        Task.pending_inputs, until AttachInput attaches the last such input.
+        """
+
     def __init__(
         self,
         *,
@@ -858,10 +891,11 @@ class CreateTaskRequest(_message.Message):
         scheduled_time: _timestamp_pb2.Timestamp | None = ...,
         scope: _builtins.str = ...,
         task_type: Global___TaskTypeRef | None = ...,
+        inputs: _abc.Iterable[Global___NamedPayload] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "task_type", b"task_type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "description", b"description", "display_name", b"display_name", "is_executed_elsewhere", b"is_executed_elsewhere", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "specification", b"specification", "task_id", b"task_id", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "description", b"description", "display_name", b"display_name", "inputs", b"inputs", "is_executed_elsewhere", b"is_executed_elsewhere", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "specification", b"specification", "task_id", b"task_id", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2744,18 +2778,27 @@ class DownloadPayloadRequest(_message.Message):
 
     SHA256_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
     offset: _builtins.int
     """From this byte (0: the start); the size itself answers no bytes."""
+    task_id: _builtins.str
+    """The task whose input this is: required of agents, who read only the inputs of the
+    tasks assigned to them.
+    """
+    scope: _builtins.str
     def __init__(
         self,
         *,
         sha256: _builtins.str = ...,
         offset: _builtins.int = ...,
+        task_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "scope", b"scope", "sha256", b"sha256", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2789,15 +2832,22 @@ class StatPayloadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SHA256_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
+    task_id: _builtins.str
+    """As in DownloadPayloadRequest."""
+    scope: _builtins.str
     def __init__(
         self,
         *,
         sha256: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "sha256", b"sha256", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2822,3 +2872,149 @@ class StatPayloadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatPayloadResponse: _TypeAlias = StatPayloadResponse  # noqa: Y015
+
+@_typing.final
+class NamedPayload(_message.Message):
+    """A payload under a name: a task's input, or an attempt's output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """[A-Za-z0-9_.-]{1,63}."""
+    @_builtins.property
+    def payload(self) -> Global___PayloadRef:
+        """Unset on an input still to be attached."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        payload: Global___PayloadRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamedPayload: _TypeAlias = NamedPayload  # noqa: Y015
+
+@_typing.final
+class AttachInputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    scope: _builtins.str
+    name: _builtins.str
+    """An input the task declared without a payload."""
+    @_builtins.property
+    def payload(self) -> Global___PayloadRef:
+        """Bytes already stored (UploadPayload). Attaching the payload an input has already is
+        answered with the task as it stands (a retry); another payload is FAILED_PRECONDITION.
+        """
+
+    @_builtins.property
+    def author(self) -> Global___Principal: ...
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        name: _builtins.str = ...,
+        payload: Global___PayloadRef | None = ...,
+        author: Global___Principal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "name", b"name", "payload", b"payload", "scope", b"scope", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachInputRequest: _TypeAlias = AttachInputRequest  # noqa: Y015
+
+@_typing.final
+class AttachInputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task: ...
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachInputResponse: _TypeAlias = AttachInputResponse  # noqa: Y015
+
+@_typing.final
+class AttachOutputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    scope: _builtins.str
+    attempt: _builtins.int
+    """The attempt the output belongs to: the task's current one, which must be running
+    (its agent has reported MACHINE_RECEIPT or later, and it has not ended).
+    """
+    name: _builtins.str
+    """Unique among the attempt's outputs; attaching the same payload again is a retry."""
+    @_builtins.property
+    def payload(self) -> Global___PayloadRef: ...
+    @_builtins.property
+    def author(self) -> Global___Principal: ...
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        name: _builtins.str = ...,
+        payload: Global___PayloadRef | None = ...,
+        author: Global___Principal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "author", b"author", "name", b"name", "payload", b"payload", "scope", b"scope", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachOutputRequest: _TypeAlias = AttachOutputRequest  # noqa: Y015
+
+@_typing.final
+class AttachOutputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task: ...
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachOutputResponse: _TypeAlias = AttachOutputResponse  # noqa: Y015

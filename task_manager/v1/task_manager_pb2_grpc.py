@@ -156,6 +156,16 @@ class TaskManagerStub:
                 request_serializer=task__manager_dot_v1_dot_task__manager__pb2.StatPayloadRequest.SerializeToString,
                 response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.StatPayloadResponse.FromString,
                 _registered_method=True)
+        self.AttachInput = channel.unary_unary(
+                '/task_manager.v1.TaskManager/AttachInput',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.AttachInputRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.AttachInputResponse.FromString,
+                _registered_method=True)
+        self.AttachOutput = channel.unary_unary(
+                '/task_manager.v1.TaskManager/AttachOutput',
+                request_serializer=task__manager_dot_v1_dot_task__manager__pb2.AttachOutputRequest.SerializeToString,
+                response_deserializer=task__manager_dot_v1_dot_task__manager__pb2.AttachOutputResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -372,6 +382,21 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachInput(self, request, context):
+        """Attaches a payload to an input the task declared to be uploaded (operators). The
+        last one releases the task to its agent, atomically with the attach.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachOutput(self, request, context):
+        """Attaches a named output to the running attempt of a task (its agent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -494,6 +519,16 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.StatPayload,
                     request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.StatPayloadRequest.FromString,
                     response_serializer=task__manager_dot_v1_dot_task__manager__pb2.StatPayloadResponse.SerializeToString,
+            ),
+            'AttachInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachInput,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.AttachInputRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.AttachInputResponse.SerializeToString,
+            ),
+            'AttachOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachOutput,
+                    request_deserializer=task__manager_dot_v1_dot_task__manager__pb2.AttachOutputRequest.FromString,
+                    response_serializer=task__manager_dot_v1_dot_task__manager__pb2.AttachOutputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1146,6 +1181,60 @@ class TaskManager:
             '/task_manager.v1.TaskManager/StatPayload',
             task__manager_dot_v1_dot_task__manager__pb2.StatPayloadRequest.SerializeToString,
             task__manager_dot_v1_dot_task__manager__pb2.StatPayloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/AttachInput',
+            task__manager_dot_v1_dot_task__manager__pb2.AttachInputRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.AttachInputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.v1.TaskManager/AttachOutput',
+            task__manager_dot_v1_dot_task__manager__pb2.AttachOutputRequest.SerializeToString,
+            task__manager_dot_v1_dot_task__manager__pb2.AttachOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -166,6 +166,12 @@ class TaskManagerStub:
     """
     StatPayload: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.StatPayloadRequest, _task_manager_pb2.StatPayloadResponse]
     """Extension: whether a payload is stored, and its size. NOT_FOUND if not."""
+    AttachInput: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.AttachInputRequest, _task_manager_pb2.AttachInputResponse]
+    """Attaches a payload to an input the task declared to be uploaded (operators). The
+    last one releases the task to its agent, atomically with the attach.
+    """
+    AttachOutput: _grpc.UnaryUnaryMultiCallable[_task_manager_pb2.AttachOutputRequest, _task_manager_pb2.AttachOutputResponse]
+    """Attaches a named output to the running attempt of a task (its agent)."""
 
 @_typing.type_check_only
 class TaskManagerAsyncStub(TaskManagerStub):
@@ -277,6 +283,12 @@ class TaskManagerAsyncStub(TaskManagerStub):
     """
     StatPayload: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.StatPayloadRequest, _task_manager_pb2.StatPayloadResponse]  # type: ignore[assignment]
     """Extension: whether a payload is stored, and its size. NOT_FOUND if not."""
+    AttachInput: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.AttachInputRequest, _task_manager_pb2.AttachInputResponse]  # type: ignore[assignment]
+    """Attaches a payload to an input the task declared to be uploaded (operators). The
+    last one releases the task to its agent, atomically with the attach.
+    """
+    AttachOutput: _aio.UnaryUnaryMultiCallable[_task_manager_pb2.AttachOutputRequest, _task_manager_pb2.AttachOutputResponse]  # type: ignore[assignment]
+    """Attaches a named output to the running attempt of a task (its agent)."""
 
 class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
     """The operator- and agent-facing service. The five core RPCs are also served under
@@ -529,5 +541,23 @@ class TaskManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_manager_pb2.StatPayloadResponse, _abc.Awaitable[_task_manager_pb2.StatPayloadResponse]]:
         """Extension: whether a payload is stored, and its size. NOT_FOUND if not."""
+
+    @_abc_1.abstractmethod
+    def AttachInput(
+        self,
+        request: _task_manager_pb2.AttachInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.AttachInputResponse, _abc.Awaitable[_task_manager_pb2.AttachInputResponse]]:
+        """Attaches a payload to an input the task declared to be uploaded (operators). The
+        last one releases the task to its agent, atomically with the attach.
+        """
+
+    @_abc_1.abstractmethod
+    def AttachOutput(
+        self,
+        request: _task_manager_pb2.AttachOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_manager_pb2.AttachOutputResponse, _abc.Awaitable[_task_manager_pb2.AttachOutputResponse]]:
+        """Attaches a named output to the running attempt of a task (its agent)."""
 
 def add_TaskManagerServicer_to_server(servicer: TaskManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
