@@ -43,7 +43,7 @@ from agent_kit import _payloads
 from agent_kit._any import packed
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, ClientAuth, open_channel, open_stub
-from agent_kit._payloads import PayloadSource, task_outputs
+from agent_kit._payloads import PayloadSource, Progress, task_outputs
 from task_manager.statuses import TERMINAL
 from task_manager.v1 import task_manager_pb2 as pb
 
@@ -395,18 +395,24 @@ class OperatorClient:
         request = pb.RegisterTaskTypeRequest(task_type=task_type)
         return (await self._stub.RegisterTaskType(request)).task_type
 
-    async def upload_payload(self, source: PayloadSource) -> pb.PayloadRef:
+    async def upload_payload(
+        self, source: PayloadSource, progress: Progress | None = None
+    ) -> pb.PayloadRef:
         """Stores bytes, or a file's content, as a payload; answers its reference. A
-        file is read twice (hashed, then sent), in chunks, never whole in memory."""
-        return await _payloads.upload(self._stub, source)
+        file is read twice (hashed, then sent), in chunks, never whole in memory.
+        progress, if given, is called with (bytes sent, size) as they go."""
+        return await _payloads.upload(self._stub, source, progress)
 
     async def download_payload(
-        self, sha256: str, destination: str | os.PathLike[str]
+        self,
+        sha256: str,
+        destination: str | os.PathLike[str],
+        progress: Progress | None = None,
     ) -> pb.PayloadRef:
         """Writes a payload to a file, checked against its digest as it comes. The bytes
         go to `<destination>.partial` first, and an interrupted download resumes from
-        it; the file appears under its name only whole."""
-        return await _payloads.download(self._stub, sha256, destination)
+        it; the file appears under its name only whole. progress as for uploads."""
+        return await _payloads.download(self._stub, sha256, destination, progress=progress)
 
     async def attach_input(
         self, task_id: str, name: str, source: PayloadSource | pb.PayloadRef
@@ -420,11 +426,15 @@ class OperatorClient:
         return (await self._stub.AttachInput(request)).task
 
     async def download_outputs(
-        self, task_id: str, directory: str | os.PathLike[str]
+        self,
+        task_id: str,
+        directory: str | os.PathLike[str],
+        progress: Progress | None = None,
     ) -> dict[str, Path]:
         """Writes the task's results (the outputs of the attempt that ended it DONE_OK)
         into directory, one file per output name; answers the paths by name. Raises
-        ValueError if the task has not succeeded."""
+        ValueError if the task has not succeeded. progress is called with (bytes so
+        far, bytes in all) over all the outputs."""
         task = await self.get_task(task_id)
         outputs = task_outputs(task)
         if not outputs and not any(a.outcome == pb.STATUS_DONE_OK for a in task.attempts):
@@ -434,10 +444,14 @@ class OperatorClient:
             )
         target = Path(directory)
         await anyio.Path(target).mkdir(parents=True, exist_ok=True)
+        total = sum(payload.size for payload in outputs.values())
+        before = 0
         written = {}
         for name, payload in outputs.items():
             written[name] = target / name
-            await self.download_payload(payload.sha256, written[name])
+            each = None if progress is None else partial(_overall, progress, before, total)
+            await self.download_payload(payload.sha256, written[name], each)
+            before += payload.size
         return written
 
     async def list_agents(self, entity_ids: Iterable[str] = ()) -> list[pb.AgentPresence]:
@@ -770,13 +784,20 @@ class SyncOperatorClient:
             default_policy=default_policy,
         )
 
-    def upload_payload(self, source: PayloadSource) -> pb.PayloadRef:
-        """As OperatorClient.upload_payload."""
-        return self._call(self._client.upload_payload, source)
+    def upload_payload(
+        self, source: PayloadSource, progress: Progress | None = None
+    ) -> pb.PayloadRef:
+        """As OperatorClient.upload_payload (progress is called from another thread)."""
+        return self._call(self._client.upload_payload, source, progress)
 
-    def download_payload(self, sha256: str, destination: str | os.PathLike[str]) -> pb.PayloadRef:
-        """As OperatorClient.download_payload."""
-        return self._call(self._client.download_payload, sha256, destination)
+    def download_payload(
+        self,
+        sha256: str,
+        destination: str | os.PathLike[str],
+        progress: Progress | None = None,
+    ) -> pb.PayloadRef:
+        """As OperatorClient.download_payload (progress is called from another thread)."""
+        return self._call(self._client.download_payload, sha256, destination, progress)
 
     def attach_input(
         self, task_id: str, name: str, source: PayloadSource | pb.PayloadRef
@@ -784,9 +805,14 @@ class SyncOperatorClient:
         """As OperatorClient.attach_input."""
         return self._call(self._client.attach_input, task_id, name, source)
 
-    def download_outputs(self, task_id: str, directory: str | os.PathLike[str]) -> dict[str, Path]:
-        """As OperatorClient.download_outputs."""
-        return self._call(self._client.download_outputs, task_id, directory)
+    def download_outputs(
+        self,
+        task_id: str,
+        directory: str | os.PathLike[str],
+        progress: Progress | None = None,
+    ) -> dict[str, Path]:
+        """As OperatorClient.download_outputs (progress is called from another thread)."""
+        return self._call(self._client.download_outputs, task_id, directory, progress)
 
     def list_agents(self, entity_ids: Iterable[str] = ()) -> list[pb.AgentPresence]:
         """As OperatorClient.list_agents."""
@@ -962,6 +988,11 @@ def _aware(moment: datetime, name: str) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (say datetime.now(UTC) + ...)")
     return moment
+
+
+def _overall(progress: Progress, before: int, total: int, done: int, size: int) -> None:
+    """One transfer's progress as a part of several: total bytes, before of them done."""
+    progress(before + done, total)
 
 
 def _descriptor_set(file: FileDescriptor | Any) -> FileDescriptorSet:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -20,8 +20,13 @@ CHUNK_BYTES = 1024 * 1024
 PayloadSource = bytes | str | os.PathLike[str]
 """Bytes, or the path of a file whose content is the payload."""
 
+Progress = Callable[[int, int], None]
+"""Called as a transfer moves on: (bytes done, bytes in all)."""
 
-async def upload(stub: AsyncStub, source: PayloadSource) -> pb.PayloadRef:
+
+async def upload(
+    stub: AsyncStub, source: PayloadSource, progress: Progress | None = None
+) -> pb.PayloadRef:
     """Stores bytes, or a file's content, as a payload; answers its reference. A file
     is read twice (hashed, then sent), in chunks, never whole in memory."""
     if isinstance(source, bytes):
@@ -30,21 +35,33 @@ async def upload(stub: AsyncStub, source: PayloadSource) -> pb.PayloadRef:
         source = Path(source)
         header = await anyio.to_thread.run_sync(_file_ref, source)
 
-    async def parts() -> AsyncIterator[pb.UploadPayloadRequest]:
-        yield pb.UploadPayloadRequest(header=header)
+    async def chunks() -> AsyncIterator[bytes]:
         if isinstance(source, bytes):
             for at in range(0, len(source), CHUNK_BYTES):
-                yield pb.UploadPayloadRequest(chunk=source[at : at + CHUNK_BYTES])
+                yield source[at : at + CHUNK_BYTES]
             return
         async with await anyio.open_file(source, "rb") as file:
             while chunk := await file.read(CHUNK_BYTES):
-                yield pb.UploadPayloadRequest(chunk=chunk)
+                yield chunk
+
+    async def parts() -> AsyncIterator[pb.UploadPayloadRequest]:
+        yield pb.UploadPayloadRequest(header=header)
+        sent = 0
+        async for chunk in chunks():
+            yield pb.UploadPayloadRequest(chunk=chunk)
+            sent += len(chunk)
+            if progress is not None:
+                progress(sent, header.size)
 
     return (await stub.UploadPayload(parts())).payload
 
 
 async def download(
-    stub: AsyncStub, sha256: str, destination: str | os.PathLike[str], task_id: str = ""
+    stub: AsyncStub,
+    sha256: str,
+    destination: str | os.PathLike[str],
+    task_id: str = "",
+    progress: Progress | None = None,
 ) -> pb.PayloadRef:
     """Writes a payload to a file, checked against its digest as it comes. The bytes go
     to `<destination>.partial` first, and an interrupted download resumes from it; the
@@ -65,6 +82,8 @@ async def download(
                 digest.update(response.chunk)
                 await file.write(response.chunk)
                 have += len(response.chunk)
+                if progress is not None:
+                    progress(have, stat.size)
         if have == stat.size and digest.hexdigest() == sha256:
             await anyio.to_thread.run_sync(os.replace, partial, target)
             return stat

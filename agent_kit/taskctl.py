@@ -2,6 +2,7 @@
 
     taskctl [--target HOST[:PORT]] create|get|list|history|update|cancel|complete|watch|wait|agents
     taskctl session submit|get|wait|cancel
+    taskctl upload|attach|download
 
 The target defaults to TASK_MANAGER_TARGET or 127.0.0.1:50051 (a host alone means port
 50051). Exit codes: 0 done; 1 the waited-for task finished DONE_NOT_OK (a session: did
@@ -178,7 +179,76 @@ def show_tasks(tasks: Sequence[pb.Task], json_out: bool) -> None:
         print(table(row(t) for t in tasks))
 
 
+def named_input(text: str) -> tuple[str, Path | None]:
+    """NAME=PATH, or NAME= for an input to be attached later (taskctl attach)."""
+    name, separator, path = text.partition("=")
+    if not separator or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME=PATH, or NAME= for one to come")
+    return name, Path(path) if path else None
+
+
+class TransferProgress:
+    """A progress line on stderr, redrawn in place; nothing unless stderr is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._shown = sys.stderr.isatty()
+        self._drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._shown:
+            sys.stderr.write(f"\r{progress_line(self._label, done, total)}")
+            sys.stderr.flush()
+            self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            sys.stderr.write("\n")
+
+
+def progress_line(label: str, done: int, total: int) -> str:
+    percent = 100 if total == 0 else done * 100 // total
+    return f"{label} {percent:3d}% {done / 2**20:.1f}/{total / 2**20:.1f} MiB"
+
+
+def upload(client: SyncOperatorClient, path: Path) -> pb.PayloadRef:
+    progress = TransferProgress(f"uploading {path.name}")
+    try:
+        return client.upload_payload(path, progress)
+    finally:
+        progress.close()
+
+
+def cmd_upload(client: SyncOperatorClient, args: argparse.Namespace) -> int:
+    ref = upload(client, args.path)
+    print(json.dumps(to_json(ref)) if args.json else f"{ref.sha256} {ref.size}")
+    return EXIT_OK
+
+
+def cmd_attach(client: SyncOperatorClient, args: argparse.Namespace) -> int:
+    task = client.attach_input(args.task_id, args.name, upload(client, args.path))
+    show_tasks([task], args.json)
+    return EXIT_OK
+
+
+def cmd_download(client: SyncOperatorClient, args: argparse.Namespace) -> int:
+    progress = TransferProgress(f"downloading the results of {args.task_id}")
+    try:
+        written = client.download_outputs(args.task_id, args.directory, progress)
+    except ValueError as error:  # the task has not succeeded
+        print(f"taskctl: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    finally:
+        progress.close()
+    for name, path in written.items():
+        print(json.dumps({"name": name, "path": str(path)}) if args.json else path)
+    return EXIT_OK
+
+
 def cmd_create(client: SyncOperatorClient, args: argparse.Namespace) -> int:
+    inputs = {
+        name: None if path is None else upload(client, path) for name, path in args.input or ()
+    }
     task = client.create_task(
         assignee_entity_id=args.assignee,
         assignee_pool=args.pool,
@@ -191,6 +261,7 @@ def cmd_create(client: SyncOperatorClient, args: argparse.Namespace) -> int:
         policy=policy_of(args),
         scheduled_time=args.scheduled_time,
         scope=args.scope,
+        inputs=inputs,
     )
     show_tasks([task], args.json)
     return EXIT_OK
@@ -504,6 +575,17 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     _create_parser(command("create", cmd_create, "create a task (sent at once to its assignee)"))
+    upload_command = command("upload", cmd_upload, "store a file as a payload: prints its sha256")
+    upload_command.add_argument("path", type=Path)
+    attach = command("attach", cmd_attach, "upload a file as a task's input that was to come")
+    attach.add_argument("task_id")
+    attach.add_argument("name", help="the input's name")
+    attach.add_argument("path", type=Path)
+    download = command(
+        "download", cmd_download, "write a finished task's output files into a directory"
+    )
+    download.add_argument("task_id")
+    download.add_argument("directory", type=Path)
     get = command("get", cmd_get, "show one task")
     get.add_argument("task_id")
     get.add_argument("--agent-view", action="store_true", help="as its agent last reported it")
@@ -625,6 +707,14 @@ def _create_parser(create: argparse.ArgumentParser) -> None:
         help="hold the task until then (no offset: local time)",
     )
     create.add_argument("--executed-elsewhere", action="store_true")
+    create.add_argument(
+        "--input",
+        type=named_input,
+        action="append",
+        metavar="NAME=PATH",
+        help="an input file, uploaded first (repeatable); NAME= declares one to come"
+        " (taskctl attach), and the task waits for it",
+    )
     policy = create.add_argument_group("policy (seconds; 0 = no timeout; default: the server's)")
     for name in ("receipt", "heartbeat", "execution"):
         policy.add_argument(f"--{name}-timeout", type=seconds, metavar="S")
@@ -707,6 +797,12 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             parser.error("--count must be at least 1")
         if args.task_id and args.count > 1 and "{n}" not in args.task_id:
             parser.error("--task-id names one task: put {n} in it for --count tasks")
+    files = [path for _, path in getattr(args, "input", None) or () if path is not None]
+    if args.command in ("upload", "attach"):
+        files.append(args.path)
+    for path in files:
+        if not path.is_file() or not os.access(path, os.R_OK):
+            parser.error(f"cannot read the file {path}")
     if args.command == "update" and (args.name, args.description, args.spec) == (None,) * 3:
         parser.error("update needs at least one of --name, --description, --spec")
 

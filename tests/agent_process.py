@@ -1,7 +1,8 @@
 """An agent in its own process, for tests that kill it: `python -m tests.agent_process`.
 
 --hang: the handler reports progress, then never returns (the runtime keeps sending
-heartbeats); otherwise it finishes at once. Prints "started TASK_ID" when a handler starts.
+heartbeats); otherwise it saves each of the task's inputs as an output of the same name
+and finishes. Prints "started TASK_ID" when a handler starts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ async def main() -> None:
         await task.progress(StringValue(value="halfway"))
         if args.hang:
             await anyio.sleep_forever()
+        for named in task.task.inputs:
+            await task.save_output(named.name, await task.input(named.name))
         return StringValue(value=f"done by {args.entity_id}")
 
     agent = Agent(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import pty
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
+from pathlib import Path
 
 import grpc
 import pytest
@@ -650,3 +652,40 @@ def test_a_scope_makes_ids_of_create_and_session_submit_ids_within_it(
     assert shown.returncode == 0 and "survey-app/ctl-session-7" in shown.stdout, shown.stderr
     refused = taskctl(server, "create", "--assignee", "drone-9", "--scope", "no scope")
     assert refused.returncode == 6 and "is not a scope" in refused.stderr, refused.stderr
+
+
+def test_inputs_uploaded_attached_and_the_results_downloaded(
+    server: ServerProcess, walker: str, tmp_path: Path
+) -> None:
+    mesh, notes = tmp_path / "mesh.bin", tmp_path / "notes.txt"
+    mesh.write_bytes(os.urandom(3 * 2**20 + 5))  # several upload chunks
+    notes.write_text("windy")
+    uploaded = taskctl(server, "upload", str(notes))
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert uploaded.stdout.split() == [hashlib.sha256(b"windy").hexdigest(), "5"]
+
+    create = ("create", "--assignee", walker, "--input", f"mesh={mesh}", "--input", "notes=")
+    (task,) = as_tasks(taskctl(server, *create, "--json"))
+    task_id = str(task["version"]["task_id"])  # type: ignore[index]
+    assert task["status"] == {"status": "STATUS_CREATED"}
+    assert task["pending_inputs"] == ["notes"]
+    not_yet = taskctl(server, "download", task_id, str(tmp_path / "early"))
+    assert (not_yet.returncode, "no successful attempt" in not_yet.stderr) == (6, True)
+
+    (attached,) = as_tasks(taskctl(server, "attach", task_id, "notes", str(notes), "--json"))
+    assert attached["status"]["status"] == "STATUS_SENT"  # type: ignore[index]
+    assert taskctl(server, "wait", task_id, "--timeout", "60").returncode == 0
+    results = tmp_path / "results"
+    downloaded = taskctl(server, "download", task_id, str(results))
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert sorted(downloaded.stdout.split()) == [str(results / "mesh"), str(results / "notes")]
+    assert (results / "mesh").read_bytes() == mesh.read_bytes()
+    assert (results / "notes").read_text() == "windy"
+
+    missing = taskctl(server, "upload", str(tmp_path / "nowhere"))
+    assert (missing.returncode, "cannot read the file" in missing.stderr) == (2, True)
+
+
+def test_the_progress_line() -> None:
+    assert taskctl_module.progress_line("up", 3 * 2**19, 2**21) == "up  75% 1.5/2.0 MiB"
+    assert taskctl_module.progress_line("up", 0, 0) == "up 100% 0.0/0.0 MiB"
