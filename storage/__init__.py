@@ -48,10 +48,9 @@ def open_blob_store(target: str) -> BlobStore:
         from storage.postgres.blobs import PostgresBlobStore
 
         return PostgresBlobStore(target)
-    from storage.directory_blobs import DirectoryBlobStore
+    from storage.directory_blobs import DirectoryBlobStore, payload_directory
 
-    path = Path(target)
-    return DirectoryBlobStore.open(path.with_name(f"{path.name}.payloads"))
+    return DirectoryBlobStore.open(payload_directory(Path(target)))
 
 
 # -- credentials, for `task-manager tokens`: whether or not a server has the store open --

@@ -325,6 +325,18 @@ class WriteTransaction(Protocol):
 
     def load_task_type(self, name: str, version: int) -> TaskType | None: ...
 
+    def reference_payloads(self, digests: Collection[str]) -> None:
+        """Records that a task refers to these payloads: the collector keeps them as long
+        as the task is kept. Raises PayloadMissing if one is not stored (or is being
+        collected right now)."""
+        ...
+
+    def collect_payload(self, digest: str, idle_before_ns: int) -> bool:
+        """Deletes the payload if no task refers to it and it was last stored before
+        idle_before_ns (wall clock); True if it did. A reference_payloads racing it
+        either sees it gone or keeps it."""
+        ...
+
     def update_session(self, stored: StoredSession) -> None:
         """Records what changes of a session: cancelled_ns, deadline_ns, timed_out_ns."""
         ...
@@ -378,6 +390,14 @@ class TaskExists(StoreError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id} is already stored")
         self.task_id = task_id
+
+
+class PayloadMissing(StoreError):
+    """reference_payloads() named a payload that is not stored."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__(f"payload {digest} is not stored")
+        self.digest = digest
 
 
 class ConcurrentModification(StoreError):

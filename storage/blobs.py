@@ -74,4 +74,11 @@ class BlobStore(Protocol):
         the size. The caller checks the digest exists and the offset is within it."""
         ...
 
+    async def idle_payloads(self, before_ns: int, after: str, limit: int) -> list[str]:
+        """Up to limit payloads last stored (uploaded, or uploaded again) before
+        before_ns, on the wall clock, in digest order from the first after `after`: the
+        collector's candidates. Whether a task refers
+        to one, and its deletion, are the task store's (WriteTransaction.collect_payload)."""
+        ...
+
     async def close(self) -> None: ...

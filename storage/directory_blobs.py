@@ -5,6 +5,11 @@ writers in progress. A writer writes a file of its own in `uploading/`; its comm
 fsyncs it and renames it into place (then fsyncs the directory), so a payload is either
 wholly there or not at all, also across a crash. Files left in `uploading/` by a crash
 are removed when the store opens. Reads and the commit's fsync run in worker threads.
+
+A payload's file's mtime is when it was last stored (an upload of bytes already there
+touches it): the collector deletes only payloads idle since before its cutoff, and it
+checks and deletes under the directory's lock, which an upload's commit holds too, so
+an upload answered "stored" never loses its bytes to a collection running meanwhile.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -25,12 +31,29 @@ import anyio.to_thread
 from storage.base import StoreError
 from storage.blobs import READ_CHUNK_BYTES, BlobRef, DigestMismatch, StorageFull
 
+_DIRECTORY_LOCKS: dict[Path, threading.Lock] = {}
+_DIRECTORY_LOCKS_LOCK = threading.Lock()
+
+
+def _directory_lock(root: Path) -> threading.Lock:
+    """The one lock of a payload directory, shared by every store object on it in this
+    process (the task store checks and collects payloads through one of its own)."""
+    with _DIRECTORY_LOCKS_LOCK:
+        return _DIRECTORY_LOCKS.setdefault(root.resolve(), threading.Lock())
+
+
+def payload_directory(database: Path) -> Path:
+    """Where an SQLite database's payloads are: `<file>.payloads` beside it."""
+    return database.with_name(f"{database.name}.payloads")
+
 
 class DirectoryBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._stored = root / "sha256"
         self._uploading = root / "uploading"
+        self.lock = _directory_lock(root)
+        """Held while a payload is put in place (or touched) and while one is collected."""
 
     @classmethod
     def open(cls, root: Path) -> DirectoryBlobStore:
@@ -76,6 +99,39 @@ class DirectoryBlobStore:
     async def close(self) -> None:
         pass
 
+    def present(self, digest: str) -> bool:
+        """Whether the payload is stored (a quick check, from the task store's writer)."""
+        return self.path_of(digest).exists()
+
+    def delete_if_idle(self, digest: str, before_ns: int) -> bool:
+        """Deletes the payload if it was last stored before before_ns."""
+        path = self.path_of(digest)
+        with self.lock:
+            try:
+                if path.stat().st_mtime_ns >= before_ns:
+                    return False
+                path.unlink()
+            except FileNotFoundError:
+                return False
+            _fsync_directory(path.parent)
+            return True
+
+    async def idle_payloads(self, before_ns: int, after: str, limit: int) -> list[str]:
+        """As BlobStore's; referenced payloads too (their references are the task
+        store's)."""
+        return await anyio.to_thread.run_sync(self._idle_payloads, before_ns, after, limit)
+
+    def _idle_payloads(self, before_ns: int, after: str, limit: int) -> list[str]:
+        found: list[str] = []
+        for prefix in sorted(p for p in self._stored.iterdir() if p.name >= after[:2]):
+            for path in sorted(p for p in prefix.iterdir() if p.name > after):
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime_ns < before_ns:
+                        found.append(path.name)
+                        if len(found) == limit:
+                            return found
+        return found
+
 
 class _FileWriter:
     def __init__(self, store: DirectoryBlobStore) -> None:
@@ -115,9 +171,10 @@ class _FileWriter:
         return received, existed
 
     def _put_in_place(self, digest: str) -> bool:
-        with self._lock:
+        with self._lock, self._store.lock:
             final = self._store.path_of(digest)
             if final.exists():  # the same bytes are stored already
+                _stamp(final)  # stored again now, as far as the collector is concerned
                 self._discard_locked()
                 # Perhaps renamed there by an upload still syncing its directory: synced
                 # here too, so this reference is as durable as that one.
@@ -131,6 +188,7 @@ class _FileWriter:
             self._file.close()
             final.parent.mkdir(exist_ok=True)
             os.replace(self._path, final)
+            _stamp(final)
             _fsync_directory(final.parent)
             _fsync_directory(final.parent.parent)
             return False
@@ -152,6 +210,13 @@ class _FileWriter:
                     self._file.close()
         finally:
             self._path.unlink(missing_ok=True)
+
+
+def _stamp(path: Path) -> None:
+    """Sets a payload's mtime to now, precisely (a file system's own times are coarse,
+    a tick or so behind the clock the collector's cutoff is read from)."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 def _store_error(exc: OSError) -> StoreError:

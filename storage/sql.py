@@ -28,6 +28,7 @@ from storage.base import (
     ConcurrentModification,
     Credential,
     HistoryCompacted,
+    PayloadMissing,
     QueriedTask,
     SeenAgent,
     SessionTasks,
@@ -120,6 +121,26 @@ def _parse_task(blob: bytes | None) -> Task | None:
 # -- writes -------------------------------------------------------------------------------
 
 
+class PayloadPresence(Protocol):
+    """How a backend's write transaction sees the payloads it stores (storage/blobs.py):
+    in files beside the database, or in the database's own tables."""
+
+    def missing(self, session: Session, digests: Sequence[str]) -> str | None:
+        """The first of digests not stored; those stored cannot be collected until the
+        transaction ends."""
+        ...
+
+    def hold_if_idle(self, session: Session, digest: str, before_ns: int) -> bool:
+        """Whether the payload is stored and was last stored before before_ns; if so,
+        no other transaction references it until this one ends."""
+        ...
+
+    def delete_if_idle(self, session: Session, digest: str, before_ns: int) -> bool:
+        """Deletes a payload held by hold_if_idle, if it is still idle (an upload of the
+        same bytes meanwhile makes it fresh)."""
+        ...
+
+
 class SqlTransaction:
     """WriteTransaction over a backend's writer session, inside one savepoint. Its
     changes are numbered when the batch commits (record_batch)."""
@@ -127,11 +148,13 @@ class SqlTransaction:
     def __init__(
         self,
         session: Session,
+        payloads: PayloadPresence,
         load_clause: str = "",
         claim_clause: str = "",
         clock_sql: str | None = None,
     ) -> None:
         self._session = session
+        self._payloads = payloads
         self._load_clause = load_clause
         """How load() locks the row it reads, where other writers may change it
         (PostgreSQL: FOR UPDATE): a second writer then waits and reads the first one's
@@ -212,6 +235,33 @@ class SqlTransaction:
             if change.task is task:
                 return change.encoded_task
         return task.SerializeToString()
+
+    def reference_payloads(self, digests: Collection[str]) -> None:
+        wanted = sorted(set(digests))
+        if not wanted:
+            return
+        absent = self._payloads.missing(self._session, wanted)
+        if absent is not None:
+            raise PayloadMissing(absent)
+        self.wrote = True
+        self._session.executemany(
+            "INSERT INTO payload_refs (digest) VALUES (?) ON CONFLICT DO NOTHING",
+            [(digest,) for digest in wanted],
+        )
+
+    def collect_payload(self, digest: str, idle_before_ns: int) -> bool:
+        # Held first, then the references read: on PostgreSQL a transaction that has
+        # just referenced it has committed by the time the hold is granted, and this
+        # later statement sees its reference.
+        if not self._payloads.hold_if_idle(self._session, digest, idle_before_ns):
+            return False
+        referenced = self._session.execute(
+            "SELECT 1 FROM payload_refs WHERE digest = ?", (digest,)
+        ).fetchone()
+        if referenced is not None:
+            return False
+        self.wrote = True
+        return self._payloads.delete_if_idle(self._session, digest, idle_before_ns)
 
     def save_definition(self, definition: Task) -> None:
         self.wrote = True

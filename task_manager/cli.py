@@ -162,6 +162,13 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
         " timeouts wait for agents to report (default: each task's heartbeat timeout)",
     )
     serve.add_argument(
+        "--payload-grace",
+        type=_not_negative,
+        default=defaults.payload_grace_s,
+        help="seconds a payload no task refers to is kept after its upload, for the"
+        " create or attach that will (default %(default)s)",
+    )
+    serve.add_argument(
         "--writer-niceness",
         type=_niceness,
         default=defaults.writer_niceness,
@@ -449,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         replica_lease_s=args.replica_lease,
         tail_poll_s=args.tail_poll,
         writer_niceness=args.writer_niceness,
+        payload_grace_s=args.payload_grace,
     )
     return asyncio.run(_serve(settings))
 

@@ -107,6 +107,10 @@ class Settings:
     cluster_refresh_s: float = 1.0
     """How often a replica renews its leases and learns the others' agent streams."""
     timekeeper_poll_s: float = 1.0
+    payload_grace_s: float = 3_600.0
+    """A payload no task refers to is collected once idle this long (from its upload)."""
+    payload_sweep_s: float = 60.0
+    """How often the payload collector looks."""
     """The timekeeper looks for due deadlines at least this often."""
     tail_poll_s: float = TAIL_POLL_S
     """PostgreSQL: a replica reads the others' commits at least this often, even when no

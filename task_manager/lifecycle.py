@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from storage.base import (
+    PayloadMissing,
     StoredTask,
     TaskExists,
     WriteTransaction,
@@ -26,6 +27,7 @@ from task_manager.errors import (
     DefinitionConflict,
     FailedPrecondition,
     InvalidArgument,
+    PayloadNotFound,
     PermissionDenied,
     TaskIdTaken,
     TaskNotFound,
@@ -41,6 +43,7 @@ from task_manager.v1.task_manager_pb2 import (
     AttachOutputRequest,
     CreateTaskRequest,
     NamedPayload,
+    PayloadRef,
     Principal,
     Status,
     StatusUpdate,
@@ -134,6 +137,7 @@ def create_task(
     # A task released at once is stored at the state it is released to: one row
     # written, with a history entry for CREATED and one for the release.
     released = _released(task, now_ns)
+    _reference(tx, request.inputs, "inputs")
     try:
         tx.insert(created, then=released)
     except TaskExists:
@@ -163,6 +167,16 @@ def _created_before(tx: WriteTransaction, wanted: Task, request: CreateTaskReque
     if not _declared_as(request.inputs, first.inputs):
         raise TaskIdTaken(task_id, "inputs")
     return Created(stored.task, existed=True)
+
+
+def _reference(tx: WriteTransaction, named: Sequence[NamedPayload], field: str) -> None:
+    """Records the payloads named as referred to by a task, so none is collected; a
+    payload gone since the caller checked (collected meanwhile) is NOT_FOUND."""
+    try:
+        tx.reference_payloads([n.payload.sha256 for n in named if n.HasField("payload")])
+    except PayloadMissing as missing:
+        index = next(i for i, n in enumerate(named) if n.payload.sha256 == missing.digest)
+        raise PayloadNotFound(missing.digest, f"{field}[{index}].payload") from None
 
 
 def _declared_as(declared: Sequence[NamedPayload], inputs: Sequence[NamedPayload]) -> bool:
@@ -474,6 +488,7 @@ def attach_input(
             " already: an input is attached once"
         )
     _require_not_terminal(current)
+    _reference_one(tx, request.payload)
     attached = Task()
     attached.CopyFrom(current)
     next(i for i in attached.inputs if i.name == request.name).payload.CopyFrom(request.payload)
@@ -486,6 +501,13 @@ def attach_input(
         changed, reason = released, f"{reason}, the last: released"
     tx.replace(changed, current.version.status_version, reason)
     return changed.task
+
+
+def _reference_one(tx: WriteTransaction, payload: PayloadRef) -> None:
+    try:
+        tx.reference_payloads([payload.sha256])
+    except PayloadMissing as missing:
+        raise PayloadNotFound(missing.digest, "payload") from None
 
 
 def attach_output(
@@ -527,6 +549,7 @@ def attach_output(
             f"attempt {request.attempt} of task {task_id} has {max_outputs} outputs:"
             " the most an attempt may have",
         )
+    _reference_one(tx, request.payload)
     claimed = request.author if request.HasField("author") else None
     task = _with_status(
         current, current.status, caller.author(claimed, assignee_entity_id(current)), now_ns

@@ -28,6 +28,7 @@ from task_manager.clock import Clock, SystemClock, sleep_until
 from task_manager.cluster import Cluster
 from task_manager.config import Settings
 from task_manager.dispatch import Dispatcher
+from task_manager.payload_collector import PayloadCollector
 from task_manager.presence import Presence
 from task_manager.service import SERVICE_NAMES, Gate, TaskManagerService, generic_handlers
 from task_manager.timekeeper import Timekeeper
@@ -139,6 +140,7 @@ class TaskManagerServer:
         self._stopped = False
         self._background: list[asyncio.Task[None]] = []  # owned; cancelled in stop()
         self.timekeeper: Timekeeper | None = None
+        self.payload_collector: PayloadCollector | None = None
         self.cluster: Cluster | None = None
         self.compactions = 0
 
@@ -252,7 +254,11 @@ class TaskManagerServer:
         )
         running = cls(server, servicer, gate, store, dispatcher, health_servicer, address, settings)
         running.timekeeper = timekeeper
+        running.payload_collector = PayloadCollector(
+            store, blobs, settings.payload_grace_s, settings.payload_sweep_s
+        )
         running._background = [
+            asyncio.create_task(running.payload_collector.run()),
             asyncio.create_task(timekeeper.run()),
             asyncio.create_task(running._compact_forever(clock, cluster.replica_id)),
             asyncio.create_task(running._refresh_credentials_forever(gate, clock)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -84,3 +85,21 @@ async def test_a_mismatch_or_an_abort_keeps_nothing(blobs: BlobStore) -> None:
 
 async def test_an_unknown_digest_has_no_stat(blobs: BlobStore) -> None:
     assert await blobs.stat("0" * 64) is None
+
+
+async def test_idle_payloads_are_listed_in_digest_order_and_a_new_upload_makes_one_fresh(
+    blobs: BlobStore,
+) -> None:
+    refs = [(await put(blobs, f"idle {n}".encode()))[0] for n in range(5)]
+    refs.sort(key=lambda ref: ref.digest)
+    between = time.time_ns()
+    again, existed = await put(blobs, b"idle 2")
+    assert existed
+    listed = await blobs.idle_payloads(between, "", 100)
+    assert listed == sorted(r.digest for r in refs if r != again)
+    assert await blobs.idle_payloads(time.time_ns(), "", 100) == sorted(r.digest for r in refs)
+    first_two = await blobs.idle_payloads(time.time_ns(), "", 2)
+    assert first_two == [r.digest for r in refs[:2]]
+    rest = await blobs.idle_payloads(time.time_ns(), first_two[-1], 100)
+    assert rest == [r.digest for r in refs[2:]]
+    assert await blobs.idle_payloads(0, "", 100) == []  # nothing is that old

@@ -12,9 +12,11 @@ timing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,11 +25,12 @@ import anyio
 import psycopg
 import pytest
 
-from storage import open_store
+from storage import open_blob_store, open_store
 from storage.base import (
     Change,
     ConcurrentModification,
     HistoryCompacted,
+    PayloadMissing,
     Store,
     StoreClosed,
     StoreError,
@@ -36,6 +39,7 @@ from storage.base import (
     Uptime,
     WriteTransaction,
 )
+from storage.blobs import BlobRef
 from storage.group_commit import MAX_BATCH, WRITER_NICENESS
 from task_manager import lifecycle
 from task_manager.config import Settings
@@ -554,3 +558,35 @@ async def test_replicas_joining_a_down_gateway_at_once_bring_it_up_once(postgres
         # The first to take the row brought the gateway up; the others found it up.
         assert len({uptime.up_since_ns for uptime in uptimes}) == 1
         assert sum(uptime.up_since_ns == uptime.now_ns for uptime in uptimes) == 1
+
+
+async def test_payload_references_and_collection(store: Store, database: str) -> None:
+    blobs = open_blob_store(database)
+    try:
+        kept, dropped = b"referred to", b"referred to by nobody"
+        for data in (kept, dropped):
+            writer = blobs.writer()
+            await writer.write(data)
+            await writer.commit(BlobRef(hashlib.sha256(data).hexdigest(), len(data)))
+        kept_digest, dropped_digest = (hashlib.sha256(d).hexdigest() for d in (kept, dropped))
+        absent = hashlib.sha256(b"never stored").hexdigest()
+        with pytest.raises(PayloadMissing) as missing:
+            await store.write(lambda tx: tx.reference_payloads([kept_digest, absent]))
+        assert missing.value.digest == absent
+        await store.write(lambda tx: tx.reference_payloads([kept_digest, kept_digest]))
+        before_now = time.time_ns()
+        fresh = await store.write(lambda tx: tx.collect_payload(dropped_digest, 0))
+        assert not fresh  # not idle before time 0
+        for digest, collected in ((kept_digest, False), (dropped_digest, True), (absent, False)):
+            assert (
+                await store.write(
+                    lambda tx, digest=digest: tx.collect_payload(digest, before_now)  # type: ignore[misc]
+                )
+                is collected
+            )
+        assert await blobs.stat(kept_digest) is not None
+        assert await blobs.stat(dropped_digest) is None
+        with pytest.raises(PayloadMissing):
+            await store.write(lambda tx: tx.reference_payloads([dropped_digest]))
+    finally:
+        await blobs.close()

@@ -26,6 +26,9 @@ from storage.postgres.schema import describe, first_line
 AsyncConnection = psycopg.AsyncConnection[Any]
 
 
+WALL_CLOCK = "(extract(epoch from clock_timestamp()) * 1e9)::bigint"
+"""The database's wall clock in ns, as every replica reads it."""
+
 ROW_BYTES = 1024 * 1024
 """Bytes per chunk row, whatever the client's messages: a download reads few rows."""
 
@@ -68,6 +71,20 @@ class PostgresBlobStore:
 
     async def close(self) -> None:
         pass
+
+    async def idle_payloads(self, before_ns: int, after: str, limit: int) -> list[str]:
+        conn = await self._connect("payload collection")
+        async with conn:
+            try:
+                cursor = await conn.execute(
+                    "SELECT digest FROM payloads p WHERE stored_ns < %s AND digest > %s"
+                    " AND NOT EXISTS (SELECT 1 FROM payload_refs r WHERE r.digest = p.digest)"
+                    " ORDER BY digest LIMIT %s",
+                    (before_ns, after, limit),
+                )
+                return [row[0] for row in await cursor.fetchall()]
+            except psycopg.Error as exc:
+                raise _store_error(exc) from exc
 
 
 async def _chunks(conn: AsyncConnection, digest: str, offset: int) -> AsyncIterator[bytes]:
@@ -153,16 +170,28 @@ class _RowWriter:
             if self._pending:
                 await self._flush(len(self._pending))
             conn = await self._transaction()
-            inserted = await conn.execute(
-                "INSERT INTO payloads (digest, upload_id, size) VALUES (%s, %s, %s)"
-                " ON CONFLICT (digest) DO NOTHING",
-                (received.digest, self._upload_id, received.size),
-            )
-            if inserted.rowcount == 1:
-                await conn.execute("COMMIT")
-                return received, False
-            await conn.execute("ROLLBACK")  # stored already: these chunks are not needed
-            return received, True
+            while True:
+                inserted = await conn.execute(
+                    "INSERT INTO payloads (digest, upload_id, size, stored_ns)"
+                    f" VALUES (%s, %s, %s, {WALL_CLOCK}) ON CONFLICT (digest) DO NOTHING",
+                    (received.digest, self._upload_id, received.size),
+                )
+                if inserted.rowcount == 1:
+                    await conn.execute("COMMIT")
+                    return received, False
+                # Stored already: these chunks are not needed, and the payload counts as
+                # stored now for the collector (unless it collected it just now: then
+                # these chunks are the payload after all).
+                touched = await conn.execute(
+                    f"UPDATE payloads SET stored_ns = {WALL_CLOCK} WHERE digest = %s",
+                    (received.digest,),
+                )
+                if touched.rowcount == 1:
+                    await conn.execute(
+                        "DELETE FROM payload_chunks WHERE upload_id = %s", (self._upload_id,)
+                    )
+                    await conn.execute("COMMIT")
+                    return received, True
         except psycopg.Error as exc:
             raise _store_error(exc) from exc
         finally:

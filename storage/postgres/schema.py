@@ -155,6 +155,13 @@ MIGRATIONS: Sequence[str] = (
         size BIGINT NOT NULL
     );
     """,
+    # Payload lifetime (WriteTransaction.reference_payloads, collect_payload): when each
+    # was last stored, and the payloads tasks refer to (kept as long as the tasks are).
+    """
+    ALTER TABLE payloads ADD COLUMN stored_ns BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX payloads_by_age ON payloads (stored_ns);
+    CREATE TABLE payload_refs (digest TEXT PRIMARY KEY);
+    """,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (table schema_version)."""
 

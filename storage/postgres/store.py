@@ -39,7 +39,15 @@ from storage.postgres.schema import (
     first_line,
     migrate,
 )
-from storage.sql import Read, SqlStore, SqlTransaction, last_revision, record_batch
+from storage.sql import (
+    Read,
+    Session,
+    SqlStore,
+    SqlTransaction,
+    last_revision,
+    marks,
+    record_batch,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -52,6 +60,37 @@ TAIL_PAGE = 1_000
 """Changes read back from history per query of the tail."""
 RECONNECT_S = 0.5
 """Pause between attempts to reconnect the LISTEN connection."""
+
+
+class _TablePayloads:
+    """The payloads in the database's own tables (storage/postgres/blobs.py). A reference
+    takes a share lock on each payload's row and a collection an exclusive one, so of a
+    reference and a collection racing on any replica, the second waits for the first."""
+
+    def missing(self, session: Session, digests: Sequence[str]) -> str | None:
+        rows = session.execute(
+            f"SELECT digest FROM payloads WHERE digest IN ({marks(len(digests))}) FOR SHARE",
+            list(digests),
+        ).fetchall()
+        stored = {row[0] for row in rows}
+        return next((d for d in digests if d not in stored), None)
+
+    def hold_if_idle(self, session: Session, digest: str, before_ns: int) -> bool:
+        row = session.execute(
+            "SELECT 1 FROM payloads WHERE digest = ? AND stored_ns < ? FOR UPDATE",
+            (digest, before_ns),
+        ).fetchone()
+        return row is not None
+
+    def delete_if_idle(self, session: Session, digest: str, before_ns: int) -> bool:
+        # Held since hold_if_idle: no upload has touched it meanwhile.
+        row = session.execute(
+            "DELETE FROM payloads WHERE digest = ? RETURNING upload_id", (digest,)
+        ).fetchone()
+        if row is None:
+            return False
+        session.execute("DELETE FROM payload_chunks WHERE upload_id = ?", (row[0],))
+        return True
 
 
 class _WriterConnection:
@@ -90,6 +129,7 @@ class _WriterConnection:
             self._savepoint = "RELEASE SAVEPOINT unit; SAVEPOINT unit"
         tx = SqlTransaction(
             self._session,
+            _TablePayloads(),
             load_clause=" FOR UPDATE",
             claim_clause=" FOR UPDATE SKIP LOCKED",
             clock_sql=CLOCK,

@@ -203,6 +203,12 @@ def _migrate_to_15(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_to_16(db: sqlite_utils.Database) -> None:
+    # Payload lifetime (WriteTransaction.reference_payloads): the payloads tasks refer
+    # to, kept as long as the tasks are.
+    db.execute("CREATE TABLE payload_refs (digest TEXT PRIMARY KEY)")
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -219,6 +225,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_13,
     _migrate_to_14,
     _migrate_to_15,
+    _migrate_to_16,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from storage.base import Change, StoreError
+from storage.directory_blobs import DirectoryBlobStore, payload_directory
 from storage.feed import ChangeFeed
 from storage.group_commit import (
     WRITER_NICENESS,
@@ -22,19 +23,39 @@ from storage.group_commit import (
     UnitNeedsIsolation,
     UnitResult,
 )
-from storage.sql import Read, SqlStore, SqlTransaction, last_revision, record_batch
+from storage.sql import Read, Session, SqlStore, SqlTransaction, last_revision, record_batch
 from storage.sqlite.schema import connect, lock_database, migrate
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+class _DirectoryPayloads:
+    """The payloads in files beside the database (storage/directory_blobs.py), as the
+    writer sees them. The writer is the database's only one, so a reference and a
+    collection never run at once; an upload's commit and a deletion take the
+    directory's lock."""
+
+    def __init__(self, blobs: DirectoryBlobStore) -> None:
+        self._blobs = blobs
+
+    def missing(self, session: Session, digests: Sequence[str]) -> str | None:
+        return next((d for d in digests if not self._blobs.present(d)), None)
+
+    def hold_if_idle(self, session: Session, digest: str, before_ns: int) -> bool:
+        return self._blobs.present(digest)  # its age is checked as it is deleted
+
+    def delete_if_idle(self, session: Session, digest: str, before_ns: int) -> bool:
+        return self._blobs.delete_if_idle(digest, before_ns)
+
+
 class _WriterConnection:
     """The writer's side of group commit (BatchConnection) on SQLite. It is the
     database's only writer: the store holds `<db>.lock` while it is open."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, payloads: _DirectoryPayloads) -> None:
         self._conn = conn
+        self._payloads = payloads
         self._isolated = False
 
     def begin(self, isolated: bool) -> None:
@@ -44,7 +65,7 @@ class _WriterConnection:
     def run(self, unit: Callable[[Any], Any]) -> UnitResult:
         if self._isolated:
             self._execute("SAVEPOINT unit")
-        tx = SqlTransaction(self._conn)
+        tx = SqlTransaction(self._conn, self._payloads)
         try:
             value = unit(tx)
         except Exception as exc:
@@ -104,7 +125,13 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
         super().__init__(loop, "sqlite-reader")
         self._lock: IO[bytes] | None = None
         self._writer = GroupCommitWriter(
-            _WriterConnection(writer_conn), self._publish, loop, "sqlite-writer", writer_niceness
+            _WriterConnection(
+                writer_conn, _DirectoryPayloads(DirectoryBlobStore(payload_directory(path)))
+            ),
+            self._publish,
+            loop,
+            "sqlite-writer",
+            writer_niceness,
         )
 
     @classmethod
