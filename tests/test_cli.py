@@ -109,6 +109,7 @@ SAMPLES = {
     "--replica-lease": ("2.5", ["2.5"]),
     "--tail-poll": ("0.5", ["0.5"]),
     "--restart-grace": ("8", ["8"]),
+    "--payload-grace": ("90", ["90"]),
     "--writer-niceness": ("3", ["3"]),
     "--limit": ("display_name_chars=5, reason_chars=6", ["display_name_chars=5"]),
 }
