@@ -371,7 +371,10 @@ class _Reporter:
                         raise
                     await backoff.wait()
                     continue
-                self.status_version = response.task.version.status_version
+                # Only the attach moved the version on: anything else since (an operator's
+                # cancel) is for the next report to find, refused as stale, and resync on.
+                if response.task.version.status_version == self.status_version + 1:
+                    self.status_version = response.task.version.status_version
                 return
 
     async def heartbeat(self) -> None:

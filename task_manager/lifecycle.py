@@ -496,7 +496,8 @@ def attach_input(
     reason = f"input {request.name!r} attached"
     released = _released(attached, now_ns) if current.status.status == pb.STATUS_CREATED else None
     if released is None:
-        changed = _stored(_with_status(attached, attached.status, author, now_ns), None, None)
+        attached = _with_status(attached, attached.status, author, now_ns)
+        changed = _stored(attached, stored.agent_task, None)
     else:
         changed, reason = released, f"{reason}, the last: released"
     tx.replace(changed, current.version.status_version, reason)

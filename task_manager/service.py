@@ -579,7 +579,11 @@ class TaskManagerService:
     async def _check_stored(self, refs: Iterable[tuple[PayloadRef, str]]) -> None:
         """Each payload referred to (with the field that names it) is stored, with the
         size given: a task refers only to bytes the blob store holds in full."""
+        checked: set[tuple[str, int]] = set()  # a session's tasks often share inputs
         for ref, field in refs:
+            if (ref.sha256, ref.size) in checked:
+                continue
+            checked.add((ref.sha256, ref.size))
             found = await self._blobs.stat(ref.sha256)
             if found is None:
                 raise PayloadNotFound(ref.sha256, field)
