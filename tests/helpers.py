@@ -178,12 +178,17 @@ LOG_DIR_VARIABLE = "TASK_MANAGER_TEST_LOGS"
 class ServerProcess:
     """`task-manager serve` as a child process on a free port, for crash and restart tests."""
 
-    def __init__(self, db: str, port: int = 0, options: Sequence[str] = ()) -> None:
+    def __init__(
+        self, db: str, port: int = 0, options: Sequence[str] = (), wrapper: Sequence[str] = ()
+    ) -> None:
         self.db = db
         """An SQLite file or a postgresql:// URL (the `database` fixture makes either)."""
         self.port = port
         self.options = options
         """More `task-manager serve` options."""
+        self.wrapper = wrapper
+        """A command that runs the server's command (its arguments follow) and execs it,
+        so the process is still the server's: e.g. one setting up a namespace first."""
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
         self.log_path = _log_path_for(db)
@@ -191,6 +196,7 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.process = subprocess.Popen(
             [
+                *self.wrapper,
                 sys.executable,
                 "-m",
                 "task_manager",
