@@ -475,7 +475,7 @@ class Agent:
     ) -> None:
         self.target = target
         # Task inputs fetched (ctx.input), one file per digest: in input_cache, or a new
-        # temporary directory.
+        # temporary directory, removed when run() returns.
         self._inputs = InputCache(input_cache)
         self._auth = auth or ClientAuth()
         self.entity_id = entity_id
@@ -571,6 +571,8 @@ class Agent:
             if refused is None:
                 raise
             raise refused from None
+        finally:
+            self._inputs.close()
         if not self._stop_requested:
             # The listen loop never returns, and children cannot end the group: this is a
             # bug in the runtime, and must not look like a clean stop.

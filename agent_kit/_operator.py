@@ -410,7 +410,7 @@ class OperatorClient:
         progress: Progress | None = None,
     ) -> pb.PayloadRef:
         """Writes a payload to a file, checked against its digest as it comes. The bytes
-        go to `<destination>.partial` first, and an interrupted download resumes from
+        go to `.<name>.partial` beside it first, and an interrupted download resumes from
         it; the file appears under its name only whole. progress as for uploads."""
         return await _payloads.download(self._stub, sha256, destination, progress=progress)
 

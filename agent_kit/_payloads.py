@@ -3,8 +3,10 @@ client and for agents alike, and the outputs a task's run produced."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -64,10 +66,11 @@ async def download(
     progress: Progress | None = None,
 ) -> pb.PayloadRef:
     """Writes a payload to a file, checked against its digest as it comes. The bytes go
-    to `<destination>.partial` first, and an interrupted download resumes from it; the
+    to `.<name>.partial` beside it first (a payload name never starts with a dot, so no
+    output of a task takes that name), and an interrupted download resumes from it; the
     file appears under its name only whole. An agent names the task whose input it is."""
     target = Path(destination)
-    partial = target.with_name(f"{target.name}.partial")
+    partial = target.with_name(f".{target.name}.partial")
     stat_request = pb.StatPayloadRequest(sha256=sha256, task_id=task_id)
     stat = (await stub.StatPayload(stat_request)).payload
     for attempt in ("resume", "again"):
@@ -103,21 +106,38 @@ def task_outputs(task: pb.Task) -> dict[str, pb.PayloadRef]:
 
 class InputCache:
     """An agent's task inputs on local disk, fetched once per digest into a directory:
-    tasks sharing an input (a session's, a retry's) share the file."""
+    tasks sharing an input (a session's, a retry's) share the file, and so do agent
+    processes given the same directory (each download holds a lock file beside it).
+    Without a directory, a temporary one, removed by close()."""
 
     def __init__(self, directory: str | os.PathLike[str] | None) -> None:
         self._directory = None if directory is None else Path(directory)
+        self._temporary: Path | None = None
         self._locks: dict[str, anyio.Lock] = {}
 
     async def path(self, stub: AsyncStub, task_id: str, payload: pb.PayloadRef) -> Path:
         if self._directory is None:
-            self._directory = Path(await anyio.to_thread.run_sync(_temporary_directory))
+            self._temporary = Path(await anyio.to_thread.run_sync(_temporary_directory))
+            self._directory = self._temporary
         await anyio.Path(self._directory).mkdir(parents=True, exist_ok=True)
         path = self._directory / payload.sha256
         async with self._locks.setdefault(payload.sha256, anyio.Lock()):
-            if not await anyio.Path(path).exists():
-                await download(stub, payload.sha256, path, task_id)
+            if await anyio.Path(path).exists():
+                return path
+            lock_file = self._directory / f".{payload.sha256}.lock"
+            async with await anyio.open_file(lock_file, "wb") as lock:
+                # flock blocks, so in a thread (a cancel waits for it); the lock goes
+                # when the file closes, or with the process.
+                await anyio.to_thread.run_sync(fcntl.flock, lock.wrapped, fcntl.LOCK_EX)
+                if not await anyio.Path(path).exists():  # another process may have won
+                    await download(stub, payload.sha256, path, task_id)
         return path
+
+    def close(self) -> None:
+        """Removes the temporary directory, if this cache made one."""
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+            self._temporary = self._directory = None
 
 
 def _temporary_directory() -> str:

@@ -14,7 +14,7 @@ itself (storage/postgres/blobs.py), so replicas need no shared file system.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,6 +68,10 @@ class BlobStore(Protocol):
         ...
 
     async def stat(self, digest: str) -> BlobRef | None: ...
+
+    async def stat_many(self, digests: Collection[str]) -> dict[str, BlobRef]:
+        """The payloads stored of digests, by digest (one look for a session's many)."""
+        ...
 
     def read(self, digest: str, offset: int = 0) -> AsyncIterator[bytes]:
         """The bytes from offset (at most READ_CHUNK_BYTES a chunk); nothing if offset is

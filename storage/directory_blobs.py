@@ -22,7 +22,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import BinaryIO
 
@@ -70,13 +70,21 @@ class DirectoryBlobStore:
         return _FileWriter(self)
 
     async def stat(self, digest: str) -> BlobRef | None:
-        try:
-            size = (await anyio.to_thread.run_sync(self.path_of(digest).stat)).st_size
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise _store_error(exc) from exc
-        return BlobRef(digest, size)
+        return (await self.stat_many([digest])).get(digest)
+
+    async def stat_many(self, digests: Collection[str]) -> dict[str, BlobRef]:
+        return await anyio.to_thread.run_sync(self._stat_all, digests)
+
+    def _stat_all(self, digests: Collection[str]) -> dict[str, BlobRef]:
+        found = {}
+        for digest in digests:
+            try:
+                found[digest] = BlobRef(digest, self.path_of(digest).stat().st_size)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _store_error(exc) from exc
+        return found
 
     async def read(self, digest: str, offset: int = 0) -> AsyncIterator[bytes]:
         try:

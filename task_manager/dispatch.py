@@ -173,6 +173,10 @@ class AgentStream:
     def holds(self, task_id: str) -> bool:
         return task_id in self._held
 
+    def held_status(self, task_id: str) -> int | None:
+        held = self._held.get(task_id)
+        return None if held is None else held.status
+
     def unreceived_pool_tasks(self) -> list[tuple[str, _Held]]:
         return [
             (task_id, held)
@@ -352,8 +356,11 @@ class Dispatcher:
             assert request is not None
             stream.send_execute(task, request)
         else:
+            # A cancel or complete request goes out once per stream: a change that leaves
+            # the status as it was (an output attached meanwhile) sends it again to no one.
+            already_sent = stream.held_status(task.version.task_id) == status
             stream.hold(task, status, pool)
-            if request is not None:
+            if request is not None and not already_sent:
                 stream.send(request)
 
     # -- pools ------------------------------------------------------------------------

@@ -408,9 +408,17 @@ def check_reporter(caller: Caller, task: Task, action: str) -> None:
 
 
 def check_input_reader(caller: Caller, task: Task, sha256: str) -> None:
-    """An agent reads a payload only as an input of a task it runs."""
+    """An agent reads a payload only as an input of a task it runs: a pool task's only
+    once its member holds it, so the other members of the pool read none of it."""
     check_reporter(caller, task, "read the inputs of task")
-    if caller.role is Role.AGENT and all(i.payload.sha256 != sha256 for i in task.inputs):
+    if caller.role is not Role.AGENT:
+        return
+    if assignee_kind(task) == "team" and not (task.attempts and task.attempts[-1].entity_id):
+        raise PermissionDenied(
+            f"no member of pool {assignee_entity_id(task)} holds task {task.version.task_id}:"
+            " its inputs are read by the member that runs it"
+        )
+    if all(i.payload.sha256 != sha256 for i in task.inputs):
         raise PermissionDenied(
             f"payload {sha256} is not an input of task {task.version.task_id}: an agent"
             " reads only the inputs of its tasks"
@@ -531,7 +539,10 @@ def attach_output(
             f"attempt {request.attempt} of task {task_id} is not running"
             f" (the task is on attempt {current.attempt}, {Status.Name(current.status.status)})"
         )
-    if current.status.status in statuses.UNRELEASED or current.status.status == pb.STATUS_SENT:
+    # Whether the agent has the task comes from what it reported (the agent view): an
+    # operator's edit puts the task back at SENT, but its agent runs the attempt still.
+    reported = stored.agent_task.status.status if stored.agent_task else pb.STATUS_SENT
+    if current.status.status in statuses.UNRELEASED or reported == pb.STATUS_SENT:
         raise FailedPrecondition(
             f"task {task_id} is {Status.Name(current.status.status)}: its agent reports"
             " MACHINE_RECEIPT before it attaches outputs"

@@ -569,6 +569,12 @@ class TaskManagerService:
         self, request: AttachOutputRequest, context: Context, caller: Caller
     ) -> AttachOutputResponse:
         validation.check_attach(request, self._limits)
+        # Its agent's, before anything about the payload: else an agent could learn of
+        # any payload whether it is stored, and its size. The write checks again.
+        stored = await self._store.get(request.task_id)
+        if stored is None:
+            raise TaskNotFound(request.task_id)
+        lifecycle.check_reporter(caller, stored.task, "attach outputs to task")
         await self._check_stored([(request.payload, "payload")])
         limit = self._limits.named_payloads
         task = await self._store.write(
@@ -579,12 +585,12 @@ class TaskManagerService:
     async def _check_stored(self, refs: Iterable[tuple[PayloadRef, str]]) -> None:
         """Each payload referred to (with the field that names it) is stored, with the
         size given: a task refers only to bytes the blob store holds in full."""
-        checked: set[tuple[str, int]] = set()  # a session's tasks often share inputs
+        refs = list(refs)
+        if not refs:
+            return  # most tasks have no payloads: no look at the blob store
+        stored = await self._blobs.stat_many({ref.sha256 for ref, _ in refs})
         for ref, field in refs:
-            if (ref.sha256, ref.size) in checked:
-                continue
-            checked.add((ref.sha256, ref.size))
-            found = await self._blobs.stat(ref.sha256)
+            found = stored.get(ref.sha256)
             if found is None:
                 raise PayloadNotFound(ref.sha256, field)
             if found.size != ref.size:

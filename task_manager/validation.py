@@ -51,7 +51,9 @@ from task_manager.v1.task_manager_pb2 import (
 from task_manager.watch import WatchSpec
 
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{5,36}")
-PAYLOAD_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,63}")
+PAYLOAD_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,62}")
+"""An input's or output's name, a file name where clients save them: so no "." or "..",
+and no leading dot, which the clients keep for their partial downloads."""
 DEFAULT_HEARTBEAT_MS = 30_000
 MIN_HEARTBEAT_MS = 100
 MIN_RATE_LIMIT_MS = 250
@@ -182,7 +184,9 @@ def payload_name(value: str, field: str) -> str:
     """The name of a task's input or of an attempt's output."""
     if not PAYLOAD_NAME_PATTERN.fullmatch(value):
         raise InvalidArgument(
-            field, f"{_quote(value)} is not a name: use 1 to 63 of A-Z a-z 0-9 _ . -"
+            field,
+            f"{_quote(value)} is not a name: use 1 to 63 of A-Z a-z 0-9 _ . -,"
+            " not starting with a dot",
         )
     return value
 

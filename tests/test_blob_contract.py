@@ -87,6 +87,15 @@ async def test_an_unknown_digest_has_no_stat(blobs: BlobStore) -> None:
     assert await blobs.stat("0" * 64) is None
 
 
+async def test_stat_many_answers_the_stored_ones_of_many_digests(blobs: BlobStore) -> None:
+    stored = [(await put(blobs, f"many {n}".encode() * n))[0] for n in range(3)]
+    unknown = ["0" * 64, "f" * 64]
+    asked = [ref.digest for ref in stored] + unknown
+    assert await blobs.stat_many(asked) == {ref.digest: ref for ref in stored}
+    assert await blobs.stat_many(unknown) == {}
+    assert await blobs.stat_many([]) == {}
+
+
 async def test_idle_payloads_are_listed_in_digest_order_and_a_new_upload_makes_one_fresh(
     blobs: BlobStore,
 ) -> None:

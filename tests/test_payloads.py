@@ -162,7 +162,7 @@ async def test_the_sdk_uploads_a_file_and_resumes_a_download(
         assert await client.upload_payload(data) == ref  # bytes, the same payload
         assert await client.upload_payload(str(source)) == ref  # a path as a string
         target = tmp_path / "copy.bin"
-        partial = tmp_path / "copy.bin.partial"
+        partial = tmp_path / ".copy.bin.partial"
         partial.write_bytes(data[:1_000_000])  # an interrupted download: resumed
         assert await client.download_payload(ref.sha256, target) == ref
         assert target.read_bytes() == data and not partial.exists()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import psycopg
@@ -49,16 +49,19 @@ class PostgresBlobStore:
         return _RowWriter(self)
 
     async def stat(self, digest: str) -> BlobRef | None:
+        return (await self.stat_many([digest])).get(digest)
+
+    async def stat_many(self, digests: Collection[str]) -> dict[str, BlobRef]:
         conn = await self._connect("payload stat")
         async with conn:
             try:
                 cursor = await conn.execute(
-                    "SELECT size FROM payloads WHERE digest = %s", (digest,)
+                    "SELECT digest, size FROM payloads WHERE digest = ANY(%s)", (list(digests),)
                 )
-                row = await cursor.fetchone()
+                rows = await cursor.fetchall()
             except psycopg.Error as exc:
                 raise _store_error(exc) from exc
-        return None if row is None else BlobRef(digest, row[0])
+        return {digest: BlobRef(digest, size) for digest, size in rows}
 
     async def read(self, digest: str, offset: int = 0) -> AsyncIterator[bytes]:
         conn = await self._connect("payload read")
