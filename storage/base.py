@@ -337,6 +337,12 @@ class WriteTransaction(Protocol):
         either sees it gone or keeps it."""
         ...
 
+    def charge_upload(self, principal: str, digest: str, size: int, quota_bytes: int) -> int | None:
+        """Counts a stored payload against the bytes principal has stored, unless it is
+        counted already: answers those bytes now, or None (writing nothing) if they would
+        go past quota_bytes (0: no quota). A payload collected is uncounted for all."""
+        ...
+
     def update_session(self, stored: StoredSession) -> None:
         """Records what changes of a session: cancelled_ns, deadline_ns, timed_out_ns."""
         ...
@@ -472,6 +478,11 @@ class Store(Protocol):
 
     async def task_type(self, name: str, version: int = 0) -> TaskType | None:
         """One registered version of a task type; version 0: the latest."""
+        ...
+
+    async def stored_bytes(self, principal: str, digest: str) -> tuple[int, bool]:
+        """The bytes of payloads charged to principal (charge_upload), and whether the
+        payload digest is one of them."""
         ...
 
     async def task_types(self, name: str = "") -> Sequence[TaskType]:

@@ -260,8 +260,49 @@ class SqlTransaction:
         ).fetchone()
         if referenced is not None:
             return False
+        if not self._payloads.delete_if_idle(self._session, digest, idle_before_ns):
+            return False
+        self._session.execute(
+            "UPDATE payload_usage SET bytes = bytes - (SELECT size FROM payload_uploads u"
+            " WHERE u.principal = payload_usage.principal AND u.digest = ?)"
+            " WHERE principal IN (SELECT principal FROM payload_uploads WHERE digest = ?)",
+            (digest, digest),
+        )
+        self._session.execute("DELETE FROM payload_uploads WHERE digest = ?", (digest,))
+        return True
+
+    def charge_upload(self, principal: str, digest: str, size: int, quota_bytes: int) -> int | None:
+        charged = self._session.execute(
+            "SELECT 1 FROM payload_uploads WHERE principal = ? AND digest = ?", (principal, digest)
+        ).fetchone()
+        if charged is not None:
+            return stored_bytes(self._session, principal)
+        # One conditional statement: where replicas charge the same principal at once,
+        # the row lock orders them and each checks the quota against the other's sum.
+        limit = quota_bytes or _NO_QUOTA
+        if size > limit:
+            return None
+        row = self._session.execute(
+            "INSERT INTO payload_usage (principal, bytes) VALUES (?, ?)"
+            " ON CONFLICT (principal) DO UPDATE SET bytes = payload_usage.bytes + excluded.bytes"
+            " WHERE payload_usage.bytes + excluded.bytes <= ? RETURNING bytes",
+            (principal, size, limit),
+        ).fetchone()
+        if row is None:
+            return None
         self.wrote = True
-        return self._payloads.delete_if_idle(self._session, digest, idle_before_ns)
+        inserted = self._session.execute(
+            "INSERT INTO payload_uploads (principal, digest, size) VALUES (?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (principal, digest, size),
+        ).rowcount
+        if inserted == 0:  # another replica charged it meanwhile: once is enough
+            self._session.execute(
+                "UPDATE payload_usage SET bytes = bytes - ? WHERE principal = ?",
+                (size, principal),
+            )
+            return int(row[0]) - size
+        return int(row[0])
 
     def save_definition(self, definition: Task) -> None:
         self.wrote = True
@@ -514,6 +555,25 @@ def _state_columns(stored: StoredTask, encoded_task: bytes) -> tuple[object, ...
 
 
 # -- task types ---------------------------------------------------------------------------
+
+
+PAYLOAD_QUOTA_TABLES = (
+    "CREATE TABLE payload_usage (principal TEXT PRIMARY KEY, bytes BIGINT NOT NULL)",
+    "CREATE TABLE payload_uploads (principal TEXT NOT NULL, digest TEXT NOT NULL,"
+    " size BIGINT NOT NULL, PRIMARY KEY (principal, digest))",
+    "CREATE INDEX payload_uploads_by_digest ON payload_uploads (digest)",
+)
+"""The tables of payload quotas, in both backends' migrations."""
+
+_NO_QUOTA = 2**62
+"""A quota no principal reaches (its bytes fit an int64 column)."""
+
+
+def stored_bytes(session: Session, principal: str) -> int:
+    row = session.execute(
+        "SELECT bytes FROM payload_usage WHERE principal = ?", (principal,)
+    ).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def read_task_type(session: Session, name: str, version: int) -> TaskType | None:
@@ -918,6 +978,16 @@ class SqlReads:
 
     async def task_type(self, name: str, version: int = 0) -> TaskType | None:
         return await self._read(lambda session: read_task_type(session, name, version))
+
+    async def stored_bytes(self, principal: str, digest: str) -> tuple[int, bool]:
+        def read(session: Session) -> tuple[int, bool]:
+            charged = session.execute(
+                "SELECT 1 FROM payload_uploads WHERE principal = ? AND digest = ?",
+                (principal, digest),
+            ).fetchone()
+            return stored_bytes(session, principal), charged is not None
+
+        return await self._read(read)
 
     async def task_types(self, name: str = "") -> Sequence[TaskType]:
         def read(session: Session) -> list[TaskType]:

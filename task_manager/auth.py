@@ -303,8 +303,8 @@ class _Bucket:
 
 
 class RateLimiter:
-    """A token bucket per principal: `per_second` requests a second, bursts up to one
-    second's worth."""
+    """A token bucket per principal: `per_second` tokens a second (requests, or bytes
+    uploaded), bursts up to one second's worth."""
 
     def __init__(self, per_second: float, clock: Clock) -> None:
         self._per_second = per_second
@@ -322,9 +322,9 @@ class RateLimiter:
                 wait_s,
             )
 
-    def reserve(self, principal: str) -> float:
-        """Takes one token, going into debt if need be; returns how long the caller must
-        wait before the request is within the limit (0: now). Streams pace with this."""
+    def reserve(self, principal: str, tokens: float = 1.0) -> float:
+        """Takes tokens, going into debt if need be; returns how long the caller must
+        wait before it is within the limit (0: now). Streams pace with this."""
         now_ns = self._clock.now_ns()
         bucket = self._buckets.get(principal)
         if bucket is None:
@@ -332,7 +332,7 @@ class RateLimiter:
         elapsed_s = (now_ns - bucket.refilled_ns) / 1e9
         bucket.tokens = min(self._per_second, bucket.tokens + elapsed_s * self._per_second)
         bucket.refilled_ns = now_ns
-        bucket.tokens -= 1
+        bucket.tokens -= tokens
         return 0.0 if bucket.tokens >= 0 else -bucket.tokens / self._per_second
 
     def _refund(self, principal: str) -> None:

@@ -169,6 +169,19 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
         " create or attach that will (default %(default)s)",
     )
     serve.add_argument(
+        "--payload-quota-bytes",
+        type=_not_negative_int,
+        default=defaults.payload_quota_bytes,
+        help="per principal: bytes of the payloads it uploaded kept stored (0: no quota;"
+        " default %(default)s)",
+    )
+    serve.add_argument(
+        "--upload-bytes-per-second",
+        type=_not_negative,
+        default=defaults.upload_bytes_per_second,
+        help="per principal: faster uploads are slowed down (0: no limit; default %(default)s)",
+    )
+    serve.add_argument(
         "--writer-niceness",
         type=_niceness,
         default=defaults.writer_niceness,
@@ -296,6 +309,13 @@ def _at_least_1(text: str) -> int:
     value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _not_negative_int(text: str) -> int:
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -457,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tail_poll_s=args.tail_poll,
         writer_niceness=args.writer_niceness,
         payload_grace_s=args.payload_grace,
+        payload_quota_bytes=args.payload_quota_bytes,
+        upload_bytes_per_second=args.upload_bytes_per_second,
     )
     return asyncio.run(_serve(settings))
 

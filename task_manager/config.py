@@ -107,11 +107,15 @@ class Settings:
     cluster_refresh_s: float = 1.0
     """How often a replica renews its leases and learns the others' agent streams."""
     timekeeper_poll_s: float = 1.0
+    """The timekeeper looks for due deadlines at least this often."""
     payload_grace_s: float = 3_600.0
     """A payload no task refers to is collected once idle this long (from its upload)."""
     payload_sweep_s: float = 60.0
     """How often the payload collector looks."""
-    """The timekeeper looks for due deadlines at least this often."""
+    payload_quota_bytes: int = 100 << 30
+    """Per principal: the bytes of the payloads it uploaded that are stored (0: no quota)."""
+    upload_bytes_per_second: float = 0.0
+    """Per principal, on each replica: uploads beyond it are slowed down (0: no limit)."""
     tail_poll_s: float = TAIL_POLL_S
     """PostgreSQL: a replica reads the others' commits at least this often, even when no
     NOTIFY woke it (storage/postgres/store.py)."""

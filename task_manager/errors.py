@@ -151,5 +151,15 @@ class PayloadNotFound(TaskManagerError):
         self.sha256 = sha256
 
 
+class QuotaExceeded(TaskManagerError):
+    def __init__(self, principal: str, stored: int, size: int, quota: int) -> None:
+        super().__init__(
+            f"{principal!r} has {stored} bytes of payloads stored: {size} more would pass"
+            f" its quota of {quota} bytes (a payload counts until it is collected, once no"
+            " task refers to it)"
+        )
+        self.principal = principal
+
+
 class OutOfRange(TaskManagerError):
     """A position past the end of what it points into."""

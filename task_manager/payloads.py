@@ -3,7 +3,8 @@
 An upload is a header (the sha256 and size to come) and then the bytes; they go to the
 blob store as they arrive (never whole in memory), hashed on the way, and are stored
 only if they are what the header said. A download reads from any offset, so a cut
-transfer resumes. Pure Python over a BlobStore: no gRPC.
+transfer resumes. Each principal has a quota of bytes stored and of upload rate
+(PayloadQuotas). Pure Python over a BlobStore and the task store: no gRPC.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from storage.base import Store, WriteTransaction
 from storage.blobs import DIGEST_PATTERN, BlobRef, BlobStore, DigestMismatch
-from task_manager.errors import InvalidArgument, OutOfRange, PayloadNotFound
+from task_manager.auth import RateLimiter
+from task_manager.clock import Clock, sleep_until
+from task_manager.errors import InvalidArgument, OutOfRange, PayloadNotFound, QuotaExceeded
 from task_manager.v1.task_manager_pb2 import (
     DownloadPayloadResponse,
     PayloadRef,
@@ -30,13 +34,57 @@ def ref_message(ref: BlobRef) -> PayloadRef:
     return PayloadRef(sha256=ref.digest, size=ref.size)
 
 
+class PayloadQuotas:
+    """Per principal: the bytes of the payloads it uploaded that are stored, counted in
+    the task store (one sum every replica sees), and how fast it uploads, paced on this
+    replica (the upload slows: gRPC's flow control holds the client back)."""
+
+    def __init__(self, store: Store, clock: Clock, stored_bytes: int, bytes_per_second: float):
+        self._store = store
+        self._clock = clock
+        self.stored_bytes = stored_bytes
+        """0: no quota (the bytes are counted all the same)."""
+        self._rate = RateLimiter(bytes_per_second, clock) if bytes_per_second > 0 else None
+
+    async def admit(self, principal: str, header: BlobRef) -> None:
+        """Refuses, before its bytes come, an upload that would pass the quota."""
+        if not self.stored_bytes:
+            return
+        stored, counted = await self._store.stored_bytes(principal, header.digest)
+        if not counted and stored + header.size > self.stored_bytes:
+            raise QuotaExceeded(principal, stored, header.size, self.stored_bytes)
+
+    async def pace(self, principal: str, received: int) -> None:
+        """Returns once received more bytes are within the principal's upload rate."""
+        if self._rate is not None:
+            wait_s = self._rate.reserve(principal, received)
+            if wait_s > 0:
+                await sleep_until(self._clock, self._clock.now_ns() + int(wait_s * 1e9))
+
+    async def charge(self, principal: str, stored: BlobRef) -> None:
+        """Counts stored bytes against the quota. Uploads racing admit() may find the
+        quota passed only now: refused then, the bytes are left for the collector."""
+
+        def charge(tx: WriteTransaction) -> int | None:
+            return tx.charge_upload(principal, stored.digest, stored.size, self.stored_bytes)
+
+        if await self._store.write(charge) is None:
+            used, _ = await self._store.stored_bytes(principal, stored.digest)
+            raise QuotaExceeded(principal, used, stored.size, self.stored_bytes)
+
+
 async def upload(
-    parts: AsyncIterator[UploadPayloadRequest], blobs: BlobStore, max_bytes: int
+    parts: AsyncIterator[UploadPayloadRequest],
+    blobs: BlobStore,
+    max_bytes: int,
+    quotas: PayloadQuotas,
+    principal: str,
 ) -> tuple[BlobRef, bool]:
-    """Stores what parts carry; answers the reference and whether it was stored already.
-    Anything wrong (no header first, more or other bytes than it said, a stream that
-    ends or fails early) stores nothing."""
+    """Stores what parts carry for principal; answers the reference and whether it was
+    stored already. Anything wrong (no header first, more or other bytes than it said, a
+    stream that ends or fails early, a quota passed) stores nothing."""
     header = await _header(parts, max_bytes)
+    await quotas.admit(principal, header)
     writer = blobs.writer()
     received = 0
     try:
@@ -51,11 +99,14 @@ async def upload(
                 raise InvalidArgument(
                     "chunk", f"brings the bytes to {received}, past the header's {header.size}"
                 )
+            await quotas.pace(principal, len(part.chunk))
             await writer.write(part.chunk)
         try:
-            return await writer.commit(header)
+            stored, existed = await writer.commit(header)
         except DigestMismatch as mismatch:
             raise InvalidArgument("chunk", str(mismatch)) from None
+        await quotas.charge(principal, stored)
+        return stored, existed
     finally:
         # Also when the upload is cancelled (its client went away): shielded, so the
         # abort runs to its end. After a commit there is nothing left to discard.

@@ -29,6 +29,7 @@ from task_manager.cluster import Cluster
 from task_manager.config import Settings
 from task_manager.dispatch import Dispatcher
 from task_manager.payload_collector import PayloadCollector
+from task_manager.payloads import PayloadQuotas
 from task_manager.presence import Presence
 from task_manager.service import SERVICE_NAMES, Gate, TaskManagerService, generic_handlers
 from task_manager.timekeeper import Timekeeper
@@ -220,6 +221,9 @@ class TaskManagerServer:
             cluster,
             clock,
             blobs,
+            PayloadQuotas(
+                store, clock, settings.payload_quota_bytes, settings.upload_bytes_per_second
+            ),
         )
         server.add_generic_rpc_handlers(generic_handlers(servicer))
         health_servicer = health_aio.HealthServicer()

@@ -56,6 +56,7 @@ from task_manager.errors import (
     OutOfRange,
     PayloadNotFound,
     PermissionDenied,
+    QuotaExceeded,
     ServerShuttingDown,
     SessionIdTaken,
     SessionNotFound,
@@ -163,8 +164,10 @@ class TaskManagerService:
         cluster: Cluster,
         clock: Clock,
         blobs: BlobStore,
+        quotas: payloads.PayloadQuotas,
     ) -> None:
         self._blobs = blobs
+        self._quotas = quotas
         self._presence = presence
         self._cluster = cluster
         self._store = store
@@ -521,7 +524,9 @@ class TaskManagerService:
             async for part in parts:
                 yield _decoded(part)  # type: ignore[misc]
 
-        stored, existed = await payloads.upload(decoded(), self._blobs, self._limits.payload_bytes)
+        stored, existed = await payloads.upload(
+            decoded(), self._blobs, self._limits.payload_bytes, self._quotas, caller.principal
+        )
         return UploadPayloadResponse(payload=payloads.ref_message(stored), already_stored=existed)
 
     async def DownloadPayload(
@@ -854,6 +859,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TaskTypeNotFound, grpc.StatusCode.NOT_FOUND),
     (PayloadNotFound, grpc.StatusCode.NOT_FOUND),
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TaskTypeTaken, grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflict, grpc.StatusCode.ABORTED),

@@ -110,6 +110,8 @@ SAMPLES = {
     "--tail-poll": ("0.5", ["0.5"]),
     "--restart-grace": ("8", ["8"]),
     "--payload-grace": ("90", ["90"]),
+    "--payload-quota-bytes": ("1000", ["1000"]),
+    "--upload-bytes-per-second": ("5e6", ["5e6"]),
     "--writer-niceness": ("3", ["3"]),
     "--limit": ("display_name_chars=5, reason_chars=6", ["display_name_chars=5"]),
 }

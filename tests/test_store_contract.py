@@ -590,3 +590,48 @@ async def test_payload_references_and_collection(store: Store, database: str) ->
             await store.write(lambda tx: tx.reference_payloads([dropped_digest]))
     finally:
         await blobs.close()
+
+
+async def stored_blob(database: str, data: bytes) -> BlobRef:
+    blobs = open_blob_store(database)
+    try:
+        writer = blobs.writer()
+        await writer.write(data)
+        ref, _ = await writer.commit(BlobRef(hashlib.sha256(data).hexdigest(), len(data)))
+        return ref
+    finally:
+        await blobs.close()
+
+
+def charge(principal: str, ref: BlobRef, quota: int) -> Callable[[WriteTransaction], int | None]:
+    return lambda tx: tx.charge_upload(principal, ref.digest, ref.size, quota)
+
+
+async def test_payloads_count_against_their_uploaders_quota_until_collected(
+    store: Store, database: str
+) -> None:
+    mesh, log = await stored_blob(database, b"m" * 600), await stored_blob(database, b"l" * 500)
+    assert await store.stored_bytes("ops", mesh.digest) == (0, False)
+    assert await store.write(charge("ops", mesh, 1_000)) == 600
+    assert await store.write(charge("ops", mesh, 1_000)) == 600  # counted once
+    assert await store.write(charge("ops", log, 1_000)) is None  # 1,100 > 1,000
+    assert await store.stored_bytes("ops", log.digest) == (600, False)  # nothing written
+    assert await store.write(charge("ops", log, 0)) == 1_100  # 0: no quota
+    assert await store.write(charge("other", mesh, 1_000)) == 600  # each its own sum
+    before_now = time.time_ns()
+    assert await store.write(lambda tx: tx.collect_payload(mesh.digest, before_now))
+    assert await store.stored_bytes("ops", mesh.digest) == (500, False)
+    assert await store.stored_bytes("other", log.digest) == (0, False)
+
+
+async def test_two_stores_charging_one_principal_at_once_keep_to_its_quota(
+    postgres_url: str,
+) -> None:
+    async with two_stores(postgres_url) as (first, second):
+        refs = [await stored_blob(postgres_url, bytes([n]) * 100) for n in range(20)]
+        results = await asyncio.gather(
+            *((first, second)[n % 2].write(charge("ops", ref, 1_000)) for n, ref in enumerate(refs))
+        )
+        assert sorted(r for r in results if r is not None) == list(range(100, 1_001, 100))
+        assert results.count(None) == 10
+        assert await first.stored_bytes("ops", refs[0].digest) == (1_000, results[0] is not None)

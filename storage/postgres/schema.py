@@ -15,7 +15,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from storage.base import StoreError
-from storage.sql import Cursor
+from storage.sql import PAYLOAD_QUOTA_TABLES, Cursor
 
 MIGRATION_LOCK = 0x7A5C_0001
 """The advisory lock key migrations run under (any constant the database shares)."""
@@ -162,6 +162,9 @@ MIGRATIONS: Sequence[str] = (
     CREATE INDEX payloads_by_age ON payloads (stored_ns);
     CREATE TABLE payload_refs (digest TEXT PRIMARY KEY);
     """,
+    # Payload quotas (WriteTransaction.charge_upload): each principal's stored bytes, and
+    # the payloads they count (uncounted when collected).
+    ";\n".join(PAYLOAD_QUOTA_TABLES),
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (table schema_version)."""
 

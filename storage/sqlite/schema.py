@@ -13,6 +13,7 @@ import sqlite_utils
 
 from storage.base import StoreError, holder_entity_id
 from storage.history import ns
+from storage.sql import PAYLOAD_QUOTA_TABLES
 from task_manager.v1.task_manager_pb2 import Task, TaskHistoryEntry
 
 
@@ -209,6 +210,13 @@ def _migrate_to_16(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE payload_refs (digest TEXT PRIMARY KEY)")
 
 
+def _migrate_to_17(db: sqlite_utils.Database) -> None:
+    # Payload quotas (WriteTransaction.charge_upload): each principal's stored bytes, and
+    # the payloads they count (uncounted when collected).
+    for statement in PAYLOAD_QUOTA_TABLES:
+        db.execute(statement)
+
+
 MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_1,
     _migrate_to_2,
@@ -226,6 +234,7 @@ MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (
     _migrate_to_14,
     _migrate_to_15,
     _migrate_to_16,
+    _migrate_to_17,
 )
 """MIGRATIONS[n] takes the schema from version n to n + 1 (PRAGMA user_version)."""
 
