@@ -1,11 +1,16 @@
-"""The README walkthrough: examples/agent.py and examples/operator.py against a server."""
+"""The README walkthrough: examples/agent.py and examples/operator.py against a server;
+and a task with files, from examples/files_operator.py and from taskctl, run by
+examples/files_agent.py."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -73,17 +78,65 @@ def test_ctrl_c_stops_the_example_agent_cleanly(database: str) -> None:
     assert not re.search(r"^[IWE]\d{4} ", output, re.MULTILINE), output
 
 
-def start_example_agent(address: str) -> subprocess.Popen[str]:
-    """examples/agent.py, once it says it listens; its stderr goes to its stdout."""
+def test_a_task_with_an_input_file_and_an_output_file_from_python_and_taskctl(
+    database: str, tmp_path: Path
+) -> None:
+    mesh = tmp_path / "mesh.obj"
+    mesh.write_bytes(b"v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n" * 1000)
+    expected = (
+        f"{mesh.stat().st_size} bytes, 4000 lines,"
+        f" sha256 {hashlib.sha256(mesh.read_bytes()).hexdigest()}\n"
+    )
+    server = ServerProcess(database).start()
+    agent = start_example_agent(server.address, "examples/files_agent.py", "scanner-1")
+    try:
+        results = tmp_path / "python"
+        operator = run(
+            "examples/files_operator.py", str(mesh), str(results), "--target", server.address
+        )
+        assert operator.returncode == 0, operator.stdout + operator.stderr
+        assert (results / "report").read_text() == expected
+        assert f"operator: output report -> {results / 'report'}" in operator.stdout
+
+        def taskctl(*args: str) -> subprocess.CompletedProcess[str]:
+            done = run("-m", "agent_kit.taskctl", "--target", server.address, *args)
+            assert done.returncode == 0, done.stdout + done.stderr
+            return done
+
+        created = taskctl("create", "--assignee", "scanner-1", "--input", f"mesh={mesh}", "--json")
+        (task,) = json.loads(created.stdout)
+        task_id = task["version"]["task_id"]
+        taskctl("wait", task_id, "--timeout", "60")
+        taskctl("download", task_id, str(tmp_path / "taskctl"))
+        assert (tmp_path / "taskctl" / "report").read_text() == expected
+    finally:
+        agent.terminate()
+        agent.wait(30)
+        if agent.stdout is not None:
+            agent.stdout.close()
+        assert server.terminate() == 0
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    """This Python with args, in the repository, to its end."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def start_example_agent(
+    address: str, example: str = "examples/agent.py", entity_id: str = "drone-1"
+) -> subprocess.Popen[str]:
+    """An example agent, once it says it listens; its stderr goes to its stdout."""
     agent = subprocess.Popen(
-        [sys.executable, "examples/agent.py", "--target", address],
+        [sys.executable, example, "--target", address],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     assert agent.stdout is not None
-    assert agent.stdout.readline().startswith("agent: listening as drone-1")
+    assert agent.stdout.readline().startswith(f"agent: listening as {entity_id}")
     return agent
 
 
