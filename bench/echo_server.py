@@ -10,6 +10,13 @@ with nothing behind them (`Floor`): `CreateTask` pushes the new task to its assi
 `ListenAsAgent` streams and answers it, and `ReportStatus` answers each report with the
 task at the next status_version. Nothing is stored or checked, so the same clients
 measure the floor that grpc.aio sets for those scenarios on this machine.
+
+And the data plane's baseline (`bench.Payloads`): `UploadPayload` takes the messages
+the Task Manager's does (a header, then chunks) and only counts the bytes, keeping the
+size under the header's sha256; `DownloadPayload` streams as many bytes for that sha256
+in the messages the Task Manager streams, chunks of the size it reads and sends
+(storage.blobs.READ_CHUNK_BYTES), cut from one block made at startup. Nothing is hashed,
+written or read from anywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import grpc
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import StringValue
 
+from storage.blobs import READ_CHUNK_BYTES
 from task_manager.cli import tune_garbage_collector
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.wakeup import Wakeup
@@ -138,6 +146,52 @@ class Floor:
         )
 
 
+class RawPayloads:
+    """UploadPayload's and DownloadPayload's messages with nothing behind them."""
+
+    def __init__(self) -> None:
+        # One block, sent over and over: as many bytes as a download's chunk, no copy.
+        self.block = bytes(range(256)) * (READ_CHUNK_BYTES // 256)
+        self.sizes: dict[str, int] = {}
+        """What each upload brought, by its header's sha256: all a download needs."""
+
+    async def upload(
+        self, parts: AsyncIterator[pb.UploadPayloadRequest], context: Any
+    ) -> pb.UploadPayloadResponse:
+        header, received = pb.PayloadRef(), 0
+        async for part in parts:
+            if part.HasField("header"):
+                header = part.header
+            received += len(part.chunk)
+        self.sizes[header.sha256] = received
+        return pb.UploadPayloadResponse(payload=pb.PayloadRef(sha256=header.sha256, size=received))
+
+    async def download(
+        self, request: pb.DownloadPayloadRequest, context: Any
+    ) -> AsyncIterator[pb.DownloadPayloadResponse]:
+        size = self.sizes.get(request.sha256, 0)
+        for at in range(request.offset, size, len(self.block)):
+            chunk = self.block if at + len(self.block) <= size else self.block[: size - at]
+            yield pb.DownloadPayloadResponse(offset=at, chunk=chunk)
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        return grpc.method_handlers_generic_handler(
+            "bench.Payloads",
+            {
+                "UploadPayload": grpc.stream_unary_rpc_method_handler(
+                    self.upload,
+                    request_deserializer=pb.UploadPayloadRequest.FromString,
+                    response_serializer=pb.UploadPayloadResponse.SerializeToString,
+                ),
+                "DownloadPayload": grpc.unary_stream_rpc_method_handler(
+                    self.download,
+                    request_deserializer=pb.DownloadPayloadRequest.FromString,
+                    response_serializer=pb.DownloadPayloadResponse.SerializeToString,
+                ),
+            },
+        )
+
+
 async def serve(listen: str) -> None:
     response = typical_response()
     change = pb.TaskEvent(
@@ -156,7 +210,11 @@ async def serve(listen: str) -> None:
         listeners.push("", event)
         return response
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # The Task Manager's message limit (--max-request-bytes, 4 MiB by default): the
+    # uploads' 1 MiB chunks fit either way.
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 << 20)]
+    )
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             behaviour,
@@ -169,7 +227,7 @@ async def serve(listen: str) -> None:
         listeners.listen, request_deserializer=Empty.FromString, response_serializer=bytes
     )
     echo_handler = grpc.method_handlers_generic_handler("bench.Echo", handlers)
-    server.add_generic_rpc_handlers([echo_handler, Floor().handler()])
+    server.add_generic_rpc_handlers([echo_handler, Floor().handler(), RawPayloads().handler()])
     port = server.add_insecure_port(listen)
     await server.start()
     tune_garbage_collector()  # as task-manager serve: the ratios compare code, not settings

@@ -4,13 +4,17 @@
 
 Scenarios: echo, update-status, lifecycle, dispatch, idle-streams, watch-fanout and
 push-fanout (its baseline), create (one CreateTask a task, or sessions of
---session-size tasks) and session-lifecycle. bench/run.py starts the servers and these
-processes; the numbers are only meaningful side by side.
+--session-size tasks), session-lifecycle, payloads (uploads then downloads; --raw: their
+baseline, --sdk: through agent_kit) and release (an input's attach to the agent's
+ExecuteRequest). bench/run.py starts the servers and these processes; the numbers are
+only meaningful side by side.
 
 `--target` may name several replicas of one database, comma-separated: update-status
 spreads its workers over them; lifecycle, session-lifecycle, dispatch and watch-fanout
 create and update tasks on the first and listen (agents, watchers) on the last, so every
-task crosses from one replica to another. The other scenarios use the first.
+task crosses from one replica to another; payloads uploads to the first and downloads
+from the last, release attaches on the first to agents on the last. The other scenarios
+use the first.
 """
 
 from __future__ import annotations
@@ -19,19 +23,26 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import hashlib
 import itertools
 import json
+import os
+import resource
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import anyio
 import anyio.abc
 import grpc
 from google.protobuf.wrappers_pb2 import StringValue
 
+from agent_kit import OperatorClient
 from agent_kit._agent import _ReportStream
 from agent_kit._grpc import AsyncStub
+from agent_kit._payloads import CHUNK_BYTES
 from agent_kit._supervisor import Supervisor
 from task_manager.v1 import task_manager_pb2 as pb
 
@@ -526,6 +537,236 @@ async def fan_out(
     }
 
 
+MIB = 1024 * 1024
+TASK_MANAGER = "/task_manager.v1.TaskManager/"
+RAW_PAYLOADS = "/bench.Payloads/"
+"""bench.echo_server's UploadPayload and DownloadPayload with nothing behind them."""
+
+
+def cpu_s(pid: int | None = None) -> float:
+    """CPU time (user and system, all threads) of this process, or of process pid."""
+    if pid is None:
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        return used.ru_utime + used.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class PayloadStreams:
+    """UploadPayload and DownloadPayload as agent_kit sends and reads them (a header,
+    then 1 MiB chunks; each chunk read checked to follow the last), on the Task Manager or
+    on the raw server's bench.Payloads: one client for both, so the ratio is the
+    servers'. No file and no hash on this side: those are the SDK's (--sdk)."""
+
+    def __init__(self, upload_target: str, download_target: str, service: str) -> None:
+        self._upload_channel = grpc.aio.insecure_channel(upload_target)
+        self._download_channel = grpc.aio.insecure_channel(download_target)
+        self._upload = self._upload_channel.stream_unary(
+            service + "UploadPayload",
+            request_serializer=pb.UploadPayloadRequest.SerializeToString,
+            response_deserializer=pb.UploadPayloadResponse.FromString,
+        )
+        self._download = self._download_channel.unary_stream(
+            service + "DownloadPayload",
+            request_serializer=pb.DownloadPayloadRequest.SerializeToString,
+            response_deserializer=pb.DownloadPayloadResponse.FromString,
+        )
+
+    async def close(self) -> None:
+        for channel in (self._upload_channel, self._download_channel):
+            await channel.close(None)
+
+    async def upload(self, data: bytes, sha256: str) -> pb.PayloadRef:
+        async def parts() -> AsyncIterator[pb.UploadPayloadRequest]:
+            yield pb.UploadPayloadRequest(header=pb.PayloadRef(sha256=sha256, size=len(data)))
+            for at in range(0, len(data), CHUNK_BYTES):
+                yield pb.UploadPayloadRequest(chunk=data[at : at + CHUNK_BYTES])
+
+        answer: pb.UploadPayloadResponse = await self._upload(parts())
+        if answer.payload.size != len(data):
+            raise SystemExit(f"stored {answer.payload.size} of {len(data)} bytes")
+        return answer.payload
+
+    async def download(self, ref: pb.PayloadRef) -> None:
+        received = 0
+        async for response in self._download(pb.DownloadPayloadRequest(sha256=ref.sha256)):
+            if response.offset != received:
+                raise SystemExit(f"a chunk at {response.offset} after {received} bytes")
+            received += len(response.chunk)
+        if received != ref.size:
+            raise SystemExit(f"downloaded {received} of {ref.size} bytes")
+
+
+class SdkTransfers:
+    """OperatorClient.upload_payload and download_payload: hashed before the upload,
+    hashed as a download comes and written to a file (removed after)."""
+
+    def __init__(self, upload_target: str, download_target: str, workdir: Path) -> None:
+        self._uploader = OperatorClient(upload_target)
+        self._downloader = OperatorClient(download_target)
+        self._workdir = workdir
+
+    async def close(self) -> None:
+        for client in (self._uploader, self._downloader):
+            await client.close()
+
+    async def upload(self, data: bytes, sha256: str) -> pb.PayloadRef:
+        return await self._uploader.upload_payload(data)
+
+    async def download(self, ref: pb.PayloadRef) -> None:
+        destination = self._workdir / ref.sha256
+        await self._downloader.download_payload(ref.sha256, destination)
+        destination.unlink()
+
+
+class Phase:
+    """The wall time and CPU (this process's, the server's) of the transfers one way."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self._server_pid = server_pid
+        self.wall_s = self.cpu_s = self.server_cpu_s = 0.0
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        server_before = 0.0 if self._server_pid is None else cpu_s(self._server_pid)
+        cpu_before, started = cpu_s(), time.perf_counter()
+        yield
+        self.wall_s += time.perf_counter() - started
+        self.cpu_s += cpu_s() - cpu_before
+        if self._server_pid is not None:
+            self.server_cpu_s += cpu_s(self._server_pid) - server_before
+
+    def figures(self, way: str, moved_mib: float) -> dict[str, float]:
+        found = {f"{way}_mib_per_s": moved_mib / self.wall_s}
+        found[f"{way}_client_cpu_us_per_mib"] = self.cpu_s / moved_mib * 1e6
+        if self._server_pid is not None:
+            found[f"{way}_server_cpu_us_per_mib"] = self.server_cpu_s / moved_mib * 1e6
+        return found
+
+
+async def payloads(args: argparse.Namespace) -> dict[str, float]:
+    """`count` uploads of `size` random bytes each (distinct payloads, one after another),
+    then as many downloads of them, each timed from its call to its end: to the Task
+    Manager, or with --raw to the raw server's bench.Payloads (same client, same
+    messages), or with --sdk through agent_kit's OperatorClient. Uploads go to the first
+    target, downloads come from the last. A payload is made and hashed before its upload
+    is timed; only one is held at a time.
+
+    `upload_mib_per_s`, `download_mib_per_s`: the bytes moved one way over the time those
+    transfers took; `*_client_cpu_us_per_mib` this process's CPU and, given --server-pid,
+    `*_server_cpu_us_per_mib` that server's; `calls`: MiB moved both ways."""
+    found = targets(args)
+    uploads, downloads = Phase(args.server_pid), Phase(args.server_pid)
+    with tempfile.TemporaryDirectory(prefix="bench-downloads-") as workdir:
+        transfers: PayloadStreams | SdkTransfers
+        if args.sdk:
+            transfers = SdkTransfers(found[0], found[-1], Path(workdir))
+        else:
+            service = RAW_PAYLOADS if args.raw else TASK_MANAGER
+            transfers = PayloadStreams(found[0], found[-1], service)
+        try:
+            # Channels connected and the server's paths warm, before anything is timed.
+            warm = os.urandom(1024)
+            await transfers.download(await transfers.upload(warm, sha256_of(warm)))
+            refs = []
+            for _ in range(args.count):
+                data = os.urandom(args.size)
+                sha256 = sha256_of(data)
+                with uploads.timed():
+                    refs.append(await transfers.upload(data, sha256))
+                del data
+            for ref in refs:
+                with downloads.timed():
+                    await transfers.download(ref)
+        finally:
+            await transfers.close()
+    moved_mib = args.size * args.count / MIB
+    return {
+        **uploads.figures("upload", moved_mib),
+        **downloads.figures("download", moved_mib),
+        "moved_mib_each_way": moved_mib,
+        "calls": 2 * moved_mib,
+    }
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def percentiles(latencies_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies_ms)
+    return {
+        "p50_ms": ordered[len(ordered) // 2],
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        "samples": len(ordered),
+    }
+
+
+async def release(args: argparse.Namespace) -> dict[str, float]:
+    """rate x duration tasks, each declaring one input (held at CREATED until it has its
+    payload), created and their inputs uploaded (a payload each, --input-bytes) before
+    anything is timed, agents listening (walking what they get to DONE_OK, as in
+    dispatch). Then, at `rate` a second, one task's input is attached (AttachInput,
+    through agent_kit's OperatorClient), which releases it. Latency: from the AttachInput
+    call's start to the ExecuteRequest read from the agent's stream; `attach_*`: to the
+    call's answer."""
+    found = targets(args)
+    total = int(args.rate * args.duration)
+    task_ids = [f"release-{n:08d}" for n in range(total)]
+    sent_at: dict[str, float] = {}
+    answered: dict[str, float] = {}  # how long each AttachInput took to answer
+    async with (
+        OperatorClient(found[0]) as operator,
+        writer_and_listener_stubs(args) as (_, agents_stub),
+        anyio.create_task_group() as group,
+    ):
+        walkers = Walkers(agents_stub, args.agents, group)
+        walkers.start()
+        await walkers.all_connected.wait()
+        inputs: dict[int, pb.PayloadRef] = {}
+        in_flight = asyncio.Semaphore(64)
+
+        async def prepare(n: int) -> None:
+            async with in_flight:
+                agent = walkers.agents[n % len(walkers.agents)]
+                await operator.create_task(
+                    assignee_entity_id=agent, task_id=task_ids[n], inputs={"input": None}
+                )
+                inputs[n] = await operator.upload_payload(os.urandom(args.input_bytes))
+
+        await asyncio.gather(*(prepare(n) for n in range(total)))
+
+        async def attach(n: int) -> None:
+            started = sent_at[task_ids[n]] = time.perf_counter()  # AttachInput's start
+            await operator.attach_input(task_ids[n], "input", inputs[n])
+            answered[task_ids[n]] = time.perf_counter() - started
+
+        interval, start = 1.0 / args.rate, time.perf_counter()
+        for n in range(total):
+            delay = start + n * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            group.start_soon(attach, n)
+        walkers.expect(total)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(walkers.all_received.wait(), 30)
+        group.cancel_scope.cancel()
+    warm = task_ids[total // 10 :]  # skip the warm-up
+    latencies = [
+        (walkers.received_at[t] - sent_at[t]) * 1000 for t in warm if t in walkers.received_at
+    ]
+    if len(latencies) < len(warm):
+        raise SystemExit(f"{len(warm) - len(latencies)} tasks never reached their agent")
+    attached = percentiles([answered[t] * 1000 for t in warm if t in answered])
+    return {
+        **percentiles(latencies),
+        "attach_p50_ms": attached["p50_ms"],
+        "attach_p99_ms": attached["p99_ms"],
+        "rate_per_s": args.rate,
+        "calls": total,
+    }
+
+
 SCENARIOS = {
     "echo": echo,
     "update-status": update_status,
@@ -536,6 +777,8 @@ SCENARIOS = {
     "push-fanout": push_fanout,
     "create": create,
     "session-lifecycle": session_lifecycle,
+    "payloads": payloads,
+    "release": release,
 }
 
 
@@ -555,6 +798,12 @@ def main() -> None:
         "--session-size", type=int, default=0, help="tasks per SubmitSessions (0: CreateTask)"
     )
     parser.add_argument("--operators", type=int, default=2, help="session-lifecycle's submitters")
+    parser.add_argument("--size", type=int, default=256 * MIB, help="bytes per payload")
+    parser.add_argument("--count", type=int, default=4, help="payloads each way")
+    parser.add_argument("--raw", action="store_true", help="payloads: the raw server's")
+    parser.add_argument("--sdk", action="store_true", help="payloads: through OperatorClient")
+    parser.add_argument("--server-pid", type=int, help="payloads: the server's CPU, per way")
+    parser.add_argument("--input-bytes", type=int, default=4096, help="release: input size")
     args = parser.parse_args()
     result = asyncio.run(SCENARIOS[args.scenario](args))
     print(json.dumps(result), flush=True)

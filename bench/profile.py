@@ -34,6 +34,9 @@ SCENARIOS: dict[str, dict[str, object]] = {
     # What run.py measures as session_create_tasks_per_s and session_lifecycle_tasks_per_s.
     "create": {"session_size": 1000, "concurrency": 4},
     "session-lifecycle": {"session_size": 100, "concurrency": 200},
+    # What run.py measures as upload_mib_per_s and download_mib_per_s, and release_ms_*.
+    "payloads": {"size": 256 * 1024 * 1024, "count": 4},
+    "release": {"rate": 250},
 }
 OURS = ("task_manager/", "storage/")
 IMPORTING = "_find_and_load"

@@ -40,6 +40,9 @@ TARGETS = {
     "watch_fanout_ms_p99": ("<=", 50),
     "idle_stream_rss_kb": ("<=", 100),
     "session_create_vs_unary": (">=", 20),
+    "upload_vs_raw": (">=", 0.8),
+    "download_vs_raw": (">=", 0.8),
+    "payload_rss_growth_mb": ("<=", 32),
     "durable": ("==", True),
 }
 
@@ -168,10 +171,12 @@ def client_with_cpus(
     server_pids: Sequence[int],
     database_pid: int | None,
     options: Mapping[str, object],
+    rss: bool = False,
 ) -> dict[str, Any]:
     """client_with_cpu() for several servers (replicas: their CPU summed) and a database
     server (its CPU per call as `database_cpu_us_per_call`). `wall_s`: how long the
-    client ran."""
+    client ran. With rss, `server_rss_growth_kb`: how far the resident memory of a server
+    rose, at its peak while the client ran, over what it was before (the most of any)."""
 
     def servers() -> float:
         return sum(cpu_seconds(pid) for pid in server_pids)
@@ -179,10 +184,17 @@ def client_with_cpus(
     def database() -> float:
         return 0.0 if database_pid is None else tree_cpu_seconds(database_pid)
 
+    rss_before = {pid: rss_kb(pid) for pid in server_pids} if rss else {}
+    peaks_reset = all([reset_peak_rss(pid) for pid in rss_before])
     server_before, database_before = servers(), database()
     (busy_before, total_before), started = machine_jiffies(), time.monotonic()
     measured = client(scenario, target, **options)
     measured["wall_s"] = time.monotonic() - started
+    if rss:
+        measured["server_rss_growth_kb"] = max(
+            peak_rss_kb(pid) - before for pid, before in rss_before.items()
+        )
+        measured["server_rss_peak_reset"] = peaks_reset
     server_after, (busy_after, total_after) = servers(), machine_jiffies()
     database_after = database()
     if measured.get("calls"):
@@ -195,11 +207,27 @@ def client_with_cpus(
     return measured
 
 
-def rss_kb(pid: int) -> int:
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
+
+
+def peak_rss_kb(pid: int) -> int:
+    """The most resident memory the process has had (since reset_peak_rss)."""
+    return rss_kb(pid, "VmHWM")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Starts the process's peak resident memory again from what it is now (Linux 4.0
+    and later); False if not allowed: the peak is then since it started, an upper
+    bound."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def durable_from(log: str) -> bool:
@@ -275,8 +303,16 @@ def idle_streams(workdir: Path, streams: int) -> tuple[float, bool]:
     return (after - before) / streams, durable_from(log)
 
 
+def with_pid(options: Mapping[str, object], pids: Sequence[int]) -> Mapping[str, object]:
+    """options, with server_pid=0 made the first server's pid (not known before it
+    starts): bench.load payloads reads its CPU."""
+    if options.get("server_pid") == 0:
+        return {**options, "server_pid": pids[0]}
+    return options
+
+
 ECHO_COMMAND = [sys.executable, "-m", "bench.echo_server"]
-"""The baselines' server (bench/echo_server.py): Echo, Floor, Push."""
+"""The baselines' server (bench/echo_server.py): Echo, Floor, Push, Payloads."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +327,10 @@ class Plan:
     """Floor / ours pairs of the lifecycle, dispatch and fan-out (medians)."""
     rounds: int
     """Fan-out updates."""
+    payload_mib: int
+    """The size of each payload moved (PAYLOAD_COUNT of them up, then down)."""
+    payload_pairs: int = 3
+    """Raw / ours pairs of the payload runs (medians; short, so three even when quick)."""
     unary_lifecycle: bool = False
     """Also the lifecycle with unary reports (one figure, one run)."""
 
@@ -298,14 +338,16 @@ class Plan:
     def for_sqlite(cls, quick: bool) -> Plan:
         # One pair of update runs drifts by 10% or more: five; three of the others.
         if quick:
-            return cls(duration=3.0, update_pairs=1, repeats=1, rounds=10, unary_lifecycle=True)
-        return cls(duration=10.0, update_pairs=5, repeats=3, rounds=30, unary_lifecycle=True)
+            return cls(3.0, 1, repeats=1, rounds=10, payload_mib=32, unary_lifecycle=True)
+        return cls(10.0, 5, repeats=3, rounds=30, payload_mib=256, unary_lifecycle=True)
 
     @classmethod
     def for_postgres(cls, quick: bool) -> Plan:
+        # One payload pair: its database writes every byte to its table and its WAL
+        # (a 256 MiB run takes the better part of a minute).
         if quick:  # two configurations more: shorter still than SQLite's quick runs
-            return cls(duration=2.0, update_pairs=1, repeats=1, rounds=10)
-        return cls(duration=10.0, update_pairs=3, repeats=3, rounds=30)
+            return cls(2.0, 1, repeats=1, rounds=10, payload_mib=32, payload_pairs=1)
+        return cls(10.0, 3, repeats=3, rounds=30, payload_mib=256, payload_pairs=1)
 
 
 @dataclass(frozen=True)
@@ -352,11 +394,16 @@ class Bench:
         return self.scenarios(backend, [(name, options)])[0]
 
     def scenarios(
-        self, backend: Backend, clients: Sequence[tuple[str, Mapping[str, object]]]
+        self,
+        backend: Backend,
+        clients: Sequence[tuple[str, Mapping[str, object]]],
+        rss: bool = False,
     ) -> list[dict[str, Any]]:
         """As scenario(), for client scenarios run one after another against the same
-        servers and database: a result each, with its own CPU figures; the commit
-        figures come from the servers' logs, so they cover all of them."""
+        servers and database: a result each, with its own CPU figures (and, with rss,
+        how far the servers' resident memory rose over each); the commit figures come
+        from the servers' logs, so they cover all of them. A client given server_pid=0
+        is given the first server's."""
         self._runs += 1
         run = f"{backend.key}-{clients[0][0]}-{self._runs}"
         with contextlib.ExitStack() as stack:
@@ -373,7 +420,7 @@ class Bench:
             pids = [server.process.pid for server in servers]
             database_pid = backend.postgres.pid if backend.postgres is not None else None
             results = [
-                client_with_cpus(name, target, pids, database_pid, options)
+                client_with_cpus(name, target, pids, database_pid, with_pid(options, pids), rss)
                 for name, options in clients
             ]
             logs = [server.stop() for server in servers]
@@ -396,10 +443,11 @@ SESSION_LIFECYCLE: dict[str, object] = {"session_size": 100, "concurrency": 200}
 def measure_backend(
     bench: Bench, backend: Backend, plan: Plan, rate_cap: float | None = None
 ) -> dict[str, Any]:
-    """UpdateStatus against echo, the lifecycle and dispatch against Floor, and watch
-    fan-out against the raw push, on one backend; each beside its baseline, run right
-    before it, so the ratios hold on a machine whose speed drifts. Dispatch runs at half
-    the lifecycle's rate, at most rate_cap."""
+    """UpdateStatus against echo, the lifecycle and dispatch against Floor, watch
+    fan-out against the raw push and, with one replica, payloads against the raw
+    streams, on one backend; each beside its baseline, run right before it, so the
+    ratios hold on a machine whose speed drifts. Dispatch runs at half the lifecycle's
+    rate, at most rate_cap; release (no baseline) at half dispatch's."""
     results: dict[str, Any] = {}
     is_postgres = backend.postgres is not None
     duration = plan.duration
@@ -519,6 +567,26 @@ def measure_backend(
     results["dispatch_runs_ms_p50"] = [round(run["p50_ms"], 2) for run in dispatched]
     results["dispatch_rate_per_s"] = rate
 
+    # Release: tasks held for their input, each let go by its AttachInput. No baseline
+    # server: it is dispatch behind one more write (dispatch_ms above). At half dispatch's
+    # rate: a released task costs more than a dispatched one (its upload, the attach and
+    # its check of the payload), and at dispatch's own rate the server fell behind (p50
+    # 36 ms against dispatch's 15 in one quick run), which measured the queue instead.
+    release_rate = max(10.0, rate / 2)
+    released = [
+        bench.scenario(backend, "release", duration=duration, rate=release_rate)
+        for _ in range(repeats)
+    ]
+    for name, key in (("release", "p"), ("release_attach", "attach_p")):
+        for percent in (50, 99):
+            found = statistics.median(run[f"{key}{percent}_ms"] for run in released)
+            results[f"{name}_ms_p{percent}"] = found
+    results["release_runs_ms_p99"] = [round(run["p99_ms"], 2) for run in released]
+    results["release_rate_per_s"] = release_rate
+
+    if backend.replicas == 1:
+        results.update(measure_payloads(bench, backend, plan))
+
     # Fan-out's baseline: the same clients against the raw server's Push and Listen,
     # each run right before one of ours; a tail drifts, so medians of such pairs.
     fanout = {"watchers": 1000, "rounds": plan.rounds}
@@ -535,6 +603,72 @@ def measure_backend(
         w["p99_ms"] / p["p99_ms"] for w, p in zip(watched, pushed, strict=True)
     )
     results["durable"] = all(bench.durable[backend.key])
+    return results
+
+
+MIB = 1024 * 1024
+PAYLOAD_COUNT = 4
+"""Payloads moved each way in a run: 4 of 256 MiB up and then down, 1 GiB each way
+through the server (4 of 32 MiB in a quick run)."""
+
+
+def measure_payloads(bench: Bench, backend: Backend, plan: Plan) -> dict[str, Any]:
+    """PAYLOAD_COUNT uploads then downloads through the Task Manager against the same
+    client on the raw server's bench.Payloads, in plan.payload_pairs pairs, the raw run
+    first; each server warmed by a small transfer first, and its peak resident memory
+    over the run against before it. Then one payload through agent_kit (OperatorClient), which
+    also hashes and writes files on the client's side: reported, held to nothing."""
+    form: dict[str, object] = {"size": plan.payload_mib * MIB, "count": PAYLOAD_COUNT}
+    warm: dict[str, object] = {"size": MIB, "count": 1}
+    raws, ours, sdks = [], [], []
+    for _ in range(plan.payload_pairs):
+        with bench.echo("raw-payloads") as echo:
+            pids = [echo.process.pid]
+            client("payloads", echo.address, raw="", **warm)
+            raw = {**form, "raw": "", "server_pid": echo.process.pid}
+            raws.append(client_with_cpus("payloads", echo.address, pids, None, raw, rss=True))
+        _, measured, sdk = bench.scenarios(
+            backend,
+            [
+                ("payloads", warm),
+                ("payloads", {**form, "server_pid": 0}),
+                ("payloads", {**form, "count": 1, "sdk": ""}),
+            ],
+            rss=True,
+        )
+        ours.append(measured)
+        sdks.append(sdk)
+    results: dict[str, Any] = {
+        "payload_mib": plan.payload_mib,
+        "payload_moved_mib_each_way": plan.payload_mib * PAYLOAD_COUNT,
+    }
+    for way in ("upload", "download"):
+        results[f"{way}_vs_raw"] = statistics.median(
+            run[f"{way}_mib_per_s"] / raw[f"{way}_mib_per_s"]
+            for raw, run in zip(raws, ours, strict=True)
+        )
+        for prefix, runs in (("", ours), ("raw_", raws), ("sdk_", sdks)):
+            results[f"{prefix}{way}_mib_per_s"] = statistics.median(
+                run[f"{way}_mib_per_s"] for run in runs
+            )
+        for prefix, runs in (("", ours), ("raw_", raws)):
+            for side in ("server", "client"):
+                figure = f"{way}_{side}_cpu_us_per_mib"
+                results[f"{prefix}{figure}"] = statistics.median(run[figure] for run in runs)
+    results["upload_vs_raw_runs"] = [
+        round(run["upload_mib_per_s"] / raw["upload_mib_per_s"], 3)
+        for raw, run in zip(raws, ours, strict=True)
+    ]
+    # A bound, not a typical figure: the most any run's server grew.
+    for prefix, runs in (("", ours), ("raw_", raws)):
+        growth_kb = max(run["server_rss_growth_kb"] for run in runs)
+        results[f"{prefix}payload_rss_growth_mb"] = growth_kb / 1024
+    results["payload_rss_peak_reset"] = all(run["server_rss_peak_reset"] for run in ours)
+    if backend.postgres is not None:
+        # calls: MiB through the server, both ways
+        results["payload_database_cpu_us_per_mib"] = statistics.median(
+            run["database_cpu_us_per_call"] for run in ours
+        )
     return results
 
 
@@ -644,12 +778,35 @@ def table(results: dict[str, Any]) -> str:
         "dispatch_runs_ms_p50",
         "dispatch_floor_ms_p50",
         "dispatch_floor_ms_p99",
+        "release_ms_p50",
+        "release_ms_p99",
+        "release_runs_ms_p99",
+        "release_rate_per_s",
+        "release_attach_ms_p50",
+        "release_attach_ms_p99",
         "watch_fanout_ms_p50",
         "watch_fanout_ms_p99",
         "push_fanout_ms_p50",
         "push_fanout_ms_p99",
         "watch_fanout_vs_push_p99",
         "idle_stream_rss_kb",
+        "payload_mib",
+        "upload_mib_per_s",
+        "raw_upload_mib_per_s",
+        "upload_vs_raw",
+        "upload_vs_raw_runs",
+        "sdk_upload_mib_per_s",
+        "download_mib_per_s",
+        "raw_download_mib_per_s",
+        "download_vs_raw",
+        "sdk_download_mib_per_s",
+        "upload_server_cpu_us_per_mib",
+        "raw_upload_server_cpu_us_per_mib",
+        "download_server_cpu_us_per_mib",
+        "raw_download_server_cpu_us_per_mib",
+        "payload_moved_mib_each_way",
+        "payload_rss_growth_mb",
+        "raw_payload_rss_growth_mb",
         "durable",
     ):
         value = results.get(key)
@@ -672,6 +829,11 @@ RATIO_TARGETS: dict[str, Target] = {
     # The issue's (sessions): tasks stored in sessions of 1,000 against CreateTask's rate;
     # session_lifecycle_vs_floor has no target of its own.
     "session_create_vs_unary": (">=", 20),
+    # The issue's (payloads): each way against the raw stream of the same bytes, and the
+    # server's memory flat while PAYLOAD_COUNT payloads go up and down.
+    "upload_vs_raw": (">=", 0.8),
+    "download_vs_raw": (">=", 0.8),
+    "payload_rss_growth_mb": ("<=", 32),
     "durable": ("==", True),
 }
 """The targets as ratios to a baseline of the same run, which hold whatever the day's
@@ -719,6 +881,19 @@ BACKEND_FIGURES = (
     "watch_fanout_ms_p50",
     "watch_fanout_ms_p99",
     "push_fanout_ms_p99",
+    "release_ms_p50",
+    "release_ms_p99",
+    "release_attach_ms_p99",
+    "upload_vs_raw",
+    "upload_mib_per_s",
+    "raw_upload_mib_per_s",
+    "upload_server_cpu_us_per_mib",
+    "download_vs_raw",
+    "download_mib_per_s",
+    "raw_download_mib_per_s",
+    "download_server_cpu_us_per_mib",
+    "payload_database_cpu_us_per_mib",
+    "payload_rss_growth_mb",
     "durable",
 )
 
