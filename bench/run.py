@@ -95,6 +95,10 @@ def task_manager(workdir: Path, name: str, db: str | None = None) -> list[str]:
         "serve",
         "--listen",
         "127.0.0.1:0",
+        # On: users serve with it (its cost is part of what is measured); a free port,
+        # as replicas run side by side.
+        "--http-listen",
+        "127.0.0.1:0",
         "--db",
         db,
         # One unauthenticated client opens every stream here; the default per-principal

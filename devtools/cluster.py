@@ -56,7 +56,10 @@ class Replica:
         """Starts it and waits for its "serving on" line; raises RuntimeError with what it
         printed if it exits first."""
         command = [sys.executable, "-m", "task_manager", "serve", "--listen", listen]
-        command += ["--db", url, *extra]
+        # Replicas on one host cannot share the HTTP default: each takes a free port,
+        # and says which (its "HTTP on" line is forwarded).
+        host = listen.rsplit(":", 1)[0]
+        command += ["--http-listen", f"{host}:0", "--db", url, *extra]
         process = subprocess.Popen(
             _dies_with_us(command),
             stdin=subprocess.DEVNULL,

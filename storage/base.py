@@ -506,6 +506,10 @@ class Store(Protocol):
         """The revision of the latest committed change (0 for an empty store)."""
         ...
 
+    async def task_counts(self) -> dict[int, int]:
+        """How many tasks the store holds, by status (those with none left out)."""
+        ...
+
     async def changes_after(
         self, after_revision: int, limit: int, task_ids: Collection[str] = ()
     ) -> Sequence[Change]:

@@ -1015,6 +1015,13 @@ class SqlReads:
     async def current_revision(self) -> int:
         return await self._read(last_revision)
 
+    async def task_counts(self) -> dict[int, int]:
+        def read(session: Session) -> dict[int, int]:
+            rows = session.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status")
+            return {int(status): int(count) for status, count in rows}
+
+        return await self._read(read)
+
     async def changes_after(
         self, after_revision: int, limit: int, task_ids: Collection[str] = ()
     ) -> Sequence[Change]:

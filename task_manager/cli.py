@@ -23,7 +23,7 @@ from storage import add_credential, list_credentials, revoke_credential
 from storage.base import StoreError
 from task_manager import __version__
 from task_manager.auth import Role, certificate_binding, check_binding, new_token
-from task_manager.config import Settings, check_listen
+from task_manager.config import HTTP_OFF, Settings, check_listen
 from task_manager.scopes import SCOPE_PATTERN
 from task_manager.validation import FieldLimits
 
@@ -67,6 +67,13 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
         default=defaults.listen,
         help="HOST:PORT to listen on ([::1]:PORT for IPv6); port 0 picks a free one"
         " (default %(default)s)",
+    )
+    serve.add_argument(
+        "--http-listen",
+        type=_http_listen,
+        default=defaults.http_listen,
+        help="HOST:PORT of the HTTP front (/healthz, /readyz, /metrics), with the same TLS"
+        " and rules as --listen; port 0 picks a free one; off: none (default %(default)s)",
     )
     serve.add_argument(
         "--db",
@@ -298,6 +305,10 @@ def _listen(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _http_listen(text: str) -> str:
+    return HTTP_OFF if text.strip().lower() == HTTP_OFF else _listen(text)
+
+
 def _whole_number(text: str) -> int:
     try:
         return int(text)
@@ -386,8 +397,11 @@ async def _serve(settings: Settings) -> int:
         print(f"task-manager: {exc}", file=sys.stderr)
         return 2
     tune_garbage_collector()
-    # The first line on stdout says where we listen (tests and scripts read it).
+    # The first line on stdout says where we listen (tests and scripts read it), the
+    # second where the HTTP front does.
     print(f"task-manager: serving on {server.address}", flush=True)
+    if server.http_url:
+        print(f"task-manager: HTTP on {server.http_url} (/metrics, /healthz)", flush=True)
     await stop.wait()
     await server.stop()
     return 0
@@ -454,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     settings = Settings(
         listen=args.listen,
+        http_listen=args.http_listen,
         db=args.db,
         retention_revisions=args.retention_revisions,
         retention_age_s=args.retention_days * 86400,

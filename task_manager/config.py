@@ -17,6 +17,8 @@ from task_manager.v1.task_manager_pb2 import TaskPolicy
 from task_manager.validation import FieldLimits
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
+HTTP_OFF = "off"
 DEFAULT_DB = "taskmanager.db"
 
 
@@ -52,6 +54,8 @@ def check_listen(text: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     listen: str = DEFAULT_LISTEN
+    http_listen: str = DEFAULT_HTTP_LISTEN
+    """The HTTP front (health, /metrics): HOST:PORT, or HTTP_OFF."""
     db: str = DEFAULT_DB
     """The SQLite file, or a postgresql:// URL."""
     shutdown_grace_s: float = 5.0

@@ -363,6 +363,10 @@ class Dispatcher:
             if request is not None and not already_sent:
                 stream.send(request)
 
+    def open_streams(self) -> int:
+        """Agent streams open (one listening for several entity ids counts once)."""
+        return len({stream for streams in self._streams_by_entity.values() for stream in streams})
+
     # -- pools ------------------------------------------------------------------------
 
     def _assign_all(self, entity_ids: Iterable[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -26,15 +27,17 @@ from task_manager import lifecycle
 from task_manager.auth import Credentials, OpenStreams, RateLimiter
 from task_manager.clock import Clock, SystemClock, sleep_until
 from task_manager.cluster import Cluster
-from task_manager.config import Settings
+from task_manager.config import HTTP_OFF, Settings
 from task_manager.dispatch import Dispatcher
+from task_manager.metrics import Metrics
 from task_manager.payload_collector import PayloadCollector
 from task_manager.payloads import PayloadQuotas
 from task_manager.presence import Presence
 from task_manager.service import SERVICE_NAMES, Gate, TaskManagerService, generic_handlers
 from task_manager.timekeeper import Timekeeper
-from task_manager.v1.task_manager_pb2 import Task
+from task_manager.v1.task_manager_pb2 import Status, Task
 from task_manager.watch import WatchHub
+from task_manager.web.server import Backing, HttpFront
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +71,15 @@ def is_loopback(listen: str) -> bool:
 
 
 def _check_exposure(settings: Settings, credentials: Credentials) -> None:
-    """Off loopback, the server needs TLS and credentials, unless told --insecure."""
-    if settings.insecure or is_loopback(settings.listen):
+    """Off loopback, the server needs TLS and credentials, unless told --insecure: on
+    the gRPC address and the HTTP one alike."""
+    for listen in (settings.listen, settings.http_listen):
+        if listen != HTTP_OFF:
+            _check_exposed(listen, settings, credentials)
+
+
+def _check_exposed(listen: str, settings: Settings, credentials: Credentials) -> None:
+    if settings.insecure or is_loopback(listen):
         return
     missing = [
         *([] if settings.tls_cert else ["TLS (--tls-cert, --tls-key)"]),
@@ -81,7 +91,7 @@ def _check_exposure(settings: Settings, credentials: Credentials) -> None:
     ]
     if missing:
         raise ServerStartError(
-            f"refusing to listen on {settings.listen} without {' and '.join(missing)}: anyone"
+            f"refusing to listen on {listen} without {' and '.join(missing)}: anyone"
             " who can reach it could read and command your agents. Listen on 127.0.0.1, set"
             " them up, or pass --insecure on a network you trust."
         )
@@ -104,6 +114,18 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def _http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The gRPC side's TLS for the HTTP front (already checked by _server_credentials)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.client_ca is not None:
+        context.load_verify_locations(settings.client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def _pem(path: Path, flag: str, marker: bytes) -> bytes:
     """The file's bytes, if it looks like the PEM it should be (gRPC's own error for a
     wrong file is only a log line and a failure to listen)."""
@@ -114,6 +136,33 @@ def _pem(path: Path, flag: str, marker: bytes) -> bytes:
     if b"-----BEGIN " not in data or marker not in data:
         raise ServerStartError(f"{flag} {path} is not a PEM file with a {marker[:-5].decode()}")
     return data
+
+
+class _Held:
+    """What /metrics reads of the running server at each scrape (metrics.Observed)."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, watch_hub: WatchHub, store: Store, timekeeper: Timekeeper
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._watch_hub = watch_hub
+        self._store = store
+        self._timekeeper = timekeeper
+
+    def open_agent_streams(self) -> int:
+        return self._dispatcher.open_streams()
+
+    def open_watches(self) -> int:
+        return self._watch_hub.open_watches()
+
+    def commits(self) -> int:
+        return self._store.commits
+
+    def writes(self) -> int:
+        return self._store.writes
+
+    def deadlines_fired(self) -> int:
+        return self._timekeeper.fired
 
 
 class TaskManagerServer:
@@ -143,11 +192,34 @@ class TaskManagerServer:
         self.timekeeper: Timekeeper | None = None
         self.payload_collector: PayloadCollector | None = None
         self.cluster: Cluster | None = None
+        self.http: HttpFront | None = None
         self.compactions = 0
 
     @property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP front's root URL; empty if it is off."""
+        if self.http is None:
+            return ""
+        scheme = "https" if self._settings.tls_cert else "http"
+        return f"{scheme}://{self.http.address}/"
+
+    async def not_ready_because(self) -> str:
+        """Why this server should not be sent traffic now ("" when it should)."""
+        if self._stopped:
+            return "stopping"
+        try:
+            await self.store.current_revision()
+        except Exception as exc:
+            return f"the database does not answer: {exc}"
+        return ""
+
+    async def task_counts(self) -> dict[str, int]:
+        counts = await self.store.task_counts()
+        return {Status.Name(Status.ValueType(s)): n for s, n in counts.items()}
 
     @classmethod
     async def start(cls, settings: Settings, clock: Clock | None = None) -> TaskManagerServer:
@@ -210,6 +282,7 @@ class TaskManagerServer:
             RateLimiter(settings.requests_per_second, clock),
             OpenStreams(settings.max_streams_per_principal),
         )
+        metrics = Metrics()
         servicer = TaskManagerService(
             store,
             dispatcher,
@@ -224,6 +297,7 @@ class TaskManagerServer:
             PayloadQuotas(
                 store, clock, settings.payload_quota_bytes, settings.upload_bytes_per_second
             ),
+            metrics,
         )
         server.add_generic_rpc_handlers(generic_handlers(servicer))
         health_servicer = health_aio.HealthServicer()
@@ -258,6 +332,18 @@ class TaskManagerServer:
         )
         running = cls(server, servicer, gate, store, dispatcher, health_servicer, address, settings)
         running.timekeeper = timekeeper
+        metrics.observe(_Held(dispatcher, watch_hub, store, timekeeper))
+        if settings.http_listen != HTTP_OFF:
+            backing = Backing(metrics, credentials, running.not_ready_because, running.task_counts)
+            try:
+                running.http = await HttpFront.start(
+                    settings.http_listen, backing, _http_ssl_context(settings)
+                )
+            except OSError as exc:
+                await running.stop()
+                raise ServerStartError(
+                    f"cannot listen on {settings.http_listen} (--http-listen): {exc.strerror}"
+                ) from exc
         running.payload_collector = PayloadCollector(
             store, blobs, settings.payload_grace_s, settings.payload_sweep_s
         )
@@ -286,6 +372,8 @@ class TaskManagerServer:
         self._servicer.shut_down()
         await self._drain(deadline)
         await self._server.stop(max(0.0, deadline - loop.time()))
+        if self.http is not None:
+            await self.http.stop()
         await self._leave_cluster()
         await self.store.close()
         log.info("stopped after %d writes in %d commits", self.store.writes, self.store.commits)

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -72,6 +73,7 @@ from task_manager.errors import (
     Unsupported,
     VersionConflict,
 )
+from task_manager.metrics import Metrics
 from task_manager.presence import Presence
 from task_manager.v1 import lattice_compat_pb2, task_manager_pb2
 from task_manager.v1.task_manager_pb2 import (
@@ -165,7 +167,9 @@ class TaskManagerService:
         clock: Clock,
         blobs: BlobStore,
         quotas: payloads.PayloadQuotas,
+        metrics: Metrics,
     ) -> None:
+        self.metrics = metrics
         self._blobs = blobs
         self._quotas = quotas
         self._presence = presence
@@ -877,25 +881,33 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
-def status_for(error: Exception) -> _Status:
-    """The gRPC status a failed call answers with."""
+def code_for(error: Exception) -> grpc.StatusCode:
+    """The gRPC code a failed call answers with (INTERNAL: a bug)."""
     for kind, code in _CODES:
         if isinstance(error, kind):
-            trailers: tuple[tuple[str, str], ...] = ()
-            if isinstance(error, VersionConflict):
-                trailers = ((CURRENT_STATUS_VERSION_KEY, str(error.current)),)
-            elif isinstance(error, ConcurrentModification):
-                trailers = ((CURRENT_STATUS_VERSION_KEY, str(error.stored_status_version)),)
-            elif isinstance(error, DefinitionConflict):
-                trailers = ((CURRENT_DEFINITION_VERSION_KEY, str(error.current)),)
-            elif isinstance(error, HistoryCompacted):
-                trailers = ((COMPACT_REVISION_KEY, str(error.compacted)),)
-            elif isinstance(error, TooManyRequests):
-                trailers = ((RETRY_AFTER_MS_KEY, str(math.ceil(error.retry_after_s * 1000))),)
-            return _Status(code, str(error), trailers)
-    error_id = uuid.uuid4().hex[:12]
-    log.error("internal error %s", error_id, exc_info=error)
-    return _Status(grpc.StatusCode.INTERNAL, f"internal error (id {error_id})")
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def status_for(error: Exception) -> _Status:
+    """The gRPC status a failed call answers with."""
+    code = code_for(error)
+    if code is grpc.StatusCode.INTERNAL:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("internal error %s", error_id, exc_info=error)
+        return _Status(code, f"internal error (id {error_id})")
+    trailers: tuple[tuple[str, str], ...] = ()
+    if isinstance(error, VersionConflict):
+        trailers = ((CURRENT_STATUS_VERSION_KEY, str(error.current)),)
+    elif isinstance(error, ConcurrentModification):
+        trailers = ((CURRENT_STATUS_VERSION_KEY, str(error.stored_status_version)),)
+    elif isinstance(error, DefinitionConflict):
+        trailers = ((CURRENT_DEFINITION_VERSION_KEY, str(error.current)),)
+    elif isinstance(error, HistoryCompacted):
+        trailers = ((COMPACT_REVISION_KEY, str(error.compacted)),)
+    elif isinstance(error, TooManyRequests):
+        trailers = ((RETRY_AFTER_MS_KEY, str(math.ceil(error.retry_after_s * 1000))),)
+    return _Status(code, str(error), trailers)
 
 
 async def _abort(context: Context, error: Exception) -> None:
@@ -943,34 +955,44 @@ async def _refuse(context: Context, method: str, error: Exception) -> None:
     await _abort(context, error)
 
 
-def _unary_handler(gate: Gate, name: str, method: UnaryMethod) -> Handler:
+def _unary_handler(gate: Gate, name: str, method: UnaryMethod, metrics: Metrics) -> Handler:
     async def handle(request: Message | Undecodable, context: Context) -> Message | bytes:
+        started = time.perf_counter()
         try:
             caller = gate.admit(name, context)
-            return await method(_decoded(request), context, caller)
+            response = await method(_decoded(request), context, caller)
         except Exception as error:
+            metrics.rpc_ended(name, code_for(error).name, time.perf_counter() - started)
             await _refuse(context, name, error)
             raise  # not reached: abort raises
+        metrics.rpc_ended(name, "OK", time.perf_counter() - started)
+        return response
 
     return handle
 
 
-def _upload_handler(gate: Gate, name: str, method: UnaryMethod) -> Handler:
+def _upload_handler(gate: Gate, name: str, method: UnaryMethod, metrics: Metrics) -> Handler:
     """A client-streaming handler: the request stream reaches the method as it comes
     (items that fail to decode as Undecodable, one by one)."""
 
     async def handle(requests: AsyncIterator[Any], context: Context) -> Message | bytes:
+        started = time.perf_counter()
         try:
             caller = gate.admit(name, context)
-            return await method(requests, context, caller)
+            response = await method(requests, context, caller)
         except Exception as error:
+            metrics.rpc_ended(name, code_for(error).name, time.perf_counter() - started)
             await _refuse(context, name, error)
             raise  # not reached: abort raises
+        metrics.rpc_ended(name, "OK", time.perf_counter() - started)
+        return response
 
     return handle
 
 
-def _stream_handler(gate: Gate, name: str, method: StreamMethod, client_streaming: bool) -> Handler:
+def _stream_handler(
+    gate: Gate, name: str, method: StreamMethod, client_streaming: bool, metrics: Metrics
+) -> Handler:
     """A server-streaming (or, with client_streaming, bidirectional) handler. The stream
     counts against its caller's open streams, and ends if the caller's credential is
     revoked (UNAUTHENTICATED)."""
@@ -979,6 +1001,8 @@ def _stream_handler(gate: Gate, name: str, method: StreamMethod, client_streamin
         ended: list[Exception] = []
         handler_task = asyncio.current_task()
         assert handler_task is not None
+        started = time.perf_counter()
+        code = "CANCELLED"  # unless it ends otherwise: the client went away
 
         def end(reason: Exception) -> None:
             ended.append(reason)
@@ -991,13 +1015,17 @@ def _stream_handler(gate: Gate, name: str, method: StreamMethod, client_streamin
                     first = request if client_streaming else _decoded(request)
                     async for response in method(first, context, caller):
                         yield response
+                    code = "OK"
                 except asyncio.CancelledError:
                     if not ended:
                         raise
                     handler_task.uncancel()
                     raise ended[0] from None
         except Exception as error:
+            code = code_for(error).name
             await _refuse(context, name, error)
+        finally:
+            metrics.rpc_ended(name, code, time.perf_counter() - started)
 
     return handle
 
@@ -1013,29 +1041,29 @@ def _method_handler(
 ) -> grpc.RpcMethodHandler[Any, Any]:
     request_type = message_factory.GetMessageClass(method.input_type)
     behaviour = getattr(servicer, method.name)
-    gate = servicer.gate
+    gate, metrics = servicer.gate, servicer.metrics
     deserializer = _safe_deserializer(request_type)
     if method.client_streaming and not method.server_streaming:
         return grpc.stream_unary_rpc_method_handler(
-            _upload_handler(gate, method.name, behaviour),
+            _upload_handler(gate, method.name, behaviour, metrics),
             request_deserializer=deserializer,
             response_serializer=_serialize,
         )
     if method.client_streaming:
         # Items that fail to decode reach the method as Undecodable, one by one.
         return grpc.stream_stream_rpc_method_handler(
-            _stream_handler(gate, method.name, behaviour, client_streaming=True),
+            _stream_handler(gate, method.name, behaviour, True, metrics),
             request_deserializer=deserializer,
             response_serializer=_serialize,
         )
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            _stream_handler(gate, method.name, behaviour, client_streaming=False),
+            _stream_handler(gate, method.name, behaviour, False, metrics),
             request_deserializer=deserializer,
             response_serializer=_serialize,
         )
     return grpc.unary_unary_rpc_method_handler(
-        _unary_handler(gate, method.name, behaviour),
+        _unary_handler(gate, method.name, behaviour, metrics),
         request_deserializer=deserializer,
         response_serializer=_serialize,
     )

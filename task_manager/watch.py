@@ -198,6 +198,9 @@ class WatchHub:
         finally:
             self._watches.discard(watch)
 
+    def open_watches(self) -> int:
+        return len(self._watches)
+
     def publish(self, changes: Sequence[Change]) -> None:
         for change in changes:
             self.revision = change.revision

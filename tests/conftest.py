@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from agent_kit import OperatorClient
+from task_manager.cli import environment_variable
 from task_manager.clock import ManualClock
 from task_manager.server import TaskManagerServer
 from tests.event_loops import SuiteEventLoop
@@ -23,6 +24,7 @@ from tests.helpers import LOG_DIR_VARIABLE, AsyncStub, Databases, server_setting
 pytest_plugins = ["tests.postgres_fixture"]
 
 BACKENDS = ("sqlite", "postgresql")
+HTTP_LISTEN_VARIABLE = environment_variable("--http-listen")
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,15 @@ def _server_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     os.environ[LOG_DIR_VARIABLE] = str(tmp_path_factory.mktemp("server-logs"))
     yield
     del os.environ[LOG_DIR_VARIABLE]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _http_on_free_ports() -> Iterator[None]:
+    """Servers the tests start as processes put their HTTP front on a free port, not on
+    the default 8080 (another server, or a user's own, may hold it)."""
+    os.environ[HTTP_LISTEN_VARIABLE] = "127.0.0.1:0"
+    yield
+    del os.environ[HTTP_LISTEN_VARIABLE]
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

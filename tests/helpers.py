@@ -29,7 +29,7 @@ from devtools.private_postgres import PrivatePostgres
 from storage import add_credential
 from storage.base import Credential
 from task_manager.auth import Role, new_token
-from task_manager.config import Settings
+from task_manager.config import HTTP_OFF, Settings
 from task_manager.v1 import task_manager_pb2 as pb
 
 T = TypeVar("T")
@@ -144,7 +144,12 @@ def assert_store_consistent(db: str) -> None:
 
 def server_settings(database: str, **options: object) -> Settings:
     """Settings for a test's server: a free port, a short shutdown grace, the options."""
-    merged: dict[str, object] = {"listen": "127.0.0.1:0", "shutdown_grace_s": 1.0, **options}
+    merged: dict[str, object] = {
+        "listen": "127.0.0.1:0",
+        "http_listen": "127.0.0.1:0",
+        "shutdown_grace_s": 1.0,
+        **options,
+    }
     return Settings(db=database, **merged)  # type: ignore[arg-type]
 
 
@@ -191,6 +196,8 @@ class ServerProcess:
         so the process is still the server's: e.g. one setting up a namespace first."""
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
+        self.http_url = ""
+        """The HTTP front's root URL (http://127.0.0.1:PORT/), unless --http-listen off."""
         self.log_path = _log_path_for(db)
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
@@ -223,6 +230,14 @@ class ServerProcess:
             raise AssertionError(f"server did not start: {line!r}: {self.log_text()}")
         self.address = line.rsplit(" ", 1)[1].strip()
         self.port = int(self.address.rsplit(":", 1)[1])
+        options = list(self.options)
+        http_off = (
+            "--http-listen" in options and HTTP_OFF in options[options.index("--http-listen") :][:2]
+        )
+        if not http_off:  # the HTTP front is on: its line follows
+            http_line = self.process.stdout.readline()
+            assert http_line.startswith("task-manager: HTTP on "), http_line
+            self.http_url = http_line.split()[3]
         channel = grpc.insecure_channel(self.address)
         grpc.channel_ready_future(channel).result(timeout=timeout)
         channel.close()

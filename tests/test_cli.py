@@ -89,6 +89,7 @@ def test_a_malformed_listen_address_from_the_environment_names_the_variable(
 SAMPLES = {
     # option: (value in the environment, the same on the command line)
     "--listen": ("127.0.0.1:0", ["127.0.0.1:0"]),
+    "--http-listen": ("off", ["off"]),
     "--db": ("elsewhere.db", ["elsewhere.db"]),
     "--retention-revisions": ("7", ["7"]),
     "--retention-days": ("1.5", ["1.5"]),

@@ -1,0 +1,138 @@
+"""The gateway's Prometheus metrics, served at /metrics by the HTTP front (web/).
+
+One registry per server, not the client library's global one: a process (a test) may run
+several servers. Calls are counted as they end; what the server holds (open streams,
+watchers, tasks by status, commits) is read when scraped. No gRPC or HTTP here: the
+transports report what they saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+"""Unary calls take a millisecond or two; a stream's whole life falls in the last."""
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Observed(Protocol):
+    """What the server holds, read at each scrape."""
+
+    def open_agent_streams(self) -> int: ...
+
+    def open_watches(self) -> int: ...
+
+    def commits(self) -> int: ...
+
+    def writes(self) -> int: ...
+
+    def deadlines_fired(self) -> int: ...
+
+
+class Metrics:
+    """Counts calls as the transports end them; renders everything for a scrape."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._rpcs = Counter(
+            "task_manager_rpcs",
+            "gRPC calls ended, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self._rpc_seconds = Histogram(
+            "task_manager_rpc_duration_seconds",
+            "gRPC calls by method: how long each took (a stream: its whole life)",
+            ["method"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._http = Counter(
+            "task_manager_http_requests",
+            "HTTP requests answered, by route and status code",
+            ["route", "code"],
+            registry=self.registry,
+        )
+        self._http_seconds = Histogram(
+            "task_manager_http_request_duration_seconds",
+            "HTTP requests by route: how long each took",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        # Children by labels, looked up once: labels() costs a lock and a dict each call,
+        # and this runs on every call the gateway answers.
+        self._rpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._http_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._task_counts: Mapping[str, int] = {}
+
+    def rpc_ended(self, method: str, code: str, seconds: float) -> None:
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = (self._rpcs.labels(method, code), self._rpc_seconds.labels(method))
+            self._rpc_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def http_answered(self, route: str, code: int, seconds: float) -> None:
+        children = self._http_children.get((route, code))
+        if children is None:
+            children = (self._http.labels(route, str(code)), self._http_seconds.labels(route))
+            self._http_children[(route, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe(self, observed: Observed) -> None:
+        """Reads what the server holds at each scrape (once, at startup)."""
+        self.registry.register(_Held(observed, lambda: self._task_counts))
+
+    def render(self, task_counts: Mapping[str, int]) -> bytes:
+        """The text a scrape answers, with the tasks by status as the caller just read."""
+        self._task_counts = task_counts
+        return generate_latest(self.registry)
+
+
+class _Held(Collector):
+    def __init__(self, observed: Observed, task_counts: Callable[[], Mapping[str, int]]):
+        self._observed = observed
+        self._task_counts = task_counts
+
+    def collect(self) -> Iterable[Metric]:
+        observed = self._observed
+        yield GaugeMetricFamily(
+            "task_manager_agent_streams",
+            "ListenAsAgent streams open on this server",
+            value=observed.open_agent_streams(),
+        )
+        yield GaugeMetricFamily(
+            "task_manager_watchers",
+            "WatchTasks streams open on this server",
+            value=observed.open_watches(),
+        )
+        tasks = GaugeMetricFamily(
+            "task_manager_tasks", "Tasks in the store, by status", labels=["status"]
+        )
+        for status, count in sorted(self._task_counts().items()):
+            tasks.add_metric([status], count)
+        yield tasks
+        yield CounterMetricFamily(
+            "task_manager_store_commits",
+            "Transactions this server's writer committed (each holds a batch of writes)",
+            value=observed.commits(),
+        )
+        yield CounterMetricFamily(
+            "task_manager_store_writes",
+            "Units of work this server's writer committed",
+            value=observed.writes(),
+        )
+        yield CounterMetricFamily(
+            "task_manager_deadlines_fired",
+            "Timeouts, scheduled releases and retries this server's timekeeper fired",
+            value=observed.deadlines_fired(),
+        )

@@ -1,0 +1,136 @@
+"""The HTTP server: health, readiness and /metrics for now.
+
+An aiohttp server on the gateway's own event loop, beside grpc.aio: no thread, no second
+process. It takes the gRPC side's TLS settings and the same rule off loopback
+(server.py's _check_exposure). With authentication on, /metrics wants a bearer token of
+any role, as gRPC calls do: it tells what the gateway holds. /healthz and /readyz answer
+anyone, for load balancers and orchestrators.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from task_manager.auth import Credentials
+from task_manager.errors import Unauthenticated
+from task_manager.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backing:
+    """What the routes read, from the rest of the gateway."""
+
+    metrics: Metrics
+    credentials: Credentials
+    ready: Callable[[], Awaitable[str]]
+    """Why the gateway is not ready ("" when it is): stopping, or its store not answering."""
+    task_counts: Callable[[], Awaitable[Mapping[str, int]]]
+
+
+class HttpFront:
+    """A running HTTP server; stop() ends it."""
+
+    def __init__(self, runner: web.AppRunner, address: str) -> None:
+        self._runner = runner
+        self.address = address
+        """HOST:PORT as bound (a port 0 asked for is the one given)."""
+
+    @classmethod
+    async def start(
+        cls, listen: str, backing: Backing, ssl_context: ssl.SSLContext | None
+    ) -> HttpFront:
+        """Binds listen and serves; OSError if the address is taken or unavailable."""
+        app = web.Application(middlewares=[_measured(backing.metrics)])
+        routes = _Routes(backing)
+        app.router.add_get("/healthz", routes.healthz)
+        app.router.add_get("/readyz", routes.readyz)
+        app.router.add_get("/metrics", routes.metrics)
+        # No access log: a request per line would drown the server's own.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, _, port = listen.rpartition(":")
+        site = web.TCPSite(
+            runner, host.strip("[]"), int(port), ssl_context=ssl_context, reuse_port=False
+        )
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        bound_port = _bound_port(runner)
+        scheme = "https" if ssl_context is not None else "http"
+        address = f"{host}:{bound_port}"
+        log.info("HTTP on %s://%s", scheme, address)
+        return cls(runner, address)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        return int(address[1])
+    raise OSError("the HTTP server bound no address")
+
+
+class _Routes:
+    def __init__(self, backing: Backing) -> None:
+        self._backing = backing
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        why = await self._backing.ready()
+        if why:
+            return web.Response(status=503, text=f"not ready: {why}\n")
+        return web.Response(text="ready\n")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        credentials = self._backing.credentials
+        if credentials.required:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return _unauthenticated("send 'Authorization: Bearer <token>'")
+            try:
+                credentials.by_token(token.strip())
+            except Unauthenticated as refused:
+                return _unauthenticated(str(refused))
+        body = self._backing.metrics.render(await self._backing.task_counts())
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _unauthenticated(why: str) -> web.Response:
+    return web.Response(
+        status=401, text=f"{why}\n", headers={"WWW-Authenticate": 'Bearer realm="task-manager"'}
+    )
+
+
+def _measured(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Counts and times each request by its route (the pattern, not the path: one series
+    per route however many task ids pass through it)."""
+
+    @web.middleware
+    async def measure(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        try:
+            response = await handler(request)
+        except web.HTTPException as answered:
+            metrics.http_answered(route, answered.status, time.perf_counter() - started)
+            raise
+        metrics.http_answered(route, response.status, time.perf_counter() - started)
+        return response
+
+    return measure
