@@ -94,13 +94,14 @@ async def upload(
                 raise InvalidArgument("header", "comes once, first")
             if kind is None:
                 raise InvalidArgument("part", "is empty: send a header, then chunks")
-            received += len(part.chunk)
+            chunk = part.chunk  # once: each read of a bytes field copies it
+            received += len(chunk)
             if received > header.size:
                 raise InvalidArgument(
                     "chunk", f"brings the bytes to {received}, past the header's {header.size}"
                 )
-            await quotas.pace(principal, len(part.chunk))
-            await writer.write(part.chunk)
+            await quotas.pace(principal, len(chunk))
+            await writer.write(chunk)
         try:
             stored, existed = await writer.commit(header)
         except DigestMismatch as mismatch:
