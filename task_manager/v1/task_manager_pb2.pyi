@@ -2882,7 +2882,7 @@ class NamedPayload(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """[A-Za-z0-9_.-]{1,63}."""
+    """[A-Za-z0-9_-][A-Za-z0-9_.-]{0,62}: a file name, never "." or "..", no leading dot."""
     @_builtins.property
     def payload(self) -> Global___PayloadRef:
         """Unset on an input still to be attached."""
