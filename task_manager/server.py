@@ -334,7 +334,15 @@ class TaskManagerServer:
         running.timekeeper = timekeeper
         metrics.observe(_Held(dispatcher, watch_hub, store, timekeeper))
         if settings.http_listen != HTTP_OFF:
-            backing = Backing(metrics, credentials, running.not_ready_because, running.task_counts)
+            backing = Backing(
+                metrics,
+                credentials,
+                running.not_ready_because,
+                running.task_counts,
+                servicer,
+                gate,
+                settings.max_request_bytes,
+            )
             try:
                 running.http = await HttpFront.start(
                     settings.http_listen, backing, _http_ssl_context(settings)

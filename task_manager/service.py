@@ -12,10 +12,18 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import message_factory
@@ -138,6 +146,18 @@ from task_manager.watch import WatchHub, watch_stream
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CallContext(Protocol):
+    """What a method asks of the call it serves, beyond its request: a gRPC call's
+    context, or the HTTP front's stand-in for one (task_manager/web)."""
+
+    async def send_initial_metadata(
+        self, initial_metadata: Sequence[tuple[str, str | bytes]]
+    ) -> None:
+        """Tells the client the call is under way (headers), before any answer."""
+
+
 OperatorChange = Callable[[WriteTransaction, str, Principal | None, str, int], Task]
 """lifecycle.cancel_task or lifecycle.complete_task."""
 CURRENT_STATUS_VERSION_KEY = "x-current-status-version"
@@ -188,7 +208,7 @@ class TaskManagerService:
     async def CreateTask(
         self,
         request: CreateTaskRequest,
-        context: Context,
+        context: CallContext,
         caller: Caller,
     ) -> bytes:
         validation.check_create_task(request, self._limits, caller.default_scope)
@@ -217,7 +237,7 @@ class TaskManagerService:
         return wire.CREATE_TASK_RESPONSE.encode(encoded_task, said)
 
     async def GetTask(
-        self, request: GetTaskRequest, context: Context, caller: Caller
+        self, request: GetTaskRequest, context: CallContext, caller: Caller
     ) -> GetTaskResponse:
         task_id = _task_id(request, caller)
         view = validation.task_view(request.task_view, "task_view")
@@ -240,7 +260,7 @@ class TaskManagerService:
         return GetTaskResponse(task=task)
 
     async def UpdateTask(
-        self, request: UpdateTaskRequest, context: Context, caller: Caller
+        self, request: UpdateTaskRequest, context: CallContext, caller: Caller
     ) -> bytes:
         validation.check_update_task(request, self._limits, caller.default_scope)
         _check_scopes(caller, request.task_id)
@@ -261,7 +281,7 @@ class TaskManagerService:
     async def QueryTasks(
         self,
         request: QueryTasksRequest,
-        context: Context,
+        context: CallContext,
         caller: Caller,
     ) -> QueryTasksResponse:
         query = validation.task_query(request, caller.default_scope)
@@ -277,7 +297,7 @@ class TaskManagerService:
     async def UpdateStatus(
         self,
         request: UpdateStatusRequest,
-        context: Context,
+        context: CallContext,
         caller: Caller,
     ) -> bytes:
         if not request.HasField("status_update"):
@@ -296,7 +316,7 @@ class TaskManagerService:
     async def ReportStatus(
         self,
         reports: AsyncIterator[StatusReport | Undecodable],
-        context: Context,
+        context: CallContext,
         caller: Caller,
     ) -> AsyncIterator[StatusReportResult | bytes]:
         # Reports are read and queued for the writer as they come (so they share group
@@ -332,9 +352,9 @@ class TaskManagerService:
     async def WatchTasks(
         self,
         request: WatchTasksRequest,
-        context: Context,
+        context: CallContext,
         caller: Caller,
-    ) -> AsyncIterator[bytes | WatchTasksResponse]:
+    ) -> AsyncGenerator[bytes | WatchTasksResponse, None]:
         spec = validation.watch_spec(request, self._limits, caller.default_scope)
         selector = spec.selector
         _check_scopes(caller, *selector.task_ids, selector.parent_task_id, selector.session_id)
@@ -373,9 +393,9 @@ class TaskManagerService:
     async def ListenAsAgent(
         self,
         request: ListenAsAgentRequest,
-        context: Context,
+        context: CallContext,
         caller: Caller,
-    ) -> AsyncIterator[ListenAsAgentResponse | bytes]:
+    ) -> AsyncGenerator[ListenAsAgentResponse | bytes, None]:
         entity_ids = validation.agent_selector(request, self._limits)
         runs = validation.runnable_task_types(request, self._limits)
         for entity_id in sorted(entity_ids):
@@ -411,7 +431,7 @@ class TaskManagerService:
             self._cluster.streams_changed(entity_ids, now_ns)
 
     async def ListAgents(
-        self, request: ListAgentsRequest, context: Context, caller: Caller
+        self, request: ListAgentsRequest, context: CallContext, caller: Caller
     ) -> ListAgentsResponse:
         wanted = validation.entity_ids(request.entity_ids, "entity_ids", self._limits)
         known = self._presence.known(wanted)
@@ -430,7 +450,7 @@ class TaskManagerService:
         )
 
     async def SubmitSessions(
-        self, request: SubmitSessionsRequest, context: Context, caller: Caller
+        self, request: SubmitSessionsRequest, context: CallContext, caller: Caller
     ) -> SubmitSessionsResponse:
         validation.check_submit_sessions(request, self._limits, caller.default_scope)
         author = caller.author(request.author if request.HasField("author") else None)
@@ -463,7 +483,7 @@ class TaskManagerService:
         return SubmitSessionsResponse(sessions=submitted)
 
     async def GetSession(
-        self, request: GetSessionRequest, context: Context, caller: Caller
+        self, request: GetSessionRequest, context: CallContext, caller: Caller
     ) -> GetSessionResponse:
         session_id = validation.session_id(request, caller.default_scope)
         _check_scopes(caller, session_id)
@@ -473,7 +493,7 @@ class TaskManagerService:
         return GetSessionResponse(session=sessions.view(*found))
 
     async def CancelSession(
-        self, request: CancelSessionRequest, context: Context, caller: Caller
+        self, request: CancelSessionRequest, context: CallContext, caller: Caller
     ) -> CancelSessionResponse:
         validation.check_cancel_session(request, self._limits, caller.default_scope)
         _check_scopes(caller, request.session_id)
@@ -488,7 +508,7 @@ class TaskManagerService:
         return CancelSessionResponse(session=sessions.view(*found))
 
     async def RegisterTaskType(
-        self, request: RegisterTaskTypeRequest, context: Context, caller: Caller
+        self, request: RegisterTaskTypeRequest, context: CallContext, caller: Caller
     ) -> RegisterTaskTypeResponse:
         if caller.scopes:
             raise PermissionDenied(
@@ -503,7 +523,7 @@ class TaskManagerService:
         return RegisterTaskTypeResponse(task_type=registered, already_existed=existed)
 
     async def GetTaskType(
-        self, request: GetTaskTypeRequest, context: Context, caller: Caller
+        self, request: GetTaskTypeRequest, context: CallContext, caller: Caller
     ) -> GetTaskTypeResponse:
         task_types.check_name(request.name, "name")
         found = await self._store.task_type(request.name, request.version)
@@ -512,7 +532,7 @@ class TaskManagerService:
         return GetTaskTypeResponse(task_type=found)
 
     async def ListTaskTypes(
-        self, request: ListTaskTypesRequest, context: Context, caller: Caller
+        self, request: ListTaskTypesRequest, context: CallContext, caller: Caller
     ) -> ListTaskTypesResponse:
         if request.name:
             task_types.check_name(request.name, "name")
@@ -521,7 +541,7 @@ class TaskManagerService:
     async def UploadPayload(
         self,
         parts: AsyncIterator[UploadPayloadRequest | Undecodable],
-        context: Context,
+        context: CallContext,
         caller: Caller,
     ) -> UploadPayloadResponse:
         async def decoded() -> AsyncIterator[UploadPayloadRequest]:
@@ -534,14 +554,14 @@ class TaskManagerService:
         return UploadPayloadResponse(payload=payloads.ref_message(stored), already_stored=existed)
 
     async def DownloadPayload(
-        self, request: DownloadPayloadRequest, context: Context, caller: Caller
+        self, request: DownloadPayloadRequest, context: CallContext, caller: Caller
     ) -> AsyncIterator[DownloadPayloadResponse]:
         await self._check_payload_reader(request, caller)
         async for chunk in payloads.download(self._blobs, request.sha256, request.offset):
             yield chunk
 
     async def StatPayload(
-        self, request: StatPayloadRequest, context: Context, caller: Caller
+        self, request: StatPayloadRequest, context: CallContext, caller: Caller
     ) -> StatPayloadResponse:
         await self._check_payload_reader(request, caller)
         found = await payloads.stat(self._blobs, request.sha256)
@@ -563,7 +583,7 @@ class TaskManagerService:
         lifecycle.check_input_reader(caller, stored.task, request.sha256)
 
     async def AttachInput(
-        self, request: AttachInputRequest, context: Context, caller: Caller
+        self, request: AttachInputRequest, context: CallContext, caller: Caller
     ) -> AttachInputResponse:
         validation.check_attach(request, self._limits, caller.default_scope)
         _check_scopes(caller, request.task_id)
@@ -575,7 +595,7 @@ class TaskManagerService:
         return AttachInputResponse(task=task)
 
     async def AttachOutput(
-        self, request: AttachOutputRequest, context: Context, caller: Caller
+        self, request: AttachOutputRequest, context: CallContext, caller: Caller
     ) -> AttachOutputResponse:
         validation.check_attach(request, self._limits)
         # Its agent's, before anything about the payload: else an agent could learn of
@@ -609,7 +629,7 @@ class TaskManagerService:
                 )
 
     async def AddCredential(
-        self, request: AddCredentialRequest, context: Context, caller: Caller
+        self, request: AddCredentialRequest, context: CallContext, caller: Caller
     ) -> AddCredentialResponse:
         principal, role, entity_ids, limited_to = validation.credential_binding(
             request, self._limits
@@ -625,13 +645,13 @@ class TaskManagerService:
         return AddCredentialResponse(credential=_credential_message(credential), token=token)
 
     async def ListCredentials(
-        self, request: ListCredentialsRequest, context: Context, caller: Caller
+        self, request: ListCredentialsRequest, context: CallContext, caller: Caller
     ) -> ListCredentialsResponse:
         stored = await self._store.credentials()
         return ListCredentialsResponse(credentials=[_credential_message(c) for c in stored])
 
     async def RevokeCredential(
-        self, request: RevokeCredentialRequest, context: Context, caller: Caller
+        self, request: RevokeCredentialRequest, context: CallContext, caller: Caller
     ) -> RevokeCredentialResponse:
         credential_id = validation.credential_id(request.credential_id)
         now_ns = self._clock.now_ns()
@@ -645,7 +665,7 @@ class TaskManagerService:
     async def CancelTask(
         self,
         request: CancelTaskRequest,
-        context: Context,
+        context: CallContext,
         caller: Caller,
     ) -> bytes:
         encoded_task = await self._operator_request(request, caller, lifecycle.cancel_task)
@@ -654,7 +674,7 @@ class TaskManagerService:
     async def CompleteTask(
         self,
         request: CompleteTaskRequest,
-        context: Context,
+        context: CallContext,
         caller: Caller,
     ) -> bytes:
         encoded_task = await self._operator_request(request, caller, lifecycle.complete_task)
@@ -678,7 +698,7 @@ class TaskManagerService:
     async def GetTaskHistory(
         self,
         request: GetTaskHistoryRequest,
-        context: Context,
+        context: CallContext,
         caller: Caller,
     ) -> GetTaskHistoryResponse:
         task_id = _task_id(request, caller)
@@ -804,24 +824,64 @@ class Gate:
         return revoked
 
     def admit(self, method: str, context: Context) -> Caller:
+        """A gRPC call: its bearer token or its client certificate names the caller."""
+        return self._admit(method, lambda: self._identify(context))
+
+    def admit_http(self, method: str, authorization: str | None) -> Caller:
+        """An HTTP request to the route that calls method: its Authorization header
+        names the caller."""
+
+        def identify() -> Caller:
+            if authorization is None:
+                raise Unauthenticated(
+                    "this task manager requires credentials: send 'Authorization: Bearer <token>'"
+                )
+            return self._bearer(authorization, "the Authorization header")
+
+        return self._admit(method, identify)
+
+    @contextmanager
+    def stream_of(self, caller: Caller) -> Iterator[None]:
+        """Runs a stream of caller's (the current task serves it) as one of its open
+        streams. If its credential is revoked meanwhile, the task is cancelled and the
+        stream fails with why (UNAUTHENTICATED)."""
+        ended: list[Exception] = []
+        serving = asyncio.current_task()
+        assert serving is not None
+
+        def end(reason: Exception) -> None:
+            ended.append(reason)
+            serving.cancel()
+
+        with self.streams.open(caller, end):
+            try:
+                yield
+            except asyncio.CancelledError:
+                if not ended:
+                    raise
+                serving.uncancel()
+                raise ended[0] from None
+
+    def _admit(self, method: str, identify: Callable[[], Caller]) -> Caller:
         self.arrivals += 1
         if self._closing is not None:
             raise self._closing
-        caller = self._identify(context)
+        caller = identify() if self.credentials.required else ANONYMOUS
         caller.check_method(method)
         self.limiter.admit(caller.principal)
         return caller
 
+    def _bearer(self, authorization: str, where: str) -> Caller:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated(f"{where} must be 'Bearer <token>'")
+        return self.credentials.by_token(token.strip())
+
     def _identify(self, context: Context) -> Caller:
-        if not self.credentials.required:
-            return ANONYMOUS
         metadata: dict[str, str | bytes] = dict(context.invocation_metadata() or ())
         authorization = metadata.get("authorization")
         if authorization is not None:
-            scheme, _, token = str(authorization).partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
-            return self.credentials.by_token(token.strip())
+            return self._bearer(str(authorization), "the authorization metadata")
         names = _certificate_names(context)
         if names:
             return self.credentials.by_certificate(names)
@@ -998,29 +1058,15 @@ def _stream_handler(
     revoked (UNAUTHENTICATED)."""
 
     async def handle(request: Any, context: Context) -> AsyncIterator[Message | bytes]:
-        ended: list[Exception] = []
-        handler_task = asyncio.current_task()
-        assert handler_task is not None
         started = time.perf_counter()
         code = "CANCELLED"  # unless it ends otherwise: the client went away
-
-        def end(reason: Exception) -> None:
-            ended.append(reason)
-            handler_task.cancel()
-
         try:
             caller = gate.admit(name, context)
-            with gate.streams.open(caller, end):
-                try:
-                    first = request if client_streaming else _decoded(request)
-                    async for response in method(first, context, caller):
-                        yield response
-                    code = "OK"
-                except asyncio.CancelledError:
-                    if not ended:
-                        raise
-                    handler_task.uncancel()
-                    raise ended[0] from None
+            with gate.stream_of(caller):
+                first = request if client_streaming else _decoded(request)
+                async for response in method(first, context, caller):
+                    yield response
+                code = "OK"
         except Exception as error:
             code = code_for(error).name
             await _refuse(context, name, error)

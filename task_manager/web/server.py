@@ -1,4 +1,4 @@
-"""The HTTP server: health, readiness and /metrics for now.
+"""The HTTP server: the Lattice REST API (lattice.py), health, readiness and /metrics.
 
 An aiohttp server on the gateway's own event loop, beside grpc.aio: no thread, no second
 process. It takes the gRPC side's TLS settings and the same rule off loopback
@@ -20,6 +20,8 @@ from aiohttp import web
 from task_manager.auth import Credentials
 from task_manager.errors import Unauthenticated
 from task_manager.metrics import CONTENT_TYPE, Metrics
+from task_manager.service import Gate, TaskManagerService
+from task_manager.web.lattice import LatticeRoutes
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ class Backing:
     ready: Callable[[], Awaitable[str]]
     """Why the gateway is not ready ("" when it is): stopping, or its store not answering."""
     task_counts: Callable[[], Awaitable[Mapping[str, int]]]
+    service: TaskManagerService
+    gate: Gate
+    max_request_bytes: int
 
 
 class HttpFront:
@@ -48,13 +53,20 @@ class HttpFront:
         cls, listen: str, backing: Backing, ssl_context: ssl.SSLContext | None
     ) -> HttpFront:
         """Binds listen and serves; OSError if the address is taken or unavailable."""
-        app = web.Application(middlewares=[_measured(backing.metrics)])
+        app = web.Application(
+            middlewares=[_measured(backing.metrics)], client_max_size=backing.max_request_bytes
+        )
+        LatticeRoutes(backing.service, backing.gate).add_to(app.router)
         routes = _Routes(backing)
         app.router.add_get("/healthz", routes.healthz)
         app.router.add_get("/readyz", routes.readyz)
         app.router.add_get("/metrics", routes.metrics)
-        # No access log: a request per line would drown the server's own.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # No access log: a request per line would drown the server's own. Handlers are
+        # cancelled when their client goes away, so a stream ends (and its agent counts as
+        # gone) at once, not at its next heartbeat.
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, handler_cancellation=True
+        )
         await runner.setup()
         host, _, port = listen.rpartition(":")
         site = web.TCPSite(
