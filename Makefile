@@ -10,10 +10,13 @@ DEV := $(VENV)/.installed-dev
 # machine's server binaries: looked for once, installed if missing where we can (root with
 # apt-get, as on CI).
 POSTGRES := $(VENV)/.postgres-found
+# The web console's tests drive a real headless Chromium (Debian's, through Playwright):
+# looked for once, installed if missing where we can, as PostgreSQL is.
+CHROMIUM := $(VENV)/.chromium-found
 
 .PHONY: install serve serve-cluster test fuzz stress protos lint bench bench-quick bench-compare profile clean
 
-install: $(DEV) $(POSTGRES)
+install: $(DEV) $(POSTGRES) $(CHROMIUM)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +45,15 @@ $(POSTGRES): | $(DEV)
 	    apt-get install -y --no-install-recommends postgresql && \
 	  $(PY) -m devtools.private_postgres --check; }
 	touch $(POSTGRES)
+
+$(CHROMIUM): | $(DEV)
+	command -v chromium >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null || { \
+	    echo "Chromium is missing: install it (Debian: apt-get install chromium)" >&2; \
+	    exit 1; }; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y --no-install-recommends chromium; }
+	touch $(CHROMIUM)
 
 serve: $(SERVING)
 	$(VENV)/bin/task-manager serve

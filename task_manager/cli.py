@@ -401,7 +401,11 @@ async def _serve(settings: Settings) -> int:
     # second where the HTTP front does.
     print(f"task-manager: serving on {server.address}", flush=True)
     if server.http_url:
-        print(f"task-manager: HTTP on {server.http_url} (/metrics, /healthz)", flush=True)
+        print(
+            f"task-manager: HTTP on {server.http_url} (the web console;"
+            " the Lattice REST API under api/v1/, /metrics, /healthz)",
+            flush=True,
+        )
     await stop.wait()
     await server.stop()
     return 0

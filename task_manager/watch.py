@@ -261,8 +261,11 @@ async def watch_stream(
         else:
             # From now: not the store's revision read later (a change committed after the
             # subscription but before that read would be skipped and lost), but the
-            # point from which this watch is offered every change.
+            # point from which this watch is offered every change. Said at once (a
+            # bookmark, as etcd's created response carries its revision): a watcher that
+            # reconnects before the first change resumes from there, not from a later now.
             covered = committed = watch.opened_at_revision
+            yield _heartbeat(covered, clock)
         async for response in watch.responses_after(covered, hub, clock, spec, committed=committed):
             yield response
 

@@ -184,6 +184,8 @@ async def test_idle_watcher_gets_heartbeat_bookmarks_that_advance(
             stub, filter=pb.WatchFilter(task_ids=["never-made"]), heartbeat_interval_ms=1000
         )
         await call.initial_metadata()
+        opening = await read(call)  # where the watch starts, said at once
+        assert (opening.HasField("heartbeat"), opening.revision) == (True, 0)
         await make_changes(stub, 1)  # changes this watcher does not want
         current = (await all_revisions(stub))[-1]
         clock.advance(0.5)
@@ -395,6 +397,7 @@ async def test_a_change_committed_right_after_subscribing_is_never_lost(database
             )
         )
         update = status_update(task, S.STATUS_EXECUTING).status_update
+        task_revision = store.feed.revision  # the create's: where the watch will start
 
         async def commit_a_change() -> None:
             await store.write(
@@ -403,8 +406,14 @@ async def test_a_change_committed_right_after_subscribing_is_never_lost(database
 
         spec = WatchSpec(selector=TaskSelector(task_ids=frozenset({"raced-1"})))
         stream = watch_stream(spec, hub, store, clock, on_subscribed=commit_a_change)
-        first = await asyncio.wait_for(anext(stream), 5)
-        event = pb.WatchTasksResponse.FromString(first) if isinstance(first, bytes) else first
+        responses = []
+        for _ in range(2):  # the opening bookmark, then the change
+            answer = await asyncio.wait_for(anext(stream), 5)
+            responses.append(
+                pb.WatchTasksResponse.FromString(answer) if isinstance(answer, bytes) else answer
+            )
+        opening, event = responses
+        assert (opening.HasField("heartbeat"), opening.revision) == (True, task_revision)
         assert event.event.task.status.status == S.STATUS_EXECUTING
         await stream.aclose()  # type: ignore[attr-defined]
     finally:

@@ -15,16 +15,16 @@ Where the SDK's shapes differ from the gRPC messages, the route maps them (the R
   accepted and not acted on: retries and timeouts are the task's policy (`policy`,
   accepted too, as are this gateway's other CreateTask fields);
 - stream events carry their type inside the JSON (`"event": "task_event"`), which is how
-  the SDK tells them apart; the SSE `id:` of a task event is its revision.
+  the SDK tells them apart; the SSE `id:` of a live event or a heartbeat is its
+  revision (see resume_id).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -34,10 +34,20 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from task_manager import statuses
 from task_manager.auth import TOKEN_PREFIX, Caller
 from task_manager.clock import timestamp
-from task_manager.errors import InvalidArgument, TaskManagerError, Unauthenticated
+from task_manager.errors import InvalidArgument, Unauthenticated
 from task_manager.service import Gate, TaskManagerService
 from task_manager.v1 import task_manager_pb2 as pb
-from task_manager.web.answers import error_body, error_response, json_response
+from task_manager.web.answers import json_response
+from task_manager.web.calls import (
+    NO_HEADERS,
+    EventStream,
+    admit,
+    answer_call,
+    decoded,
+    json_body,
+    resume_id,
+    with_heartbeats,
+)
 from task_manager.web.protojson import from_json, to_json
 
 API = "/api/v1/"
@@ -99,24 +109,24 @@ class LatticeRoutes:
 
     async def create_task(self, request: web.Request) -> web.Response:
         async def call(caller: Caller) -> dict[str, Any]:
-            body = await _body(request)
+            body = await json_body(request)
             create = from_json(body, pb.CreateTaskRequest, "body")
             _release_time(body, create)
-            answer = await self._service.CreateTask(create, _NO_HEADERS, caller)
-            return to_json(_decoded(answer, pb.CreateTaskResponse).task)
+            answer = await self._service.CreateTask(create, NO_HEADERS, caller)
+            return to_json(decoded(answer, pb.CreateTaskResponse).task)
 
-        return await self._unary(request, "CreateTask", call)
+        return await answer_call(self._gate, request, "CreateTask", call)
 
     async def get_task(self, request: web.Request) -> web.Response:
         async def call(caller: Caller) -> dict[str, Any]:
             get = pb.GetTaskRequest(task_id=request.match_info["taskId"])
-            return to_json((await self._service.GetTask(get, _NO_HEADERS, caller)).task)
+            return to_json((await self._service.GetTask(get, NO_HEADERS, caller)).task)
 
-        return await self._unary(request, "GetTask", call)
+        return await answer_call(self._gate, request, "GetTask", call)
 
     async def update_status(self, request: web.Request) -> web.Response:
         async def call(caller: Caller) -> dict[str, Any]:
-            body = await _body(request)
+            body = await json_body(request)
             update = pb.StatusUpdate(
                 version=pb.TaskVersion(
                     task_id=request.match_info["taskId"],
@@ -128,26 +138,26 @@ class LatticeRoutes:
             if not body.get("author"):
                 update.ClearField("author")
             answer = await self._service.UpdateStatus(
-                pb.UpdateStatusRequest(status_update=update), _NO_HEADERS, caller
+                pb.UpdateStatusRequest(status_update=update), NO_HEADERS, caller
             )
-            return to_json(_decoded(answer, pb.UpdateStatusResponse).task)
+            return to_json(decoded(answer, pb.UpdateStatusResponse).task)
 
-        return await self._unary(request, "UpdateStatus", call)
+        return await answer_call(self._gate, request, "UpdateStatus", call)
 
     async def cancel_task(self, request: web.Request) -> web.Response:
         async def call(caller: Caller) -> dict[str, Any]:
-            body = await _body(request)
+            body = await json_body(request)
             cancel = pb.CancelTaskRequest(task_id=request.match_info["taskId"])
             if body.get("author"):
                 cancel.author.CopyFrom(from_json(body["author"], pb.Principal, "author"))
-            answer = await self._service.CancelTask(cancel, _NO_HEADERS, caller)
-            return to_json(_decoded(answer, pb.CancelTaskResponse).task)
+            answer = await self._service.CancelTask(cancel, NO_HEADERS, caller)
+            return to_json(decoded(answer, pb.CancelTaskResponse).task)
 
-        return await self._unary(request, "CancelTask", call)
+        return await answer_call(self._gate, request, "CancelTask", call)
 
     async def query_tasks(self, request: web.Request) -> web.Response:
         async def call(caller: Caller) -> dict[str, Any]:
-            body = await _body(request)
+            body = await json_body(request)
             query = pb.QueryTasksRequest(
                 page_token=_string(body, "pageToken"), parent_task_id=_string(body, "parentTaskId")
             )
@@ -166,13 +176,13 @@ class LatticeRoutes:
             ):
                 if window.get(key):
                     target.CopyFrom(_time(window[key], f"updateTimeRange.{key}"))
-            answer = await self._service.QueryTasks(query, _NO_HEADERS, caller)
+            answer = await self._service.QueryTasks(query, NO_HEADERS, caller)
             return {
                 "tasks": [to_json(task) for task in answer.tasks],
                 "nextPageToken": answer.page_token,
             }
 
-        return await self._unary(request, "QueryTasks", call)
+        return await answer_call(self._gate, request, "QueryTasks", call)
 
     async def listen_as_agent(self, request: web.Request) -> web.Response:
         """A long poll: the agent's next request (ExecuteRequest, CancelRequest,
@@ -181,31 +191,18 @@ class LatticeRoutes:
         reports receipt), as a reconnecting gRPC stream offers it: at least once."""
 
         async def call(caller: Caller) -> dict[str, Any]:
-            listen = _listen_request(await _body(request))
-            requests = self._service.ListenAsAgent(listen, _NO_HEADERS, caller)
-            try:
-                first = await asyncio.wait_for(anext(requests), LONG_POLL_S)
-            except (TimeoutError, StopAsyncIteration):
-                return {}
-            finally:
-                await requests.aclose()
-            return to_json(_decoded(first, pb.ListenAsAgentResponse))
+            listen = _listen_request(await json_body(request))
+            requests = self._service.ListenAsAgent(listen, NO_HEADERS, caller)
+            with self._gate.stream_of(caller):
+                try:
+                    first = await asyncio.wait_for(anext(requests), LONG_POLL_S)
+                except (TimeoutError, StopAsyncIteration):
+                    return {}
+                finally:
+                    await requests.aclose()
+            return to_json(decoded(first, pb.ListenAsAgentResponse))
 
-        return await self._unary(request, "ListenAsAgent", call)
-
-    async def _unary(
-        self,
-        request: web.Request,
-        method: str,
-        call: Callable[[Caller], Awaitable[dict[str, Any]]],
-    ) -> web.Response:
-        try:
-            caller = self._gate.admit_http(method, request.headers.get("Authorization"))
-            return json_response(await call(caller))
-        except TaskManagerError as refused:
-            return error_response(refused)
-        except Exception as failed:  # a bug: logged with an id by status_for
-            return error_response(failed)
+        return await answer_call(self._gate, request, "ListenAsAgent", call)
 
     # -- streams ----------------------------------------------------------------------
 
@@ -214,21 +211,27 @@ class LatticeRoutes:
         excludePreexistingTasks, then every change, with heartbeats."""
         events = EventStream(request)
         try:
-            caller = self._gate.admit_http("WatchTasks", request.headers.get("Authorization"))
-            body = await _body(request)
+            caller = admit(self._gate, request, "WatchTasks")
+            body = await json_body(request)
             watch, matches = _watch_request(body)
             responses = self._service.WatchTasks(watch, events, caller)
             with self._gate.stream_of(caller):
                 async with contextlib.aclosing(responses):
                     async for answer in responses:
-                        response = _decoded(answer, pb.WatchTasksResponse)
+                        response = decoded(answer, pb.WatchTasksResponse)
                         if response.HasField("heartbeat"):
-                            await events.send(_heartbeat(response.heartbeat.timestamp))
+                            await events.send(
+                                "heartbeat",
+                                _heartbeat(response.heartbeat.timestamp),
+                                resume_id(response),
+                            )
                         elif matches(response.event):
                             event = to_json(response.event)
                             event.pop("taskView", None)  # ours; the SDK has no such field
                             await events.send(
-                                {"event": "task_event", "taskEvent": event}, str(response.revision)
+                                "task_event",
+                                {"event": "task_event", "taskEvent": event},
+                                resume_id(response),
                             )
         except Exception as failed:
             return await events.failed(failed)
@@ -238,126 +241,27 @@ class LatticeRoutes:
         """The agent's requests as SSE, with a heartbeat when none came for the interval."""
         events = EventStream(request)
         try:
-            caller = self._gate.admit_http("ListenAsAgent", request.headers.get("Authorization"))
-            body = await _body(request)
+            caller = admit(self._gate, request, "ListenAsAgent")
+            body = await json_body(request)
             listen = _listen_request(body)
             interval_s = _heartbeat_ms(body) / 1000
             requests = self._service.ListenAsAgent(listen, events, caller)
             with self._gate.stream_of(caller):
                 async with contextlib.aclosing(requests):
-                    async for answer in _with_heartbeats(requests, interval_s):
+                    async for answer in with_heartbeats(requests, interval_s):
                         if answer is None:
-                            await events.send(_heartbeat(timestamp(time.time_ns())))
+                            await events.send("heartbeat", _heartbeat(timestamp(time.time_ns())))
                             continue
-                        agent_request = to_json(_decoded(answer, pb.ListenAsAgentResponse))
-                        await events.send({"event": "agent_request", **agent_request})
+                        agent_request = to_json(decoded(answer, pb.ListenAsAgentResponse))
+                        await events.send(
+                            "agent_request", {"event": "agent_request", **agent_request}
+                        )
         except Exception as failed:
             return await events.failed(failed)
         return await events.close()
 
 
-class EventStream:
-    """One Server-Sent Events answer. Opened when the service says the call is under
-    way (send_initial_metadata, as a gRPC call sends its headers), so a request refused
-    before that still gets a plain JSON error with its HTTP status."""
-
-    def __init__(self, request: web.Request) -> None:
-        self._request = request
-        self._response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",  # a proxy in front must not hold events back
-            }
-        )
-
-    async def send_initial_metadata(
-        self, initial_metadata: Sequence[tuple[str, str | bytes]]
-    ) -> None:
-        if not self._response.prepared:
-            await self._response.prepare(self._request)
-
-    async def send(self, data: dict[str, Any], event_id: str = "") -> None:
-        await self.send_initial_metadata(())
-        head = f"id: {event_id}\n" if event_id else ""
-        event = f"event: {data['event']}\n" if "event" in data else ""
-        line = json.dumps(data, separators=(",", ":"))
-        await self._response.write(f"{head}{event}data: {line}\n\n".encode())
-
-    async def failed(self, error: Exception) -> web.StreamResponse:
-        """Ends the answer with error: its HTTP status if nothing was sent yet, else a
-        last `error` event (the SDK skips it; other clients read it) and the end."""
-        if isinstance(error, asyncio.CancelledError):  # pragma: no cover: not an Exception
-            raise error
-        if isinstance(error, ConnectionResetError):  # the client went away
-            return self._response
-        if not self._response.prepared:
-            return error_response(error)
-        http_status, body = error_body(error)
-        with contextlib.suppress(ConnectionResetError):
-            await self.send({"event": "error", "httpStatus": http_status, **body})
-        return await self.close()
-
-    async def close(self) -> web.StreamResponse:
-        with contextlib.suppress(ConnectionResetError):
-            await self.send_initial_metadata(())
-            await self._response.write_eof()
-        return self._response
-
-
-class _NoHeaders:
-    """The call context of a route that answers once: nothing to send before it."""
-
-    async def send_initial_metadata(
-        self, initial_metadata: Sequence[tuple[str, str | bytes]]
-    ) -> None:
-        return None
-
-
-_NO_HEADERS = _NoHeaders()
-
-
-async def _with_heartbeats(
-    requests: AsyncIterator[M | bytes], interval_s: float
-) -> AsyncIterator[M | bytes | None]:
-    """requests, with a None after every interval_s in which none came."""
-    pending: asyncio.Task[M | bytes] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(requests))
-            done, _ = await asyncio.wait({pending}, timeout=interval_s)
-            if not done:
-                yield None
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield item
-    finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
-
-
 # -- JSON to requests -----------------------------------------------------------------------
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object ({} for an empty body)."""
-    text = await request.text()
-    if not text.strip():
-        return {}
-    try:
-        body = json.loads(text)
-    except ValueError as bad:
-        raise InvalidArgument("body", f"is not JSON: {bad}") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("body", f"must be a JSON object, not {type(body).__name__}")
-    return body
 
 
 def _object(body: dict[str, Any], key: str) -> dict[str, Any]:
@@ -496,11 +400,6 @@ def _watch_request(
 
 
 # -- answers --------------------------------------------------------------------------
-
-
-def _decoded(answer: M | bytes, message_type: type[M]) -> M:
-    """A method's answer as a message (methods answer a changed task already encoded)."""
-    return message_type.FromString(answer) if isinstance(answer, bytes) else answer
 
 
 def _heartbeat(stamp: Timestamp) -> dict[str, Any]:

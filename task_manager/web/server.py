@@ -1,4 +1,5 @@
-"""The HTTP server: the Lattice REST API (lattice.py), health, readiness and /metrics.
+"""The HTTP server: the Lattice REST API (lattice.py), this gateway's own API as JSON
+(rpc.py), its OpenAPI document, health, readiness and /metrics.
 
 An aiohttp server on the gateway's own event loop, beside grpc.aio: no thread, no second
 process. It takes the gRPC side's TLS settings and the same rule off loopback
@@ -14,6 +15,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -21,9 +23,14 @@ from task_manager.auth import Credentials
 from task_manager.errors import Unauthenticated
 from task_manager.metrics import CONTENT_TYPE, Metrics
 from task_manager.service import Gate, TaskManagerService
+from task_manager.web import openapi
+from task_manager.web.answers import json_response
 from task_manager.web.lattice import LatticeRoutes
+from task_manager.web.rpc import RpcRoutes
 
 log = logging.getLogger(__name__)
+CONSOLE = Path(__file__).with_name("console")
+"""The web console's files, served as they are (no build step; console/console.js)."""
 
 
 @dataclass(frozen=True)
@@ -57,10 +64,14 @@ class HttpFront:
             middlewares=[_measured(backing.metrics)], client_max_size=backing.max_request_bytes
         )
         LatticeRoutes(backing.service, backing.gate).add_to(app.router)
+        RpcRoutes(backing.service, backing.gate).add_to(app.router)
         routes = _Routes(backing)
         app.router.add_get("/healthz", routes.healthz)
         app.router.add_get("/readyz", routes.readyz)
         app.router.add_get("/metrics", routes.metrics)
+        app.router.add_get("/openapi.json", routes.openapi)
+        app.router.add_get("/", routes.console)
+        app.router.add_static("/console/", CONSOLE)
         # No access log: a request per line would drown the server's own. Handlers are
         # cancelled when their client goes away, so a stream ends (and its agent counts as
         # gone) at once, not at its next heartbeat.
@@ -83,6 +94,10 @@ class HttpFront:
         log.info("HTTP on %s://%s", scheme, address)
         return cls(runner, address)
 
+    def routes(self) -> list[web.AbstractRoute]:
+        """What it serves."""
+        return list(self._runner.app.router.routes())
+
     async def stop(self) -> None:
         await self._runner.cleanup()
 
@@ -96,6 +111,13 @@ def _bound_port(runner: web.AppRunner) -> int:
 class _Routes:
     def __init__(self, backing: Backing) -> None:
         self._backing = backing
+        self._openapi = openapi.document()
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return json_response(self._openapi)
+
+    async def console(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(CONSOLE / "index.html")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

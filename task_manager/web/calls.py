@@ -1,0 +1,173 @@
+"""What every HTTP route that calls a service method shares: admission, the JSON body,
+the answer, and the Server-Sent Events answer of a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from aiohttp import web
+from google.protobuf.message import Message
+
+from task_manager.auth import Caller
+from task_manager.errors import InvalidArgument
+from task_manager.service import Gate
+from task_manager.v1 import task_manager_pb2 as pb
+from task_manager.web.answers import error_body, error_response, json_response
+
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+
+async def answer_call(
+    gate: Gate,
+    request: web.Request,
+    method: str,
+    call: Callable[[Caller], Awaitable[dict[str, Any]]],
+) -> web.Response:
+    """Admits the request as a call of method (by its Authorization header), runs call
+    for the caller and answers its JSON, or the error (answers.py) it failed with."""
+    try:
+        caller = admit(gate, request, method)
+        return json_response(await call(caller))
+    except Exception as failed:  # a bug, among them, is logged with an id by status_for
+        return error_response(failed)
+
+
+def admit(gate: Gate, request: web.Request, method: str) -> Caller:
+    """The caller of a request, by its Authorization header; a GET (a browser's
+    EventSource, which cannot send headers) may give the token as ?access_token=
+    instead (RFC 6750, section 2.3)."""
+    authorization = request.headers.get("Authorization")
+    if authorization is None and request.method == "GET" and "access_token" in request.query:
+        authorization = f"Bearer {request.query['access_token']}"
+    return gate.admit_http(method, authorization)
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object ({} for an empty body)."""
+    text = await request.text()
+    if not text.strip():
+        return {}
+    try:
+        body = json.loads(text)
+    except ValueError as bad:
+        raise InvalidArgument("body", f"is not JSON: {bad}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("body", f"must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def decoded(answer: M | bytes, message_type: type[M]) -> M:
+    """A method's answer as a message (methods answer a changed task already encoded)."""
+    return message_type.FromString(answer) if isinstance(answer, bytes) else answer
+
+
+class NoHeaders:
+    """The call context of a route that answers once: nothing to send before it."""
+
+    async def send_initial_metadata(
+        self, initial_metadata: Sequence[tuple[str, str | bytes]]
+    ) -> None:
+        return None
+
+
+NO_HEADERS = NoHeaders()
+
+
+class EventStream:
+    """One Server-Sent Events answer, and the call context of the method behind it:
+    opened when the method says the call is under way (send_initial_metadata, as a gRPC
+    call sends its headers), so a request refused before that still gets a plain JSON
+    error with its HTTP status."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # a proxy in front must not hold events back
+            }
+        )
+
+    async def send_initial_metadata(
+        self, initial_metadata: Sequence[tuple[str, str | bytes]]
+    ) -> None:
+        if not self._response.prepared:
+            await self._response.prepare(self._request)
+
+    async def send(self, event: str, data: dict[str, Any], event_id: str = "") -> None:
+        """One event: its type, its JSON data, and the id a client resumes after."""
+        await self.send_initial_metadata(())
+        head = f"id: {event_id}\n" if event_id else ""
+        line = json.dumps(data, separators=(",", ":"))
+        await self._response.write(f"{head}event: {event}\ndata: {line}\n\n".encode())
+
+    async def failed(self, error: Exception) -> web.StreamResponse:
+        """Ends the answer with error: its HTTP status if nothing was sent yet, else a
+        last `error` event ({"httpStatus", "code", "status", "message"}) and the end."""
+        if isinstance(error, ConnectionResetError):  # the client went away
+            return self._response
+        if not self._response.prepared:
+            return error_response(error)
+        http_status, body = error_body(error)
+        with contextlib.suppress(ConnectionResetError):
+            await self.send("error", {"event": "error", "httpStatus": http_status, **body})
+        return await self.close()
+
+    async def close(self) -> web.StreamResponse:
+        with contextlib.suppress(ConnectionResetError):
+            await self.send_initial_metadata(())
+            await self._response.write_eof()
+        return self._response
+
+
+async def with_heartbeats(items: AsyncIterator[T], interval_s: float) -> AsyncIterator[T | None]:
+    """items, with a None after every interval_s in which none came."""
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+
+
+LAST_EVENT_ID = "Last-Event-ID"
+
+
+def resume_id(response: pb.WatchTasksResponse) -> str:
+    """The SSE id of a watch's response: its revision, after which a watch resumes
+    (start_revision = id + 1) with no gap and no repeat. A snapshot's tasks have none:
+    each carries the snapshot's revision, and resuming after one would skip the rest;
+    the heartbeat that ends the snapshot carries it."""
+    if response.event.event_type == pb.EVENT_TYPE_PREEXISTING:
+        return ""
+    return str(response.revision)
+
+
+def resumed_after(request: web.Request) -> int | None:
+    """The revision a reconnecting EventSource last saw (its Last-Event-ID), if any."""
+    last = request.headers.get(LAST_EVENT_ID, "").strip()
+    if not last:
+        return None
+    if not last.isdigit():
+        raise InvalidArgument(LAST_EVENT_ID, f"must be a revision (an event's id), not {last!r}")
+    return int(last)

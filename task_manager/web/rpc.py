@@ -1,0 +1,137 @@
+"""This gateway's own API over HTTP: every method of task_manager.v1.TaskManager, as JSON.
+
+    POST /rpc/task_manager.v1.TaskManager/<Method>    body: the request message's JSON
+
+The path is the gRPC method's own, under /rpc; the body and the answer are the request
+and response messages in the protobuf JSON mapping (protojson.py). A unary method
+answers its response; a server-streaming one (WatchTasks, ListenAsAgent,
+DownloadPayload) answers Server-Sent Events, one response each: `event:` the name of the
+response's set oneof field (or "message"), `data:` its JSON. A browser's EventSource
+cannot POST, so a stream may also be a GET, with the request's JSON in the `request`
+query parameter.
+
+WatchTasks's events carry `id:` (calls.resume_id): the revision after which it resumes.
+An EventSource that reconnects sends it back as Last-Event-ID, and the watch starts
+after it (start_revision), exactly as a gRPC watcher resumes: nothing missed, nothing
+twice, across a restart of the gateway too. A revision compacted away meanwhile ends
+the stream with an `error` event (OUT_OF_RANGE, compactRevision): re-list, then watch.
+
+The client-streaming methods (ReportStatus, UploadPayload) are gRPC's only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
+
+from task_manager.auth import Caller
+from task_manager.errors import InvalidArgument
+from task_manager.service import SERVICE_DESCRIPTORS, Gate, TaskManagerService
+from task_manager.v1 import task_manager_pb2 as pb
+from task_manager.web.calls import (
+    NO_HEADERS,
+    EventStream,
+    admit,
+    answer_call,
+    decoded,
+    json_body,
+    resume_id,
+    resumed_after,
+)
+from task_manager.web.protojson import from_json, to_json
+
+SERVICE = SERVICE_DESCRIPTORS[0]
+"""task_manager.v1.TaskManager: this gateway's full API (the Lattice one is a subset)."""
+PREFIX = f"/rpc/{SERVICE.full_name}/"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RpcRoutes:
+    def __init__(self, service: TaskManagerService, gate: Gate) -> None:
+        self._service = service
+        self._gate = gate
+
+    def add_to(self, router: web.UrlDispatcher) -> None:
+        for method in SERVICE.methods:
+            if method.client_streaming:
+                continue
+            if method.server_streaming:
+                handler = self._stream(method)
+                router.add_get(PREFIX + method.name, handler)
+                router.add_post(PREFIX + method.name, handler)
+            else:
+                router.add_post(PREFIX + method.name, self._unary(method))
+
+    def _unary(self, method: MethodDescriptor) -> Handler:
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(self._service, method.name)
+
+        async def handle(request: web.Request) -> web.Response:
+            async def call(caller: Caller) -> dict[str, Any]:
+                message = from_json(await json_body(request), request_type, "body")
+                answer = await behaviour(message, NO_HEADERS, caller)
+                return to_json(decoded(answer, response_type))
+
+            return await answer_call(self._gate, request, method.name, call)
+
+        return handle
+
+    def _stream(self, method: MethodDescriptor) -> Handler:
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(self._service, method.name)
+        (oneof,) = method.output_type.oneofs or (None,)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            events = EventStream(request)
+            try:
+                caller = admit(self._gate, request, method.name)
+                message = from_json(await _stream_body(request), request_type, "request")
+                if isinstance(message, pb.WatchTasksRequest):
+                    _resume(request, message)
+                responses = behaviour(message, events, caller)
+                with self._gate.stream_of(caller):
+                    async with contextlib.aclosing(responses):
+                        async for answer in responses:
+                            response = decoded(answer, response_type)
+                            kind = response.WhichOneof(oneof.name) if oneof else None
+                            watched = isinstance(response, pb.WatchTasksResponse)
+                            await events.send(
+                                kind or "message",
+                                to_json(response),
+                                resume_id(response) if watched else "",
+                            )
+            except Exception as failed:
+                return await events.failed(failed)
+            return await events.close()
+
+        return handle
+
+
+async def _stream_body(request: web.Request) -> dict[str, Any]:
+    if request.method == "POST":
+        return await json_body(request)
+    text = request.query.get("request", "")
+    try:
+        parsed = json.loads(text) if text.strip() else {}
+    except ValueError as bad:
+        raise InvalidArgument("request", f"(the query parameter) is not JSON: {bad}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument("request", "(the query parameter) must be a JSON object")
+    return parsed
+
+
+def _resume(request: web.Request, watch: pb.WatchTasksRequest) -> None:
+    """A reconnecting EventSource's watch: from after the revision it last saw."""
+    after = resumed_after(request)
+    if after is not None:
+        watch.start_revision = after + 1
+        watch.include_preexisting = False  # its snapshot was sent the first time
