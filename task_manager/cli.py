@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import logging
 import os
 import signal
 import sys
@@ -21,7 +20,7 @@ from typing import NoReturn
 
 from storage import add_credential, list_credentials, revoke_credential
 from storage.base import StoreError
-from task_manager import __version__
+from task_manager import __version__, logs
 from task_manager.auth import Role, certificate_binding, check_binding, new_token
 from task_manager.config import HTTP_OFF, Settings, check_listen
 from task_manager.scopes import SCOPE_PATTERN
@@ -74,6 +73,20 @@ def _parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, dict[s
         default=defaults.http_listen,
         help="HOST:PORT of the HTTP front (/healthz, /readyz, /metrics), with the same TLS"
         " and rules as --listen; port 0 picks a free one; off: none (default %(default)s)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="text",
+        help="text, or json: one object a line, with task_id, agent, revision and request_id"
+        " as fields where a line has them (default %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=logs.LEVELS,
+        default="info",
+        help="the least severe lines logged; debug adds a line per committed change"
+        " (default %(default)s)",
     )
     serve.add_argument(
         "--db",
@@ -461,9 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if refused[args.command]:
         parser.exit(2, f"task-manager {args.command}: error: {refused[args.command][0]}\n")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
     if args.command == "tokens":
         try:
             return _tokens(args)

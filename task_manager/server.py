@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 import task_manager.well_known_types  # noqa: F401
 from storage import open_blob_store, open_store
 from storage.base import Store
-from task_manager import lifecycle
+from task_manager import lifecycle, logs
 from task_manager.auth import Credentials, OpenStreams, RateLimiter
 from task_manager.clock import Clock, SystemClock, sleep_until
 from task_manager.cluster import Cluster
@@ -244,7 +244,7 @@ class TaskManagerServer:
         watch_hub = WatchHub(store.feed.revision, buffer=settings.watch_buffer)
         presence = Presence(int(settings.agent_lost_after_s * 1e9))
         presence.load(await store.seen_agents())
-        for subscriber in (dispatcher.publish, watch_hub.publish):
+        for subscriber in (dispatcher.publish, watch_hub.publish, logs.log_changes):
             store.feed.subscribe(subscriber)
         cluster = Cluster(
             store,

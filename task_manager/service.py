@@ -45,6 +45,7 @@ from storage.blobs import BlobStore, StorageFull
 from task_manager import (
     auth,
     lifecycle,
+    logs,
     payloads,
     scopes,
     sessions,
@@ -1015,9 +1016,18 @@ async def _refuse(context: Context, method: str, error: Exception) -> None:
     await _abort(context, error)
 
 
+def _serving(context: Context) -> None:
+    """Log lines from here on name the call's request id (the client's, or a new one)."""
+    given = next(
+        (v for k, v in context.invocation_metadata() or () if k == logs.REQUEST_ID_KEY), None
+    )
+    logs.request_id.set(logs.new_request_id(str(given) if given is not None else None))
+
+
 def _unary_handler(gate: Gate, name: str, method: UnaryMethod, metrics: Metrics) -> Handler:
     async def handle(request: Message | Undecodable, context: Context) -> Message | bytes:
         started = time.perf_counter()
+        _serving(context)
         try:
             caller = gate.admit(name, context)
             response = await method(_decoded(request), context, caller)
@@ -1037,6 +1047,7 @@ def _upload_handler(gate: Gate, name: str, method: UnaryMethod, metrics: Metrics
 
     async def handle(requests: AsyncIterator[Any], context: Context) -> Message | bytes:
         started = time.perf_counter()
+        _serving(context)
         try:
             caller = gate.admit(name, context)
             response = await method(requests, context, caller)
@@ -1059,6 +1070,7 @@ def _stream_handler(
 
     async def handle(request: Any, context: Context) -> AsyncIterator[Message | bytes]:
         started = time.perf_counter()
+        _serving(context)
         code = "CANCELLED"  # unless it ends otherwise: the client went away
         try:
             caller = gate.admit(name, context)

@@ -90,6 +90,8 @@ SAMPLES = {
     # option: (value in the environment, the same on the command line)
     "--listen": ("127.0.0.1:0", ["127.0.0.1:0"]),
     "--http-listen": ("off", ["off"]),
+    "--log-format": ("json", ["json"]),
+    "--log-level": ("debug", ["debug"]),
     "--db": ("elsewhere.db", ["elsewhere.db"]),
     "--retention-revisions": ("7", ["7"]),
     "--retention-days": ("1.5", ["1.5"]),

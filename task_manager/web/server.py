@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from task_manager import logs
 from task_manager.auth import Credentials
 from task_manager.errors import Unauthenticated
 from task_manager.metrics import CONTENT_TYPE, Metrics
@@ -157,6 +158,7 @@ def _measured(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         started = time.perf_counter()
+        logs.request_id.set(logs.new_request_id(request.headers.get(logs.REQUEST_ID_KEY)))
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         try:
