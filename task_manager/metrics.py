@@ -8,12 +8,15 @@ transports report what they saw.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from storage.base import Change
+from task_manager.v1.task_manager_pb2 import STATUS_SENT
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 """Unary calls take a millisecond or two; a stream's whole life falls in the last."""
@@ -66,6 +69,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self._attempts = Counter(
+            "task_manager_attempts_started",
+            "Attempts of tasks started (sent to an agent), by number: 1, or retry (a later one)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self._first_attempts = self._attempts.labels("first")
+        self._retries = self._attempts.labels("retry")
         # Children by labels, looked up once: labels() costs a lock and a dict each call,
         # and this runs on every call the gateway answers.
         self._rpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
@@ -87,6 +98,19 @@ class Metrics:
             self._http_children[(route, code)] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def changes_committed(self, changes: Sequence[Change]) -> None:
+        """A change feed subscriber: counts the attempts the changes started."""
+        for change in changes:
+            task = change.task
+            # An attempt starts with the change that sends it (a pool's hand-over to
+            # another member sends it again, and is not a new attempt).
+            if (
+                task.status.status == STATUS_SENT
+                and task.attempts
+                and task.attempts[-1].start_time == task.last_update_time
+            ):
+                (self._retries if task.attempt > 1 else self._first_attempts).inc()
 
     def observe(self, observed: Observed) -> None:
         """Reads what the server holds at each scrape (once, at startup)."""

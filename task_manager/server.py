@@ -283,6 +283,7 @@ class TaskManagerServer:
             OpenStreams(settings.max_streams_per_principal),
         )
         metrics = Metrics()
+        store.feed.subscribe(metrics.changes_committed)
         servicer = TaskManagerService(
             store,
             dispatcher,

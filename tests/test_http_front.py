@@ -20,7 +20,7 @@ from task_manager.auth import Role, new_token
 from task_manager.server import ServerStartError, TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
 from tests.certs import TestCA
-from tests.helpers import AsyncStub, ServerProcess, create_request, server_settings
+from tests.helpers import AsyncStub, ServerProcess, create_request, server_settings, status_update
 from tests.test_dispatch import listen, next_request
 
 pytestmark = pytest.mark.anyio
@@ -168,3 +168,23 @@ def test_a_served_process_says_where_its_http_front_is_and_off_means_none(
     finally:
         assert quiet.terminate() == 0
     assert "HTTP on" not in quiet.log_text()[logged_before:]
+
+
+async def test_metrics_count_first_attempts_and_retries_apart(
+    server: TaskManagerServer, stub: AsyncStub
+) -> None:
+    def attempts(scraped: str, kind: str) -> float:
+        return samples(scraped).get(("task_manager_attempts_started_total", (("kind", kind),)), 0)
+
+    async with http(server) as session:
+        before = await scrape(session)
+        request = create_request("agent-1")
+        request.policy.max_attempts = 2
+        task = (await stub.CreateTask(request)).task
+        failed = status_update(task, pb.STATUS_DONE_NOT_OK)
+        failed.status_update.status.task_error.code = pb.ERROR_CODE_FAILED
+        retried = (await stub.UpdateStatus(failed)).task
+        assert (retried.status.status, retried.attempt) == (pb.STATUS_SENT, 2)
+        after = await scrape(session)
+    assert attempts(after, "first") - attempts(before, "first") == 1
+    assert attempts(after, "retry") - attempts(before, "retry") == 1
