@@ -343,6 +343,7 @@ class TaskManagerServer:
                 servicer,
                 gate,
                 settings.max_request_bytes,
+                settings.shutdown_grace_s,
             )
             try:
                 running.http = await HttpFront.start(

@@ -5,6 +5,7 @@ Everything here talks to a real Task Manager over real gRPC; nothing is mocked.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -12,11 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import aiohttp
 import anyio
 import grpc
 import psycopg
@@ -269,3 +271,20 @@ class ServerProcess:
         if self.process.stdout is not None:
             self.process.stdout.close()
         self._log_file.close()
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
+    """The events of a Server-Sent Events answer, as {"id"?, "event", "data" (parsed
+    JSON)}; comment lines (keep-alives) left out."""
+    event: dict[str, Any] = {}
+    async for raw_line in response.content:
+        line = raw_line.decode().rstrip("\n")
+        if not line:
+            if event:
+                yield event
+            event = {}
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(": ")
+        event[key] = json.loads(value) if key == "data" else value

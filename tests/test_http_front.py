@@ -188,3 +188,20 @@ async def test_metrics_count_first_attempts_and_retries_apart(
         after = await scrape(session)
     assert attempts(after, "first") - attempts(before, "first") == 1
     assert attempts(after, "retry") - attempts(before, "retry") == 1
+
+
+async def test_without_authentication_only_requests_addressed_to_loopback_are_answered(
+    server: TaskManagerServer,
+) -> None:
+    async with http(server) as session:
+        for host, answered in (
+            ("127.0.0.1:8080", True),
+            ("localhost", True),
+            ("[::1]:8080", True),
+            ("attacker.example:8080", False),  # a rebound name: refused
+        ):
+            async with session.get("readyz", headers={"Host": host}) as response:
+                assert (response.status == 200) is answered, (host, response.status)
+        async with session.get("console/console.js") as response:
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,7 +19,7 @@ from storage import add_credential
 from task_manager.auth import Role, new_token
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request, server_settings
+from tests.helpers import AsyncStub, create_request, server_settings, sse_events
 
 pytestmark = pytest.mark.anyio
 
@@ -94,6 +94,8 @@ async def test_bad_calls_are_refused_with_the_field_named_and_nothing_stored(
         assert answer.status == 404
     async with http.post(RPC + "ReportStatus", json={}) as answer:
         assert answer.status == 404  # client-streaming: gRPC's only
+    async with http.get(RPC + "ListenAsAgent") as answer:
+        assert answer.status == 405  # a stream that acts: POST only
     assert not (await stub.QueryTasks(pb.QueryTasksRequest())).tasks
 
 
@@ -113,20 +115,6 @@ async def test_roles_hold_over_http_as_over_grpc(database: str) -> None:
         await server.stop()
 
 
-async def sse(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
-    """The events of an SSE answer: {"id"?, "event", "data" (parsed JSON)}."""
-    event: dict[str, Any] = {}
-    async for raw_line in response.content:
-        line = raw_line.decode().rstrip("\n")
-        if not line:
-            if event:
-                yield event
-            event = {}
-            continue
-        key, _, value = line.partition(": ")
-        event[key] = json.loads(value) if key == "data" else value
-
-
 @asynccontextmanager
 async def watching(url: str, last_event_id: str = "") -> AsyncIterator[AsyncIterator[Any]]:
     """A GET watch, as an EventSource makes it: its task events (and error), once its
@@ -139,7 +127,7 @@ async def watching(url: str, last_event_id: str = "") -> AsyncIterator[AsyncIter
         session.get(get, headers=headers, params=params) as r,
     ):
         assert r.status == 200, await r.text()
-        events = sse(r)
+        events = sse_events(r)
 
         async def task_events() -> AsyncIterator[Any]:
             async for event in events:

@@ -27,12 +27,13 @@ from anduril import (
 )
 from anduril.core.api_error import ApiError
 from anduril.errors import BadRequestError, NotFoundError, UnauthorizedError
+from prometheus_client.parser import text_string_to_metric_families
 
 from storage import add_credential
 from task_manager.auth import Role, new_token
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request, server_settings
+from tests.helpers import AsyncStub, create_request, server_settings, sse_events
 
 pytestmark = pytest.mark.anyio
 
@@ -250,20 +251,6 @@ async def test_the_task_stream_sends_unfinished_tasks_then_changes_with_revision
     assert event.task_event.task.status.status == "STATUS_CANCEL_REQUESTED"
 
 
-async def sse_events(response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any], None]:
-    """The events of an SSE answer: {"id", "event", "data" (parsed JSON)}."""
-    event: dict[str, Any] = {}
-    async for raw_line in response.content:
-        line = raw_line.decode().rstrip("\n")
-        if not line:
-            if event:
-                yield event
-            event = {}
-            continue
-        key, _, value = line.partition(": ")
-        event[key] = json.loads(value) if key == "data" else value
-
-
 async def test_a_message_type_the_gateway_does_not_know_keeps_its_bytes(
     server: TaskManagerServer, stub: AsyncStub, connect: Connect
 ) -> None:
@@ -314,11 +301,19 @@ async def test_bad_requests_are_refused_with_the_field_named_and_nothing_stored(
             (json.dumps({"executionConstraints": {"startAfter": "soon"}}).encode(), "startAfter"),
             (json.dumps({"taskId": "x" * 500}).encode(), "task_id"),
         ):
-            async with session.post(url, data=body) as answer:
+            json_type = {"Content-Type": "application/json"}
+            async with session.post(url, data=body, headers=json_type) as answer:
                 assert answer.status == 400, await answer.text()
                 refusal = await answer.json()
                 assert refusal["status"] == "INVALID_ARGUMENT"
                 assert field in refusal["message"], refusal
+        # What a page of another site can make a browser send unasked: refused.
+        for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+            async with session.post(
+                url, data=b"{}", headers={"Content-Type": content_type}
+            ) as answer:
+                assert answer.status == 400
+                assert "Content-Type" in (await answer.json())["message"]
     assert not (await stub.QueryTasks(pb.QueryTasksRequest())).tasks
 
 
@@ -390,12 +385,11 @@ async def test_tokens_roles_and_stale_versions_map_to_http_codes(
         )
     assert stale.value.status_code == 412
     assert stale.value.body["currentStatusVersion"] == receipted.version.status_version
-    for status in ("STATUS_DONE_OK",):
-        await drone.tasks.update_task_status(
-            mine.version.task_id,
-            status_version=receipted.version.status_version,
-            new_status=TaskStatus(status=status),
-        )
+    await drone.tasks.update_task_status(
+        mine.version.task_id,
+        status_version=receipted.version.status_version,
+        new_status=TaskStatus(status="STATUS_DONE_OK"),
+    )
     with pytest.raises(BadRequestError) as terminal:
         await drone.tasks.update_task_status(
             mine.version.task_id,
@@ -412,7 +406,7 @@ async def test_client_credentials_get_a_token_and_a_wrong_secret_gets_401(
     _, credential_id, secret = tokens["ops"].split("_", 2)
     client = connect(server, client_id=credential_id, client_secret=secret)
     created = await client.tasks.create_task(display_name="by oauth")
-    assert created.created_by.user.user_id or created.version.task_id
+    assert created.created_by.user.user_id == "ops"  # the token's principal: it was used
     wrong = connect(server, client_id=credential_id, client_secret="nope")
     with pytest.raises(UnauthorizedError) as refused:
         await wrong.tasks.get_task(created.version.task_id)
@@ -447,3 +441,51 @@ async def test_a_stream_refused_before_it_opens_answers_its_http_status(
     with pytest.raises(ApiError) as forbidden:
         await anext(drone.tasks.stream_as_agent(agent_selector=selector("drone-2")))
     assert forbidden.value.status_code == 403
+
+
+async def test_a_scoped_task_is_addressed_by_its_canonical_id(
+    server: TaskManagerServer, stub: AsyncStub, connect: Connect
+) -> None:
+    request = create_request("drone-1", task_id="42-north")
+    request.scope = "survey"
+    created = (await stub.CreateTask(request)).task
+    assert created.version.task_id == "survey/42-north"  # what a Lattice client sees
+    client = connect(server)
+    fetched = await client.tasks.get_task("survey/42-north")  # sent with its slash
+    assert fetched.version.task_id == "survey/42-north"
+    updated = await client.tasks.update_task_status(
+        "survey/42-north",
+        status_version=fetched.version.status_version,
+        new_status=TaskStatus(status="STATUS_MACHINE_RECEIPT"),
+    )
+    assert updated.status.status == "STATUS_MACHINE_RECEIPT"
+
+
+async def test_an_agent_stream_whose_client_vanishes_is_closed_at_once(
+    server: TaskManagerServer,
+) -> None:
+    async def open_streams(session: aiohttp.ClientSession) -> float:
+        async with session.get(f"{base_url(server)}/metrics") as scraped:
+            text = await scraped.text()
+        return next(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "task_manager_agent_streams"
+        )
+
+    async with aiohttp.ClientSession() as session:
+        answer = await session.post(
+            f"{base_url(server)}/api/v1/agent/stream",
+            json={"agentSelector": {"entityIds": ["drone-6"]}, "heartbeatIntervalMs": 30000},
+        )
+        assert answer.status == 200
+        assert await open_streams(session) == 1
+        assert answer.connection is not None and answer.connection.transport is not None
+        answer.connection.transport.abort()  # gone without a word
+        answer.release()
+        with anyio.fail_after(20):  # polled: the server says nothing when it has closed it
+            while True:
+                if await open_streams(session) == 0:
+                    break
+                await anyio.sleep(0.05)

@@ -6,18 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
 from google.protobuf.message import Message
 
 from task_manager.auth import Caller
-from task_manager.errors import InvalidArgument
+from task_manager.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from task_manager.service import Gate
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.web.answers import error_body, error_response, json_response
 
+log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
@@ -34,7 +36,17 @@ async def answer_call(
         caller = admit(gate, request, method)
         return json_response(await call(caller))
     except Exception as failed:  # a bug, among them, is logged with an id by status_for
-        return error_response(failed)
+        return refusal(request, failed)
+
+
+def refusal(request: web.Request, error: Exception) -> web.Response:
+    """The answer to a request that failed with error; a denial is logged, as over gRPC."""
+    if isinstance(error, web.HTTPException):  # aiohttp's own: a body over the size limit
+        body = {"code": 3, "status": "INVALID_ARGUMENT", "message": error.text or error.reason}
+        return json_response(body, error.status)
+    if isinstance(error, Unauthenticated | PermissionDenied):
+        log.warning("denied %s %s to %s: %s", request.method, request.path, request.remote, error)
+    return error_response(error)
 
 
 def admit(gate: Gate, request: web.Request, method: str) -> Caller:
@@ -48,14 +60,21 @@ def admit(gate: Gate, request: web.Request, method: str) -> Caller:
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object ({} for an empty body)."""
-    text = await request.text()
-    if not text.strip():
-        return {}
+    """The request's JSON object ({} for an empty body), sent as application/json.
+
+    Only as that: a web page of another site can make a browser send a form or a text
+    body anywhere unasked, but not a JSON one (that needs a CORS preflight, which this
+    server does not grant). So a page cannot create or cancel tasks on a gateway that
+    runs without authentication on its user's machine."""
+    if request.content_type != "application/json":
+        raise InvalidArgument(
+            "Content-Type", f"must be application/json, not {request.content_type!r}"
+        )
     try:
-        body = json.loads(text)
-    except ValueError as bad:
-        raise InvalidArgument("body", f"is not JSON: {bad}") from None
+        text = (await request.read()).decode("utf-8")
+        body = json.loads(text) if text.strip() else {}
+    except (ValueError, RecursionError) as bad:  # UnicodeDecodeError is a ValueError
+        raise InvalidArgument("body", f"is not JSON in UTF-8: {bad}") from None
     if not isinstance(body, dict):
         raise InvalidArgument("body", f"must be a JSON object, not {type(body).__name__}")
     return body
@@ -107,13 +126,19 @@ class EventStream:
         line = json.dumps(data, separators=(",", ":"))
         await self._response.write(f"{head}event: {event}\ndata: {line}\n\n".encode())
 
+    async def comment(self, text: str) -> None:
+        """A line clients ignore: it only shows the connection is alive (and finds out
+        whether it still is)."""
+        await self.send_initial_metadata(())
+        await self._response.write(f": {text}\n\n".encode())
+
     async def failed(self, error: Exception) -> web.StreamResponse:
         """Ends the answer with error: its HTTP status if nothing was sent yet, else a
         last `error` event ({"httpStatus", "code", "status", "message"}) and the end."""
         if isinstance(error, ConnectionResetError):  # the client went away
             return self._response
         if not self._response.prepared:
-            return error_response(error)
+            return refusal(self._request, error)
         http_status, body = error_body(error)
         with contextlib.suppress(ConnectionResetError):
             await self.send("error", {"event": "error", "httpStatus": http_status, **body})
@@ -126,7 +151,9 @@ class EventStream:
         return self._response
 
 
-async def with_heartbeats(items: AsyncIterator[T], interval_s: float) -> AsyncIterator[T | None]:
+async def with_heartbeats(
+    items: AsyncIterator[T], interval_s: float
+) -> AsyncGenerator[T | None, None]:
     """items, with a None after every interval_s in which none came."""
     pending: asyncio.Future[T] | None = None
     try:
@@ -153,12 +180,16 @@ async def with_heartbeats(items: AsyncIterator[T], interval_s: float) -> AsyncIt
 LAST_EVENT_ID = "Last-Event-ID"
 
 
-def resume_id(response: pb.WatchTasksResponse) -> str:
+def resume_id(response: pb.WatchTasksResponse, rate_limited: bool) -> str:
     """The SSE id of a watch's response: its revision, after which a watch resumes
     (start_revision = id + 1) with no gap and no repeat. A snapshot's tasks have none:
     each carries the snapshot's revision, and resuming after one would skip the rest;
-    the heartbeat that ends the snapshot carries it."""
-    if response.event.event_type == pb.EVENT_TYPE_PREEXISTING:
+    the heartbeat that ends the snapshot carries it. Nor do a rate-limited watch's
+    events: one held back for its window has an older revision than those sent after
+    it, so only its heartbeats (bookmarks that allow for what is held) are safe."""
+    if response.HasField("event") and (
+        rate_limited or response.event.event_type == pb.EVENT_TYPE_PREEXISTING
+    ):
         return ""
     return str(response.revision)
 
@@ -168,6 +199,6 @@ def resumed_after(request: web.Request) -> int | None:
     last = request.headers.get(LAST_EVENT_ID, "").strip()
     if not last:
         return None
-    if not last.isdigit():
+    if not (last.isascii() and last.isdigit()) or int(last) >= 2**63:
         raise InvalidArgument(LAST_EVENT_ID, f"must be a revision (an event's id), not {last!r}")
     return int(last)

@@ -25,10 +25,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from task_manager import statuses
@@ -61,7 +60,9 @@ TOKEN_LIFETIME_S = 3600
 """What the token endpoint says a token lasts (the SDK asks again before then). The
 token is the credential's own, valid until revoked: this is only the SDK's cue."""
 
-M = TypeVar("M", bound=Message)
+TASK_ID = "{taskId:[^/]+(?:/[^/]+)?}"
+"""A task id in a path: a scoped one is "<scope>/<id>" (scopes.py), and the SDK sends it
+as it is, its slash unencoded."""
 
 
 class LatticeRoutes:
@@ -76,9 +77,9 @@ class LatticeRoutes:
         router.add_post(f"{API}tasks", self.create_task)
         router.add_post(f"{API}tasks/query", self.query_tasks)
         router.add_post(f"{API}tasks/stream", self.stream_tasks)
-        router.add_get(API + "tasks/{taskId}", self.get_task)
-        router.add_put(API + "tasks/{taskId}/status", self.update_status)
-        router.add_put(API + "tasks/{taskId}/cancel", self.cancel_task)
+        router.add_get(API + f"tasks/{TASK_ID}", self.get_task)
+        router.add_put(API + f"tasks/{TASK_ID}/status", self.update_status)
+        router.add_put(API + f"tasks/{TASK_ID}/cancel", self.cancel_task)
         router.add_post(f"{API}agent/listen", self.listen_as_agent)
         router.add_post(f"{API}agent/stream", self.stream_as_agent)
 
@@ -86,7 +87,7 @@ class LatticeRoutes:
 
     async def token(self, request: web.Request) -> web.Response:
         """OAuth 2 client credentials: a credential's id and secret (the two halves of
-        the token `task-manager tokens add` printed, tm_<id>_<secret>) for its token."""
+        the token `task-manager tokens add` printed, tmk_<id>_<secret>) for its token."""
         form = await request.post()
         grant_type, client_id, secret = (
             str(form.get(key, "")) for key in ("grant_type", "client_id", "client_secret")
@@ -103,9 +104,11 @@ class LatticeRoutes:
             return _oauth_error(
                 401, "invalid_client", "unknown client_id, or a wrong client_secret"
             )
-        return json_response(
+        answer = json_response(
             {"access_token": token, "token_type": "Bearer", "expires_in": TOKEN_LIFETIME_S}
         )
+        answer.headers["Cache-Control"] = "no-store"  # RFC 6749, section 5.1
+        return answer
 
     async def create_task(self, request: web.Request) -> web.Response:
         async def call(caller: Caller) -> dict[str, Any]:
@@ -214,6 +217,7 @@ class LatticeRoutes:
             caller = admit(self._gate, request, "WatchTasks")
             body = await json_body(request)
             watch, matches = _watch_request(body)
+            rate_limited = watch.rate_limit.update_per_task_limit_ms > 0
             responses = self._service.WatchTasks(watch, events, caller)
             with self._gate.stream_of(caller):
                 async with contextlib.aclosing(responses):
@@ -223,7 +227,7 @@ class LatticeRoutes:
                             await events.send(
                                 "heartbeat",
                                 _heartbeat(response.heartbeat.timestamp),
-                                resume_id(response),
+                                resume_id(response, rate_limited),
                             )
                         elif matches(response.event):
                             event = to_json(response.event)
@@ -231,7 +235,7 @@ class LatticeRoutes:
                             await events.send(
                                 "task_event",
                                 {"event": "task_event", "taskEvent": event},
-                                resume_id(response),
+                                resume_id(response, rate_limited),
                             )
         except Exception as failed:
             return await events.failed(failed)
@@ -247,8 +251,9 @@ class LatticeRoutes:
             interval_s = _heartbeat_ms(body) / 1000
             requests = self._service.ListenAsAgent(listen, events, caller)
             with self._gate.stream_of(caller):
-                async with contextlib.aclosing(requests):
-                    async for answer in with_heartbeats(requests, interval_s):
+                beating = with_heartbeats(requests, interval_s)
+                async with contextlib.aclosing(requests), contextlib.aclosing(beating):
+                    async for answer in beating:
                         if answer is None:
                             await events.send("heartbeat", _heartbeat(timestamp(time.time_ns())))
                             continue
@@ -296,6 +301,13 @@ def _integer(body: dict[str, Any], key: str) -> int:
     if not 0 <= number < 2**32:
         raise InvalidArgument(key, f"must be between 0 and {2**32 - 1}")
     return number
+
+
+def _boolean(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidArgument(key, f"must be true or false, not {value!r}")
+    return bool(value)
 
 
 def _enum(enum: Any, name: object, field: str) -> Any:
@@ -361,7 +373,7 @@ def _watch_request(
     """The WatchTasks request a tasks/stream body asks for, and the test of the filters
     WatchTasks has no field for (the specification's type, updateStartTime)."""
     watch = pb.WatchTasksRequest(
-        include_preexisting=not body.get("excludePreexistingTasks"),
+        include_preexisting=not _boolean(body, "excludePreexistingTasks"),
         heartbeat_interval_ms=_heartbeat_ms(body),
     )
     watch.rate_limit.update_per_task_limit_ms = _integer(body, "rateLimit")
@@ -376,10 +388,20 @@ def _watch_request(
     status_filter = _object(body, "statusFilter")
     named = {_status(name, "statusFilter.statuses") for name in status_filter.get("statuses") or []}
     if named:
-        exclusive = status_filter.get("filterType") == "FILTER_TYPE_EXCLUSIVE"
+        filter_type = status_filter.get("filterType") or "FILTER_TYPE_INCLUSIVE"
+        if filter_type not in ("FILTER_TYPE_INCLUSIVE", "FILTER_TYPE_EXCLUSIVE"):
+            raise InvalidArgument(
+                "statusFilter.filterType",
+                f"must be FILTER_TYPE_INCLUSIVE or FILTER_TYPE_EXCLUSIVE, not {filter_type!r}",
+            )
+        exclusive = filter_type == "FILTER_TYPE_EXCLUSIVE"
+        if exclusive and named >= statuses.ALL:
+            raise InvalidArgument("statusFilter", "excludes every status: no task could match")
         watch.filter.statuses.extend(sorted(statuses.ALL - named if exclusive else named))
     task_type = _object(body, "taskType")
-    urls = set(task_type.get("taskTypeUrls") or [])
+    urls = task_type.get("taskTypeUrls") or []
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise InvalidArgument("taskType.taskTypeUrls", "must be a list of strings")
     prefix = _string(task_type, "taskTypePrefix")
     since = (
         _time(body["updateStartTime"], "updateStartTime") if body.get("updateStartTime") else None

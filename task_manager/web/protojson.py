@@ -18,9 +18,9 @@ import binascii
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from google.protobuf import any_pb2, descriptor_pool, json_format
+from google.protobuf import any_pb2, descriptor_pool, json_format, struct_pb2, wrappers_pb2
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from task_manager.errors import InvalidArgument
 
@@ -28,23 +28,34 @@ BYTES_KEY = "@bytes"
 """Beside `@type`: the serialised message of an Any whose type this gateway does not know."""
 _ANY = any_pb2.Any.DESCRIPTOR.full_name
 _pool = descriptor_pool.Default()
+WELL_KNOWN = (struct_pb2.Struct, wrappers_pb2.StringValue)
+"""Imported for their descriptors: the free-form and scalar Anys clients send most."""
 
 M = TypeVar("M", bound=Message)
+Step = tuple[str, int]
+"""A field's name (as in the proto) and, in a repeated field, the element's index (-1
+for a singular field)."""
+Path = tuple[Step, ...]
+"""From a message to one of the Any fields inside it."""
 
 
 def to_json(message: Message) -> dict[str, Any]:
     """The message as a JSON object."""
-    opaque = list(_opaque_anys(message))
+    opaque = list(_anys(message, (), unknown_only=True))
     if not opaque:
-        return json_format.MessageToDict(message)
+        try:
+            return json_format.MessageToDict(message)
+        except (TypeError, ValueError, DecodeError, json_format.Error):
+            # An Any of a known type whose bytes do not decode as it: every Any as bytes.
+            opaque = list(_anys(message, (), unknown_only=False))
     # Rendered without the Anys it cannot render, which are then put back as their bytes.
     copy = type(message)()
     copy.CopyFrom(message)
     for path, _ in opaque:
-        _clear(copy, path)
+        _field_at(copy, path[:-1]).ClearField(path[-1][0])
     rendered = json_format.MessageToDict(copy)
     for path, value in opaque:
-        _put(rendered, path, {"@type": value.type_url, BYTES_KEY: _b64(value.value)})
+        _put(rendered, copy, path, {"@type": value.type_url, BYTES_KEY: _b64(value.value)})
     return rendered
 
 
@@ -57,14 +68,14 @@ def from_json(value: object, message_type: type[M], field: str) -> M:
         return message
     if not isinstance(value, dict):
         raise InvalidArgument(field, f"must be a JSON object, not {type(value).__name__}")
-    opaque: list[tuple[tuple[str, ...], any_pb2.Any]] = []
+    opaque: list[tuple[Path, any_pb2.Any]] = []
     cleaned = _take_opaque(value, message.DESCRIPTOR, (), opaque, field)
     try:
         json_format.ParseDict(cleaned, message)
-    except json_format.ParseError as bad:
+    except (json_format.ParseError, RecursionError) as bad:
         raise InvalidArgument(field, f"is not a valid {message_type.__name__}: {bad}") from None
     for path, any_value in opaque:
-        _set_any(message, path, any_value)
+        getattr(_field_at(message, path[:-1], create=True), path[-1][0]).CopyFrom(any_value)
     return message
 
 
@@ -82,51 +93,59 @@ def _known(type_url: str) -> bool:
 
 # -- walking the Any fields -----------------------------------------------------------------
 
-Path = tuple[str, ...]
-"""JSON names from the top message to a singular Any field (repeated Anys are not in the
-Task API's messages; those are mapped by json_format, known types only)."""
 
-
-def _opaque_anys(message: Message, path: Path = ()) -> Iterator[tuple[Path, any_pb2.Any]]:
+def _anys(message: Message, path: Path, unknown_only: bool) -> Iterator[tuple[Path, any_pb2.Any]]:
+    """The singular Any fields inside message, at any depth (repeated messages too; a
+    repeated Any itself is json_format's to map)."""
     for field, value in message.ListFields():
-        if field.type != FieldDescriptor.TYPE_MESSAGE or _is_repeated(field):
+        if field.type != FieldDescriptor.TYPE_MESSAGE or _is_map(field):
             continue
-        here = (*path, field.json_name)
         if _is_any(field):
-            if not _known(value.type_url):
-                yield here, value
+            if not field.is_repeated and not (unknown_only and _known(value.type_url)):
+                yield (*path, (field.name, -1)), value
+        elif field.is_repeated:
+            for index, element in enumerate(value):
+                yield from _anys(element, (*path, (field.name, index)), unknown_only)
         else:
-            yield from _opaque_anys(value, here)
-
-
-def _is_repeated(field: FieldDescriptor) -> bool:
-    return bool(field.is_repeated)
-
-
-def _clear(message: Message, path: Path) -> None:
-    for name in path[:-1]:
-        message = getattr(message, _field_name(message.DESCRIPTOR, name))
-    message.ClearField(_field_name(message.DESCRIPTOR, path[-1]))
-
-
-def _set_any(message: Message, path: Path, value: any_pb2.Any) -> None:
-    for name in path[:-1]:
-        message = getattr(message, _field_name(message.DESCRIPTOR, name))
-    getattr(message, _field_name(message.DESCRIPTOR, path[-1])).CopyFrom(value)
+            yield from _anys(value, (*path, (field.name, -1)), unknown_only)
 
 
 def _is_any(field: Any) -> bool:
     return bool(field.message_type.full_name == _ANY)
 
 
-def _field_name(descriptor: Any, json_name: str) -> str:
-    return str(next(f.name for f in descriptor.fields if f.json_name == json_name))
+def _is_map(field: Any) -> bool:
+    return bool(field.message_type.GetOptions().map_entry)
 
 
-def _put(rendered: dict[str, Any], path: Path, value: dict[str, str]) -> None:
-    for name in path[:-1]:
-        rendered = rendered.setdefault(name, {})
-    rendered[path[-1]] = value
+def _field_at(message: Message, path: Path, create: bool = False) -> Any:
+    """The message at path inside message (made, with create, where it is missing)."""
+    for name, index in path:
+        value = getattr(message, name)
+        if index < 0:
+            message = value
+            continue
+        while create and len(value) <= index:
+            value.add()
+        message = value[index]
+    return message
+
+
+def _put(rendered: dict[str, Any], message: Message, path: Path, value: dict[str, str]) -> None:
+    """Puts value at path in rendered, message's JSON (its JSON names, from message)."""
+    node: Any = rendered
+    descriptor: Any = message.DESCRIPTOR
+    for position, (name, index) in enumerate(path):
+        field = descriptor.fields_by_name[name]
+        if position == len(path) - 1:
+            node[field.json_name] = value
+            return
+        child = node.setdefault(field.json_name, [] if index >= 0 else {})
+        if index >= 0:
+            while len(child) <= index:
+                child.append({})
+            child = child[index]
+        node, descriptor = child, field.message_type
 
 
 def _take_opaque(
@@ -145,18 +164,26 @@ def _take_opaque(
         field = fields.get(key)
         if item is None or field is None:
             continue
-        if field.type != FieldDescriptor.TYPE_MESSAGE:
+        at = f"{where}.{field.json_name}"
+        if field.type != FieldDescriptor.TYPE_MESSAGE or _is_map(field):
             cleaned[key] = item
-            continue
-        if _is_repeated(field):
-            cleaned[key] = _each_cleaned(item, field, where)
-            continue
-        here, at = (*path, field.json_name), f"{where}.{field.json_name}"
-        if not isinstance(item, dict):
+        elif field.is_repeated:
+            if not isinstance(item, list) or _is_any(field):
+                cleaned[key] = item  # json_format says what is wrong with it
+                continue
+            cleaned[key] = [
+                _take_opaque(
+                    one, field.message_type, (*path, (field.name, i)), opaque, f"{at}[{i}]"
+                )
+                if isinstance(one, dict)
+                else one
+                for i, one in enumerate(item)
+            ]
+        elif not isinstance(item, dict):
             cleaned[key] = item  # json_format says what is wrong with it
         elif _is_any(field):
             if BYTES_KEY in item:
-                opaque.append((here, _opaque_any(item, at)))
+                opaque.append(((*path, (field.name, -1)), _opaque_any(item, at)))
             elif "@type" in item and not _known(str(item["@type"])):
                 raise InvalidArgument(
                     at,
@@ -167,19 +194,10 @@ def _take_opaque(
             else:
                 cleaned[key] = item
         else:
-            cleaned[key] = _take_opaque(item, field.message_type, here, opaque, where)
+            cleaned[key] = _take_opaque(
+                item, field.message_type, (*path, (field.name, -1)), opaque, at
+            )
     return cleaned
-
-
-def _each_cleaned(items: object, field: Any, where: str) -> object:
-    """A repeated message field's JSON, each message cleaned (not of its Anys: the
-    Task API has none in a repeated field, and json_format maps known ones)."""
-    if not isinstance(items, list) or _is_any(field):
-        return items  # a map's entries, or what json_format will refuse
-    return [
-        _take_opaque(one, field.message_type, (), [], where) if isinstance(one, dict) else one
-        for one in items
-    ]
 
 
 def _opaque_any(item: dict[str, Any], where: str) -> any_pb2.Any:

@@ -7,8 +7,8 @@ and response messages in the protobuf JSON mapping (protojson.py). A unary metho
 answers its response; a server-streaming one (WatchTasks, ListenAsAgent,
 DownloadPayload) answers Server-Sent Events, one response each: `event:` the name of the
 response's set oneof field (or "message"), `data:` its JSON. A browser's EventSource
-cannot POST, so a stream may also be a GET, with the request's JSON in the `request`
-query parameter.
+cannot POST, so a stream that only reads may also be a GET, with the request's JSON in
+the `request` query parameter.
 
 WatchTasks's events carry `id:` (calls.resume_id): the revision after which it resumes.
 An EventSource that reconnects sends it back as Last-Event-ID, and the watch starts
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 from google.protobuf import message_factory
@@ -43,6 +43,7 @@ from task_manager.web.calls import (
     json_body,
     resume_id,
     resumed_after,
+    with_heartbeats,
 )
 from task_manager.web.protojson import from_json, to_json
 
@@ -51,6 +52,13 @@ SERVICE = SERVICE_DESCRIPTORS[0]
 PREFIX = f"/rpc/{SERVICE.full_name}/"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+KEEPALIVE_S = 15.0
+"""A stream with nothing to say sends an SSE comment this often."""
+READ_ONLY_STREAMS = frozenset({"WatchTasks", "DownloadPayload"})
+"""The streams a GET may open (an EventSource): those that only read. Any page a browser
+shows can make it GET a URL, so a GET must not do anything; an agent's stream does (a
+pool hands it tasks), so it is POST only, with a JSON body (calls.json_body)."""
 
 
 class RpcRoutes:
@@ -64,8 +72,9 @@ class RpcRoutes:
                 continue
             if method.server_streaming:
                 handler = self._stream(method)
-                router.add_get(PREFIX + method.name, handler)
                 router.add_post(PREFIX + method.name, handler)
+                if method.name in READ_ONLY_STREAMS:
+                    router.add_get(PREFIX + method.name, handler)
             else:
                 router.add_post(PREFIX + method.name, self._unary(method))
 
@@ -95,25 +104,41 @@ class RpcRoutes:
             try:
                 caller = admit(self._gate, request, method.name)
                 message = from_json(await _stream_body(request), request_type, "request")
+                rate_limited = False
                 if isinstance(message, pb.WatchTasksRequest):
                     _resume(request, message)
+                    rate_limited = message.rate_limit.update_per_task_limit_ms > 0
                 responses = behaviour(message, events, caller)
+                # WatchTasks sends heartbeats of its own; the others are kept alive here,
+                # so that a client gone without a word is noticed by a failed write.
+                kept = with_heartbeats(responses, KEEPALIVE_S)
+                if isinstance(message, pb.WatchTasksRequest):
+                    kept = _never_idle(responses)
                 with self._gate.stream_of(caller):
-                    async with contextlib.aclosing(responses):
-                        async for answer in responses:
+                    async with contextlib.aclosing(responses), contextlib.aclosing(kept):
+                        async for answer in kept:
+                            if answer is None:
+                                await events.comment("keepalive")
+                                continue
                             response = decoded(answer, response_type)
                             kind = response.WhichOneof(oneof.name) if oneof else None
                             watched = isinstance(response, pb.WatchTasksResponse)
                             await events.send(
                                 kind or "message",
                                 to_json(response),
-                                resume_id(response) if watched else "",
+                                resume_id(response, rate_limited) if watched else "",
                             )
             except Exception as failed:
                 return await events.failed(failed)
             return await events.close()
 
         return handle
+
+
+async def _never_idle(responses: AsyncIterator[T]) -> AsyncGenerator[T | None, None]:
+    """A stream with heartbeats of its own, as with_heartbeats would give it."""
+    async for response in responses:
+        yield response
 
 
 async def _stream_body(request: web.Request) -> dict[str, Any]:

@@ -32,6 +32,12 @@ from task_manager.web.rpc import RpcRoutes
 log = logging.getLogger(__name__)
 CONSOLE = Path(__file__).with_name("console")
 """The web console's files, served as they are (no build step; console/console.js)."""
+CONSOLE_HEADERS = {
+    # Its own scripts and styles only, never inside another site's frame.
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class Backing:
     service: TaskManagerService
     gate: Gate
     max_request_bytes: int
+    shutdown_grace_s: float
+    """How long a stop waits for requests still being answered."""
 
 
 class HttpFront:
@@ -61,8 +69,10 @@ class HttpFront:
         cls, listen: str, backing: Backing, ssl_context: ssl.SSLContext | None
     ) -> HttpFront:
         """Binds listen and serves; OSError if the address is taken or unavailable."""
+        host = listen.rpartition(":")[0].strip("[]")
         app = web.Application(
-            middlewares=[_measured(backing.metrics)], client_max_size=backing.max_request_bytes
+            middlewares=[_measured(backing.metrics), _addressed_to(host, backing.credentials)],
+            client_max_size=backing.max_request_bytes,
         )
         LatticeRoutes(backing.service, backing.gate).add_to(app.router)
         RpcRoutes(backing.service, backing.gate).add_to(app.router)
@@ -77,7 +87,11 @@ class HttpFront:
         # cancelled when their client goes away, so a stream ends (and its agent counts as
         # gone) at once, not at its next heartbeat.
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, handler_cancellation=True
+            app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=backing.shutdown_grace_s,
         )
         await runner.setup()
         host, _, port = listen.rpartition(":")
@@ -118,7 +132,7 @@ class _Routes:
         return json_response(self._openapi)
 
     async def console(self, request: web.Request) -> web.FileResponse:
-        return web.FileResponse(CONSOLE / "index.html")
+        return web.FileResponse(CONSOLE / "index.html", headers=CONSOLE_HEADERS)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -147,6 +161,45 @@ def _unauthenticated(why: str) -> web.Response:
     return web.Response(
         status=401, text=f"{why}\n", headers={"WWW-Authenticate": 'Bearer realm="task-manager"'}
     )
+
+
+def _addressed_to(
+    host: str, credentials: Credentials
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Without authentication, the front listens on loopback only (server.py), and then
+    answers only requests addressed to a loopback name. A page of another site whose
+    name it has pointed at 127.0.0.1 (DNS rebinding) would otherwise be same-origin to
+    the browser, and could read and change every task."""
+
+    @web.middleware
+    async def check(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if not credentials.required and host in LOOPBACK_NAMES:
+            named = _hostname(request.host or "")
+            if named not in LOOPBACK_NAMES and named != host:
+                return json_response(
+                    {
+                        "code": 7,
+                        "status": "PERMISSION_DENIED",
+                        "message": f"this gateway has no authentication and answers only"
+                        f" requests addressed to {host}, not to {request.host!r}",
+                    },
+                    403,
+                )
+        response = await handler(request)
+        if request.path.startswith("/console/"):
+            response.headers.update(CONSOLE_HEADERS)
+        return response
+
+    return check
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header: without its port, and an IPv6 address without [ ]."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if ":" in host else host
 
 
 def _measured(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:

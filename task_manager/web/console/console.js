@@ -38,26 +38,48 @@ async function rpc(method, body) {
   return json;
 }
 
-function watch() {
+function watch(after) {
+  // after: the last revision seen, to resume from when EventSource gave up (below).
   if (state.watch) state.watch.close();
-  let url = RPC + "WatchTasks?request=" + encodeURIComponent(JSON.stringify({ heartbeatIntervalMs: 5000 }));
+  const request = { heartbeatIntervalMs: 5000 };
+  if (after) request.startRevision = String(Number(after) + 1);
+  let url = RPC + "WatchTasks?request=" + encodeURIComponent(JSON.stringify(request));
   if (state.token) url += "&access_token=" + encodeURIComponent(state.token);
   const source = new EventSource(url);
   const live = document.getElementById("live");
+  let lastId = after || "";
+  const seen = (message) => { if (message.lastEventId) lastId = message.lastEventId; };
   source.onopen = () => { live.textContent = "live"; live.classList.add("on"); };
-  source.onerror = () => { live.textContent = "reconnecting"; live.classList.remove("on"); };
-  source.addEventListener("event", (message) => changed(JSON.parse(message.data).event.task));
-  // A new watch starts from now and says so at once (a heartbeat): list again then,
+  source.onerror = () => {
+    live.textContent = "reconnecting";
+    live.classList.remove("on");
+    // EventSource retries by itself after a lost connection, but gives up for good on
+    // an answer that is not a stream (503 while the gateway stops, 429 over a limit):
+    // then a new one, from the last revision seen, a little later.
+    if (source.readyState === EventSource.CLOSED && state.watch === source) {
+      setTimeout(() => { if (state.watch === source) watch(lastId); }, 2000);
+    }
+  };
+  source.addEventListener("event", (message) => {
+    seen(message);
+    changed(JSON.parse(message.data).event.task);
+  });
+  // A new watch from now says where it starts at once (a heartbeat): list again then,
   // so that a change between the first listing and the watch's start is not missed.
-  let listed = false;
-  source.addEventListener("heartbeat", () => { if (!listed) { listed = true; route(); } });
+  // (body[data-synced] then tells a test that rows and watch agree.)
+  let listed = Boolean(after);
+  source.addEventListener("heartbeat", async (message) => {
+    seen(message);
+    if (listed) return;
+    listed = true;
+    await route();
+    document.body.dataset.synced = "true";
+  });
   source.addEventListener("error", (message) => {
     // Without data: the connection's own error. With: the gateway ended the stream
     // (stopping, or this watch fell behind); either way EventSource reconnects and
     // resumes after the last id, unless that revision is gone: then list again.
     if (message.data && JSON.parse(message.data).status === "OUT_OF_RANGE") {
-      source.close();
-      route();
       watch();
     }
   });
@@ -66,7 +88,7 @@ function watch() {
 
 // -- views --------------------------------------------------------------------------
 
-function route() {
+async function route() {
   const [, view, id] = location.hash.split("/");
   state.view = view || "tasks";
   for (const name of ["tasks", "agents", "task"]) {
@@ -74,9 +96,12 @@ function route() {
   }
   clearInterval(state.agentsTimer);
   problem("");
-  if (state.view === "task") showTask(decodeURIComponent(id || ""));
-  else if (state.view === "agents") { showAgents(); state.agentsTimer = setInterval(showAgents, 5000); }
-  else showTasks();
+  if (state.view === "task") return showTask(decodeURIComponent(id || ""));
+  if (state.view === "agents") {
+    state.agentsTimer = setInterval(showAgents, 5000);
+    return showAgents();
+  }
+  return showTasks();
 }
 
 function query() {
