@@ -17,6 +17,12 @@ size under the header's sha256; `DownloadPayload` streams as many bytes for that
 in the messages the Task Manager streams, chunks of the size it reads and sends
 (storage.blobs.READ_CHUNK_BYTES), cut from one block made at startup. Nothing is hashed,
 written or read from anywhere.
+
+With --http-listen, the REST baseline too (`NoopHttp`): an aiohttp server on the same
+event loop, as the Task Manager runs its HTTP front, whose one route `PUT /noop/{id}`
+reads the JSON body the Lattice API's `PUT /api/v1/tasks/{taskId}/status` takes and
+answers a JSON body about the size of the Task it answers. It prints its address on a
+second line, as `task-manager serve` does.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
+from aiohttp import web
+from google.protobuf import json_format
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import StringValue
 
@@ -48,6 +57,16 @@ def typical_response() -> pb.UpdateStatusResponse:
     for stamp in (task.create_time, task.last_update_time):
         stamp.GetCurrentTime()
     return pb.UpdateStatusResponse(task=task)
+
+
+def typical_task_json() -> dict[str, Any]:
+    """About the size of the Task JSON the Lattice API answers to bench.load's
+    typical_update_json (about 430 bytes): typical_response's task with the default
+    policy the Task Manager's answer also carries, rendered by the protobuf JSON mapping
+    as the Task Manager renders it."""
+    task = typical_response().task
+    task.policy.max_attempts = 1
+    return json_format.MessageToDict(task)
 
 
 class Listener:
@@ -192,7 +211,36 @@ class RawPayloads:
         )
 
 
-async def serve(listen: str) -> None:
+class NoopHttp:
+    """`PUT /noop/{id}`: the REST UpdateStatus's HTTP with nothing behind it. The body is
+    read and parsed as the Task Manager's routes read it (text, then json.loads); the
+    answer is encoded for each request, as json_response encodes the Task's."""
+
+    def __init__(self) -> None:
+        self.answer = typical_task_json()
+
+    async def noop(self, request: web.Request) -> web.Response:
+        json.loads(await request.text())
+        body = json.dumps(self.answer, separators=(",", ":"))
+        return web.Response(body=body, content_type="application/json")
+
+    async def start(self, listen: str) -> int:
+        """Serves on listen; the port bound."""
+        app = web.Application()
+        app.router.add_put("/noop/{id}", self.noop)
+        # The Task Manager's runner settings (task_manager/web/server.py): the ratio
+        # compares code, not settings.
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, handler_cancellation=True
+        )
+        await runner.setup()
+        host, _, port = listen.rpartition(":")
+        site = web.TCPSite(runner, host, int(port), reuse_port=False)
+        await site.start()
+        return int(runner.addresses[0][1])
+
+
+async def serve(listen: str, http_listen: str | None) -> None:
     response = typical_response()
     change = pb.TaskEvent(
         event_type=pb.EVENT_TYPE_UPDATE,
@@ -230,12 +278,17 @@ async def serve(listen: str) -> None:
     server.add_generic_rpc_handlers([echo_handler, Floor().handler(), RawPayloads().handler()])
     port = server.add_insecure_port(listen)
     await server.start()
+    http_port = None if http_listen is None else await NoopHttp().start(http_listen)
     tune_garbage_collector()  # as task-manager serve: the ratios compare code, not settings
     print(f"echo: serving on 127.0.0.1:{port}", flush=True)
+    if http_port is not None:
+        print(f"echo: HTTP on http://127.0.0.1:{http_port}/ (PUT /noop/ID)", flush=True)
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:0")
-    asyncio.run(serve(parser.parse_args().listen))
+    parser.add_argument("--http-listen", help="also NoopHttp, on HOST:PORT (0: a free port)")
+    args = parser.parse_args()
+    asyncio.run(serve(args.listen, args.http_listen))

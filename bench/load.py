@@ -5,16 +5,17 @@
 Scenarios: echo, update-status, lifecycle, dispatch, idle-streams, watch-fanout and
 push-fanout (its baseline), create (one CreateTask a task, or sessions of
 --session-size tasks), session-lifecycle, payloads (uploads then downloads; --raw: their
-baseline, --sdk: through agent_kit) and release (an input's attach to the agent's
-ExecuteRequest). bench/run.py starts the servers and these processes; the numbers are
-only meaningful side by side.
+baseline, --sdk: through agent_kit), release (an input's attach to the agent's
+ExecuteRequest), and over HTTP rest-update-status and http-noop (its baseline), whose
+--target is an HTTP root URL (http://HOST:PORT/). bench/run.py starts the servers and
+these processes; the numbers are only meaningful side by side.
 
 `--target` may name several replicas of one database, comma-separated: update-status
-spreads its workers over them; lifecycle, session-lifecycle, dispatch and watch-fanout
-create and update tasks on the first and listen (agents, watchers) on the last, so every
-task crosses from one replica to another; payloads uploads to the first and downloads
-from the last, release attaches on the first to agents on the last. The other scenarios
-use the first.
+and rest-update-status spread their workers over them; lifecycle, session-lifecycle,
+dispatch and watch-fanout create and update tasks on the first and listen (agents,
+watchers) on the last, so every task crosses from one replica to another; payloads
+uploads to the first and downloads from the last, release attaches on the first to
+agents on the last. The other scenarios use the first.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import anyio
 import anyio.abc
 import grpc
+from google.protobuf import json_format
 from google.protobuf.wrappers_pb2 import StringValue
 
 from agent_kit import OperatorClient
@@ -68,6 +72,20 @@ def typical_update(task_id: str, status_version: int) -> pb.UpdateStatusRequest:
             author=pb.Principal(system=pb.System(entity_id="bench-agent")),
         )
     )
+
+
+def typical_update_json() -> Callable[[int], dict[str, Any]]:
+    """typical_update as the Lattice REST API takes it (`PUT /api/v1/tasks/{taskId}/status`):
+    the body for a status_version. Rendered from typical_update by the protobuf JSON
+    mapping (the progress an Any: its `@type` and `value`), so it is the same update."""
+    update = typical_update("", 0).status_update
+    new_status = json_format.MessageToDict(update.status)
+    author = json_format.MessageToDict(update.author)
+
+    def body(status_version: int) -> dict[str, Any]:
+        return {"statusVersion": status_version, "newStatus": new_status, "author": author}
+
+    return body
 
 
 def task_for(agent: str, task_id: str = "") -> pb.CreateTaskRequest:
@@ -178,6 +196,66 @@ async def update_status(args: argparse.Namespace) -> dict[str, float]:
     finally:
         for channel in channels:
             await channel.close(None)
+
+
+LATTICE_API = "api/v1/"
+"""The Lattice REST API's routes, under a server's HTTP root URL."""
+
+
+async def put_status_updates(
+    args: argparse.Namespace,
+    session: aiohttp.ClientSession,
+    urls: list[str],
+    versions: list[int],
+) -> dict[str, float]:
+    """update_status over HTTP: worker n PUTs typical_update_json to urls[n] with
+    versions[n], and keeps the statusVersion of each answer (a Task's JSON) for its next
+    one. Shared by rest-update-status and its baseline http-noop, so they differ only in
+    the server."""
+    body = typical_update_json()
+
+    async def step(worker: int) -> None:
+        async with session.put(urls[worker], json=body(versions[worker])) as response:
+            if response.status != 200:
+                raise SystemExit(f"PUT {urls[worker]}: {response.status} {await response.text()}")
+            task = await response.json()
+        versions[worker] = int(task["version"]["statusVersion"])
+
+    return await run_for(args.duration, args.concurrency, step)
+
+
+def http_session(args: argparse.Namespace) -> aiohttp.ClientSession:
+    """One session for every worker, as many connections as workers: each call in flight
+    has a keep-alive connection, none waits for one or opens a new one."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency))
+
+
+async def rest_update_status(args: argparse.Namespace) -> dict[str, float]:
+    """update-status over the Lattice REST API: `concurrency` workers, each updating a
+    task of its own, created first (`POST /api/v1/tasks`); worker n calls replica n mod
+    the number of targets (HTTP root URLs)."""
+    roots = [root.rstrip("/") + "/" for root in targets(args)]
+    async with http_session(args) as session:
+        urls, versions = [], []
+        for worker in range(args.concurrency):  # distinct tasks: no conflicts
+            tasks = f"{roots[worker % len(roots)]}{LATTICE_API}tasks"
+            async with session.post(tasks, json={"displayName": "bench"}) as response:
+                if response.status != 200:
+                    raise SystemExit(f"POST {tasks}: {response.status} {await response.text()}")
+                version = (await response.json())["version"]
+            urls.append(f"{tasks}/{version['taskId']}/status")
+            versions.append(int(version["statusVersion"]))
+        return await put_status_updates(args, session, urls, versions)
+
+
+async def http_noop(args: argparse.Namespace) -> dict[str, float]:
+    """The baseline of rest-update-status: the same client against bench.echo_server's
+    `PUT /noop/{id}` (the body read, a Task-sized JSON answered), a made-up id per
+    worker."""
+    root = targets(args)[0].rstrip("/") + "/"
+    async with http_session(args) as session:
+        urls = [f"{root}noop/http-noop-task-{n}" for n in range(args.concurrency)]
+        return await put_status_updates(args, session, urls, [1] * args.concurrency)
 
 
 class Walkers:
@@ -779,13 +857,19 @@ SCENARIOS = {
     "session-lifecycle": session_lifecycle,
     "payloads": payloads,
     "release": release,
+    "rest-update-status": rest_update_status,
+    "http-noop": http_noop,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--target", required=True, help="HOST:PORT[,HOST:PORT...]")
+    parser.add_argument(
+        "--target",
+        required=True,
+        help="HOST:PORT[,HOST:PORT...] (over HTTP: http://HOST:PORT/[,...])",
+    )
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--agents", type=int, default=16)

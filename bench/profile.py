@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.run import REPO_ROOT, client, save, task_manager
+from bench.run import OVER_HTTP, REPO_ROOT, client, save, task_manager
 from devtools.private_postgres import PrivatePostgres
 
 SCENARIOS: dict[str, dict[str, object]] = {
@@ -37,6 +37,8 @@ SCENARIOS: dict[str, dict[str, object]] = {
     # What run.py measures as upload_mib_per_s and download_mib_per_s, and release_ms_*.
     "payloads": {"size": 256 * 1024 * 1024, "count": 4},
     "release": {"rate": 250},
+    # What run.py measures as rest_update_status_per_s: UpdateStatus over the REST API.
+    "rest-update-status": {},
 }
 OURS = ("task_manager/", "storage/")
 IMPORTING = "_find_and_load"
@@ -71,6 +73,8 @@ def record(
     else:
         raise SystemExit(f"server did not start:\n{(workdir / 'server.log').read_text()}")
     address = line.rsplit(" ", 1)[1].strip()
+    if scenario in OVER_HTTP:  # the next line: "task-manager: HTTP on http://HOST:PORT/ ..."
+        address = process.stdout.readline().split()[3]
     options = dict(SCENARIOS[scenario])
     if "rounds" not in options:
         options["duration"] = duration
@@ -102,6 +106,8 @@ def kind(leaf: str) -> str:
         return "ours (task_manager, storage)"
     if "(asyncio/" in leaf or "(selectors.py" in leaf:
         return "asyncio"
+    if "(aiohttp/" in leaf or "(multidict/" in leaf or "(yarl/" in leaf:
+        return "aiohttp (and its multidict, yarl)"
     return "other Python"
 
 
