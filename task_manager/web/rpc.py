@@ -111,9 +111,11 @@ class RpcRoutes:
                 responses = behaviour(message, events, caller)
                 # WatchTasks sends heartbeats of its own; the others are kept alive here,
                 # so that a client gone without a word is noticed by a failed write.
-                kept = with_heartbeats(responses, KEEPALIVE_S)
-                if isinstance(message, pb.WatchTasksRequest):
-                    kept = _never_idle(responses)
+                kept = (
+                    _never_idle(responses)
+                    if isinstance(message, pb.WatchTasksRequest)
+                    else with_heartbeats(responses, KEEPALIVE_S)
+                )
                 with self._gate.stream_of(caller):
                     async with contextlib.aclosing(responses), contextlib.aclosing(kept):
                         async for answer in kept:
