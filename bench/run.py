@@ -32,6 +32,7 @@ import psycopg
 from bench.echo_server import typical_response
 from devtools.private_postgres import PrivatePostgres
 from storage.base import Change
+from task_manager.clock import SystemClock
 from task_manager.config import HTTP_OFF
 from task_manager.metrics import Metrics
 from task_manager.v1 import task_manager_pb2 as pb
@@ -507,7 +508,7 @@ def metrics_us_per_call(seconds: float) -> float:
     at a time here, its call is paid per change, an upper bound. One Metrics whose label
     children exist, as after a server's first call. The loop's own cost (about 16 ns a
     turn) is left in."""
-    metrics = Metrics()
+    metrics = Metrics(SystemClock())
     committed = committed_update()
     metrics.rpc_ended("UpdateStatus", "OK", seconds)
     best = math.inf
@@ -525,7 +526,7 @@ def metrics_http_us_per_request(seconds: float) -> float:
     """As metrics_us_per_call, for what a REST status update records: web/server.py's
     middleware, http_answered and its two clock reads (not the route's lookup), and the
     change feed's changes_committed of its change."""
-    metrics = Metrics()
+    metrics = Metrics(SystemClock())
     committed = committed_update()
     route = "/api/v1/tasks/{taskId}/status"
     metrics.http_answered(route, 200, seconds)

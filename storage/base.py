@@ -22,6 +22,7 @@ from task_manager.v1.task_manager_pb2 import (
 
 if TYPE_CHECKING:
     from storage.feed import ChangeFeed
+    from storage.stats import TailStats, WriterStats
 
 T = TypeVar("T")
 
@@ -445,6 +446,17 @@ class Store(Protocol):
     def isolated_batches(self) -> int:
         """Batches rolled back and run again with a savepoint per unit, after a unit
         failed having written (storage/group_commit.py)."""
+        ...
+
+    @property
+    def writer_stats(self) -> WriterStats:
+        """Batch sizes and commit times (storage/stats.py)."""
+        ...
+
+    @property
+    def tail_stats(self) -> TailStats | None:
+        """How far behind the other replicas' commits this store reads; None for a
+        backend with no other replicas."""
         ...
 
     @property

@@ -23,11 +23,13 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from storage.base import Change, StoreClosed, StoreError
+from storage.stats import WriterStats
 
 T = TypeVar("T")
 Tx = TypeVar("Tx")
@@ -136,15 +138,22 @@ class GroupCommitWriter(Generic[Tx]):
         self._loop = loop
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
-        self.commits = 0
-        """Transactions committed; with `writes`, shows how much group commit batches."""
-        self.writes = 0
+        self.stats = WriterStats()
         self.isolated_batches = 0
         """Batches run again with a savepoint per unit (see the module's docstring)."""
         self._thread = threading.Thread(
             target=self._write_loop, args=(niceness,), name=name, daemon=True
         )
         self._thread.start()
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed; with `writes`, shows how much group commit batches."""
+        return self.stats.batch_writes.count
+
+    @property
+    def writes(self) -> int:
+        return int(self.stats.batch_writes.sum)
 
     def submit(self, unit: Callable[[Tx], T]) -> asyncio.Future[T]:
         """Queues unit; the future holds its result once its batch has committed and its
@@ -180,6 +189,7 @@ class GroupCommitWriter(Generic[Tx]):
         batch: list[_Job] = [first]  # before begin(): a batch that cannot begin fails it
         outcomes: list[_Outcome] = []
         changes: list[Change] = []
+        began = time.perf_counter()
         try:
             try:
                 self._run(batch, False, outcomes, changes)
@@ -192,8 +202,8 @@ class GroupCommitWriter(Generic[Tx]):
                 changes.clear()
                 self._run(batch, True, outcomes, changes, failed)
             self._connection.commit(changes)
-            self.commits += 1
-            self.writes += len(batch)
+            self.stats.commit_seconds.observe(time.perf_counter() - began)
+            self.stats.batch_writes.observe(len(batch))
         except Exception as exc:  # a StoreError, or a bug: the batch fails, the writer goes on
             if isinstance(exc, StoreError):
                 log.error("write batch of %d failed: %s", len(batch), exc)

@@ -46,6 +46,7 @@ from storage.base import (
 )
 from storage.group_commit import GroupCommitWriter
 from storage.history import entry_for, ns, replay
+from storage.stats import WriterStats
 from task_manager import statuses
 from task_manager.v1.task_manager_pb2 import Session as SessionMessage
 from task_manager.v1.task_manager_pb2 import (
@@ -1104,6 +1105,10 @@ class SqlStore(SqlReads, Generic[Connection]):
     @property
     def isolated_batches(self) -> int:
         return self._writer.isolated_batches
+
+    @property
+    def writer_stats(self) -> WriterStats:
+        return self._writer.stats
 
     async def write(self, unit: Callable[[WriteTransaction], T]) -> T:
         return await self._writer.submit(unit)

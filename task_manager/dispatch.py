@@ -51,6 +51,11 @@ DEFAULT_STREAM_BUFFER = 1_024
 HandOver = Callable[[Task, str, str], "asyncio.Future[Task | None]"]
 """Records a new holder of a pool task: (task as seen, old holder, new holder). The
 future holds the task after the write, or None if the task had moved on."""
+Dispatched = Callable[[int], None]
+"""Told, as an ExecuteRequest leaves for its agent, when the change that sent it was
+made (ns since the epoch, by the service's clock): the dispatch latency. Only for
+requests routed as their change was published, not for a stream's backlog, whose
+tasks may have waited hours for their agent to connect."""
 
 
 def agent_request(task: Task, encoded_task: bytes) -> bytes | None:
@@ -95,6 +100,7 @@ class AgentStream:
         buffer: int,
         include_held_tasks: bool = False,
         task_types: frozenset[TypeKey] = frozenset(),
+        dispatched: Dispatched | None = None,
     ) -> None:
         self.entity_ids = entity_ids
         self.max_in_flight = max_in_flight
@@ -103,7 +109,9 @@ class AgentStream:
         self.task_types = task_types
         """What its agent declared it runs; a pool gives it only tasks of those."""
         self._buffer = buffer
-        self._pending: deque[bytes] = deque()
+        self._dispatched = dispatched
+        self._pending: deque[tuple[bytes, int]] = deque()
+        """Requests, each with the time its change sent it (0: not timed)."""
         self._held: dict[str, _Held] = {}
         self._waiting: OrderedDict[str, tuple[Task, bytes]] = OrderedDict()
         self.loading: list[Change] | None = []
@@ -125,7 +133,7 @@ class AgentStream:
     def has_room(self) -> bool:
         return not self.max_in_flight or len(self._held) < self.max_in_flight
 
-    def send(self, request: bytes) -> None:
+    def send(self, request: bytes, sent_ns: int = 0) -> None:
         if self._ended is not None:
             return
         if len(self._pending) >= self._buffer and not self.starting:
@@ -136,7 +144,7 @@ class AgentStream:
                 )
             )
             return
-        self._pending.append(request)
+        self._pending.append((request, sent_ns))
         self._wakeup.set()
 
     def send_execute(self, task: Task, request: bytes) -> None:
@@ -144,7 +152,7 @@ class AgentStream:
         task_id = task.version.task_id
         if task_id in self._held or self.has_room():
             self.hold(task, pb.STATUS_SENT, pool_of(task))
-            self.send(request)
+            self.send(request, self._sent_ns(task))
         else:
             self._waiting[task_id] = (task, request)
 
@@ -167,8 +175,13 @@ class AgentStream:
         while self._waiting and self.has_room():
             _, (task, request) = self._waiting.popitem(last=False)
             self.hold(task, pb.STATUS_SENT, pool_of(task))
-            self.send(request)
+            self.send(request, self._sent_ns(task))
         return True
+
+    def _sent_ns(self, task: Task) -> int:
+        if self._dispatched is None or self.starting:  # not timed: the backlog
+            return 0
+        return task.last_update_time.ToNanoseconds()
 
     def holds(self, task_id: str) -> bool:
         return task_id in self._held
@@ -193,7 +206,10 @@ class AgentStream:
         """Yields requests as they come; raises the reason when the stream is ended."""
         while True:
             while self._pending:
-                yield self._pending.popleft()
+                request, sent_ns = self._pending.popleft()
+                if sent_ns and self._dispatched is not None:
+                    self._dispatched(sent_ns)
+                yield request
             if self._ended is not None:
                 raise self._ended
             await self._wakeup.wait()  # no await since the checks: nothing missed
@@ -202,9 +218,15 @@ class AgentStream:
 class Dispatcher:
     """Routes committed changes to the agent streams that must hear of them."""
 
-    def __init__(self, hand_over: HandOver, stream_buffer: int = DEFAULT_STREAM_BUFFER) -> None:
+    def __init__(
+        self,
+        hand_over: HandOver,
+        stream_buffer: int = DEFAULT_STREAM_BUFFER,
+        dispatched: Dispatched | None = None,
+    ) -> None:
         self._hand_over = hand_over
         self._stream_buffer = stream_buffer
+        self._dispatched = dispatched
         self._streams_by_entity: dict[str, set[AgentStream]] = {}
         self._unassigned: dict[str, OrderedDict[str, Task]] = {}
         """Pool tasks at SENT without a holder, by pool, oldest first."""
@@ -225,7 +247,12 @@ class Dispatcher:
         if self._closing is not None:
             raise self._closing
         stream = AgentStream(
-            entity_ids, max_in_flight, self._stream_buffer, include_held_tasks, task_types
+            entity_ids,
+            max_in_flight,
+            self._stream_buffer,
+            include_held_tasks,
+            task_types,
+            self._dispatched,
         )
         for entity_id in entity_ids:
             self._streams_by_entity.setdefault(entity_id, set()).add(stream)

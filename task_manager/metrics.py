@@ -12,14 +12,25 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from storage.base import Change
+from storage.stats import Distribution, TailStats, WriterStats
+from task_manager.clock import Clock
 from task_manager.v1.task_manager_pb2 import STATUS_SENT
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 """Unary calls take a millisecond or two; a stream's whole life falls in the last."""
+
+DISPATCH_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1)
+"""On one replica a commit reaches its agent's stream in well under a millisecond; from
+another replica, after that replica's tail reads it (milliseconds)."""
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,9 +42,13 @@ class Observed(Protocol):
 
     def open_watches(self) -> int: ...
 
-    def commits(self) -> int: ...
+    def writer_stats(self) -> WriterStats: ...
 
-    def writes(self) -> int: ...
+    def tail_stats(self) -> TailStats | None: ...
+
+    def revision(self) -> int:
+        """The newest revision this server has published."""
+        ...
 
     def deadlines_fired(self) -> int: ...
 
@@ -41,7 +56,8 @@ class Observed(Protocol):
 class Metrics:
     """Counts calls as the transports end them; renders everything for a scrape."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
         self._rpcs = Counter(
             "task_manager_rpcs",
@@ -75,6 +91,13 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self._dispatch_seconds = Histogram(
+            "task_manager_dispatch_seconds",
+            "From the change that sent a task to an agent (its create, release, retry or"
+            " hand-over to a pool member) to its ExecuteRequest leaving on the agent's stream",
+            buckets=DISPATCH_BUCKETS_S,
+            registry=self.registry,
+        )
         self._first_attempts = self._attempts.labels("first")
         self._retries = self._attempts.labels("retry")
         # Children by labels, looked up once: labels() costs a lock and a dict each call,
@@ -98,6 +121,10 @@ class Metrics:
             self._http_children[(route, code)] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def task_dispatched(self, sent_ns: int) -> None:
+        """dispatch.Dispatched: an ExecuteRequest is leaving, sent by a change at sent_ns."""
+        self._dispatch_seconds.observe(max(0, self._clock.now_ns() - sent_ns) / 1e9)
 
     def changes_committed(self, changes: Sequence[Change]) -> None:
         """A change feed subscriber: counts the attempts the changes started."""
@@ -145,18 +172,47 @@ class _Held(Collector):
         for status, count in sorted(self._task_counts().items()):
             tasks.add_metric([status], count)
         yield tasks
-        yield CounterMetricFamily(
-            "task_manager_store_commits",
-            "Transactions this server's writer committed (each holds a batch of writes)",
-            value=observed.commits(),
+        writer = observed.writer_stats()
+        yield _histogram(
+            "task_manager_store_batch_writes",
+            "Units of work per transaction this server's writer committed: its count is the"
+            " commits, its sum the writes",
+            writer.batch_writes,
         )
-        yield CounterMetricFamily(
-            "task_manager_store_writes",
-            "Units of work this server's writer committed",
-            value=observed.writes(),
+        yield _histogram(
+            "task_manager_store_commit_seconds",
+            "Each transaction this server's writer committed, from its begin to its commit's"
+            " return",
+            writer.commit_seconds,
         )
+        tail = observed.tail_stats()
+        if tail is not None:
+            yield _histogram(
+                "task_manager_replica_tail_lag_seconds",
+                "Per read of the other replicas' commits: how long ago the newest was made"
+                " (by its replica's clock) when this replica published it",
+                tail.lag_seconds,
+            )
+            yield GaugeMetricFamily(
+                "task_manager_replica_tail_lag_revisions",
+                "Revisions other replicas announced that this replica has not published yet",
+                value=max(0, tail.announced_revision - observed.revision()),
+            )
         yield CounterMetricFamily(
             "task_manager_deadlines_fired",
             "Timeouts, scheduled releases and retries this server's timekeeper fired",
             value=observed.deadlines_fired(),
         )
+
+
+def _histogram(name: str, documentation: str, distribution: Distribution) -> Metric:
+    counts = list(distribution.counts)  # one copy: the writer thread may add meanwhile
+    cumulative, buckets = 0, []
+    for bound, count in zip((*distribution.bounds, float("inf")), counts, strict=True):
+        cumulative += count
+        buckets.append((_bound(bound), cumulative))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=distribution.sum)
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 import task_manager.well_known_types  # noqa: F401
 from storage import open_blob_store, open_store
 from storage.base import Store
+from storage.stats import TailStats, WriterStats
 from task_manager import lifecycle, logs
 from task_manager.auth import Credentials, OpenStreams, RateLimiter
 from task_manager.clock import Clock, SystemClock, sleep_until
@@ -155,11 +156,14 @@ class _Held:
     def open_watches(self) -> int:
         return self._watch_hub.open_watches()
 
-    def commits(self) -> int:
-        return self._store.commits
+    def writer_stats(self) -> WriterStats:
+        return self._store.writer_stats
 
-    def writes(self) -> int:
-        return self._store.writes
+    def tail_stats(self) -> TailStats | None:
+        return self._store.tail_stats
+
+    def revision(self) -> int:
+        return self._store.feed.revision
 
     def deadlines_fired(self) -> int:
         return self._timekeeper.fired
@@ -240,7 +244,8 @@ class TaskManagerServer:
         def hand_over(task: Task, old: str, new: str) -> asyncio.Future[Task | None]:
             return store.submit(lambda tx: lifecycle.hand_over(tx, task, old, new, clock.now_ns()))
 
-        dispatcher = Dispatcher(hand_over, settings.stream_buffer)
+        metrics = Metrics(clock)
+        dispatcher = Dispatcher(hand_over, settings.stream_buffer, metrics.task_dispatched)
         watch_hub = WatchHub(store.feed.revision, buffer=settings.watch_buffer)
         presence = Presence(int(settings.agent_lost_after_s * 1e9))
         presence.load(await store.seen_agents())
@@ -282,7 +287,6 @@ class TaskManagerServer:
             RateLimiter(settings.requests_per_second, clock),
             OpenStreams(settings.max_streams_per_principal),
         )
-        metrics = Metrics()
         store.feed.subscribe(metrics.changes_committed)
         servicer = TaskManagerService(
             store,

@@ -87,7 +87,15 @@ async def test_metrics_count_calls_by_method_and_code_and_what_the_server_holds(
     assert moved("task_manager_rpc_duration_seconds_count", method="CreateTask") == 3
     assert moved("task_manager_tasks", status="STATUS_SENT") == 3
     assert after[("task_manager_agent_streams", ())] == 1
-    assert moved("task_manager_store_writes_total") >= 3
+    assert moved("task_manager_store_batch_writes_sum") >= 3  # the writes
+    commits = moved("task_manager_store_batch_writes_count")
+    assert commits >= 1
+    assert moved("task_manager_store_commit_seconds_count") == commits
+    assert moved("task_manager_store_commit_seconds_sum") > 0
+    assert moved("task_manager_dispatch_seconds_count") == 3  # one per ExecuteRequest
+    assert moved("task_manager_dispatch_seconds_bucket", le="+Inf") == 3
+    # Only a replica reads others' commits.
+    assert (("task_manager_replica_tail_lag_revisions", ()) in after) == server.store.shared
     assert moved("task_manager_http_requests_total", route="/metrics", code="200") == 1
 
 

@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TypeVar
 
+import aiohttp
 import anyio
 import grpc
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent_kit import Agent, OperatorClient, TaskContext, TaskPolicy
 from devtools.private_postgres import PrivatePostgres
@@ -159,7 +161,28 @@ async def test_agents_watchers_and_writers_on_different_replicas(postgres_url: s
         # Resuming elsewhere, from the middle: the same revisions, no gap, no duplicate.
         async with Watcher(b.address, start_revision=100) as resumed:
             assert await resumed.until_seen(newest - 99) == seen[99:]
+        # B read A's commits (its agent's reports) from the database, and says how late.
+        tail = await scrape(b)
+        assert tail["task_manager_replica_tail_lag_seconds_count"] >= 1
+        assert tail["task_manager_replica_tail_lag_seconds_sum"] >= 0
+        assert "task_manager_replica_tail_lag_revisions" in tail
     assert_store_consistent(postgres_url)
+
+
+async def scrape(server: ServerProcess) -> dict[str, float]:
+    """The server's /metrics samples without labels, by name."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.http_url + "metrics") as response,
+    ):
+        assert response.status == 200, await response.text()
+        text = await response.text()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
 
 
 async def test_two_replicas_racing_one_update_status_one_wins_one_aborts(

@@ -97,7 +97,8 @@ async def writer_held(store: Store) -> AsyncIterator[asyncio.Future[pb.Task]]:
 async def test_writes_queued_while_a_batch_runs_join_its_commit(
     store: Store, published: list[Change]
 ) -> None:
-    commits_before = store.commits
+    stats = store.writer_stats
+    commits_before, six_writes_before = store.commits, stats.batch_writes.counts[3]
     async with writer_held(store) as first:
         later = [store.submit(create(f"late-{n}")) for n in range(5)]
     await asyncio.gather(first, *later)
@@ -105,6 +106,9 @@ async def test_writes_queued_while_a_batch_runs_join_its_commit(
     # One commit for the six writes, applied in the order they were queued, with the
     # revisions they would have had one commit each.
     assert store.commits == commits_before + 1
+    assert stats.batch_writes.bounds[3] == 8  # six writes: the bucket of 5 to 8
+    assert stats.batch_writes.counts[3] == six_writes_before + 1
+    assert stats.commit_seconds.count == store.commits
     assert [change.task.version.task_id for change in published] == [
         "held-1",
         *(f"late-{n}" for n in range(5)),

@@ -48,6 +48,7 @@ from storage.sql import (
     marks,
     record_batch,
 )
+from storage.stats import TailStats
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ class ChangeTail:
         self._wake = asyncio.Event()
         self.reads = 0
         """Pages of history read back (others' commits, or a gap before our own)."""
+        self.stats = TailStats()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -311,6 +313,9 @@ class ChangeTail:
             # A gap in a page, or a page that does not follow the feed, raises
             # RevisionGap: revisions are dense, so that is a bug to report, never skip.
             self._feed.publish(page)
+            if page:
+                made = page[-1].task.last_update_time
+                self.stats.lag_seconds.observe(max(0.0, time.time() - made.ToNanoseconds() / 1e9))
             self._publish_own()
             if full:
                 continue
@@ -340,10 +345,14 @@ class ChangeTail:
                         # reading them back would only delay them.
                         if notify.pid == self._writer_pid():
                             continue
-                        if not notify.payload.isdigit() or (
-                            int(notify.payload) > self._feed.revision
-                        ):
+                        if not notify.payload.isdigit():
                             self._wake.set()  # not ours to parse: the read will tell
+                            continue
+                        announced = int(notify.payload)
+                        if announced > self.stats.announced_revision:
+                            self.stats.announced_revision = announced
+                        if announced > self._feed.revision:
+                            self._wake.set()
             except (psycopg.Error, OSError) as exc:
                 log.warning(
                     "listening for commits on %s failed (%s); reconnecting",
@@ -407,6 +416,10 @@ class PostgresStore(SqlStore[Connection]):
         conn, revision, durable = await asyncio.to_thread(prepare)
         loop = asyncio.get_running_loop()
         return cls(url, conn, revision, durable, loop, writer_niceness, tail_poll_s)
+
+    @property
+    def tail_stats(self) -> TailStats:
+        return self.tail.stats
 
     @property
     def commit_lock_hold_ns(self) -> int:

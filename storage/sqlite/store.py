@@ -25,6 +25,7 @@ from storage.group_commit import (
 )
 from storage.sql import Read, Session, SqlStore, SqlTransaction, last_revision, record_batch
 from storage.sqlite.schema import connect, lock_database, migrate
+from storage.stats import TailStats
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
         # FULL (2) or EXTRA (3): every commit of the writer is fsynced before it returns.
         self.durable: bool = writer_conn.execute("PRAGMA synchronous").fetchone()[0] >= 2
         self.shared = False  # the store holds <db>.lock: no other server writes the file
+        self.tail_stats: TailStats | None = None  # no other replicas' commits to read
         self.feed = ChangeFeed(last_revision(writer_conn))
         super().__init__(loop, "sqlite-reader")
         self._lock: IO[bytes] | None = None
