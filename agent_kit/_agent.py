@@ -34,6 +34,7 @@ from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, AsyncStub, ClientAuth, open_channel, open_stub
 from agent_kit._payloads import InputCache, PayloadSource, upload
 from agent_kit._supervisor import Supervisor, being_cancelled
+from agent_kit._tracing import execution
 from task_manager.statuses import TERMINAL
 from task_manager.v1 import task_manager_pb2 as pb
 
@@ -824,7 +825,7 @@ class Agent:
             _inputs=self._inputs,
         )
         try:
-            with running.scope:
+            with running.scope, execution(task, self.entity_id):
                 result = await handler(context)
         except Exception as exc:
             if running.stop is not None:

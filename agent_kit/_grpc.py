@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 else:
     AsyncStub = task_manager_pb2_grpc.TaskManagerStub
 
+T = TypeVar("T")
 DEFAULT_PORT = 50051
 """The Task Manager's port when a target names only the host."""
 
@@ -137,7 +138,16 @@ def open_stub(channel: grpc.aio.Channel, auth: ClientAuth) -> AsyncStub:
     objects whose write() does not work, and call credentials are refused without TLS."""
     stub = AsyncStub(channel)
     if auth.token is not None:
-        metadata = (("authorization", f"Bearer {auth.token}"),)
+        bearer = (("authorization", f"Bearer {auth.token}"),)
         for method in task_manager_pb2.DESCRIPTOR.services_by_name["TaskManager"].methods:
-            setattr(stub, method.name, partial(getattr(stub, method.name), metadata=metadata))
+            setattr(stub, method.name, _with_metadata(getattr(stub, method.name), bearer))
     return stub
+
+
+def _with_metadata(call: Callable[..., T], fixed: tuple[tuple[str, str], ...]) -> Callable[..., T]:
+    """call, sending fixed before any metadata its caller gives."""
+
+    def with_fixed(*args: Any, metadata: Sequence[tuple[str, str]] = (), **kwargs: Any) -> T:
+        return call(*args, metadata=(*fixed, *metadata), **kwargs)
+
+    return with_fixed

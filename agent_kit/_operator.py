@@ -44,6 +44,7 @@ from agent_kit._any import packed
 from agent_kit._backoff import Backoff
 from agent_kit._grpc import RETRYABLE_CODES, ClientAuth, open_channel, open_stub
 from agent_kit._payloads import PayloadSource, Progress, task_outputs
+from agent_kit._tracing import outgoing
 from task_manager.statuses import TERMINAL
 from task_manager.v1 import task_manager_pb2 as pb
 
@@ -268,7 +269,7 @@ class OperatorClient:
             task_type_version=task_type_version,
             inputs=refs,
         )
-        return (await self._stub.CreateTask(request)).task
+        return (await self._stub.CreateTask(request, metadata=outgoing())).task
 
     async def update_task(
         self,
@@ -318,7 +319,7 @@ class OperatorClient:
         if timeout is not None:
             submission.timeout.FromNanoseconds(round(timeout * 1e9))
         request = pb.SubmitSessionsRequest(sessions=[submission], author=self.author)
-        return (await self._stub.SubmitSessions(request)).sessions[0]
+        return (await self._stub.SubmitSessions(request, metadata=outgoing())).sessions[0]
 
     async def get_session(self, session_id: str) -> pb.Session:
         return (await self._stub.GetSession(pb.GetSessionRequest(session_id=session_id))).session

@@ -54,6 +54,7 @@ from task_manager.v1.task_manager_pb2 import (
     TaskStatus,
     TaskVersion,
     TaskView,
+    TraceContext,
     UpdateTaskRequest,
 )
 
@@ -98,10 +99,12 @@ def create_task(
     defaults: TaskPolicy,
     now_ns: int,
     session_id: str = "",
+    trace_context: TraceContext | None = None,
 ) -> Created:
     """Stores the task at CREATED (versions 1/1), then releases it to its agent if it has
     one: SENT at status_version 2, or SCHEDULED_IN_MANAGER until a future scheduled_time.
-    Returns the task as it stands after both.
+    Returns the task as it stands after both. trace_context: the creating call's
+    (task_manager/tracing.py), not part of what a retry must repeat.
 
     A create whose task_id is taken is a retry if it asks for what the task was created
     with (its first definition): it writes nothing and answers the task as it stands
@@ -131,6 +134,8 @@ def create_task(
     if request.HasField("author"):
         task.created_by.CopyFrom(request.author)
         task.last_updated_by.CopyFrom(request.author)
+    if trace_context is not None:
+        task.trace_context.CopyFrom(trace_context)
     task.inputs.extend(request.inputs)
     task.pending_inputs.extend(i.name for i in request.inputs if not i.HasField("payload"))
     created = StoredTask(task=task, agent_task=None, last_update=None)

@@ -51,6 +51,7 @@ from task_manager import (
     sessions,
     statuses,
     task_types,
+    tracing,
     validation,
     wire,
 )
@@ -158,6 +159,9 @@ class CallContext(Protocol):
     ) -> None:
         """Tells the client the call is under way (headers), before any answer."""
 
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]] | None:
+        """The call's metadata (HTTP: its headers), keys in lower case."""
+
 
 OperatorChange = Callable[[WriteTransaction, str, Principal | None, str, int], Task]
 """lifecycle.cancel_task or lifecycle.complete_task."""
@@ -227,9 +231,11 @@ class TaskManagerService:
         if author is not None:
             request.author.CopyFrom(author)
 
+        trace = tracing.carried(context.invocation_metadata())
+
         def create(tx: WriteTransaction) -> tuple[bytes, bool]:
             created = lifecycle.create_task(
-                tx, request, task_id, self._default_policy, self._clock.now_ns()
+                tx, request, task_id, self._default_policy, self._clock.now_ns(), "", trace
             )
             return tx.encoded(created.task), created.existed
 
@@ -476,9 +482,16 @@ class TaskManagerService:
             for position, task in enumerate(submission.tasks):
                 where = f"sessions[{index}].tasks[{position}]."
                 await self._check_stored(_input_refs(task.inputs, where))
+        trace = tracing.carried(context.invocation_metadata())
         submitted = await self._store.write(
             lambda tx: sessions.submit(
-                tx, request.sessions, author, self._default_policy, self._clock.now_ns(), digests
+                tx,
+                request.sessions,
+                author,
+                self._default_policy,
+                self._clock.now_ns(),
+                digests,
+                trace,
             )
         )
         return SubmitSessionsResponse(sessions=submitted)

@@ -32,6 +32,7 @@ from task_manager.v1.task_manager_pb2 import (
     StatusCount,
     SubmittedSession,
     TaskPolicy,
+    TraceContext,
 )
 
 NOT_RECEIVED = statuses.UNRELEASED | {pb.STATUS_SENT}
@@ -61,6 +62,7 @@ def submit(
     defaults: TaskPolicy,
     now_ns: int,
     digests: Sequence[bytes],
+    trace_context: TraceContext | None = None,
 ) -> list[SubmittedSession]:
     """Stores every session of the request with its tasks, or (by raising) none. A
     session whose id is taken is a retry if it has the same content (digests: each
@@ -105,7 +107,7 @@ def submit(
                 task_request.author.CopyFrom(author)
             try:
                 created = lifecycle.create_task(
-                    tx, task_request, task_id, defaults, now_ns, session_id=session_id
+                    tx, task_request, task_id, defaults, now_ns, session_id, trace_context
                 )
             except TaskIdTaken as taken:
                 field = f"sessions[{index}].tasks[{position}].task_id"

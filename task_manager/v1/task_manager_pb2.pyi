@@ -272,6 +272,7 @@ class Task(_message.Message):
     TASK_TYPE_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     PENDING_INPUTS_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     description: _builtins.str
     is_executed_elsewhere: _builtins.bool
@@ -325,6 +326,13 @@ class Task(_message.Message):
         missing the task is held at STATUS_CREATED; the last attach releases it.
         """
 
+    @_builtins.property
+    def trace_context(self) -> Global___TraceContext:
+        """Extension: the W3C Trace Context of the call that created the task (its traceparent
+        and tracestate metadata, or HTTP headers), so that its agent continues the trace.
+        Unset if the call carried none (or a malformed one, which is ignored).
+        """
+
     def __init__(
         self,
         *,
@@ -348,14 +356,39 @@ class Task(_message.Message):
         task_type: Global___TaskTypeRef | None = ...,
         inputs: _abc.Iterable[Global___NamedPayload] | None = ...,
         pending_inputs: _abc.Iterable[_builtins.str] | None = ...,
+        trace_context: Global___TraceContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "specification", b"specification", "status", b"status", "task_type", b"task_type", "trace_context", b"trace_context", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "inputs", b"inputs", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "pending_inputs", b"pending_inputs", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "session_id", b"session_id", "specification", b"specification", "status", b"status", "task_type", b"task_type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "inputs", b"inputs", "is_executed_elsewhere", b"is_executed_elsewhere", "last_update_time", b"last_update_time", "last_updated_by", b"last_updated_by", "pending_inputs", b"pending_inputs", "policy", b"policy", "relations", b"relations", "scheduled_time", b"scheduled_time", "scope", b"scope", "session_id", b"session_id", "specification", b"specification", "status", b"status", "task_type", b"task_type", "trace_context", b"trace_context", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class TraceContext(_message.Message):
+    """Extension: a W3C Trace Context (https://www.w3.org/TR/trace-context/), as received."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACESTATE_FIELD_NUMBER: _builtins.int
+    traceparent: _builtins.str
+    tracestate: _builtins.str
+    def __init__(
+        self,
+        *,
+        traceparent: _builtins.str = ...,
+        tracestate: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["traceparent", b"traceparent", "tracestate", b"tracestate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceContext: _TypeAlias = TraceContext  # noqa: Y015
 
 @_typing.final
 class TaskPolicy(_message.Message):

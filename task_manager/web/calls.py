@@ -85,8 +85,15 @@ def decoded(answer: M | bytes, message_type: type[M]) -> M:
     return message_type.FromString(answer) if isinstance(answer, bytes) else answer
 
 
-class NoHeaders:
-    """The call context of a route that answers once: nothing to send before it."""
+class RequestContext:
+    """The call context of a route that answers once: the request's headers as the
+    call's metadata, and nothing to send before the answer."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]]:
+        return _metadata(self._request)
 
     async def send_initial_metadata(
         self, initial_metadata: Sequence[tuple[str, str | bytes]]
@@ -94,7 +101,9 @@ class NoHeaders:
         return None
 
 
-NO_HEADERS = NoHeaders()
+def _metadata(request: web.Request) -> list[tuple[str, str | bytes]]:
+    """Headers as gRPC metadata: lower-case keys, in order."""
+    return [(key.lower(), value) for key, value in request.headers.items()]
 
 
 class EventStream:
@@ -112,6 +121,9 @@ class EventStream:
                 "X-Accel-Buffering": "no",  # a proxy in front must not hold events back
             }
         )
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]]:
+        return _metadata(self._request)
 
     async def send_initial_metadata(
         self, initial_metadata: Sequence[tuple[str, str | bytes]]

@@ -38,8 +38,8 @@ from task_manager.service import Gate, TaskManagerService
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.web.answers import json_response
 from task_manager.web.calls import (
-    NO_HEADERS,
     EventStream,
+    RequestContext,
     admit,
     answer_call,
     decoded,
@@ -115,7 +115,7 @@ class LatticeRoutes:
             body = await json_body(request)
             create = from_json(body, pb.CreateTaskRequest, "body")
             _release_time(body, create)
-            answer = await self._service.CreateTask(create, NO_HEADERS, caller)
+            answer = await self._service.CreateTask(create, RequestContext(request), caller)
             return to_json(decoded(answer, pb.CreateTaskResponse).task)
 
         return await answer_call(self._gate, request, "CreateTask", call)
@@ -123,7 +123,7 @@ class LatticeRoutes:
     async def get_task(self, request: web.Request) -> web.Response:
         async def call(caller: Caller) -> dict[str, Any]:
             get = pb.GetTaskRequest(task_id=request.match_info["taskId"])
-            return to_json((await self._service.GetTask(get, NO_HEADERS, caller)).task)
+            return to_json((await self._service.GetTask(get, RequestContext(request), caller)).task)
 
         return await answer_call(self._gate, request, "GetTask", call)
 
@@ -141,7 +141,7 @@ class LatticeRoutes:
             if not body.get("author"):
                 update.ClearField("author")
             answer = await self._service.UpdateStatus(
-                pb.UpdateStatusRequest(status_update=update), NO_HEADERS, caller
+                pb.UpdateStatusRequest(status_update=update), RequestContext(request), caller
             )
             return to_json(decoded(answer, pb.UpdateStatusResponse).task)
 
@@ -153,7 +153,7 @@ class LatticeRoutes:
             cancel = pb.CancelTaskRequest(task_id=request.match_info["taskId"])
             if body.get("author"):
                 cancel.author.CopyFrom(from_json(body["author"], pb.Principal, "author"))
-            answer = await self._service.CancelTask(cancel, NO_HEADERS, caller)
+            answer = await self._service.CancelTask(cancel, RequestContext(request), caller)
             return to_json(decoded(answer, pb.CancelTaskResponse).task)
 
         return await answer_call(self._gate, request, "CancelTask", call)
@@ -179,7 +179,7 @@ class LatticeRoutes:
             ):
                 if window.get(key):
                     target.CopyFrom(_time(window[key], f"updateTimeRange.{key}"))
-            answer = await self._service.QueryTasks(query, NO_HEADERS, caller)
+            answer = await self._service.QueryTasks(query, RequestContext(request), caller)
             return {
                 "tasks": [to_json(task) for task in answer.tasks],
                 "nextPageToken": answer.page_token,
@@ -195,7 +195,7 @@ class LatticeRoutes:
 
         async def call(caller: Caller) -> dict[str, Any]:
             listen = _listen_request(await json_body(request))
-            requests = self._service.ListenAsAgent(listen, NO_HEADERS, caller)
+            requests = self._service.ListenAsAgent(listen, RequestContext(request), caller)
             with self._gate.stream_of(caller):
                 try:
                     first = await asyncio.wait_for(anext(requests), LONG_POLL_S)

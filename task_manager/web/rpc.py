@@ -35,8 +35,8 @@ from task_manager.errors import InvalidArgument
 from task_manager.service import SERVICE_DESCRIPTORS, Gate, TaskManagerService
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.web.calls import (
-    NO_HEADERS,
     EventStream,
+    RequestContext,
     admit,
     answer_call,
     decoded,
@@ -86,7 +86,7 @@ class RpcRoutes:
         async def handle(request: web.Request) -> web.Response:
             async def call(caller: Caller) -> dict[str, Any]:
                 message = from_json(await json_body(request), request_type, "body")
-                answer = await behaviour(message, NO_HEADERS, caller)
+                answer = await behaviour(message, RequestContext(request), caller)
                 return to_json(decoded(answer, response_type))
 
             return await answer_call(self._gate, request, method.name, call)
