@@ -26,7 +26,12 @@ FIELDS = ("task_id", "agent", "revision", "status", "request_id")
 REQUEST_ID_KEY = "x-request-id"
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
-"""The id of the call being served (set by each transport's handler)."""
+"""The id of the call being served (set by each transport's handler with serving()):
+the client's, or UNNAMED until a line is logged, which names it then."""
+UNNAMED = "-"
+"""A call served without an id of its client's: one is made up only if a line is
+logged while it is served. Most calls log nothing, and making an id costs a read of
+os.urandom, about 1% of an UpdateStatus call's time."""
 
 changes = logging.getLogger("task_manager.changes")
 
@@ -42,13 +47,17 @@ def configure(log_format: str, level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
 
 
-def new_request_id(given: str | None) -> str:
-    """The request id a call is served under: the client's (bounded), or a new one."""
-    return given[:64] if given else uuid.uuid4().hex[:16]
+def serving(given: str | None) -> None:
+    """Lines logged from here on (in this context: the call's task) name the request
+    id the client gave (bounded), or one made up for the call when first needed."""
+    request_id.set(given[:64] if given else UNNAMED)
 
 
 def _with_request_id(record: logging.LogRecord) -> bool:
     if not hasattr(record, "request_id") and (current := request_id.get()):
+        if current == UNNAMED:  # logging runs in the caller's context: the call's
+            current = uuid.uuid4().hex[:16]
+            request_id.set(current)
         record.request_id = current
     return True
 

@@ -1034,7 +1034,7 @@ def _serving(context: Context) -> None:
     given = next(
         (v for k, v in context.invocation_metadata() or () if k == logs.REQUEST_ID_KEY), None
     )
-    logs.request_id.set(logs.new_request_id(str(given) if given is not None else None))
+    logs.serving(str(given) if given is not None else None)
 
 
 def _unary_handler(gate: Gate, name: str, method: UnaryMethod, metrics: Metrics) -> Handler:

@@ -12,6 +12,7 @@ import pytest
 
 from storage import add_credential
 from task_manager.auth import Role, new_token
+from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.v1 import task_manager_pb2_grpc
 from tests.helpers import ServerProcess, create_request, wait_until
 
@@ -33,6 +34,12 @@ def test_json_logs_carry_the_task_the_revision_and_the_request_id(database: str)
                     metadata=(("authorization", "Bearer tmk_x_y"), ("x-request-id", "req-7")),
                 )
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            for _ in range(2):  # without an id of the client's: one made up for each
+                with pytest.raises(grpc.RpcError):
+                    stub.GetTask(
+                        pb.GetTaskRequest(task_id="x"),
+                        metadata=(("authorization", "Bearer tmk_x_y"),),
+                    )
 
         def lines() -> list[dict[str, Any]]:
             text = served.log_text()[logged_before:]
@@ -55,6 +62,10 @@ def test_json_logs_carry_the_task_the_revision_and_the_request_id(database: str)
         assert sent["level"] == "debug"
         denied = next(line for line in lines() if line["message"].startswith("denied CreateTask"))
         assert denied["request_id"] == "req-7"
+        unnamed = [line for line in lines() if line["message"].startswith("denied GetTask")]
+        made_up = [line["request_id"] for line in unnamed]
+        assert len(made_up) == 2 and made_up[0] != made_up[1], made_up
+        assert all(len(made) == 16 and int(made, 16) >= 0 for made in made_up), made_up
         assert denied["level"] == "warning"
     finally:
         assert served.terminate() == 0

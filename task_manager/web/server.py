@@ -211,7 +211,7 @@ def _measured(metrics: Metrics) -> Callable[..., Awaitable[web.StreamResponse]]:
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         started = time.perf_counter()
-        logs.request_id.set(logs.new_request_id(request.headers.get(logs.REQUEST_ID_KEY)))
+        logs.serving(request.headers.get(logs.REQUEST_ID_KEY))
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         try:
