@@ -64,8 +64,10 @@ serve: $(SERVING)
 serve-cluster: install
 	$(PY) -m devtools.cluster
 
+# Tests in TEST_WORKERS processes (pytest-xdist), each with its own private PostgreSQL.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # The hostile-input tests at scale: 10,000 messages, 5,000 mutated valid requests and
 # 5,000 byte strings.
