@@ -6,16 +6,19 @@ Scenarios: echo, update-status, lifecycle, dispatch, idle-streams, watch-fanout 
 push-fanout (its baseline), create (one CreateTask a task, or sessions of
 --session-size tasks), session-lifecycle, payloads (uploads then downloads; --raw: their
 baseline, --sdk: through agent_kit), release (an input's attach to the agent's
-ExecuteRequest), and over HTTP rest-update-status and http-noop (its baseline), whose
---target is an HTTP root URL (http://HOST:PORT/). bench/run.py starts the servers and
-these processes; the numbers are only meaningful side by side.
+ExecuteRequest), over HTTP rest-update-status and http-noop (its baseline), whose
+--target is an HTTP root URL (http://HOST:PORT/), and sse-dispatch (dispatch to an agent
+on the Lattice SSE stream against one on ListenAsAgent, one task at a time), whose
+--target holds both. bench/run.py starts the servers and these processes; the numbers
+are only meaningful side by side.
 
 `--target` may name several replicas of one database, comma-separated: update-status
 and rest-update-status spread their workers over them; lifecycle, session-lifecycle,
 dispatch and watch-fanout create and update tasks on the first and listen (agents,
 watchers) on the last, so every task crosses from one replica to another; payloads
 uploads to the first and downloads from the last, release attaches on the first to
-agents on the last. The other scenarios use the first.
+agents on the last; sse-dispatch creates on the first address and listens on the last
+address and the last URL. The other scenarios use the first.
 """
 
 from __future__ import annotations
@@ -390,6 +393,146 @@ async def dispatch(args: argparse.Namespace) -> dict[str, float]:
             "rate_per_s": args.rate,
             "samples": len(latencies),
         }
+
+
+class Arrivals:
+    """When each awaited task's ExecuteRequest reached its agent: the listeners report
+    every task id they read, the loop awaits the one it created. A task not awaited (a
+    redelivery, a task of the warm-up read late) is ignored."""
+
+    def __init__(self) -> None:
+        self._awaited: dict[str, asyncio.Future[float]] = {}
+
+    def awaiting(self, task_id: str) -> asyncio.Future[float]:
+        arrival: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._awaited[task_id] = arrival
+        return arrival
+
+    def arrived(self, task_id: str) -> None:
+        arrival = self._awaited.pop(task_id, None)
+        if arrival is not None and not arrival.done():
+            arrival.set_result(time.perf_counter())
+
+
+async def listen_over_grpc(
+    target: str, entity_id: str, arrivals: Arrivals, subscribed: asyncio.Event
+) -> None:
+    """An agent on its ListenAsAgent stream, on a connection of its own (an agent is not
+    the operator's process): each ExecuteRequest read, decoded, is an arrival."""
+    options = [("grpc.use_local_subchannel_pool", 1)]  # not the operator's connection
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        request = pb.ListenAsAgentRequest(entity_ids=pb.EntityIds(entity_ids=[entity_id]))
+        call = AsyncStub(channel).ListenAsAgent(request)
+        await call.initial_metadata()  # sent once the server has subscribed the stream
+        subscribed.set()
+        async for message in call:
+            if message.HasField("execute_request"):
+                arrivals.arrived(message.execute_request.task.version.task_id)
+
+
+async def listen_over_sse(
+    root: str, entity_id: str, arrivals: Arrivals, subscribed: asyncio.Event
+) -> None:
+    """An agent on the Lattice SSE stream (`POST /api/v1/agent/stream`, as the SDK's
+    stream_as_agent opens it): each `agent_request` event holding an executeRequest, its
+    JSON parsed, is an arrival. Heartbeats at the longest interval the server allows."""
+    body = {"agentSelector": {"entityIds": [entity_id]}, "heartbeatIntervalMs": 30_000}
+    url = f"{root}{LATTICE_API}agent/stream"
+    forever = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with (
+        aiohttp.ClientSession(timeout=forever) as session,
+        session.post(url, json=body) as response,
+    ):
+        if response.status != 200:
+            raise SystemExit(f"POST {url}: {response.status} {await response.text()}")
+        subscribed.set()  # its headers: sent once the server has subscribed the stream
+        async for event in sse_data(response):
+            if event.get("event") == "agent_request" and "executeRequest" in event:
+                arrivals.arrived(event["executeRequest"]["task"]["version"]["taskId"])
+
+
+async def sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON data of each event of a Server-Sent Events answer, as it ends (its blank
+    line read); comments, ids and event names left out (the type is in the JSON)."""
+    data: list[str] = []
+    async for raw_line in response.content:
+        line = raw_line.decode().rstrip("\r\n")
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            yield json.loads("\n".join(data))
+            data = []
+
+
+SSE_DISPATCH_WARMUP = 50
+"""Pairs of tasks (one each way) created before sse-dispatch counts any."""
+
+
+async def sse_dispatch(args: argparse.Namespace) -> dict[str, float]:
+    """CreateTask call start -> ExecuteRequest read by the agent, one task at a time, for
+    an agent on a gRPC ListenAsAgent stream and one on the Lattice SSE stream, in the
+    same run: `samples` tasks to each, after SSE_DISPATCH_WARMUP pairs. Pair k creates a
+    task for one agent, waits for it to arrive, then one for the other, gRPC first when
+    k is even, SSE first when odd, so drift, and whatever a create leaves the server
+    doing for the next, fall on both alike. After each arrival the task is finished
+    (UpdateStatus DONE_OK, untimed), so no agent piles up tasks in flight.
+
+    --target holds gRPC addresses and HTTP root URLs (http://...): tasks are created on
+    the first address, the gRPC agent listens on the last address, the SSE agent on the
+    last URL (with replicas, both on the replica the creates are not made on)."""
+    found = targets(args)
+    addresses = [target for target in found if not target.startswith("http")]
+    roots = [target.rstrip("/") + "/" for target in found if target.startswith("http")]
+    if not addresses or not roots:
+        raise SystemExit("sse-dispatch needs a gRPC address and an HTTP root URL in --target")
+    arrivals = Arrivals()
+    agents = {"grpc": "bench-grpc-agent", "sse": "bench-sse-agent"}
+    latencies_ms: dict[str, list[float]] = {way: [] for way in agents}
+    numbers = itertools.count()
+    async with (
+        grpc.aio.insecure_channel(addresses[0]) as channel,
+        anyio.create_task_group() as group,
+    ):
+        stub = AsyncStub(channel)
+        subscribed = {way: asyncio.Event() for way in agents}
+        group.start_soon(
+            listen_over_grpc, addresses[-1], agents["grpc"], arrivals, subscribed["grpc"]
+        )
+        group.start_soon(listen_over_sse, roots[-1], agents["sse"], arrivals, subscribed["sse"])
+        for ready in subscribed.values():
+            await asyncio.wait_for(ready.wait(), 30)
+
+        async def one_task(way: str) -> float:
+            """A task to the agent listening over way: its latency, in ms."""
+            request = task_for(agents[way], f"sse-dispatch-{next(numbers):08d}")
+            arrival = arrivals.awaiting(request.task_id)
+            started = time.perf_counter()  # the CreateTask call's start
+            created = await stub.CreateTask(request)
+            try:
+                arrived = await asyncio.wait_for(arrival, 30)
+            except TimeoutError:
+                raise SystemExit(f"{request.task_id} never reached its {way} agent") from None
+            done = pb.StatusUpdate(
+                version=created.task.version, status=pb.TaskStatus(status=S.STATUS_DONE_OK)
+            )
+            await stub.UpdateStatus(pb.UpdateStatusRequest(status_update=done))
+            return (arrived - started) * 1000
+
+        for pair in range(SSE_DISPATCH_WARMUP + args.samples):
+            order = ("grpc", "sse") if pair % 2 == 0 else ("sse", "grpc")
+            for way in order:
+                latency_ms = await one_task(way)
+                if pair >= SSE_DISPATCH_WARMUP:
+                    latencies_ms[way].append(latency_ms)
+        group.cancel_scope.cancel()
+    grpc_way, sse_way = percentiles(latencies_ms["grpc"]), percentiles(latencies_ms["sse"])
+    return {
+        "grpc_p50_ms": grpc_way["p50_ms"],
+        "grpc_p99_ms": grpc_way["p99_ms"],
+        "sse_p50_ms": sse_way["p50_ms"],
+        "sse_p99_ms": sse_way["p99_ms"],
+        "samples": args.samples,
+    }
 
 
 async def session_lifecycle(args: argparse.Namespace) -> dict[str, float]:
@@ -859,6 +1002,7 @@ SCENARIOS = {
     "release": release,
     "rest-update-status": rest_update_status,
     "http-noop": http_noop,
+    "sse-dispatch": sse_dispatch,
 }
 
 
@@ -888,6 +1032,7 @@ def main() -> None:
     parser.add_argument("--sdk", action="store_true", help="payloads: through OperatorClient")
     parser.add_argument("--server-pid", type=int, help="payloads: the server's CPU, per way")
     parser.add_argument("--input-bytes", type=int, default=4096, help="release: input size")
+    parser.add_argument("--samples", type=int, default=300, help="sse-dispatch: tasks each way")
     args = parser.parse_args()
     result = asyncio.run(SCENARIOS[args.scenario](args))
     print(json.dumps(result), flush=True)
