@@ -210,6 +210,11 @@ class TaskManagerService:
         self.gate = gate
         self._shutting_down = False
 
+    @property
+    def clock(self) -> Clock:
+        """The time the service stamps and waits by (the HTTP front's heartbeats too)."""
+        return self._clock
+
     async def CreateTask(
         self,
         request: CreateTaskRequest,
@@ -844,15 +849,19 @@ class Gate:
     def admit_http(self, method: str, authorization: str | None) -> Caller:
         """An HTTP request to the route that calls method: its Authorization header
         names the caller."""
+        return self._admit(method, lambda: self.http_caller(authorization))
 
-        def identify() -> Caller:
-            if authorization is None:
-                raise Unauthenticated(
-                    "this task manager requires credentials: send 'Authorization: Bearer <token>'"
-                )
-            return self._bearer(authorization, "the Authorization header")
-
-        return self._admit(method, identify)
+    def http_caller(self, authorization: str | None) -> Caller:
+        """Who an HTTP request's Authorization header names (ANONYMOUS without
+        authentication), with no method's role check and no rate limit: for a route that
+        calls no method (/metrics)."""
+        if not self.credentials.required:
+            return ANONYMOUS
+        if authorization is None:
+            raise Unauthenticated(
+                "this task manager requires credentials: send 'Authorization: Bearer <token>'"
+            )
+        return self._bearer(authorization, "the Authorization header")
 
     @contextmanager
     def stream_of(self, caller: Caller) -> Iterator[None]:

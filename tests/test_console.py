@@ -1,6 +1,6 @@
 """The web console in a real headless Chromium (Debian's, driven by Playwright): live
-rows as tasks change over gRPC, the task page's timeline, cancel from the page, paging
-through 10,000 tasks. A screenshot is left in test-artifacts/."""
+rows as tasks change over gRPC, the task page's timeline and payload links, cancel from
+the page, paging through 10,000 tasks. A screenshot is left in test-artifacts/."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from storage import add_credential
 from task_manager.auth import Role, new_token
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request, server_settings, status_update
+from tests.helpers import AsyncStub, create_request, server_settings, status_update, stub_for
 from tests.test_dispatch import listen, next_request
+from tests.test_payloads import upload
 
 pytestmark = pytest.mark.anyio
 
@@ -104,6 +105,43 @@ async def test_a_failed_task_appears_live_and_its_page_shows_the_timeline(
     await expect(page.locator("#attempts tbody tr")).to_have_count(1)
     await expect(page.locator("#cancel-task")).to_be_disabled()
     await page.screenshot(path=str(ARTIFACTS / "console-task.png"))
+
+
+async def test_the_task_page_links_its_inputs_and_outputs_to_their_bytes(
+    page: Page, stub: AsyncStub
+) -> None:
+    mesh, log = b"a mesh of the north field", b"rotor 3: 81 C\n" * 150
+    request = create_request("drone-3", display_name="with payloads")
+    request.inputs.add(name="mesh.obj", payload=(await upload(stub, mesh)).payload)
+    request.inputs.add(name="map", payload=(await upload(stub, b"a map")).payload)
+    task = (await stub.CreateTask(request)).task
+    task = (await stub.UpdateStatus(status_update(task, pb.STATUS_MACHINE_RECEIPT))).task
+    output = pb.AttachOutputRequest(
+        task_id=task.version.task_id,
+        attempt=1,
+        name="rotor.log",
+        payload=(await upload(stub, log)).payload,
+    )
+    await stub.AttachOutput(output)
+
+    await page.locator(f'tr[data-task-id="{task.version.task_id}"] a').click()
+    await expect(page.locator("#task-title")).to_have_text("with payloads")
+    inputs = page.locator("#inputs li")
+    await expect(inputs).to_have_count(2)
+    await expect(inputs.first).to_have_text(f"mesh.obj ({len(mesh)} B)")
+    await expect(inputs.nth(1)).to_have_text("map (5 B)")
+    outputs = page.locator("#attempts td.outputs")
+    await expect(outputs).to_have_text("rotor.log (2.1 KiB)")  # 2,100 bytes
+    for link, expected in (
+        (inputs.first.get_by_role("link"), mesh),
+        (inputs.nth(1).get_by_role("link"), b"a map"),
+        (outputs.get_by_role("link"), log),
+    ):
+        await expect(link).to_have_attribute("download", await link.inner_text())
+        href = await link.evaluate("a => a.href")  # absolute, as the browser follows it
+        fetched = await page.request.get(href)
+        assert fetched.status == 200
+        assert await fetched.body() == expected
 
 
 async def test_cancel_from_the_task_page_reaches_the_task(page: Page, stub: AsyncStub) -> None:
@@ -211,5 +249,20 @@ async def test_an_operator_signs_in_once_with_authentication_on(
         await page.reload()  # the token is kept for the browser session
         await expect(row).to_contain_text("SENT")
         await expect(page.locator("#signed-in")).to_have_text("signed in")
+
+        # A payload link carries the token: a link cannot send an Authorization header.
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            signed = stub_for(channel, token)
+            request = create_request("d-5", display_name="with an input")
+            request.inputs.add(name="mesh", payload=(await upload(signed, b"mesh")).payload)
+            with_input = (await signed.CreateTask(request)).task
+        await page.locator(f'tr[data-task-id="{with_input.version.task_id}"] a').click()
+        link = page.locator("#inputs a", has_text="mesh")
+        href = await link.evaluate("a => a.href")
+        assert f"access_token={token}" in href
+        fetched = await page.request.get(href)
+        assert (fetched.status, await fetched.body()) == (200, b"mesh")
+        refused = await page.request.get(href.partition("?")[0])  # no token: refused
+        assert refused.status == 401
     finally:
         await server.stop()

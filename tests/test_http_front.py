@@ -58,17 +58,37 @@ async def test_health_and_readiness_answer_while_the_server_serves(
             assert (response.status, await response.text()) == (200, "ok\n")
         async with session.get("readyz") as response:
             assert (response.status, await response.text()) == (200, "ready\n")
-        async with session.get("no-such-page") as response:
-            assert response.status == 404
+
+
+async def test_a_path_or_method_not_served_answers_the_json_of_every_other_error(
+    server: TaskManagerServer,
+) -> None:
+    async with http(server) as session:
+        for path in ("no-such-page", "console/no-such-file.js"):
+            async with session.get(path) as response:
+                assert (response.status, response.content_type) == (404, "application/json")
+                refused = await response.json()
+                assert (refused["code"], refused["status"]) == (5, "NOT_FOUND")
+                assert f"/{path}" in refused["message"]
+        async with session.post("healthz", json={}) as response:
+            assert (response.status, response.content_type) == (405, "application/json")
+            assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
+            refused = await response.json()
+            assert (refused["code"], refused["status"]) == (12, "UNIMPLEMENTED")
+            assert "POST" in refused["message"]
 
 
 async def test_metrics_count_calls_by_method_and_code_and_what_the_server_holds(
     server: TaskManagerServer, stub: AsyncStub
 ) -> None:
     async with http(server) as session:
-        before = samples(await scrape(session))
         call = listen(stub, "agent-1")
         try:
+            # A task created while the stream still starts is sent from its backlog, which
+            # is not timed; its first request shows the stream has started.
+            await stub.CreateTask(create_request("agent-1"))
+            await next_request(call)
+            before = samples(await scrape(session))
             for _ in range(3):
                 await stub.CreateTask(create_request("agent-1"))
                 assert (await next_request(call)).WhichOneof("request") == "execute_request"
@@ -110,11 +130,21 @@ async def test_with_authentication_on_metrics_want_a_token_and_health_does_not(
             async with session.get("metrics") as response:
                 assert response.status == 401
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")
-                assert "Authorization: Bearer" in await response.text()
-            bogus = {"Authorization": "Bearer not-a-token"}
-            async with session.get("metrics", headers=bogus) as response:
-                assert response.status == 401
+                refused = await response.json()  # the Gate's refusal, as any route's
+                assert refused["status"] == "UNAUTHENTICATED"
+                assert "Authorization: Bearer" in refused["message"]
+            for authorization, says in (
+                ("Bearer not-a-token", "token"),
+                (f"Basic {token}", "the Authorization header must be 'Bearer <token>'"),
+            ):
+                headers = {"Authorization": authorization}
+                async with session.get("metrics", headers=headers) as response:
+                    assert response.status == 401
+                    assert says in (await response.json())["message"]
             assert "task_manager_rpcs_total" in await scrape(session, token)
+            # As the other GET routes, it takes the token in the URL too (the Gate's rule).
+            async with session.get("metrics", params={"access_token": token}) as response:
+                assert response.status == 200
             async with session.get("healthz") as response:
                 assert response.status == 200
     finally:

@@ -5,6 +5,7 @@ restart, exactly as a gRPC watcher resumes by start_revision."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,11 +16,19 @@ import anyio
 import grpc
 import pytest
 
-from storage import add_credential
+from storage import add_credential, revoke_credential
 from task_manager.auth import Role, new_token
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
-from tests.helpers import AsyncStub, create_request, server_settings, sse_events
+from tests.helpers import (
+    AsyncStub,
+    create_request,
+    server_settings,
+    sse_events,
+    stub_for,
+    token_for,
+)
+from tests.test_payloads import upload
 
 pytestmark = pytest.mark.anyio
 
@@ -90,13 +99,36 @@ async def test_bad_calls_are_refused_with_the_field_named_and_nothing_stored(
         status, refusal = await call(http, method, body)
         assert status == http_status, (method, refusal)
         assert named in refusal["message"], (method, refusal)
-    async with http.post(RPC + "NoSuchMethod", json={}) as answer:
-        assert answer.status == 404
-    async with http.post(RPC + "ReportStatus", json={}) as answer:
-        assert answer.status == 404  # client-streaming: gRPC's only
-    async with http.get(RPC + "ListenAsAgent") as answer:
-        assert answer.status == 405  # a stream that acts: POST only
+    for path in ("NoSuchMethod", "ReportStatus"):  # ReportStatus: gRPC's only
+        async with http.post(RPC + path, json={}) as answer:
+            assert answer.status == 404
+            assert (await answer.json())["status"] == "NOT_FOUND"  # JSON, as every error
+    async with http.get(RPC + "ListenAsAgent") as answer:  # a stream that acts: POST only
+        assert (answer.status, answer.headers["Allow"]) == (405, "POST")
+        refused = await answer.json()
+        assert (refused["code"], refused["status"]) == (12, "UNIMPLEMENTED")
+        assert "GET" in refused["message"]
     assert not (await stub.QueryTasks(pb.QueryTasksRequest())).tasks
+
+
+async def test_a_key_that_is_no_field_is_refused_with_the_key_named(
+    http: aiohttp.ClientSession, stub: AsyncStub
+) -> None:
+    for body, named in (
+        ({"displayNmae": "a typo"}, "body.displayNmae"),
+        ({"policy": {"maxAttempts": 2, "retries": 3}}, "body.policy.retries"),
+        ({"inputs": [{"name": "mesh", "sha256": "ab"}]}, "body.inputs[0].sha256"),
+    ):
+        status, refusal = await call(http, "CreateTask", body)
+        assert (status, refusal["status"]) == (400, "INVALID_ARGUMENT"), refusal
+        assert refusal["message"].startswith(named), refusal
+    watch = {"request": json.dumps({"heartbeatIntervalMs": 1000, "startRevison": "5"})}
+    async with http.get(RPC + "WatchTasks", params=watch) as answer:  # a stream's too
+        assert answer.status == 400
+        assert (await answer.json())["message"].startswith("request.startRevison")
+    assert not (await stub.QueryTasks(pb.QueryTasksRequest())).tasks
+    status, created = await call(http, "CreateTask", {"displayName": "spelt right"})
+    assert status == 200, created
 
 
 async def test_roles_hold_over_http_as_over_grpc(database: str) -> None:
@@ -232,7 +264,7 @@ async def test_the_openapi_document_describes_every_route_served(
         "/openapi.json",
         "/api/v1/oauth/token",
         "/",
-        "/console",
+        "/console/{name}",
     }
     documented = {
         (verb, path) for path, operations in document["paths"].items() for verb in operations
@@ -258,3 +290,111 @@ async def test_the_openapi_document_describes_every_route_served(
     task = schemas["task_manager.v1.Task"]["properties"]
     assert task["status"] == {"$ref": "#/components/schemas/task_manager.v1.TaskStatus"}
     assert task["createTime"] == {"type": "string", "format": "date-time"}
+
+
+PAYLOADS = "payloads/"
+
+
+async def test_a_payload_downloads_as_its_bytes_and_a_cut_download_resumes(
+    http: aiohttp.ClientSession, stub: AsyncStub
+) -> None:
+    data = os.urandom(4 * 1024 * 1024 + 13)  # many chunks
+    ref = (await upload(stub, data)).payload
+    async with http.get(PAYLOADS + ref.sha256) as answer:
+        assert answer.status == 200
+        assert answer.headers["Content-Type"] == "application/octet-stream"
+        assert answer.headers["Content-Length"] == str(len(data))
+        assert answer.headers["ETag"] == f'"{ref.sha256}"'
+        assert await answer.read() == data
+    async with http.get(PAYLOADS + ref.sha256) as answer:  # cut after its first bytes
+        head = await answer.content.readexactly(100_000)
+        answer.close()
+    resume = {"Range": f"bytes={len(head)}-"}
+    async with http.get(PAYLOADS + ref.sha256, headers=resume) as answer:
+        assert answer.status == 206
+        assert answer.headers["Content-Range"] == f"bytes {len(head)}-{len(data) - 1}/{len(data)}"
+        assert answer.headers["Content-Length"] == str(len(data) - len(head))
+        assert head + await answer.read() == data
+    async with http.get(PAYLOADS + ref.sha256, headers={"Range": "bytes=0-9"}) as answer:
+        assert answer.status == 200  # a Range of another form is ignored: all of it
+        assert len(await answer.read()) == len(data)
+    past_the_end = {"Range": f"bytes={len(data)}-"}
+    async with http.get(PAYLOADS + ref.sha256, headers=past_the_end) as answer:
+        assert (answer.status, answer.headers["Content-Range"]) == (416, f"bytes */{len(data)}")
+        assert (await answer.json())["status"] == "OUT_OF_RANGE"
+    async with http.head(PAYLOADS + ref.sha256) as answer:
+        assert (answer.status, answer.headers["Content-Length"]) == (200, str(len(data)))
+        assert await answer.read() == b""
+    async with http.get(PAYLOADS + "0" * 64) as answer:
+        assert (answer.status, (await answer.json())["status"]) == (404, "NOT_FOUND")
+    async with http.get(PAYLOADS + "not-a-digest") as answer:
+        assert answer.status == 400
+        assert (await answer.json())["message"].startswith("sha256")
+
+
+async def test_a_download_is_admitted_and_authorised_as_download_payload_is(
+    database: str,
+) -> None:
+    _, operator = token_for(database, "ops", Role.OPERATOR)
+    _, viewer = token_for(database, "eyes", Role.VIEWER)
+    _, runner = token_for(database, "drone-7", Role.AGENT, "drone-7")
+    _, stranger = token_for(database, "drone-8", Role.AGENT, "drone-8")
+    server = await TaskManagerServer.start(server_settings(database))
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = stub_for(channel, operator)
+            ref = (await upload(stub, b"a mesh of the north field")).payload
+            request = create_request("drone-7")
+            request.inputs.add(name="mesh", payload=ref)
+            task_id = (await stub.CreateTask(request)).task.version.task_id
+        async with aiohttp.ClientSession(base_url=server.http_url) as session:
+
+            async def download(token: str, **query: str) -> tuple[int, bytes]:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                url = PAYLOADS + ref.sha256
+                async with session.get(url, headers=headers, params=query) as answer:
+                    return answer.status, await answer.read()
+
+            status, refused = await download("")
+            assert (status, json.loads(refused)["status"]) == (401, "UNAUTHENTICATED")
+            assert await download(viewer) == (200, b"a mesh of the north field")
+            assert await download("", access_token=viewer) == (200, b"a mesh of the north field")
+            status, refused = await download(runner)  # an agent names the task
+            assert status == 400
+            assert json.loads(refused)["message"].startswith("task_id")
+            assert await download(runner, task_id=task_id) == (200, b"a mesh of the north field")
+            status, refused = await download(stranger, task_id=task_id)
+            assert (status, json.loads(refused)["status"]) == (403, "PERMISSION_DENIED")
+    finally:
+        await server.stop()
+
+
+async def test_a_download_whose_credential_is_revoked_midway_is_cut_short(
+    database: str,
+) -> None:
+    credential, viewer = token_for(database, "eyes", Role.VIEWER)
+    _, operator = token_for(database, "ops", Role.OPERATOR)
+    server = await TaskManagerServer.start(server_settings(database, credential_refresh_s=0.05))
+    try:
+        # More than the sockets and the client buffer: the server is still writing.
+        data = os.urandom(32 * 1024 * 1024)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            ref = (await upload(stub_for(channel, operator), data)).payload
+        headers = {"Authorization": f"Bearer {viewer}"}
+        async with (
+            aiohttp.ClientSession(base_url=server.http_url) as session,
+            session.get(PAYLOADS + ref.sha256, headers=headers) as answer,
+        ):
+            assert answer.status == 200
+            await answer.content.readexactly(64 * 1024)
+            assert revoke_credential(database, credential.credential_id, time.time_ns())
+            with anyio.fail_after(20):  # polled: revoked once new requests are refused
+                while True:
+                    async with session.get(PAYLOADS + ref.sha256, headers=headers) as again:
+                        if again.status == 401:
+                            break
+                    await anyio.sleep(0.02)
+            with pytest.raises(aiohttp.ClientPayloadError):  # ends short of Content-Length
+                await answer.read()
+    finally:
+        await server.stop()

@@ -27,12 +27,15 @@ from anduril import (
 )
 from anduril.core.api_error import ApiError
 from anduril.errors import BadRequestError, NotFoundError, UnauthorizedError
+from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client.parser import text_string_to_metric_families
 
 from storage import add_credential
 from task_manager.auth import Role, new_token
+from task_manager.clock import ManualClock
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
+from task_manager.web.lattice import MIN_HEARTBEAT_MS
 from tests.helpers import AsyncStub, create_request, server_settings, sse_events
 
 pytestmark = pytest.mark.anyio
@@ -489,3 +492,42 @@ async def test_an_agent_stream_whose_client_vanishes_is_closed_at_once(
                 if await open_streams(session) == 0:
                     break
                 await anyio.sleep(0.05)
+
+
+async def test_agent_stream_heartbeats_keep_a_floor_and_carry_the_services_time(
+    clocked: tuple[TaskManagerServer, ManualClock],
+) -> None:
+    server, clock = clocked
+    url = f"{base_url(server)}/api/v1/agent/stream"
+    body = {"agentSelector": {"entityIds": ["drone-3"]}, "heartbeatIntervalMs": 1}
+    arrived, stamps = [], []
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as answer:
+        assert answer.status == 200
+        events = sse_events(answer)
+        with anyio.fail_after(20):
+            for _ in range(4):
+                event = await anext(events)
+                assert event["event"] == "heartbeat", event
+                arrived.append(time.monotonic())
+                stamps.append(event["data"]["timestamp"])
+        await events.aclose()
+    # Asked for every millisecond, sent every MIN_HEARTBEAT_MS at most (three intervals,
+    # less the lateness the first may have had).
+    assert arrived[-1] - arrived[0] >= 3 * MIN_HEARTBEAT_MS / 1000 - 0.05
+    # Stamped by the service's clock, which this test holds still, not the machine's.
+    expected = Timestamp(seconds=clock.now_ns() // 10**9).ToJsonString()
+    assert stamps == [expected] * 4
+
+
+async def test_a_key_of_no_field_is_ignored_as_a_newer_sdk_may_send_one(
+    server: TaskManagerServer, stub: AsyncStub
+) -> None:
+    body = {"displayName": "from a newer SDK", "someFieldOfLater": {"x": 1}}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base_url(server)}/api/v1/tasks", json=body) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+        task_id = (await answer.json())["version"]["taskId"]
+    stored = await stub.GetTask(pb.GetTaskRequest(task_id=task_id))
+    assert stored.task.display_name == "from a newer SDK"

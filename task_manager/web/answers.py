@@ -47,6 +47,13 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 }
 """gRPC code -> HTTP status; a code not here (INTERNAL, a bug) is 500."""
 
+_ROUTING_CODES: dict[int, grpc.StatusCode] = {
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,  # as grpc-gateway says it; the HTTP status stays 405
+}
+"""HTTP status -> gRPC code of aiohttp's own refusals; another 4xx (a body over the
+size limit: 413) is INVALID_ARGUMENT, a 5xx INTERNAL."""
+
 _DETAILS = {
     CURRENT_STATUS_VERSION_KEY: "currentStatusVersion",
     CURRENT_DEFINITION_VERSION_KEY: "currentDefinitionVersion",
@@ -72,6 +79,23 @@ def error_body(error: Exception) -> tuple[int, dict[str, Any]]:
     for key, value in status.trailers:
         body[_DETAILS[key]] = int(value)
     return HTTP_STATUS.get(status.code, 500), body
+
+
+def http_error_response(error: web.HTTPException, message: str = "") -> web.Response:
+    """aiohttp's own refusal of a request (no such route, a method the route does not
+    take, a body over the size limit) in the JSON form of every other error, with its
+    HTTP status (and Allow, which a 405 must have)."""
+    fallback = grpc.StatusCode.INVALID_ARGUMENT if error.status < 500 else grpc.StatusCode.INTERNAL
+    code = _ROUTING_CODES.get(error.status, fallback)
+    body = {
+        "code": code.value[0],
+        "status": code.name,
+        "message": message or error.text or error.reason,
+    }
+    response = json_response(body, error.status)
+    if "Allow" in error.headers:
+        response.headers["Allow"] = error.headers["Allow"]
+    return response
 
 
 def error_response(error: Exception) -> web.Response:

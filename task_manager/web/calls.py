@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -17,7 +18,7 @@ from task_manager.auth import Caller
 from task_manager.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from task_manager.service import Gate
 from task_manager.v1 import task_manager_pb2 as pb
-from task_manager.web.answers import error_body, error_response, json_response
+from task_manager.web.answers import error_body, error_response, http_error_response, json_response
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -42,21 +43,25 @@ async def answer_call(
 def refusal(request: web.Request, error: Exception) -> web.Response:
     """The answer to a request that failed with error; a denial is logged, as over gRPC."""
     if isinstance(error, web.HTTPException):  # aiohttp's own: a body over the size limit
-        body = {"code": 3, "status": "INVALID_ARGUMENT", "message": error.text or error.reason}
-        return json_response(body, error.status)
+        return http_error_response(error)
     if isinstance(error, Unauthenticated | PermissionDenied):
         log.warning("denied %s %s to %s: %s", request.method, request.path, request.remote, error)
     return error_response(error)
 
 
 def admit(gate: Gate, request: web.Request, method: str) -> Caller:
-    """The caller of a request, by its Authorization header; a GET (a browser's
-    EventSource, which cannot send headers) may give the token as ?access_token=
-    instead (RFC 6750, section 2.3)."""
-    authorization = request.headers.get("Authorization")
-    if authorization is None and request.method == "GET" and "access_token" in request.query:
-        authorization = f"Bearer {request.query['access_token']}"
-    return gate.admit_http(method, authorization)
+    """The caller of a request, by its credentials (authorization), admitted to method."""
+    return gate.admit_http(method, authorization(request))
+
+
+def authorization(request: web.Request) -> str | None:
+    """A request's Authorization header; a GET (a browser's EventSource or link, which
+    cannot send headers) may give the token as ?access_token= instead (RFC 6750,
+    section 2.3)."""
+    given = request.headers.get("Authorization")
+    if given is None and request.method == "GET" and "access_token" in request.query:
+        given = f"Bearer {request.query['access_token']}"
+    return given
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -161,6 +166,47 @@ class EventStream:
             await self.send_initial_metadata(())
             await self._response.write_eof()
         return self._response
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Server-Sent Event: its type, its JSON data, and the id a client resumes after."""
+
+    kind: str
+    data: dict[str, Any]
+    event_id: str = ""
+
+
+Events = AsyncGenerator[Event | None, None]
+"""A stream's events as a route makes them from its method's answers; None: nothing to
+say for a while (a comment then shows the connection is alive, or finds it gone)."""
+
+
+async def answer_events(
+    gate: Gate,
+    request: web.Request,
+    method: str,
+    start: Callable[[Caller, EventStream], Awaitable[Events]],
+) -> web.StreamResponse:
+    """Admits the request as a call of method (as answer_call does), lets start read the
+    request and call the method for the caller, and answers the events it makes as
+    Server-Sent Events. The stream counts among the caller's open ones (and ends if its
+    credential is revoked); a failure before the stream opens answers a JSON error with
+    its HTTP status, one after it a last `error` event (EventStream.failed)."""
+    events = EventStream(request)
+    try:
+        caller = admit(gate, request, method)
+        stream = await start(caller, events)
+        with gate.stream_of(caller):
+            async with contextlib.aclosing(stream):
+                async for event in stream:
+                    if event is None:
+                        await events.comment("keepalive")
+                    else:
+                        await events.send(event.kind, event.data, event.event_id)
+    except Exception as failed:
+        return await events.failed(failed)
+    return await events.close()
 
 
 async def with_heartbeats(

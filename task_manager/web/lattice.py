@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from task_manager import statuses
+from task_manager import statuses, validation
 from task_manager.auth import TOKEN_PREFIX, Caller
 from task_manager.clock import timestamp
 from task_manager.errors import InvalidArgument, Unauthenticated
@@ -38,10 +37,12 @@ from task_manager.service import Gate, TaskManagerService
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.web.answers import json_response
 from task_manager.web.calls import (
+    Event,
+    Events,
     EventStream,
     RequestContext,
-    admit,
     answer_call,
+    answer_events,
     decoded,
     json_body,
     resume_id,
@@ -56,6 +57,12 @@ the SDK's default read timeout of 60 s."""
 MAX_HEARTBEAT_MS = 30_000
 """A stream sends something at least this often, whatever the client asked: the SDK's
 read timeout (60 s) counts between bytes."""
+MIN_HEARTBEAT_MS = validation.MIN_HEARTBEAT_MS
+"""And at most this often (100 ms), whatever the client asked: a heartbeat only shows
+the stream is alive, and one every millisecond would have the gateway spend its loop
+writing them for a single client. It is WatchTasks's own floor, so tasks/stream and
+agent/stream take the same intervals; a shorter one is raised to it, as a longer one
+than MAX_HEARTBEAT_MS is lowered (the SDK sends what its caller gave, unchecked)."""
 TOKEN_LIFETIME_S = 3600
 """What the token endpoint says a token lasts (the SDK asks again before then). The
 token is the credential's own, valid until revoked: this is only the SDK's cue."""
@@ -212,58 +219,38 @@ class LatticeRoutes:
     async def stream_tasks(self, request: web.Request) -> web.StreamResponse:
         """Task events as SSE: the unfinished tasks first (EVENT_TYPE_PREEXISTING) unless
         excludePreexistingTasks, then every change, with heartbeats."""
-        events = EventStream(request)
-        try:
-            caller = admit(self._gate, request, "WatchTasks")
-            body = await json_body(request)
-            watch, matches = _watch_request(body)
+
+        async def start(caller: Caller, events: EventStream) -> Events:
+            watch, matches = _watch_request(await json_body(request))
             rate_limited = watch.rate_limit.update_per_task_limit_ms > 0
             responses = self._service.WatchTasks(watch, events, caller)
-            with self._gate.stream_of(caller):
-                async with contextlib.aclosing(responses):
-                    async for answer in responses:
-                        response = decoded(answer, pb.WatchTasksResponse)
-                        if response.HasField("heartbeat"):
-                            await events.send(
-                                "heartbeat",
-                                _heartbeat(response.heartbeat.timestamp),
-                                resume_id(response, rate_limited),
-                            )
-                        elif matches(response.event):
-                            event = to_json(response.event)
-                            event.pop("taskView", None)  # ours; the SDK has no such field
-                            await events.send(
-                                "task_event",
-                                {"event": "task_event", "taskEvent": event},
-                                resume_id(response, rate_limited),
-                            )
-        except Exception as failed:
-            return await events.failed(failed)
-        return await events.close()
+            return _task_events(responses, matches, rate_limited)
+
+        return await answer_events(self._gate, request, "WatchTasks", start)
 
     async def stream_as_agent(self, request: web.Request) -> web.StreamResponse:
         """The agent's requests as SSE, with a heartbeat when none came for the interval."""
-        events = EventStream(request)
-        try:
-            caller = admit(self._gate, request, "ListenAsAgent")
+
+        async def start(caller: Caller, events: EventStream) -> Events:
             body = await json_body(request)
             listen = _listen_request(body)
-            interval_s = _heartbeat_ms(body) / 1000
             requests = self._service.ListenAsAgent(listen, events, caller)
-            with self._gate.stream_of(caller):
-                beating = with_heartbeats(requests, interval_s)
-                async with contextlib.aclosing(requests), contextlib.aclosing(beating):
-                    async for answer in beating:
-                        if answer is None:
-                            await events.send("heartbeat", _heartbeat(timestamp(time.time_ns())))
-                            continue
-                        agent_request = to_json(decoded(answer, pb.ListenAsAgentResponse))
-                        await events.send(
-                            "agent_request", {"event": "agent_request", **agent_request}
-                        )
-        except Exception as failed:
-            return await events.failed(failed)
-        return await events.close()
+            return self._agent_events(requests, _heartbeat_ms(body) / 1000)
+
+        return await answer_events(self._gate, request, "ListenAsAgent", start)
+
+    async def _agent_events(
+        self, requests: AsyncGenerator[pb.ListenAsAgentResponse | bytes, None], interval_s: float
+    ) -> Events:
+        beating = with_heartbeats(requests, interval_s)
+        async with contextlib.aclosing(requests), contextlib.aclosing(beating):
+            async for answer in beating:
+                if answer is None:  # stamped by the service's clock, as its own heartbeats
+                    now = timestamp(self._service.clock.now_ns())
+                    yield Event("heartbeat", _heartbeat(now))
+                    continue
+                agent_request = to_json(decoded(answer, pb.ListenAsAgentResponse))
+                yield Event("agent_request", {"event": "agent_request", **agent_request})
 
 
 # -- JSON to requests -----------------------------------------------------------------------
@@ -364,7 +351,7 @@ def _listen_request(body: dict[str, Any]) -> pb.ListenAsAgentRequest:
 
 def _heartbeat_ms(body: dict[str, Any]) -> int:
     asked = _integer(body, "heartbeatIntervalMs")
-    return min(asked, MAX_HEARTBEAT_MS) if asked else MAX_HEARTBEAT_MS
+    return min(max(asked, MIN_HEARTBEAT_MS), MAX_HEARTBEAT_MS) if asked else MAX_HEARTBEAT_MS
 
 
 def _watch_request(
@@ -422,6 +409,26 @@ def _watch_request(
 
 
 # -- answers --------------------------------------------------------------------------
+
+
+async def _task_events(
+    responses: AsyncGenerator[pb.WatchTasksResponse | bytes, None],
+    matches: Callable[[pb.TaskEvent], bool],
+    rate_limited: bool,
+) -> Events:
+    """A watch's responses as the SDK's events: heartbeats, and the task events that
+    pass the filters WatchTasks has no field for."""
+    async with contextlib.aclosing(responses):
+        async for answer in responses:
+            response = decoded(answer, pb.WatchTasksResponse)
+            if response.HasField("heartbeat"):
+                stamp = response.heartbeat.timestamp
+                yield Event("heartbeat", _heartbeat(stamp), resume_id(response, rate_limited))
+            elif matches(response.event):
+                event = to_json(response.event)
+                event.pop("taskView", None)  # ours; the SDK has no such field
+                body = {"event": "task_event", "taskEvent": event}
+                yield Event("task_event", body, resume_id(response, rate_limited))
 
 
 def _heartbeat(stamp: Timestamp) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from task_manager import __version__
 from task_manager.v1 import task_manager_pb2 as pb
-from task_manager.web import lattice, rpc
+from task_manager.web import downloads, lattice, rpc
 
 _SCALARS: dict[int, dict[str, Any]] = {
     FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
@@ -118,6 +118,7 @@ def document() -> dict[str, Any]:
         if request is not None:
             operation_doc["requestBody"] = {"content": _json(request)}
         paths.setdefault(lattice.API + path, {})[verb] = operation_doc
+    paths[downloads.PATH] = {"get": _download()}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Task Manager", "version": __version__},
@@ -127,6 +128,41 @@ def document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
+    }
+
+
+def _download() -> dict[str, Any]:
+    def query(name: str, description: str) -> dict[str, Any]:
+        schema = {"type": "string"}
+        return {"name": name, "in": "query", "description": description, "schema": schema}
+
+    octets = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    return {
+        "operationId": "downloadPayloadBytes",
+        "summary": "a payload's bytes as they are (DownloadPayload, for browsers and curl)",
+        "parameters": [
+            {
+                "name": "sha256",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            },
+            query("task_id", "the task whose input it is: required of an agent"),
+            query("scope", "the task's scope, as in DownloadPayloadRequest"),
+            query("access_token", "the bearer token, for a link (no Authorization header)"),
+            {
+                "name": "Range",
+                "in": "header",
+                "description": "bytes=N- resumes from byte N; any other Range is ignored",
+                "schema": {"type": "string"},
+            },
+        ],
+        "responses": {
+            "200": {"description": "the bytes; ETag: the sha256", "content": octets},
+            "206": {"description": "the bytes from the Range's start", "content": octets},
+            "416": {**_ERROR, "description": "the Range starts at or past the end"},
+            "default": _ERROR,
+        },
     }
 
 

@@ -59,17 +59,20 @@ def to_json(message: Message) -> dict[str, Any]:
     return rendered
 
 
-def from_json(value: object, message_type: type[M], field: str) -> M:
-    """The JSON value (a parsed body, or part of one) as a message_type; keys of fields
-    it does not have are ignored (for clients newer than this gateway), a value it cannot
-    take (an unknown enum name, a string for a number) is InvalidArgument naming it."""
+def from_json(value: object, message_type: type[M], field: str, *, strict: bool = False) -> M:
+    """The JSON value (a parsed body, or part of one) as a message_type; a value it
+    cannot take (an unknown enum name, a string for a number) is InvalidArgument naming
+    it. Keys of fields it does not have are ignored (for clients newer than this
+    gateway: the Lattice SDK's), or with strict refused as InvalidArgument naming the
+    key (this gateway's own API, where a misspelt field would otherwise be dropped
+    without a word)."""
     message = message_type()
     if value is None:
         return message
     if not isinstance(value, dict):
         raise InvalidArgument(field, f"must be a JSON object, not {type(value).__name__}")
     opaque: list[tuple[Path, any_pb2.Any]] = []
-    cleaned = _take_opaque(value, message.DESCRIPTOR, (), opaque, field)
+    cleaned = _take_opaque(value, message.DESCRIPTOR, (), opaque, field, strict)
     try:
         json_format.ParseDict(cleaned, message)
     except (json_format.ParseError, RecursionError) as bad:
@@ -154,14 +157,17 @@ def _take_opaque(
     path: Path,
     opaque: list[tuple[Path, any_pb2.Any]],
     where: str,
+    strict: bool,
 ) -> dict[str, Any]:
     """value without its Anys in the @bytes form (collected into opaque, decoded), and
-    without the keys of fields the message does not have and JSON nulls (which a client
-    sends for fields it leaves unset)."""
+    without JSON nulls (which a client sends for fields it leaves unset) and the keys of
+    fields the message does not have (InvalidArgument instead, if strict)."""
     fields = {f.json_name: f for f in descriptor.fields} | {f.name: f for f in descriptor.fields}
     cleaned: dict[str, Any] = {}
     for key, item in value.items():
         field = fields.get(key)
+        if field is None and strict:
+            raise InvalidArgument(f"{where}.{key}", f"is not a field of {descriptor.full_name}")
         if item is None or field is None:
             continue
         at = f"{where}.{field.json_name}"
@@ -173,7 +179,12 @@ def _take_opaque(
                 continue
             cleaned[key] = [
                 _take_opaque(
-                    one, field.message_type, (*path, (field.name, i)), opaque, f"{at}[{i}]"
+                    one,
+                    field.message_type,
+                    (*path, (field.name, i)),
+                    opaque,
+                    f"{at}[{i}]",
+                    strict,
                 )
                 if isinstance(one, dict)
                 else one
@@ -195,7 +206,7 @@ def _take_opaque(
                 cleaned[key] = item
         else:
             cleaned[key] = _take_opaque(
-                item, field.message_type, (*path, (field.name, -1)), opaque, at
+                item, field.message_type, (*path, (field.name, -1)), opaque, at, strict
             )
     return cleaned
 

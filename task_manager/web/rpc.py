@@ -3,12 +3,15 @@
     POST /rpc/task_manager.v1.TaskManager/<Method>    body: the request message's JSON
 
 The path is the gRPC method's own, under /rpc; the body and the answer are the request
-and response messages in the protobuf JSON mapping (protojson.py). A unary method
+and response messages in the protobuf JSON mapping (protojson.py), a key that is no
+field of the request refused (INVALID_ARGUMENT naming it: a misspelt field would else
+be dropped unnoticed; the Lattice routes ignore one, for an SDK newer than this gateway).
+A unary method
 answers its response; a server-streaming one (WatchTasks, ListenAsAgent,
 DownloadPayload) answers Server-Sent Events, one response each: `event:` the name of the
 response's set oneof field (or "message"), `data:` its JSON. A browser's EventSource
 cannot POST, so a stream that only reads may also be a GET, with the request's JSON in
-the `request` query parameter.
+the `request` query parameter. (A payload's raw bytes, for a link or curl: downloads.py.)
 
 WatchTasks's events carry `id:` (calls.resume_id): the revision after which it resumes.
 An EventSource that reconnects sends it back as Last-Event-ID, and the watch starts
@@ -29,16 +32,19 @@ from typing import Any, TypeVar
 from aiohttp import web
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
 
 from task_manager.auth import Caller
 from task_manager.errors import InvalidArgument
 from task_manager.service import SERVICE_DESCRIPTORS, Gate, TaskManagerService
 from task_manager.v1 import task_manager_pb2 as pb
 from task_manager.web.calls import (
+    Event,
+    Events,
     EventStream,
     RequestContext,
-    admit,
     answer_call,
+    answer_events,
     decoded,
     json_body,
     resume_id,
@@ -85,7 +91,7 @@ class RpcRoutes:
 
         async def handle(request: web.Request) -> web.Response:
             async def call(caller: Caller) -> dict[str, Any]:
-                message = from_json(await json_body(request), request_type, "body")
+                message = from_json(await json_body(request), request_type, "body", strict=True)
                 answer = await behaviour(message, RequestContext(request), caller)
                 return to_json(decoded(answer, response_type))
 
@@ -100,41 +106,43 @@ class RpcRoutes:
         (oneof,) = method.output_type.oneofs or (None,)
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            events = EventStream(request)
-            try:
-                caller = admit(self._gate, request, method.name)
-                message = from_json(await _stream_body(request), request_type, "request")
-                rate_limited = False
+            async def start(caller: Caller, events: EventStream) -> Events:
+                body = await _stream_body(request)
+                message = from_json(body, request_type, "request", strict=True)
+                watched, rate_limited = isinstance(message, pb.WatchTasksRequest), False
                 if isinstance(message, pb.WatchTasksRequest):
                     _resume(request, message)
                     rate_limited = message.rate_limit.update_per_task_limit_ms > 0
                 responses = behaviour(message, events, caller)
-                # WatchTasks sends heartbeats of its own; the others are kept alive here,
-                # so that a client gone without a word is noticed by a failed write.
-                kept = (
-                    _never_idle(responses)
-                    if isinstance(message, pb.WatchTasksRequest)
-                    else with_heartbeats(responses, KEEPALIVE_S)
-                )
-                with self._gate.stream_of(caller):
-                    async with contextlib.aclosing(responses), contextlib.aclosing(kept):
-                        async for answer in kept:
-                            if answer is None:
-                                await events.comment("keepalive")
-                                continue
-                            response = decoded(answer, response_type)
-                            kind = response.WhichOneof(oneof.name) if oneof else None
-                            watched = isinstance(response, pb.WatchTasksResponse)
-                            await events.send(
-                                kind or "message",
-                                to_json(response),
-                                resume_id(response, rate_limited) if watched else "",
-                            )
-            except Exception as failed:
-                return await events.failed(failed)
-            return await events.close()
+                named = oneof.name if oneof else ""
+                return _events(responses, response_type, named, watched, rate_limited)
+
+            return await answer_events(self._gate, request, method.name, start)
 
         return handle
+
+
+async def _events(
+    responses: AsyncGenerator[Any, None],
+    response_type: type[Message],
+    oneof: str,
+    watched: bool,
+    rate_limited: bool,
+) -> Events:
+    """A stream's responses as events: each named for its set oneof field (or
+    "message"); a watch's with the id it resumes after."""
+    # WatchTasks sends heartbeats of its own; the others are kept alive here, so that a
+    # client gone without a word is noticed by a failed write.
+    kept = _never_idle(responses) if watched else with_heartbeats(responses, KEEPALIVE_S)
+    async with contextlib.aclosing(responses), contextlib.aclosing(kept):
+        async for answer in kept:
+            if answer is None:
+                yield None
+                continue
+            response = decoded(answer, response_type)
+            kind = response.WhichOneof(oneof) if oneof else None
+            event_id = resume_id(response, rate_limited) if watched else ""
+            yield Event(kind or "message", to_json(response), event_id)
 
 
 async def _never_idle(responses: AsyncIterator[T]) -> AsyncGenerator[T | None, None]:

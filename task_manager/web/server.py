@@ -1,5 +1,6 @@
 """The HTTP server: the Lattice REST API (lattice.py), this gateway's own API as JSON
-(rpc.py), its OpenAPI document, health, readiness and /metrics.
+(rpc.py), payload downloads (downloads.py), its OpenAPI document, health, readiness and
+/metrics.
 
 An aiohttp server on the gateway's own event loop, beside grpc.aio: no thread, no second
 process. It takes the gRPC side's TLS settings and the same rule off loopback
@@ -25,7 +26,9 @@ from task_manager.errors import Unauthenticated
 from task_manager.metrics import CONTENT_TYPE, Metrics
 from task_manager.service import Gate, TaskManagerService
 from task_manager.web import openapi
-from task_manager.web.answers import json_response
+from task_manager.web.answers import http_error_response, json_response
+from task_manager.web.calls import authorization, refusal
+from task_manager.web.downloads import PayloadRoutes
 from task_manager.web.lattice import LatticeRoutes
 from task_manager.web.rpc import RpcRoutes
 
@@ -37,6 +40,7 @@ CONSOLE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
 }
+CONSOLE_FILES = frozenset(path.name for path in CONSOLE.iterdir() if path.is_file())
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -71,18 +75,23 @@ class HttpFront:
         """Binds listen and serves; OSError if the address is taken or unavailable."""
         host = listen.rpartition(":")[0].strip("[]")
         app = web.Application(
-            middlewares=[_measured(backing.metrics), _addressed_to(host, backing.credentials)],
+            middlewares=[
+                _measured(backing.metrics),
+                _addressed_to(host, backing.credentials),
+                _json_errors,
+            ],
             client_max_size=backing.max_request_bytes,
         )
         LatticeRoutes(backing.service, backing.gate).add_to(app.router)
         RpcRoutes(backing.service, backing.gate).add_to(app.router)
+        PayloadRoutes(backing.service, backing.gate).add_to(app.router)
         routes = _Routes(backing)
         app.router.add_get("/healthz", routes.healthz)
         app.router.add_get("/readyz", routes.readyz)
         app.router.add_get("/metrics", routes.metrics)
         app.router.add_get("/openapi.json", routes.openapi)
         app.router.add_get("/", routes.console)
-        app.router.add_static("/console/", CONSOLE)
+        app.router.add_get("/console/{name}", routes.console_file)
         # No access log: a request per line would drown the server's own. Handlers are
         # cancelled when their client goes away, so a stream ends (and its agent counts as
         # gone) at once, not at its next heartbeat.
@@ -134,6 +143,14 @@ class _Routes:
     async def console(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(CONSOLE / "index.html", headers=CONSOLE_HEADERS)
 
+    async def console_file(self, request: web.Request) -> web.FileResponse:
+        """One of the console's own files (a static route would answer a missing one
+        itself, as text, not as the JSON every other refusal is)."""
+        name = request.match_info["name"]
+        if name not in CONSOLE_FILES:
+            raise web.HTTPNotFound()
+        return web.FileResponse(CONSOLE / name, headers=CONSOLE_HEADERS)
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -144,23 +161,33 @@ class _Routes:
         return web.Response(text="ready\n")
 
     async def metrics(self, request: web.Request) -> web.Response:
-        credentials = self._backing.credentials
-        if credentials.required:
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                return _unauthenticated("send 'Authorization: Bearer <token>'")
-            try:
-                credentials.by_token(token.strip())
-            except Unauthenticated as refused:
-                return _unauthenticated(str(refused))
+        try:
+            # Any role's token: it calls no method, so no role check and no rate limit.
+            self._backing.gate.http_caller(authorization(request))
+        except Unauthenticated as refused:
+            return refusal(request, refused)
         body = self._backing.metrics.render(await self._backing.task_counts())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def _unauthenticated(why: str) -> web.Response:
-    return web.Response(
-        status=401, text=f"{why}\n", headers={"WWW-Authenticate": 'Bearer realm="task-manager"'}
-    )
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own refusals (no route: 404, a method the route does not take: 405, a
+    body over the size limit) in the JSON form of every other error, not its text."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as refused:
+        allowed = ", ".join(sorted(refused.allowed_methods))
+        why = f"{request.path} does not take {request.method}, only {allowed}"
+        return http_error_response(refused, why)
+    except web.HTTPNotFound as refused:
+        return http_error_response(refused, f"nothing is served at {request.path}")
+    except web.HTTPException as refused:
+        if refused.status < 400:
+            raise
+        return http_error_response(refused)
 
 
 def _addressed_to(

@@ -189,14 +189,24 @@ async function showTask(id) {
     const done = ["STATUS_DONE_OK", "STATUS_DONE_NOT_OK"].includes(task.status.status);
     document.getElementById("cancel-task").disabled = done;
     document.getElementById("complete-task").disabled = done;
+    const inputs = (task.inputs || []).map((input) => {
+      const item = document.createElement("li");
+      item.append(payloadLink(input, id));
+      return item;
+    });
+    document.getElementById("inputs").replaceChildren(...(inputs.length ? inputs : [element("li", "none", "none")]));
     document.querySelector("#attempts tbody").replaceChildren(...(task.attempts || []).map((attempt) => {
       const row = document.createElement("tr");
-      const outputs = (attempt.outputs || []).map((output) => `${output.name} (${output.payload.sha256.slice(0, 12)})`);
+      const outputs = document.createElement("span");
+      for (const output of attempt.outputs || []) {
+        if (outputs.childNodes.length) outputs.append(", ");
+        outputs.append(payloadLink(output, id));
+      }
       row.append(
         cell(String(attempt.number)), cell(attempt.entityId || ""), cell(when(attempt.startTime)),
         cell(when(attempt.endTime)), cell(short(attempt.outcome || "")),
         cell(attempt.error ? attempt.error.message || short(attempt.error.code) : "", "error"),
-        cell(outputs.join(", ")),
+        cell(outputs, "outputs"),
       );
       return row;
     }));
@@ -250,6 +260,35 @@ function cell(content, className) {
   if (className) node.className = className;
   node.append(content);
   return node;
+}
+
+function payloadLink(named, taskId) {
+  // A task's input or an attempt's output (a NamedPayload): a link to its bytes
+  // (GET /payloads/<sha256>), saved under its name. A link cannot send a header, so the
+  // token goes in the URL (?access_token=), as the watch's does.
+  const shown = document.createElement("span");
+  shown.className = "payload";
+  if (!named.payload) {
+    shown.append(`${named.name} (not attached yet)`);
+    return shown;
+  }
+  const query = new URLSearchParams({ task_id: taskId });
+  if (state.token) query.set("access_token", state.token);
+  const link = element("a", named.name);
+  link.href = `/payloads/${encodeURIComponent(named.payload.sha256)}?${query}`;
+  link.download = named.name;
+  link.title = `sha256 ${named.payload.sha256}`;
+  shown.append(link, element("span", ` (${byteCount(named.payload.size)})`, "size"));
+  return shown;
+}
+
+function byteCount(size) {
+  // A uint64, which JSON gives as a string (and leaves out when 0).
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let value = Number(size || 0);
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+  return unit ? `${value.toFixed(1)} ${units[unit]}` : `${value} B`;
 }
 
 function short(status) { return String(status).replace(/^STATUS_/, ""); }
