@@ -419,10 +419,12 @@ class TaskManagerService:
             self._dispatcher.open_stream(entity_ids, max_in_flight, include_held, runs) as stream,
             self._present(entity_ids, runs),
         ):
-            # Headers now tell the agent it is subscribed, before any task arrives.
-            await context.send_initial_metadata(())
             backlog = await self._store.agent_backlog(entity_ids, statuses.WITH_AN_AGENT)
             self._dispatcher.start(stream, backlog.tasks, backlog.revision)
+            # Headers now tell the agent it is subscribed, before any task arrives, and
+            # with its backlog loaded: a pool counts it as a member for every task
+            # created after they arrive (a stream still loading is given none).
+            await context.send_initial_metadata(())
             async for agent_request in stream.requests():
                 yield agent_request
 
