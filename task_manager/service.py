@@ -21,7 +21,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -1040,6 +1040,31 @@ async def _refuse(context: Context, method: str, error: Exception) -> None:
     await _abort(context, error)
 
 
+REFUSED_STREAM_DRAIN_S = 2.0
+"""How long a refused client stream is read, waiting for its client to finish sending."""
+
+
+async def _drain(requests: AsyncIterator[Any], error: Exception) -> None:
+    """Reads what the client of a failed client-streaming call still sends, to its end.
+
+    grpcio's asyncio client reports INTERNAL ("Internal error from Core") instead of the
+    server's status when one of its writes reaches a stream the server has already ended
+    (grpc/grpc#36066). Ending the call only once the client has half-closed lets it see
+    the real refusal. A client that keeps sending gets the status after
+    REFUSED_STREAM_DRAIN_S anyway; at shutdown nothing waits.
+    """
+    if isinstance(error, ServerShuttingDown):
+        return
+
+    async def read_to_end() -> None:
+        async for _ in requests:
+            pass
+
+    # Whatever became of the request stream (ended, broken, too slow), the refusal is sent.
+    with suppress(Exception):
+        await asyncio.wait_for(read_to_end(), REFUSED_STREAM_DRAIN_S)
+
+
 def _serving(context: Context) -> None:
     """Log lines from here on name the call's request id (the client's, or a new one)."""
     given = next(
@@ -1077,6 +1102,7 @@ def _upload_handler(gate: Gate, name: str, method: UnaryMethod, metrics: Metrics
             response = await method(requests, context, caller)
         except Exception as error:
             metrics.rpc_ended(name, code_for(error).name, time.perf_counter() - started)
+            await _drain(requests, error)
             await _refuse(context, name, error)
             raise  # not reached: abort raises
         metrics.rpc_ended(name, "OK", time.perf_counter() - started)
@@ -1105,6 +1131,8 @@ def _stream_handler(
                 code = "OK"
         except Exception as error:
             code = code_for(error).name
+            if client_streaming:
+                await _drain(request, error)
             await _refuse(context, name, error)
         finally:
             metrics.rpc_ended(name, code, time.perf_counter() - started)

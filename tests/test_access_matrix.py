@@ -423,3 +423,24 @@ def test_expected_codes_are_not_all_the_same() -> None:
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.UNAUTHENTICATED,
     }
+
+
+async def test_a_refused_client_stream_still_sending_gets_the_refusal(world: World) -> None:
+    # grpcio's asyncio client turns the status of a stream the server ended under its
+    # writes into INTERNAL (grpc/grpc#36066); the server waits for the half-close instead.
+    task = await _fresh_task(world, OWN_ENTITY)
+    async with grpc.aio.insecure_channel(world.server.address) as channel:
+        stub = authorized(channel, None)
+        reports = stub.ReportStatus(None)
+        for report_id in range(200):
+            await reports.write(pb.StatusReport(report_id=report_id, status_update=_receipt(task)))
+        await reports.done_writing()
+
+        async def chunks() -> AsyncIterator[pb.UploadPayloadRequest]:
+            yield pb.UploadPayloadRequest(header=PAYLOAD_REF)
+            for _ in range(200):
+                yield pb.UploadPayloadRequest(chunk=PAYLOAD)
+
+        upload = stub.UploadPayload(chunks())
+        assert await reports.code() == grpc.StatusCode.UNAUTHENTICATED, await reports.details()
+        assert await upload.code() == grpc.StatusCode.UNAUTHENTICATED, await upload.details()
