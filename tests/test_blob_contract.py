@@ -40,15 +40,22 @@ async def read_all(blobs: BlobStore, digest: str, offset: int = 0) -> bytes:
     return b"".join([chunk async for chunk in blobs.read(digest, offset)])
 
 
-async def test_bytes_written_read_back_whole_and_from_any_offset(blobs: BlobStore) -> None:
-    data = os.urandom(3 * READ_CHUNK_BYTES + 12_345)
+# Big enough for reads to span a store's units (PostgreSQL's 1 MiB rows, the directory's
+# reads of several chunks), and one a whole number of chunks.
+@pytest.mark.parametrize("size", [20 * READ_CHUNK_BYTES + 12_345, 16 * READ_CHUNK_BYTES])
+async def test_bytes_written_read_back_whole_and_from_any_offset(
+    blobs: BlobStore, size: int
+) -> None:
+    data = os.urandom(size)
     ref, existed = await put(blobs, data, chunk=70_001)
     assert ref == ref_of(data) and not existed
     assert await blobs.stat(ref.digest) == ref
     assert await read_all(blobs, ref.digest) == data
     chunks = [chunk async for chunk in blobs.read(ref.digest)]
     assert max(len(chunk) for chunk in chunks) <= READ_CHUNK_BYTES
-    for offset in (1, 69_999, 70_001, READ_CHUNK_BYTES, len(data) - 1, len(data)):
+    assert sum(len(chunk) for chunk in chunks) == len(data)
+    offsets = (1, 69_999, 70_001, READ_CHUNK_BYTES, 9 * READ_CHUNK_BYTES + 1, len(data) - 1)
+    for offset in (*offsets, len(data)):
         assert await read_all(blobs, ref.digest, offset) == data[offset:]
 
 
