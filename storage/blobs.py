@@ -49,7 +49,7 @@ class DigestMismatch(Exception):
 
 
 class BlobWriter(Protocol):
-    async def write(self, chunk: bytes) -> None: ...
+    async def write(self, chunk: bytes | memoryview) -> None: ...
 
     async def commit(self, expected: BlobRef) -> tuple[BlobRef, bool]:
         """Makes the bytes durable if they are those expected (else raises

@@ -166,7 +166,7 @@ class _FileWriter:
         """Held by the commit's thread and by a discard: a cancelled upload's abort waits
         for a commit still running in its thread, rather than race it."""
 
-    async def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes | memoryview) -> None:
         # On the event loop: a write lands in the page cache (the commit's fsync, the
         # slow part, runs in a thread), and a thread hop here could be cut off by a
         # cancel with the file open in it, left to leak.

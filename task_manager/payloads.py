@@ -74,7 +74,7 @@ class PayloadQuotas:
 
 
 async def upload(
-    parts: AsyncIterator[UploadPayloadRequest],
+    parts: AsyncIterator[UploadPayloadRequest | memoryview],
     blobs: BlobStore,
     max_bytes: int,
     quotas: PayloadQuotas,
@@ -82,19 +82,15 @@ async def upload(
 ) -> tuple[BlobRef, bool]:
     """Stores what parts carry for principal; answers the reference and whether it was
     stored already. Anything wrong (no header first, more or other bytes than it said, a
-    stream that ends or fails early, a quota passed) stores nothing."""
+    stream that ends or fails early, a quota passed) stores nothing. A part may be a
+    chunk's bytes alone, as wire.upload_part leaves them."""
     header = await _header(parts, max_bytes)
     await quotas.admit(principal, header)
     writer = blobs.writer()
     received = 0
     try:
         async for part in parts:
-            kind = part.WhichOneof("part")
-            if kind == "header":
-                raise InvalidArgument("header", "comes once, first")
-            if kind is None:
-                raise InvalidArgument("part", "is empty: send a header, then chunks")
-            chunk = part.chunk  # once: each read of a bytes field copies it
+            chunk = part if isinstance(part, memoryview) else _chunk_of(part)
             received += len(chunk)
             if received > header.size:
                 raise InvalidArgument(
@@ -114,9 +110,20 @@ async def upload(
         await asyncio.shield(writer.abort())
 
 
-async def _header(parts: AsyncIterator[UploadPayloadRequest], max_bytes: int) -> BlobRef:
+def _chunk_of(part: UploadPayloadRequest) -> bytes:
+    kind = part.WhichOneof("part")
+    if kind == "header":
+        raise InvalidArgument("header", "comes once, first")
+    if kind is None:
+        raise InvalidArgument("part", "is empty: send a header, then chunks")
+    return part.chunk  # once: each read of a bytes field copies it
+
+
+async def _header(
+    parts: AsyncIterator[UploadPayloadRequest | memoryview], max_bytes: int
+) -> BlobRef:
     first = await anext(parts, None)
-    if first is None or first.WhichOneof("part") != "header":
+    if not isinstance(first, UploadPayloadRequest) or first.WhichOneof("part") != "header":
         raise InvalidArgument("header", "must come first: the sha256 and size of the bytes")
     header = BlobRef(digest(first.header.sha256, "header.sha256"), first.header.size)
     if header.size > max_bytes:

@@ -23,7 +23,7 @@ from collections.abc import (
 )
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import message_factory
@@ -561,11 +561,11 @@ class TaskManagerService:
 
     async def UploadPayload(
         self,
-        parts: AsyncIterator[UploadPayloadRequest | Undecodable],
+        parts: AsyncIterator[UploadPayloadRequest | memoryview | Undecodable],
         context: CallContext,
         caller: Caller,
     ) -> UploadPayloadResponse:
-        async def decoded() -> AsyncIterator[UploadPayloadRequest]:
+        async def decoded() -> AsyncIterator[UploadPayloadRequest | memoryview]:
             async for part in parts:
                 yield _decoded(part)  # type: ignore[misc]
 
@@ -1011,17 +1011,28 @@ class Undecodable:
     error: str
 
 
-def _safe_deserializer(message_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
-    def deserialize(data: bytes) -> Message | Undecodable:
+PARSERS: dict[str, Callable[[bytes], Message | memoryview]] = {
+    "UploadPayload": wire.upload_part,
+}
+"""Methods whose requests are not all parsed into messages, and how they are read."""
+
+
+def _safe_deserializer(
+    message_type: type[Message], parse: Callable[[bytes], Message | memoryview]
+) -> Callable[[bytes], Message | memoryview | Undecodable]:
+    def deserialize(data: bytes) -> Message | memoryview | Undecodable:
         try:
-            return message_type.FromString(data)
+            return parse(data)
         except (DecodeError, ValueError, RuntimeError) as exc:
             return Undecodable(message_type.DESCRIPTOR.full_name, str(exc) or "bad bytes")
 
     return deserialize
 
 
-def _decoded(request: Message | Undecodable) -> Message:
+Request = TypeVar("Request")
+
+
+def _decoded(request: Request | Undecodable) -> Request:
     if isinstance(request, Undecodable):
         raise InvalidArgument("request", f"is not a valid {request.type_name}: {request.error}")
     return request
@@ -1152,7 +1163,8 @@ def _method_handler(
     request_type = message_factory.GetMessageClass(method.input_type)
     behaviour = getattr(servicer, method.name)
     gate, metrics = servicer.gate, servicer.metrics
-    deserializer = _safe_deserializer(request_type)
+    parse = PARSERS.get(method.name, request_type.FromString)
+    deserializer = _safe_deserializer(request_type, parse)
     if method.client_streaming and not method.server_streaming:
         return grpc.stream_unary_rpc_method_handler(
             _upload_handler(gate, method.name, behaviour, metrics),

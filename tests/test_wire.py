@@ -146,3 +146,56 @@ async def test_the_store_hands_out_the_bytes_it_wrote(database: str) -> None:
         assert backlog.tasks == [(task, encoded)]
     finally:
         await store.close()
+
+
+def _parsed_or_error(data: bytes) -> pb.UploadPayloadRequest | str:
+    try:
+        return pb.UploadPayloadRequest.FromString(data)
+    except Exception as exc:  # whatever protobuf raises, upload_part must raise too
+        return type(exc).__name__
+
+
+def _check_upload_part(data: bytes) -> None:
+    expected = _parsed_or_error(data)
+    try:
+        got: pb.UploadPayloadRequest | memoryview | str = wire.upload_part(data)
+    except Exception as exc:
+        got = type(exc).__name__
+    if isinstance(got, memoryview):
+        # A view only of a message that is a chunk and nothing else, and of all of it.
+        assert isinstance(expected, pb.UploadPayloadRequest)
+        assert expected.WhichOneof("part") == "chunk"
+        assert bytes(got) == expected.chunk
+        assert pb.UploadPayloadRequest(chunk=bytes(got)).SerializeToString() == data
+    else:
+        assert got == expected
+
+
+@given(st.binary(max_size=300))
+def test_upload_part_reads_a_chunk_as_protobuf_would(chunk: bytes) -> None:
+    data = pb.UploadPayloadRequest(chunk=chunk).SerializeToString()
+    view = wire.upload_part(data)
+    assert isinstance(view, memoryview) and bytes(view) == chunk
+    _check_upload_part(data)
+
+
+@given(st.binary(max_size=64))
+def test_upload_part_parses_anything_else_as_protobuf_would(data: bytes) -> None:
+    _check_upload_part(data)
+    _check_upload_part(b"\x12" + data)  # a chunk's key, then whatever
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pb.UploadPayloadRequest(),
+        pb.UploadPayloadRequest(header=pb.PayloadRef(sha256="ab" * 32, size=5)),
+        pb.UploadPayloadRequest(chunk=b"x" * 70_000),  # a two-byte length
+    ],
+)
+def test_upload_part_of_every_kind_of_part(message: pb.UploadPayloadRequest) -> None:
+    data = message.SerializeToString()
+    _check_upload_part(data)
+    # Two chunk fields (the last wins) or a chunk with more after it: parsed, not viewed.
+    _check_upload_part(data + pb.UploadPayloadRequest(chunk=b"late").SerializeToString())
+    _check_upload_part(pb.UploadPayloadRequest(chunk=b"first").SerializeToString() + data)

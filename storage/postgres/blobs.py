@@ -144,7 +144,7 @@ class _RowWriter:
                 raise _store_error(exc) from exc
         return self._conn
 
-    async def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes | memoryview) -> None:
         self._hash.update(chunk)
         self._size += len(chunk)
         self._pending += chunk
