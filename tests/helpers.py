@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import anyio
@@ -33,6 +33,9 @@ from storage.base import Credential
 from task_manager.auth import Role, new_token
 from task_manager.config import HTTP_OFF, Settings
 from task_manager.v1 import task_manager_pb2 as pb
+
+if TYPE_CHECKING:
+    from task_manager.server import TaskManagerServer
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +89,11 @@ def trailer(error: grpc.aio.AioRpcError, key: str) -> str | None:
     # aio gives (key, value) pairs; grpc-stubs types them as objects with .key/.value.
     pairs: Iterable[tuple[str, str]] = error.trailing_metadata() or ()  # type: ignore[assignment]
     return dict(pairs).get(key)
+
+
+def http_session(server: TaskManagerServer) -> aiohttp.ClientSession:
+    """A client of server's HTTP front: paths are relative to its root URL."""
+    return aiohttp.ClientSession(base_url=server.http_url)
 
 
 @asynccontextmanager

@@ -6,8 +6,6 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -20,17 +18,17 @@ from task_manager.auth import Role, new_token
 from task_manager.server import ServerStartError, TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
 from tests.certs import TestCA
-from tests.helpers import AsyncStub, ServerProcess, create_request, server_settings, status_update
+from tests.helpers import (
+    AsyncStub,
+    ServerProcess,
+    create_request,
+    http_session,
+    server_settings,
+    status_update,
+)
 from tests.test_dispatch import listen, next_request
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def http(server: TaskManagerServer) -> AsyncIterator[aiohttp.ClientSession]:
-    assert server.http_url.startswith("http://127.0.0.1:"), server.http_url
-    async with aiohttp.ClientSession(base_url=server.http_url) as session:
-        yield session
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -53,7 +51,7 @@ async def scrape(session: aiohttp.ClientSession, token: str = "") -> str:
 async def test_health_and_readiness_answer_while_the_server_serves(
     server: TaskManagerServer,
 ) -> None:
-    async with http(server) as session:
+    async with http_session(server) as session:
         async with session.get("healthz") as response:
             assert (response.status, await response.text()) == (200, "ok\n")
         async with session.get("readyz") as response:
@@ -63,7 +61,7 @@ async def test_health_and_readiness_answer_while_the_server_serves(
 async def test_a_path_or_method_not_served_answers_the_json_of_every_other_error(
     server: TaskManagerServer,
 ) -> None:
-    async with http(server) as session:
+    async with http_session(server) as session:
         for path in ("no-such-page", "console/no-such-file.js"):
             async with session.get(path) as response:
                 assert (response.status, response.content_type) == (404, "application/json")
@@ -81,7 +79,7 @@ async def test_a_path_or_method_not_served_answers_the_json_of_every_other_error
 async def test_metrics_count_calls_by_method_and_code_and_what_the_server_holds(
     server: TaskManagerServer, stub: AsyncStub
 ) -> None:
-    async with http(server) as session:
+    async with http_session(server) as session:
         call = listen(stub, "agent-1")
         try:
             # A task created while the stream still starts is sent from its backlog, which
@@ -126,7 +124,7 @@ async def test_with_authentication_on_metrics_want_a_token_and_health_does_not(
     add_credential(database, credential)
     server = await TaskManagerServer.start(server_settings(database))
     try:
-        async with http(server) as session:
+        async with http_session(server) as session:
             async with session.get("metrics") as response:
                 assert response.status == 401
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -159,7 +157,7 @@ async def test_the_http_front_takes_the_grpc_sides_tls(database: str, tmp_path: 
     try:
         assert server.http_url.startswith("https://127.0.0.1:")
         trusted = ssl.create_default_context(cafile=str(ca.cert))
-        async with aiohttp.ClientSession(base_url=server.http_url) as session:
+        async with http_session(server) as session:
             async with session.get("healthz", ssl=trusted) as response:
                 assert response.status == 200
             with pytest.raises(aiohttp.ClientConnectorCertificateError):
@@ -214,7 +212,7 @@ async def test_metrics_count_first_attempts_and_retries_apart(
     def attempts(scraped: str, kind: str) -> float:
         return samples(scraped).get(("task_manager_attempts_started_total", (("kind", kind),)), 0)
 
-    async with http(server) as session:
+    async with http_session(server) as session:
         before = await scrape(session)
         request = create_request("agent-1")
         request.policy.max_attempts = 2
@@ -231,7 +229,7 @@ async def test_metrics_count_first_attempts_and_retries_apart(
 async def test_without_authentication_only_requests_addressed_to_loopback_are_answered(
     server: TaskManagerServer,
 ) -> None:
-    async with http(server) as session:
+    async with http_session(server) as session:
         for host, answered in (
             ("127.0.0.1:8080", True),
             ("localhost", True),

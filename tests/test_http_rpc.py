@@ -23,6 +23,7 @@ from task_manager.v1 import task_manager_pb2 as pb
 from tests.helpers import (
     AsyncStub,
     create_request,
+    http_session,
     server_settings,
     sse_events,
     stub_for,
@@ -37,7 +38,7 @@ RPC = "rpc/task_manager.v1.TaskManager/"
 
 @pytest.fixture
 async def http(server: TaskManagerServer) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=server.http_url) as session:
+    async with http_session(server) as session:
         yield session
 
 
@@ -136,7 +137,7 @@ async def test_roles_hold_over_http_as_over_grpc(database: str) -> None:
     add_credential(database, credential)
     server = await TaskManagerServer.start(server_settings(database))
     try:
-        async with aiohttp.ClientSession(base_url=server.http_url) as session:
+        async with http_session(server) as session:
             status, refusal = await call(session, "CreateTask", {}, token=viewer)
             assert (status, refusal["status"]) == (403, "PERMISSION_DENIED")
             status, refusal = await call(session, "QueryTasks", {})
@@ -208,7 +209,7 @@ async def server_create(server: TaskManagerServer, name: str) -> None:
 
 
 async def all_revisions(server: TaskManagerServer) -> list[int]:
-    async with aiohttp.ClientSession(base_url=server.http_url) as session:
+    async with http_session(server) as session:
         _, page = await call(session, "QueryTasks", {})
         revisions = []
         for task in page["tasks"]:
@@ -347,7 +348,7 @@ async def test_a_download_is_admitted_and_authorised_as_download_payload_is(
             request = create_request("drone-7")
             request.inputs.add(name="mesh", payload=ref)
             task_id = (await stub.CreateTask(request)).task.version.task_id
-        async with aiohttp.ClientSession(base_url=server.http_url) as session:
+        async with http_session(server) as session:
 
             async def download(token: str, **query: str) -> tuple[int, bytes]:
                 headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -382,7 +383,7 @@ async def test_a_download_whose_credential_is_revoked_midway_is_cut_short(
             ref = (await upload(stub_for(channel, operator), data)).payload
         headers = {"Authorization": f"Bearer {viewer}"}
         async with (
-            aiohttp.ClientSession(base_url=server.http_url) as session,
+            http_session(server) as session,
             session.get(PAYLOADS + ref.sha256, headers=headers) as answer,
         ):
             assert answer.status == 200

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import aiohttp
 import anyio
 import pytest
 from opentelemetry import trace
@@ -21,7 +20,7 @@ from opentelemetry.trace import Span
 from agent_kit import Agent, OperatorClient, TaskContext
 from task_manager import tracing
 from task_manager.server import TaskManagerServer
-from tests.helpers import AsyncStub, create_request, running
+from tests.helpers import AsyncStub, create_request, http_session, running
 
 pytestmark = pytest.mark.anyio
 WAIT_S = 30.0
@@ -130,7 +129,7 @@ async def test_over_http_the_traceparent_header_travels_to_the_agent(
     body = {"relations": {"assignee": {"system": {"entityId": "drone-1"}}}}
     async with running(Agent(server.address, "drone-1", handler)):
         async with (
-            aiohttp.ClientSession(base_url=server.http_url) as session,
+            http_session(server) as session,
             session.post(CREATE_OVER_HTTP, json=body, headers=headers) as response,
         ):
             assert response.status == 200, await response.text()
