@@ -326,6 +326,14 @@ async def test_a_payload_downloads_as_its_bytes_and_a_cut_download_resumes(
     async with http.head(PAYLOADS + ref.sha256) as answer:
         assert (answer.status, answer.headers["Content-Length"]) == (200, str(len(data)))
         assert await answer.read() == b""
+    etag = f'"{ref.sha256}"'
+    for held in (etag, f"W/{etag}", f'"{"0" * 64}", {etag}', "*"):
+        async with http.get(PAYLOADS + ref.sha256, headers={"If-None-Match": held}) as answer:
+            assert (answer.status, answer.headers["ETag"]) == (304, etag), held
+            assert await answer.read() == b""
+    other = {"If-None-Match": f'"{"0" * 64}"'}
+    async with http.get(PAYLOADS + ref.sha256, headers=other) as answer:
+        assert answer.status == 200 and await answer.read() == data
     async with http.get(PAYLOADS + "0" * 64) as answer:
         assert (answer.status, (await answer.json())["status"]) == (404, "NOT_FOUND")
     async with http.get(PAYLOADS + "not-a-digest") as answer:

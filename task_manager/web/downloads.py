@@ -5,7 +5,8 @@ Server-Sent Events of base64 chunks. The same service methods as gRPC's, behind 
 Gate: StatPayload for the size (Content-Length), then DownloadPayload for the bytes, each
 chunk written as it comes. A single `Range: bytes=N-` resumes a cut download (206) from
 DownloadPayload's offset; any other Range is ignored (RFC 9110 allows it): the whole
-payload, 200. A payload never changes (its name is its digest), so its ETag is that.
+payload, 200. A payload never changes (its name is its digest), so its ETag is that, and
+an If-None-Match that names it is answered 304 Not Modified.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class PayloadRoutes:
             stat = pb.StatPayloadRequest(sha256=sha256, task_id=task_id, scope=scope)
             size = (await self._service.StatPayload(stat, context, caller)).payload.size
             etag = f'"{sha256}"'
+            if _held_already(request, etag):  # after the checks: a 304 says it exists
+                return web.Response(status=304, headers={**HEADERS, "ETag": etag})
             offset = _range_start(request, etag)
             if offset is not None and offset >= size:
                 return _unsatisfiable(request, offset, size)
@@ -87,6 +90,13 @@ class PayloadRoutes:
         except Exception as failed:
             return _failed(request, response, failed)
         return response
+
+
+def _held_already(request: web.Request, etag: str) -> bool:
+    """Whether If-None-Match names etag (or is *): the client's copy is these bytes, as
+    a payload's bytes never change under its digest. Weak tags compare as strong ones."""
+    tags = request.headers.get("If-None-Match", "")
+    return any(tag.strip().removeprefix("W/") in (etag, "*") for tag in tags.split(","))
 
 
 def _range_start(request: web.Request, etag: str) -> int | None:
