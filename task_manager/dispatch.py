@@ -116,6 +116,8 @@ class AgentStream:
         self._waiting: OrderedDict[str, tuple[Task, bytes]] = OrderedDict()
         self.loading: list[Change] | None = []
         """Changes published while the backlog is read; replayed after it, then None."""
+        self.backlog_revision = 0
+        """The revision the backlog was read at: a change up to it is in the backlog."""
         self.last_assigned = 0
         self.starting = False
         """While the backlog is routed: it may exceed the buffer, which bounds live traffic."""
@@ -273,6 +275,7 @@ class Dispatcher:
         its stored encoding) to the stream, then the changes published since that it had
         to skip until now."""
         stream.starting = True
+        stream.backlog_revision = revision
         try:
             for task, encoded_task in backlog:
                 self._route(task, encoded_task, [stream])
@@ -307,10 +310,12 @@ class Dispatcher:
                 continue  # nobody listens for this agent: nothing to send or count
             live = []
             for stream in streams or ():
-                if stream.loading is None:
-                    live.append(stream)
-                else:
+                if stream.loading is not None:
                     stream.loading.append(change)
+                elif change.revision > stream.backlog_revision:
+                    # A commit is visible to reads before the feed publishes it: the
+                    # backlog may already have held this change.
+                    live.append(stream)
             if pool is not None:
                 self._route_pool_task(task, change.encoded_task, pool, live)
             else:

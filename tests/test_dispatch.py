@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from storage.base import Change
+from task_manager.dispatch import Dispatcher
 from task_manager.server import TaskManagerServer
 from task_manager.v1 import task_manager_pb2 as pb
 from tests.helpers import AsyncStub, create_request, server_settings, status_update
@@ -249,3 +251,35 @@ async def test_server_stop_ends_agent_streams_with_unavailable(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await next_request(call)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _sent_change(task_id: str, revision: int) -> Change:
+    task = pb.Task(
+        version=pb.TaskVersion(task_id=task_id, definition_version=1, status_version=2),
+        status=pb.TaskStatus(status=S.STATUS_SENT),
+        relations=pb.Relations(assignee=pb.Principal(system=pb.System(entity_id="agent-1"))),
+    )
+    entry = pb.TaskHistoryEntry(revision=revision)
+    return Change(entry=entry, task=task, encoded_task=task.SerializeToString())
+
+
+async def test_a_change_the_backlog_held_is_not_sent_again_when_published_after_it() -> None:
+    """A commit is visible to reads before the feed publishes it, so an agent's backlog
+    can hold a change that reaches the dispatcher only once the stream is live."""
+
+    def no_hand_over(task: pb.Task, holder: str, reason: str) -> asyncio.Future[pb.Task | None]:
+        raise AssertionError("no pool task here")
+
+    dispatcher = Dispatcher(no_hand_over)
+    first, second = _sent_change("first", 7), _sent_change("second", 8)
+    with dispatcher.open_stream(frozenset({"agent-1"}), max_in_flight=0) as stream:
+        dispatcher.start(stream, [(first.task, first.encoded_task)], revision=7)
+        dispatcher.publish([first])  # published late: already in the backlog
+        dispatcher.publish([second])
+        received = []
+        async for request in stream.requests():
+            message = pb.ListenAsAgentResponse.FromString(request)
+            received.append(message.execute_request.task.version.task_id)
+            if len(received) == 2:
+                break
+    assert received == ["first", "second"]
