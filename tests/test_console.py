@@ -4,6 +4,7 @@ the page, paging through 10,000 tasks. A screenshot is left in test-artifacts/."
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from storage import add_credential
 from task_manager.auth import Role, new_token
@@ -153,6 +154,34 @@ async def test_cancel_from_the_task_page_reaches_the_task(page: Page, stub: Asyn
     stored = await stub.GetTask(pb.GetTaskRequest(task_id=created.version.task_id))
     assert stored.task.status.status == pb.STATUS_CANCEL_REQUESTED
     await expect(page.locator("#timeline li").last).to_contain_text("from the console")
+
+
+async def test_a_change_while_the_listing_is_in_flight_outlives_the_listing(
+    page: Page, stub: AsyncStub
+) -> None:
+    created = (await stub.CreateTask(create_request("drone-3"))).task
+    row = page.locator(f'tr[data-task-id="{created.version.task_id}"]')
+    await expect(row).to_contain_text("SENT")
+    listings = int(await page.locator("body").get_attribute("data-listings") or "0")
+
+    # The next listing reads the task at SENT, and its answer is held back until the
+    # watch has brought the task's next change.
+    read, release = asyncio.Event(), asyncio.Event()
+
+    async def held_back(route: Route) -> None:
+        answer = await route.fetch()
+        read.set()
+        await release.wait()
+        await route.fulfill(response=answer)
+
+    await page.route("**/QueryTasks", held_back)
+    await page.get_by_role("button", name="Filter").click()
+    await asyncio.wait_for(read.wait(), WAIT_MS / 1000)
+    await stub.UpdateStatus(status_update(created, pb.STATUS_MACHINE_RECEIPT))
+    await expect(row).to_contain_text("MACHINE_RECEIPT")  # from the watch, over the old rows
+    release.set()
+    await expect(page.locator("body")).to_have_attribute("data-listings", str(listings + 1))
+    await expect(row).to_contain_text("MACHINE_RECEIPT")  # not the listing's SENT
 
 
 async def test_ten_thousand_tasks_are_paged_not_all_rendered(page: Page, stub: AsyncStub) -> None:

@@ -25,6 +25,8 @@ const state = {
   taskId: "",         // the task the task page shows
   watch: null,
   agentsTimer: null,
+  listing: null,      // the tasks listing in flight: {changes: tasks the watch brought meanwhile}
+  listings: 0,        // listings applied (body[data-listings] tells a test)
 };
 
 // -- the API ------------------------------------------------------------------------
@@ -62,7 +64,9 @@ function watch(after) {
   };
   source.addEventListener("event", (message) => {
     seen(message);
-    changed(JSON.parse(message.data).event.task);
+    const task = JSON.parse(message.data).event.task;
+    if (state.listing) state.listing.changes.push(task);
+    changed(task);
   });
   // A new watch from now says where it starts at once (a heartbeat): list again then,
   // so that a change between the first listing and the watch's start is not missed.
@@ -114,12 +118,23 @@ function query() {
 }
 
 async function showTasks() {
+  // A change the watch brings while the listing is in flight may be newer than what the
+  // listing read: it is applied again over the listing. (One that came before the
+  // request is in it: it was committed before the gateway read the page.) Only the
+  // latest listing is shown.
+  const listing = { changes: [] };
+  state.listing = listing;
   try {
     const page = await rpc("QueryTasks", query());
+    if (state.listing !== listing) return;
     state.nextPageToken = page.pageToken || "";
     state.rows = new Map((page.tasks || []).filter(shown).map((task) => [task.version.taskId, task]));
     renderTasks();
-  } catch (error) { problem(error.message); }
+    for (const task of listing.changes) changed(task);
+    document.body.dataset.listings = String(++state.listings);
+  } catch (error) { problem(error.message); } finally {
+    if (state.listing === listing) state.listing = null;
+  }
 }
 
 function shown(task) {
